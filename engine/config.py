@@ -1,0 +1,221 @@
+"""One typed configuration for the whole chain.
+
+Each stage reads its own frozen section. Defaults are documented on the fields; a TOML file may
+override any of them::
+
+    [subtract]
+    tile_size = 1024
+
+    [detect]
+    threshold = 5.0
+
+Load with :func:`load_config`; unknown sections/keys and out-of-range values raise
+:class:`~nightsift.engine.errors.ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    #: a pixel of the master dark brighter than this many e-/s above the median is hot (bad)
+    hot_pixel_threshold: float = 5.0
+    #: a flat pixel whose normalised response is below this (or above 1/this) is bad
+    flat_bad_threshold: float = 0.5
+    #: fraction of SATURATE at which a pixel is flagged saturated
+    saturation_fraction: float = 0.98
+    #: saturated regions are grown by this many pixels (bleed trails, blooming)
+    saturation_grow: int = 1
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    #: Lanczos kernel half-width a (Lanczos-a); 3 is the standard choice
+    lanczos_order: int = 3
+    #: minimum fraction of science pixels covered by the reference, else the CCD is skipped
+    min_overlap: float = 0.05
+
+
+@dataclass(frozen=True)
+class PSFConfig:
+    #: side of the PSF stamp in pixels (odd); widened automatically to >= 8 x FWHM
+    stamp_size: int = 31
+    #: minimum S/N of a PSF star
+    min_snr: float = 50.0
+    #: stars within this many stamp radii of a brighter neighbour are not isolated
+    isolation_radius: float = 1.0
+    #: fewest stars needed for one PSF model; fewer raises AlgorithmFailure
+    min_stars: int = 5
+    #: most stars stacked per PSF (brightest unsaturated first)
+    max_stars: int = 60
+
+
+@dataclass(frozen=True)
+class SubtractConfig:
+    #: side of the square ZOGY tiles (core, in pixels); a CCD is cut into tiles of this size, each
+    #: with its own PSFs. 0 means one tile for the whole CCD.
+    tile_size: int = 1024
+    #: margin added on each side of a tile core before the FFT (kills wrap-around); >= PSF stamp
+    tile_margin: int = 32
+    #: astrometric noise (RMS, pixels) used in S_corr when alignment does not measure it
+    default_astrometric_rms: float = 0.02
+    #: masked pixels (bad, saturated, no data) are grown by this many pixels; S_corr is zeroed there
+    mask_grow: int = 3
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    #: detection threshold on |S_corr| (sigma)
+    threshold: float = 5.0
+    #: minimum connected pixels above threshold
+    min_area: int = 3
+    #: peaks closer than this (pixels) are one candidate
+    dedup_radius: float = 3.0
+    #: radius (pixels) of the box in which bad pixels are counted for ``nbad`` (5x5 as ZTF)
+    nbad_halfwidth: int = 2
+    #: reference sources closer than this (arcsec) are reported as the nearest reference source
+    distnr_max_arcsec: float = 30.0
+
+
+@dataclass(frozen=True)
+class CutoutConfig:
+    #: side of the science/reference/difference cutouts (pixels, odd); 63 as in ZTF
+    size: int = 63
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    #: directory where alert packets are written
+    output_dir: str = "nightsift-out"
+    #: instrument/survey prefix of candidate ids
+    survey: str = "nightsift"
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    #: instrument profile (see nightsift.engine.simulate.instruments.PROFILES)
+    instrument: str = "decam"
+    #: CCD shape used by `nightsift run` and `nightsift simulate` (ny, nx); 0 = the instrument's own
+    ny: int = 1024
+    nx: int = 1024
+    #: visits and CCDs in the default simulated night
+    n_visits: int = 3
+    n_ccds: int = 2
+    #: transients injected per CCD
+    n_transients: int = 30
+    seed: int = 2026
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    #: "numpy", "cupy" or "auto" (cupy when a GPU is present)
+    backend: str = "numpy"
+    #: worker processes/actors for a night (0 = number of cores)
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    psf: PSFConfig = field(default_factory=PSFConfig)
+    subtract: SubtractConfig = field(default_factory=SubtractConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """Return a copy with some fields of some sections changed:
+        ``cfg.replace(detect={"threshold": 4.5})``."""
+        return from_dict(_merge(to_dict(self), sections))
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"config {key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks of every section; raises ConfigError naming the key."""
+    c = cfg
+    _check(c.align.lanczos_order in (2, 3, 4, 5), "align.lanczos_order", "must be 2..5")
+    _check(0 < c.align.min_overlap <= 1, "align.min_overlap", "must be in (0, 1]")
+    _check(c.psf.stamp_size % 2 == 1 and c.psf.stamp_size >= 11, "psf.stamp_size", "must be odd and >= 11")
+    _check(c.psf.min_stars >= 1, "psf.min_stars", "must be >= 1")
+    _check(c.psf.max_stars >= c.psf.min_stars, "psf.max_stars", "must be >= psf.min_stars")
+    _check(c.subtract.tile_size == 0 or c.subtract.tile_size >= 128, "subtract.tile_size", "0 or >= 128")
+    _check(c.subtract.tile_margin >= 8, "subtract.tile_margin", "must be >= 8")
+    _check(c.subtract.default_astrometric_rms >= 0, "subtract.default_astrometric_rms", "must be >= 0")
+    _check(c.detect.threshold > 0, "detect.threshold", "must be > 0")
+    _check(c.detect.min_area >= 1, "detect.min_area", "must be >= 1")
+    _check(c.cutout.size % 2 == 1 and c.cutout.size >= 15, "cutout.size", "must be odd and >= 15")
+    _check(c.simulate.ny >= 0 and c.simulate.nx >= 0, "simulate.ny/nx", "must be >= 0")
+    _check(c.simulate.n_visits >= 1 and c.simulate.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
+    _check(c.run.backend in ("numpy", "cupy", "auto"), "run.backend", "must be numpy, cupy or auto")
+    _check(c.run.workers >= 0, "run.workers", "must be >= 0")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: Mapping[str, Any]) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(d: Mapping[str, Any]) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys raise ConfigError."""
+    kwargs = {}
+    sections = {f.name: f for f in fields(Config)}
+    for name, value in d.items():
+        if name not in sections:
+            raise ConfigError(f"config: unknown section [{name}]; known: {sorted(sections)}")
+        cls = sections[name].default_factory  # type: ignore[misc]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config [{name}] must be a table of key = value")
+        known = {f.name: f for f in fields(cls)}
+        for k, v in value.items():
+            if k not in known:
+                raise ConfigError(f"config {name}.{k}: unknown key; known: {sorted(known)}")
+            want = type(getattr(cls(), k))
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                continue
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise ConfigError(f"config {name}.{k}: expected {want.__name__}, got {v!r}")
+        kwargs[name] = cls(**{k: (float(v) if type(getattr(cls(), k)) is float else v) for k, v in value.items()})
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: Mapping[str, Any]) -> Config:
+    """Read a TOML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    return from_dict(_merge(data, overrides))
+
+
+assert all(is_dataclass(f.default_factory) for f in fields(Config))  # noqa: S101 (module invariant)
