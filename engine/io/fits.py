@@ -1,0 +1,479 @@
+"""FITS in and out (astropy), with validation at the boundary.
+
+Every problem with an input file raises :class:`~nightsift.engine.errors.InputError` whose
+message names the file, the problem and the fix: missing file, truncated or corrupt FITS, no 2-D
+image HDU, an all-NaN or constant frame, a missing or unusable celestial WCS, missing ``GAIN`` /
+``SATURATE`` / ``EXPTIME`` (raw frames), mismatched extension shapes.
+
+Units
+-----
+:class:`~nightsift.engine.records.RawFrame` data stay in ADU. :class:`~nightsift.engine.records.Exposure`
+images are in electrons: :func:`read_exposure` multiplies by ``GAIN`` unless the header says
+``BUNIT = 'electron'`` (which :func:`write_exposure` always writes). ``GAIN`` and ``SATURATE``
+keep their raw-ADU meaning as metadata.
+
+File layout written by :func:`write_exposure`: an empty primary HDU, then ``IMAGE`` (float32,
+e-, the full metadata header plus the WCS), ``VARIANCE`` (float32, e-^2, WCS), ``MASK``
+(uint16 :class:`~nightsift.engine.records.MaskBits`, WCS, one ``MB_<NAME>`` card per bit).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from ..errors import InputError
+from ..records import Exposure, MaskBits, RawFrame
+
+__all__ = [
+    "read_raw",
+    "read_exposure",
+    "write_exposure",
+    "write_image",
+    "check_same_shape",
+    "celestial_wcs",
+    "estimate_variance",
+]
+
+log = logging.getLogger(__name__)
+
+#: header keywords that describe the HDU structure, not the observation
+_STRUCTURAL = {
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "XTENSION", "PCOUNT",
+    "GCOUNT", "EXTNAME", "EXTVER", "BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM", "INHERIT",
+    "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZTILE1", "ZTILE2", "ZCMPTYPE",
+    "ZQUANTIZ", "ZDITHER0", "ZSIMPLE", "ZEXTEND", "ZTENSION", "ZPCOUNT", "ZGCOUNT", "ZNAME1",
+    "ZVAL1", "ZNAME2", "ZVAL2", "",
+}
+#: header keywords of a WCS (stripped before a new WCS is written, so old and new never mix)
+_WCS_KEY = re.compile(
+    r"^(WCSAXES|WCSDIM|WCSNAME|CRPIX\d|CRVAL\d|CDELT\d|CTYPE\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|"
+    r"PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH|MJDREF|(A|B|AP|BP)_(ORDER|DMAX|\d+_\d+)|"
+    r"WAT\d_\d+|LTM\d_\d|LTV\d)$"
+)
+_ELECTRON_UNITS = {"electron", "electrons", "e-", "e"}
+
+
+# ---------------------------------------------------------------------------------------------
+# low-level reading
+# ---------------------------------------------------------------------------------------------
+def _is_2d_image(h) -> bool:
+    """An image HDU with two axes (for a compressed HDU astropy shows the image header)."""
+    return isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and h.header.get("NAXIS", 0) == 2
+
+
+def _choose_image(hdul: fits.HDUList, hdu, path: str) -> int:
+    if hdu is not None:
+        try:
+            idx = hdul.index_of(hdu)
+        except (KeyError, IndexError):
+            names = [h.name for h in hdul]
+            raise InputError(f"has no HDU {hdu!r} (HDUs: {names}); pick one of those", path=path) from None
+        if not _is_2d_image(hdul[idx]):
+            raise InputError(
+                f"HDU {hdu!r} is not a 2-D image (shape {getattr(hdul[idx], 'shape', None)}); "
+                "pass the HDU of one CCD image",
+                path=path,
+            )
+        return idx
+    for i, h in enumerate(hdul):
+        if h.name in ("IMAGE", "SCI") and _is_2d_image(h):
+            return i
+    for i, h in enumerate(hdul):
+        if _is_2d_image(h):
+            return i
+    shapes = [(h.name, getattr(h, "shape", None)) for h in hdul]
+    raise InputError(
+        f"contains no 2-D image HDU (HDUs and shapes: {shapes}); nightsift needs one CCD image "
+        "(ny, nx) per HDU",
+        path=path,
+    )
+
+
+def _merged_header(hdul: fits.HDUList, idx: int) -> fits.Header:
+    """The image HDU's header, with non-structural cards of the primary header it lacks (MEF)."""
+    header = hdul[idx].header.copy()
+    if idx != 0:
+        for card in hdul[0].header.cards:
+            key = card.keyword
+            if key in _STRUCTURAL or key in ("COMMENT", "HISTORY") or key in header:
+                continue
+            header.append(card)
+    return header
+
+
+def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
+    """Open ``path`` and return ``(header, data, {extname: data})``, raising InputError on any
+    unreadable, truncated or image-less file."""
+    p = Path(path)
+    spath = str(p)
+    if not p.exists():
+        raise InputError("file not found; check the path (and that the night's data are mounted)", path=spath)
+    if p.is_dir():
+        raise InputError("is a directory, not a FITS file; pass the file inside it", path=spath)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(p, memmap=False)
+        except (OSError, ValueError, TypeError, IndexError, KeyError) as e:
+            raise InputError(
+                f"is not a readable FITS file ({e}); the file is corrupt or not FITS: copy or "
+                "regenerate it",
+                path=spath,
+            ) from None
+        try:
+            if len(hdul) == 0:
+                raise InputError("is an empty FITS file (no HDUs); copy or regenerate it", path=spath)
+            idx = _choose_image(hdul, hdu, spath)
+            header = _merged_header(hdul, idx)
+            data = np.array(hdul[idx].data)
+            extra = {}
+            for name in extensions:
+                if name in hdul and hdul[name].data is not None:
+                    extra[name] = np.array(hdul[name].data)
+        except InputError:
+            raise
+        except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as e:
+            raise InputError(
+                f"is truncated or corrupt: its data could not be read ({e}); copy or regenerate the file",
+                path=spath,
+            ) from None
+        finally:
+            hdul.close()
+    for w in caught:
+        text = str(w.message)
+        if "truncated" in text or "corrupt" in text.lower():
+            raise InputError(
+                f"is truncated or corrupt ({text.splitlines()[0]}); copy or regenerate the file", path=spath
+            )
+        log.debug("%s: %s", spath, text)
+    return header, data, extra
+
+
+def _check_pixels(data: np.ndarray, path: str, what: str = "image") -> None:
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InputError(
+            f"{what} has no finite pixel (all NaN/inf): an empty or failed readout; drop this frame "
+            "or re-reduce it",
+            path=path,
+        )
+    vals = data[finite]
+    if vals.min() == vals.max():
+        raise InputError(
+            f"{what} is constant (every finite pixel = {vals.min():g}): an empty or failed readout; "
+            "drop this frame or re-reduce it",
+            path=path,
+        )
+
+
+def celestial_wcs(header: fits.Header, shape: tuple[int, int], *, path: str | None = None) -> WCS:
+    """The celestial WCS of ``header``, checked to map the image centre to finite (RA, Dec).
+
+    Raises
+    ------
+    InputError
+        If the header has no celestial WCS or it cannot be evaluated.
+    """
+    fix = (
+        "the image needs an astrometric solution (CTYPE1/2 = 'RA---TAN'/'DEC--TAN' or TPV/SIP, "
+        "CRVAL1/2, CRPIX1/2, CD1_1..CD2_2); solve it first (e.g. astrometry.net or SCAMP) and "
+        "write the WCS into the header"
+    )
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as e:  # astropy raises many types for broken WCS cards
+            raise InputError(f"has an invalid WCS ({e}); {fix}", path=path) from None
+        if not wcs.has_celestial or wcs.naxis != 2:
+            raise InputError(f"has no celestial WCS (CTYPE = {list(wcs.wcs.ctype)}); {fix}", path=path)
+        try:
+            ny, nx = shape
+            world = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)
+        except Exception as e:
+            raise InputError(f"has a WCS that cannot be evaluated ({e}); {fix}", path=path) from None
+    if not np.all(np.isfinite(world)):
+        raise InputError(f"has a WCS that maps the image centre to non-finite coordinates; {fix}", path=path)
+    return wcs
+
+
+def _positive_key(header: fits.Header, key: str, path: str, fix: str, *, allow_zero: bool = False) -> float:
+    if key not in header:
+        raise InputError(f"header has no {key}; {fix}", path=path)
+    try:
+        value = float(header[key])
+    except (TypeError, ValueError):
+        raise InputError(f"header {key} = {header[key]!r} is not a number; {fix}", path=path) from None
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"header {key} = {value} is not {'>= 0' if allow_zero else '> 0'}; {fix}", path=path)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+def read_raw(path, *, hdu: int | str | None = None) -> RawFrame:
+    """Read one raw CCD frame (ADU) and check it is usable.
+
+    Parameters
+    ----------
+    path : str or Path
+        FITS file. The image is ``hdu`` if given, else the HDU named ``IMAGE``/``SCI``, else the
+        first 2-D image HDU. In a multi-extension file the primary header's cards that the
+        image header lacks (EXPTIME, MJD-OBS, FILTER, ...) are merged in.
+    hdu : int or str, keyword-only, optional
+        Index or EXTNAME of the CCD to read.
+
+    Returns
+    -------
+    RawFrame
+        ``data`` (ny, nx) float32 ADU, the merged header, ``path``.
+
+    Raises
+    ------
+    InputError
+        Missing/corrupt/truncated file, no 2-D image, all-NaN or constant data, no celestial WCS,
+        ``GAIN`` / ``SATURATE`` / ``EXPTIME`` missing or invalid.
+    """
+    spath = str(path)
+    header, data, _ = _load(path, hdu=hdu)
+    data = np.asarray(data, dtype=np.float32)
+    _check_pixels(data, spath)
+    celestial_wcs(header, data.shape, path=spath)
+    _positive_key(header, "GAIN", spath, "add GAIN (e-/ADU) to the header (from the instrument's gain table)")
+    _positive_key(header, "SATURATE", spath, "add SATURATE (ADU) to the header (the full-well/ADC limit)")
+    _positive_key(header, "EXPTIME", spath, "add EXPTIME (s) to the header", allow_zero=True)
+    return RawFrame(data=data, header=header, path=spath)
+
+
+def _electron_scale(header: fits.Header, path: str) -> float:
+    """Factor from file units to electrons: 1 if ``BUNIT`` is electrons, else ``GAIN``."""
+    bunit = str(header.get("BUNIT", "")).strip().lower()
+    if bunit in _ELECTRON_UNITS:
+        return 1.0
+    return _positive_key(
+        header,
+        "GAIN",
+        path,
+        f"the image is in ADU (BUNIT = {bunit or 'not set'!r}) so GAIN (e-/ADU) is needed to convert "
+        "it to electrons; add GAIN, or set BUNIT = 'electron' if the data already are in e-",
+    )
+
+
+def estimate_variance(image: np.ndarray, valid: np.ndarray | None = None, *, mesh: int = 64) -> np.ndarray:
+    """Per-pixel variance (e-^2) of a calibrated image (e-) that came without one.
+
+    ``variance = sigma_bkg(x, y)**2 + max(image - bkg(x, y), 0)``: the first term is the
+    *empirical* background variance (sep's sigma-clipped background RMS map in meshes of
+    ``mesh`` px, which measures sky Poisson + read noise + whatever the reduction added, and
+    stays right for sky-subtracted images whose sky photons are no longer in the pixel values);
+    the second is the Poisson variance of the sources above the background, which in electrons
+    is the electron count itself (in ADU it would be ``(image - bkg) / GAIN``, hence "GAIN-
+    equivalent"). For a coadd the source term is exact only if the coadd is a sum in electrons.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx) float, e-
+    valid : ndarray (ny, nx) bool, optional
+        Pixels to use for the background (default: finite pixels).
+    mesh : int
+        Background mesh size (pixels); shrunk for small images.
+
+    Returns
+    -------
+    ndarray (ny, nx) float32, e-^2
+    """
+    import sep
+
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    ok = np.isfinite(img) if valid is None else (np.asarray(valid, bool) & np.isfinite(img))
+    filled = np.where(ok, img, np.median(img[ok]))
+    ny, nx = img.shape
+    bw, bh = min(mesh, max(nx // 2, 8)), min(mesh, max(ny // 2, 8))
+    bkg = sep.Background(np.ascontiguousarray(filled), mask=~ok, bw=bw, bh=bh, fw=3, fh=3)
+    back = bkg.back()
+    rms = bkg.rms()
+    var = rms.astype(np.float64) ** 2 + np.clip(filled - back, 0.0, None)
+    return var.astype(np.float32)
+
+
+def read_exposure(path, *, hdu: int | str | None = None) -> Exposure:
+    """Read a calibrated image (e.g. a reference) with its variance and mask.
+
+    Parameters
+    ----------
+    path : str or Path
+        FITS file: the image HDU (``IMAGE``/``SCI``, or ``hdu``, or the first 2-D image) and,
+        optionally, extensions named ``VARIANCE`` (e-^2, or ADU^2 if the image is in ADU) and
+        ``MASK`` (integer :class:`MaskBits`).
+    hdu : int or str, keyword-only, optional
+        Index or EXTNAME of the image HDU.
+
+    Returns
+    -------
+    Exposure
+        ``image`` (ny, nx) float32 e-, ``variance`` float32 e-^2, ``mask`` uint16, ``wcs``,
+        ``header`` (with ``BUNIT = 'electron'``), ``path``. Without a ``VARIANCE`` extension the
+        variance is estimated with :func:`estimate_variance`. Non-finite image pixels (and
+        non-finite or negative variances) are flagged ``NO_DATA`` and filled with the local
+        background (image) and the median variance, so FFT-based stages see no NaN.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_raw` (no GAIN needed when ``BUNIT = 'electron'``), plus extensions whose
+        shape differs from the image.
+    """
+    spath = str(path)
+    header, data, extra = _load(path, hdu=hdu, extensions=("VARIANCE", "MASK"))
+    data = np.asarray(data, dtype=np.float64)
+    _check_pixels(data, spath)
+    wcs = celestial_wcs(header, data.shape, path=spath)
+    scale = _electron_scale(header, spath)
+    image = data * scale
+    finite = np.isfinite(image)
+
+    mask = np.zeros(image.shape, dtype=np.uint16)
+    if "MASK" in extra:
+        check_same_shape(image, extra["MASK"], (spath + "[IMAGE]", spath + "[MASK]"))
+        m = np.asarray(extra["MASK"])
+        if m.dtype.kind not in "ui":
+            m = np.where(np.isfinite(m), m, 0).astype(np.int64)
+        mask |= (m.astype(np.int64) & 0xFFFF).astype(np.uint16)
+
+    if "VARIANCE" in extra:
+        check_same_shape(image, extra["VARIANCE"], (spath + "[IMAGE]", spath + "[VARIANCE]"))
+        variance = np.asarray(extra["VARIANCE"], dtype=np.float64) * scale**2
+        bad_var = ~np.isfinite(variance) | (variance < 0)
+        if np.all(bad_var | ~finite):
+            raise InputError(
+                "VARIANCE extension has no finite, non-negative value; rewrite it or drop the "
+                "extension to let nightsift estimate the variance",
+                path=spath,
+            )
+    else:
+        variance = estimate_variance(image, finite & ((mask & int(MaskBits.NO_DATA)) == 0)).astype(np.float64)
+        bad_var = ~np.isfinite(variance)
+
+    nodata = ~finite | bad_var
+    if nodata.any():
+        mask[nodata] |= np.uint16(MaskBits.NO_DATA)
+        fill_img = np.median(image[finite])
+        image = np.where(finite, image, fill_img)
+        variance = np.where(bad_var, np.median(variance[~bad_var]), variance)
+
+    header = header.copy()
+    header["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
+    return Exposure(
+        image=image.astype(np.float32),
+        variance=variance.astype(np.float32),
+        mask=mask,
+        wcs=wcs,
+        header=header,
+        path=spath,
+    )
+
+
+def _clean_header(header: fits.Header | None, *, strip_wcs: bool = False) -> fits.Header:
+    out = fits.Header()
+    if header is None:
+        return out
+    for card in header.cards:
+        key = card.keyword
+        if key in _STRUCTURAL or (strip_wcs and _WCS_KEY.match(key)):
+            continue
+        out.append(card)
+    return out
+
+
+def _wcs_header(wcs: WCS) -> fits.Header:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy notes non-standard (TPV/SIP) keywords: informational
+        return wcs.to_header(relax=True)
+
+
+def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:
+    """Write an :class:`Exposure` as a multi-extension FITS file (IMAGE, VARIANCE, MASK).
+
+    The WCS cards of ``exposure.header`` are replaced by ``exposure.wcs`` (so an aligned
+    reference carries the science grid's WCS); every other card is kept in the ``IMAGE`` header,
+    with ``BUNIT = 'electron'``. :func:`read_exposure` reads the file back unchanged
+    (image, variance in float32, mask in uint16).
+
+    Parameters
+    ----------
+    path : str or Path
+    exposure : Exposure
+    overwrite : bool, keyword-only
+        Replace an existing file (default True).
+    """
+    whdr = _wcs_header(exposure.wcs)
+    head = _clean_header(exposure.header, strip_wcs=True)
+    head.extend(whdr, update=True)
+    head["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
+    vhead = whdr.copy()
+    vhead["BUNIT"] = ("electron2", "variance of IMAGE (e-^2)")
+    mhead = whdr.copy()
+    for bit in MaskBits:
+        mhead[f"MB_{bit.name}"[:8]] = (int(bit), f"mask bit {bit.name}")
+    hdul = fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.asarray(exposure.image, dtype=np.float32), header=head, name="IMAGE"),
+            fits.ImageHDU(np.asarray(exposure.variance, dtype=np.float32), header=vhead, name="VARIANCE"),
+            fits.ImageHDU(np.asarray(exposure.mask, dtype=np.uint16), header=mhead, name="MASK"),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long HIERARCH-free cards are fine
+        hdul.writeto(Path(path), overwrite=overwrite)
+
+
+def write_image(path, array, header: fits.Header | None = None, *, overwrite: bool = True) -> None:
+    """Write one 2-D array (e.g. a difference image or S_corr map) as a primary-HDU FITS file.
+
+    Parameters
+    ----------
+    path : str or Path
+    array : ndarray (ny, nx)
+        Written with its own dtype (cupy arrays are moved to the host).
+    header : astropy.io.fits.Header, optional
+        Cards to carry (structural cards are dropped; astropy writes its own).
+    overwrite : bool, keyword-only
+    """
+    from ...kernels import to_numpy
+
+    arr = to_numpy(array)
+    if arr.ndim != 2:
+        raise ValueError(f"write_image: expected a 2-D array, got shape {arr.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        fits.PrimaryHDU(arr, header=_clean_header(header)).writeto(Path(path), overwrite=overwrite)
+
+
+def check_same_shape(a, b, paths: Sequence[str | None] = (None, None)) -> None:
+    """Raise :class:`InputError` if two arrays (or shapes) differ in shape.
+
+    Parameters
+    ----------
+    a, b : ndarray or tuple
+        Arrays (anything with ``.shape``) or shapes.
+    paths : (str or None, str or None)
+        Where ``a`` and ``b`` came from, for the message.
+    """
+    sa = tuple(a.shape) if hasattr(a, "shape") else tuple(a)
+    sb = tuple(b.shape) if hasattr(b, "shape") else tuple(b)
+    if sa != sb:
+        pa, pb = (list(paths) + [None, None])[:2]
+        raise InputError(
+            f"shape {sa} does not match shape {sb} of {pb or 'the other input'}; both must be the "
+            "same CCD (check that the files belong together: same detector, same trimming)",
+            path=pa,
+        )

@@ -1,0 +1,438 @@
+"""Lanczos resampling of images, variances and masks through a per-pixel coordinate map.
+
+The geometry is given as plain arrays: for every *output* pixel ``(j, i)`` the maps
+``x_src[j, i]``, ``y_src[j, i]`` hold the 0-based position of that pixel's centre in the
+*source* image (``x`` the column, ``y`` the row). Computing those maps from two WCSs is the
+engine's job (:mod:`nightsift.engine.stages.align`); this module never sees astropy.
+
+Conventions
+-----------
+* Lanczos-``a`` kernel ``L(t) = sinc(t) sinc(t / a)`` for ``|t| < a``, 0 otherwise; it is
+  separable, ``w = L(x_src - ix) L(y_src - iy)`` over the ``2a x 2a`` source pixels around
+  ``(x_src, y_src)``.
+* The weights of the in-bounds source pixels are *normalised* to sum to 1, so a constant image
+  stays exactly constant (the raw Lanczos weights sum to ``1 +- ~1e-3``) and pixels within ``a``
+  of the source edge are interpolated from the pixels that exist.
+* An output pixel whose source position is not finite or lies outside the source image
+  (``x_src < -0.5`` or ``x_src > nx - 0.5``, same in ``y``) gets ``fill``.
+* Variance is resampled with the **same weights** (not their squares), i.e. exactly like an
+  image plane. The per-pixel variance of an interpolated white-noise field is
+  ``sum(w**2) var`` (smaller), but that noise is then correlated: its power spectrum inside the
+  band is unchanged and only the part above the interpolant's cutoff is removed. Every filter
+  downstream (PSF matching, ZOGY's matched filters) is band-limited by the PSF, so the noise
+  they see is the original white-noise level, ``sum(w) var = var``. Propagating ``sum(w**2)``
+  would under-estimate the noise that ZOGY's S_corr normalisation needs. Pass the variance as a
+  second plane of a stack, ``lanczos_resample(xp.stack([image, variance]), ...)``, to share
+  the weights.
+
+Two implementations give the same answer: a vectorised ``xp`` reference (numpy or cupy; loops
+over the ``2a x 2a`` offsets with whole-array operations) and a Numba ``@njit(parallel=True)``
+CPU fast path used automatically for numpy inputs (``method="auto"``). They agree to ~1e-12
+relative in float64 (the test requires < 1e-6).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._xp import array_namespace, is_cupy
+
+try:  # numba is a hard dependency of nightsift, but keep the reference usable without it
+    import numba as _numba
+except Exception:  # pragma: no cover - depends on the environment
+    _numba = None
+
+__all__ = [
+    "lanczos_kernel",
+    "lanczos_resample",
+    "resample_mask",
+    "interpolate_coarse_grid",
+    "interpolate_coordinate_map",
+]
+
+_METHODS = ("auto", "numba", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------
+def lanczos_kernel(t, a: int = 3):
+    """Lanczos-``a`` window ``sinc(t) sinc(t/a)`` (0 for ``|t| >= a``), elementwise.
+
+    Parameters
+    ----------
+    t : ndarray, any shape, float
+        Offsets in pixels.
+    a : int
+        Half-width of the kernel (pixels).
+
+    Returns
+    -------
+    ndarray, same shape as ``t``, float64
+    """
+    xp = array_namespace(t)
+    t = xp.asarray(t, dtype=xp.float64)
+    # xp.sinc is the normalised sinc, sin(pi t)/(pi t), with sinc(0) = 1
+    return xp.where(xp.abs(t) < a, xp.sinc(t) * xp.sinc(t / a), 0.0)
+
+
+def _check_args(image, x_src, y_src, a, method, name):
+    if x_src.shape != y_src.shape or x_src.ndim != 2:
+        raise ValueError(
+            f"{name}: x_src and y_src must be 2-D arrays of the same shape (ny_out, nx_out); "
+            f"got {x_src.shape} and {y_src.shape}"
+        )
+    if not (isinstance(a, (int, np.integer)) and 1 <= a <= 8):
+        raise ValueError(f"{name}: Lanczos order a must be an integer in 1..8, got {a!r}")
+    if method not in _METHODS:
+        raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}")
+    if image.ndim not in (2, 3) or min(image.shape[-2:]) < 1:
+        raise ValueError(f"{name}: source must be (ny, nx) or (k, ny, nx), got shape {image.shape}")
+
+
+def _use_numba(xp, method: str) -> bool:
+    if method == "reference":
+        return False
+    if method == "numba":
+        if is_cupy(xp) or _numba is None:
+            raise ValueError("method='numba' needs numpy arrays and numba installed; use 'reference'")
+        return True
+    return (not is_cupy(xp)) and _numba is not None
+
+
+# --------------------------------------------------------------------------------------------
+# reference implementation (xp: numpy or cupy)
+# --------------------------------------------------------------------------------------------
+def _footprint_weights(xp, xs, ys, nx, ny, a):
+    """Per-axis Lanczos weights, integer positions and in-bounds flags of the 2a taps."""
+    fx = xp.floor(xs)
+    fy = xp.floor(ys)
+    wx, wy, ixs, iys, okx, oky = [], [], [], [], [], []
+    for k in range(2 * a):
+        ix = fx - (a - 1) + k
+        iy = fy - (a - 1) + k
+        wx.append(lanczos_kernel(xs - ix, a))
+        wy.append(lanczos_kernel(ys - iy, a))
+        okx.append((ix >= 0) & (ix <= nx - 1))
+        oky.append((iy >= 0) & (iy <= ny - 1))
+        ixs.append(xp.clip(ix, 0, nx - 1).astype(xp.int64))
+        iys.append(xp.clip(iy, 0, ny - 1).astype(xp.int64))
+    return wx, wy, ixs, iys, okx, oky
+
+
+def _valid_positions(xp, x_src, y_src, nx, ny):
+    xs = xp.asarray(x_src, dtype=xp.float64)
+    ys = xp.asarray(y_src, dtype=xp.float64)
+    valid = xp.isfinite(xs) & xp.isfinite(ys)
+    valid &= (xs >= -0.5) & (xs <= nx - 0.5) & (ys >= -0.5) & (ys <= ny - 0.5)
+    return xp.where(valid, xs, 0.0), xp.where(valid, ys, 0.0), valid
+
+
+def _resample_reference(img3, x_src, y_src, a, fill, out_dtype):
+    xp = array_namespace(img3, x_src, y_src)
+    nplane, ny, nx = img3.shape
+    xs, ys, valid = _valid_positions(xp, x_src, y_src, nx, ny)
+    wx, wy, ixs, iys, okx, oky = _footprint_weights(xp, xs, ys, nx, ny, a)
+    num = xp.zeros((nplane,) + xs.shape, dtype=xp.float64)
+    den = xp.zeros(xs.shape, dtype=xp.float64)
+    for ky in range(2 * a):
+        for kx in range(2 * a):
+            w = xp.where(oky[ky] & okx[kx], wy[ky] * wx[kx], 0.0)
+            den += w
+            num += w * img3[:, iys[ky], ixs[kx]].astype(xp.float64)
+    good = valid & (xp.abs(den) > 1e-12)
+    out = xp.where(good, num / xp.where(good, den, 1.0), fill)
+    return out.astype(out_dtype)
+
+
+def _resample_mask_reference(mask, x_src, y_src, a, no_data_bit, threshold):
+    xp = array_namespace(mask, x_src, y_src)
+    ny, nx = mask.shape
+    xs, ys, valid = _valid_positions(xp, x_src, y_src, nx, ny)
+    wx, wy, ixs, iys, okx, oky = _footprint_weights(xp, xs, ys, nx, ny, a)
+    out = xp.zeros(xs.shape, dtype=mask.dtype)
+    nd = mask.dtype.type(no_data_bit)
+    zero = mask.dtype.type(0)
+    for ky in range(2 * a):
+        for kx in range(2 * a):
+            used = xp.abs(wy[ky] * wx[kx]) > threshold
+            inb = oky[ky] & okx[kx]
+            out |= xp.where(used & inb, mask[iys[ky], ixs[kx]], zero)
+            out |= xp.where(used & ~inb, nd, zero)
+    return xp.where(valid, out, nd)
+
+
+# --------------------------------------------------------------------------------------------
+# numba fast path (numpy only)
+# --------------------------------------------------------------------------------------------
+if _numba is not None:
+
+    @_numba.njit(cache=True, inline="always")
+    def _taps(x, x0, a, w):  # pragma: no cover - compiled
+        """w[k] = L(x - (x0 + k)), k < 2a, with 3 trig calls instead of 4a (angle recurrences:
+        sin(pi (t0 - k)) = (-1)^k sin(pi t0); sin((t0 - k) pi/a) by angle subtraction)."""
+        t0 = x - x0
+        s_pi = math.sin(math.pi * t0)
+        th = math.pi * t0 / a
+        s_th = math.sin(th)
+        c_th = math.cos(th)
+        phi = math.pi / a
+        c_phi = math.cos(phi)
+        s_phi = math.sin(phi)
+        s_k = s_th  # sin(th - k phi)
+        c_k = c_th  # cos(th - k phi)
+        sign = 1.0
+        for k in range(2 * a):
+            t = t0 - k
+            at = abs(t)
+            if at >= a:
+                w[k] = 0.0
+            elif at < 1e-12:
+                w[k] = 1.0
+            else:
+                pt = math.pi * t
+                w[k] = a * sign * s_pi * s_k / (pt * pt)
+            s_k, c_k = s_k * c_phi - c_k * s_phi, c_k * c_phi + s_k * s_phi
+            sign = -sign
+
+    @_numba.njit(parallel=True, cache=True)
+    def _resample_numba(img3, xs, ys, a, fill, out):  # pragma: no cover - compiled
+        nplane, ny, nx = img3.shape
+        nyo, nxo = xs.shape
+        n = 2 * a
+        for j in _numba.prange(nyo):
+            wx = np.empty(n)
+            wy = np.empty(n)
+            acc = np.empty(nplane)
+            for i in range(nxo):
+                x = xs[j, i]
+                y = ys[j, i]
+                if not (x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5):
+                    for p in range(nplane):  # also catches NaN (comparisons are False)
+                        out[p, j, i] = fill
+                    continue
+                x0 = int(math.floor(x)) - (a - 1)
+                y0 = int(math.floor(y)) - (a - 1)
+                _taps(x, x0, a, wx)
+                _taps(y, y0, a, wy)
+                for k in range(n):
+                    if x0 + k < 0 or x0 + k >= nx:
+                        wx[k] = 0.0
+                    if y0 + k < 0 or y0 + k >= ny:
+                        wy[k] = 0.0
+                for p in range(nplane):
+                    acc[p] = 0.0
+                den = 0.0
+                for ky in range(n):
+                    w_y = wy[ky]
+                    if w_y == 0.0:
+                        continue
+                    iy = y0 + ky
+                    for kx in range(n):
+                        w = w_y * wx[kx]
+                        if w == 0.0:
+                            continue
+                        ix = x0 + kx
+                        den += w
+                        for p in range(nplane):
+                            acc[p] += w * img3[p, iy, ix]
+                if abs(den) > 1e-12:
+                    for p in range(nplane):
+                        out[p, j, i] = acc[p] / den
+                else:
+                    for p in range(nplane):
+                        out[p, j, i] = fill
+
+    @_numba.njit(parallel=True, cache=True)
+    def _resample_mask_numba(mask, xs, ys, a, no_data_bit, threshold, out):  # pragma: no cover
+        ny, nx = mask.shape
+        nyo, nxo = xs.shape
+        n = 2 * a
+        for j in _numba.prange(nyo):
+            wx = np.empty(n)
+            wy = np.empty(n)
+            for i in range(nxo):
+                x = xs[j, i]
+                y = ys[j, i]
+                if not (x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5):
+                    out[j, i] = no_data_bit
+                    continue
+                x0 = int(math.floor(x)) - (a - 1)
+                y0 = int(math.floor(y)) - (a - 1)
+                _taps(x, x0, a, wx)
+                _taps(y, y0, a, wy)
+                bits = 0
+                for ky in range(n):
+                    iy = y0 + ky
+                    for kx in range(n):
+                        if abs(wy[ky] * wx[kx]) > threshold:
+                            ix = x0 + kx
+                            if iy >= 0 and iy < ny and ix >= 0 and ix < nx:
+                                bits |= mask[iy, ix]
+                            else:
+                                bits |= no_data_bit
+                out[j, i] = bits
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("nan"), method: str = "auto"):
+    """Resample ``image`` at the source positions ``(x_src, y_src)`` with a normalised Lanczos-a kernel.
+
+    Parameters
+    ----------
+    image : ndarray (ny_in, nx_in) or (k, ny_in, nx_in), float
+        Source image, or a stack of planes sharing one geometry (e.g. ``[image, variance]``;
+        see the module notes on why a variance is resampled with the plain weights). Must be
+        finite inside the footprint of the output (replace masked pixels first).
+    x_src, y_src : ndarray (ny_out, nx_out), float
+        0-based source column/row of every output pixel centre. NaN marks "no source".
+    a : int, keyword-only
+        Lanczos order (half-width in pixels, 2..5 in practice).
+    fill : float, keyword-only
+        Value of output pixels whose source position is NaN or outside the source image.
+    method : {"auto", "numba", "reference"}, keyword-only
+        ``"auto"`` uses the Numba CPU kernel for numpy arrays and the vectorised ``xp``
+        reference for cupy arrays; ``"reference"`` forces the vectorised version (the oracle).
+
+    Returns
+    -------
+    ndarray (ny_out, nx_out) or (k, ny_out, nx_out)
+        float64 if ``image`` is float64, else float32; same array module as ``image``.
+    """
+    xp = array_namespace(image, x_src, y_src)
+    _check_args(image, x_src, y_src, a, method, "lanczos_resample")
+    out_dtype = xp.float64 if image.dtype == xp.float64 else xp.float32
+    img3 = image[None] if image.ndim == 2 else image
+    if _use_numba(xp, method):
+        img3 = np.ascontiguousarray(img3)
+        if img3.dtype not in (np.float32, np.float64):
+            img3 = img3.astype(np.float64)
+        xs = np.ascontiguousarray(x_src, dtype=np.float64)
+        ys = np.ascontiguousarray(y_src, dtype=np.float64)
+        out = np.empty((img3.shape[0],) + xs.shape, dtype=out_dtype)
+        _resample_numba(img3, xs, ys, int(a), float(fill), out)
+    else:
+        out = _resample_reference(img3, x_src, y_src, int(a), fill, out_dtype)
+    return out[0] if image.ndim == 2 else out
+
+
+def resample_mask(
+    mask,
+    x_src,
+    y_src,
+    *,
+    a: int = 3,
+    no_data_bit: int = 0,
+    weight_threshold: float = 1e-5,
+    method: str = "auto",
+):
+    """Carry integer bit masks through the same geometry as :func:`lanczos_resample`.
+
+    An output pixel gets the OR of the bits of every source pixel whose Lanczos weight
+    ``|L(dx) L(dy)|`` exceeds ``weight_threshold`` (so a flagged pixel spreads to the
+    ``2a x 2a`` footprint it influences, but not through the exact zeros of an integer shift).
+    Footprint pixels outside the source image, and output pixels whose source position is NaN or
+    outside the image, get ``no_data_bit``.
+
+    Parameters
+    ----------
+    mask : ndarray (ny_in, nx_in), unsigned integer (e.g. uint16 bit flags)
+    x_src, y_src : ndarray (ny_out, nx_out), float
+        As for :func:`lanczos_resample`.
+    a : int, keyword-only
+        Lanczos order.
+    no_data_bit : int, keyword-only
+        Bit value meaning "no data" (the caller's convention; kernels know no bit names).
+    weight_threshold : float, keyword-only
+        Weights at or below this magnitude are negligible (the smallest corner weights of a
+        generic Lanczos-3 footprint are ~1e-4).
+    method : {"auto", "numba", "reference"}, keyword-only
+
+    Returns
+    -------
+    ndarray (ny_out, nx_out), same dtype as ``mask``
+    """
+    xp = array_namespace(mask, x_src, y_src)
+    _check_args(mask, x_src, y_src, a, method, "resample_mask")
+    if mask.ndim != 2 or mask.dtype.kind not in "ui":
+        raise ValueError(f"resample_mask: mask must be a 2-D integer array, got {mask.dtype} {mask.shape}")
+    if _use_numba(xp, method):
+        m = np.ascontiguousarray(mask)
+        xs = np.ascontiguousarray(x_src, dtype=np.float64)
+        ys = np.ascontiguousarray(y_src, dtype=np.float64)
+        out = np.empty(xs.shape, dtype=m.dtype)
+        _resample_mask_numba(m, xs, ys, int(a), m.dtype.type(no_data_bit), float(weight_threshold), out)
+        return out
+    return _resample_mask_reference(mask, x_src, y_src, int(a), no_data_bit, float(weight_threshold))
+
+
+def _spline_matrix(n_nodes: int, step: float, n_out: int) -> np.ndarray:
+    """(n_out, n_nodes) matrix of the cubic spline through nodes ``k*step`` evaluated at 0..n_out-1."""
+    from scipy.interpolate import CubicSpline
+
+    nodes = np.arange(n_nodes, dtype=np.float64) * step
+    if n_nodes == 1:
+        return np.ones((n_out, 1))
+    return CubicSpline(nodes, np.eye(n_nodes), axis=0)(np.arange(n_out, dtype=np.float64))
+
+
+def interpolate_coarse_grid(coarse, step: float, shape: tuple[int, int]):
+    """Interpolate a smooth field known on a coarse grid to every pixel (tensor cubic spline).
+
+    Parameters
+    ----------
+    coarse : ndarray (ncy, ncx), float
+        Values at pixel positions ``(y, x) = (j*step, i*step)``. The grid must reach the last
+        pixel: ``(ncy-1)*step >= ny-1`` and ``(ncx-1)*step >= nx-1``.
+    step : float
+        Node spacing (pixels).
+    shape : (ny, nx)
+        Output shape.
+
+    Returns
+    -------
+    ndarray (ny, nx) float64, same array module as ``coarse``.
+
+    Notes
+    -----
+    The interpolant is separable: ``Wy @ coarse @ Wx.T`` with ``W`` the (not-a-knot) cubic
+    spline matrices, i.e. two small matrix products, exact for bicubic polynomials. For a WCS
+    pixel-to-pixel map sampled every 32 pixels the error is ~1e-5 px (see tests).
+    """
+    xp = array_namespace(coarse)
+    ny, nx = int(shape[0]), int(shape[1])
+    ncy, ncx = coarse.shape
+    if (ncy - 1) * step < ny - 1 or (ncx - 1) * step < nx - 1:
+        raise ValueError(
+            f"interpolate_coarse_grid: a grid of {coarse.shape} nodes every {step} px does not reach "
+            f"the last pixel of shape {shape}; add nodes up to >= n-1"
+        )
+    wy = xp.asarray(_spline_matrix(ncy, step, ny))
+    wx = xp.asarray(_spline_matrix(ncx, step, nx))
+    return wy @ (xp.asarray(coarse, dtype=xp.float64) @ wx.T)
+
+
+def interpolate_coordinate_map(coarse_x, coarse_y, step: float, shape: tuple[int, int]):
+    """Interpolate a coordinate map (e.g. science pixel -> reference pixel) to every pixel.
+
+    Parameters
+    ----------
+    coarse_x, coarse_y : ndarray (ncy, ncx), float
+        Source x (column) and y (row) at the grid nodes ``(j*step, i*step)``.
+    step : float
+        Node spacing (pixels).
+    shape : (ny, nx)
+        Output shape.
+
+    Returns
+    -------
+    x_src, y_src : ndarray (ny, nx) float64
+        Inputs for :func:`lanczos_resample`.
+    """
+    return (
+        interpolate_coarse_grid(coarse_x, step, shape),
+        interpolate_coarse_grid(coarse_y, step, shape),
+    )
