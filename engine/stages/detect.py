@@ -1,0 +1,189 @@
+"""Detection stage: peaks above threshold in S_corr, and the features of each candidate.
+
+Positive and negative candidates are found with sep on ``+S_corr`` and ``-S_corr`` (S_corr already
+is matched-filtered with unit variance, so the threshold is in sigma and no extra filter is used),
+refined to sub-pixel positions with a 3x3 quadratic fit, and deduplicated per sign. Fluxes are PSF
+fits of D with the tile's P_D shifted to the sub-pixel position (identical to ``S / F_S`` evaluated
+between pixels); errors come from the variance of S (background, source and astrometric noise).
+"""
+from __future__ import annotations
+
+import numpy as np
+import sep
+from scipy.spatial import cKDTree
+
+from nightsift.kernels import psf as kpsf
+from nightsift.kernels.stamps import extract_stamps
+
+from ..config import DetectConfig
+from ..records import CANDIDATE_DTYPE, UNUSABLE, StageResult, empty_candidates
+from .subtract import Subtraction
+
+#: candid = (visit * 1000 + ccd) * 100000 + index: unique per (visit, ccd, candidate), deterministic
+CANDID_CCD = 1000
+CANDID_INDEX = 100000
+
+
+def make_candid(visit: int, ccd: int, index):
+    """Deterministic candidate id from the visit, the CCD (< 1000) and the row (< 100000)."""
+    return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
+
+
+def zero_point(header) -> float:
+    """Photometric zero point (mag for 1 e-/s) from MAGZP / MAGZPT / MAGZERO, else 25.0."""
+    for key in ("MAGZP", "MAGZPT", "MAGZERO"):
+        if header is not None and key in header:
+            return float(header[key])
+    return 25.0
+
+
+def find_peaks(S_corr: np.ndarray, *, threshold: float, min_area: int, excluded=None):
+    """Signed peaks of S_corr above ``threshold``: arrays ``(x, y, value, sign)``.
+
+    ``x, y`` are sub-pixel (3x3 quadratic fit around the peak pixel); one peak per sep object.
+    """
+    ny, nx = S_corr.shape
+    xs, ys, vs, sg = [], [], [], []
+    m = None if excluded is None else np.ascontiguousarray(excluded, dtype=bool)
+    sep.set_extract_pixstack(max(300000, S_corr.size // 4))
+    for sign in (1, -1):
+        img = np.ascontiguousarray(sign * S_corr, dtype=np.float32)
+        objs = sep.extract(img, threshold, err=None, mask=m, minarea=min_area, filter_kernel=None,
+                           deblend_cont=0.005, clean=False)
+        if len(objs) == 0:
+            continue
+        xi = objs["xpeak"].astype(int)
+        yi = objs["ypeak"].astype(int)
+        val = img[yi, xi]
+        dx, dy = _quadratic_offset(img, xi, yi)
+        xs.append(xi + dx)
+        ys.append(yi + dy)
+        vs.append(sign * val)
+        sg.append(np.full(len(objs), sign))
+    if not xs:
+        z = np.zeros(0)
+        return z, z, z, z.astype(int)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(vs), np.concatenate(sg)
+
+
+def _quadratic_offset(img, xi, yi):
+    ny, nx = img.shape
+    xl, xr = np.clip(xi - 1, 0, nx - 1), np.clip(xi + 1, 0, nx - 1)
+    yl, yr = np.clip(yi - 1, 0, ny - 1), np.clip(yi + 1, 0, ny - 1)
+    c = img[yi, xi]
+    ax = img[yi, xl] - 2 * c + img[yi, xr]
+    ay = img[yl, xi] - 2 * c + img[yr, xi]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx = np.where(ax < 0, 0.5 * (img[yi, xl] - img[yi, xr]) / ax, 0.0)
+        dy = np.where(ay < 0, 0.5 * (img[yl, xi] - img[yr, xi]) / ay, 0.0)
+    return np.clip(np.nan_to_num(dx), -0.5, 0.5), np.clip(np.nan_to_num(dy), -0.5, 0.5)
+
+
+def deduplicate(x, y, value, sign, *, radius: float) -> np.ndarray:
+    """Indices kept after suppressing, within each sign, peaks closer than ``radius`` to a
+    stronger one. Deterministic: ties broken by position."""
+    if len(x) == 0:
+        return np.zeros(0, int)
+    order = np.lexsort((x, y, -np.abs(value)))  # strongest first; ties by (y, x)
+    rank = np.empty(len(x), int)
+    rank[order] = np.arange(len(x))
+    keep = np.ones(len(x), bool)
+    tree = cKDTree(np.c_[x, y])
+    for i in order:
+        if not keep[i]:
+            continue
+        for j in tree.query_ball_point([x[i], y[i]], r=radius):
+            if rank[j] > rank[i] and sign[j] == sign[i]:
+                keep[j] = False
+    idx = np.flatnonzero(keep)
+    return idx[np.lexsort((x[idx], y[idx]))]
+
+
+def detect(sub: Subtraction, *, wcs, header, sky, ref_catalog=None, visit: int = 0, ccd: int = 0,
+           config: DetectConfig, cutout_size: int = 63) -> StageResult:
+    """Candidates (positive and negative) above ``config.threshold`` in S_corr, with features.
+
+    Parameters
+    ----------
+    sub : Subtraction
+        Output of the subtraction stage.
+    wcs : astropy.wcs.WCS
+        Science WCS (for ra, dec).
+    header : astropy.io.fits.Header
+        Science header (EXPTIME, zero point MAGZP/MAGZPT/MAGZERO).
+    sky : ndarray (ny, nx)
+        Science background map (e-), for the ``sky`` feature.
+    ref_catalog : source table of the aligned reference (x, y, flux), optional
+        For ``distnr`` (pixels) and ``magnr`` (science-equivalent magnitude).
+    visit, ccd : int
+        Used in the deterministic ``candid``.
+
+    Returns
+    -------
+    StageResult(candidates, qa): a :data:`~nightsift.engine.records.CANDIDATE_DTYPE` table sorted by
+    (ypos, xpos); qa ``n_candidates``, ``n_positive``, ``n_negative``.
+    """
+    x, y, val, sign = find_peaks(sub.S_corr, threshold=config.threshold, min_area=config.min_area,
+                                 excluded=sub.excluded)
+    keep = deduplicate(x, y, val, sign, radius=config.dedup_radius)
+    x, y, val, sign = x[keep], y[keep], val[keep], sign[keep]
+    n = len(x)
+    qa = {"n_peaks": int(len(keep)), "n_candidates": n, "n_positive": int((sign > 0).sum()),
+          "n_negative": int((sign < 0).sum())}
+    if n == 0:
+        return StageResult(empty_candidates(), qa)
+
+    ny, nx = sub.D.shape
+    tile = sub.grid.tile_of(x, y)
+    s = sub.P_D.shape[-1]
+    xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
+    dx, dy = x - xi, y - yi
+    d_st, _ = extract_stamps(sub.D, x, y, size=s, fill=0.0)
+    d_st = np.asarray(d_st, dtype=np.float64)
+    p = kpsf.fourier_shift(sub.P_D[tile], dx, dy)
+    F_D = sub.F_D[tile]
+    flux = (d_st * p).sum(axis=(1, 2)) / (F_D * (p * p).sum(axis=(1, 2)))
+    fluxerr = sub.flux_err[yi, xi].astype(np.float64)
+
+    c = empty_candidates(n)
+    c["candid"] = make_candid(visit, ccd, np.arange(n))
+    c["xpos"], c["ypos"] = x, y
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    c["ra"], c["dec"] = ra, dec
+    c["flux"], c["fluxerr"] = flux, fluxerr
+    exptime = float(header.get("EXPTIME", 1.0)) if header is not None else 1.0
+    zp = zero_point(header)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c["magpsf"] = np.where(np.abs(flux) > 0, zp - 2.5 * np.log10(np.abs(flux) / exptime), 99.0)
+        c["snr"] = np.abs(flux) / fluxerr
+        c["sigmapsf"] = 1.0857362 / c["snr"]
+    c["scorr"] = val
+    c["isdiffpos"] = sign > 0
+
+    # shape of the candidate in D (adaptive moments of sign * D)
+    fwhm_pd = np.array([kpsf.half_max_fwhm(sub.P_D[t]) for t in range(len(sub.P_D))])
+    sig0 = fwhm_pd[tile] / 2.3548
+    _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[:, None, None], sigma=float(np.median(sig0)))
+    fw, el = kpsf.shape_from_moments(mxx, myy, mxy)
+    c["fwhm"] = np.nan_to_num(fw, nan=-999.0)
+    c["elong"] = np.nan_to_num(el, nan=-999.0)
+
+    # unusable pixels in the (2 h + 1)^2 box
+    h = config.nbad_halfwidth
+    bad = ((sub.mask & UNUSABLE) != 0).astype(np.int32)
+    integ = np.pad(np.cumsum(np.cumsum(bad, 0), 1), ((1, 0), (1, 0)))
+    y0, y1 = np.clip(yi - h, 0, ny), np.clip(yi + h + 1, 0, ny)
+    x0, x1 = np.clip(xi - h, 0, nx), np.clip(xi + h + 1, 0, nx)
+    c["nbad"] = integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0]
+
+    c["distnr"], c["magnr"] = -999.0, -999.0
+    if ref_catalog is not None and len(ref_catalog):
+        d, j = cKDTree(np.c_[ref_catalog["x"], ref_catalog["y"]]).query(np.c_[x, y])
+        c["distnr"] = d
+        fr = ref_catalog["flux"][j] / max(sub.F_r, 1e-30)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c["magnr"] = np.where(fr > 0, zp - 2.5 * np.log10(fr / exptime), -999.0)
+    c["sky"] = np.asarray(sky)[yi, xi]
+    r = cutout_size // 2
+    c["edge"] = (xi - r < 0) | (yi - r < 0) | (xi + r >= nx) | (yi + r >= ny)
+    return StageResult(c, qa)

@@ -1,0 +1,275 @@
+"""PSF stage: find bright isolated stars and build an empirical PSF per tile.
+
+The PSF of a tile is the robust stack of the stars nearest to the tile (their sub-pixel centres
+shifted onto the stamp centre with Fourier phase ramps), so it follows PSF variations across the
+CCD at the scale of the tiles. Each PSF is also fitted with a pixel-integrated elliptical Moffat
+profile to report its FWHM (pixels) -- the number compared with the seeing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sep
+from scipy import optimize
+
+from nightsift.kernels import psf as kpsf
+from nightsift.kernels.background import background, robust_sigma
+from nightsift.kernels.stamps import extract_stamps
+from nightsift.kernels.tiles import TileGrid
+
+from ..config import PSFConfig
+from ..errors import AlgorithmFailure
+from ..records import UNUSABLE, StageResult
+
+#: source catalogue of an image (numpy structured array)
+SOURCE_DTYPE = np.dtype([("x", "f8"), ("y", "f8"), ("flux", "f8"), ("fluxerr", "f8"), ("snr", "f8"),
+                         ("a", "f8"), ("b", "f8"), ("peak", "f8"), ("flag", "i4"), ("psf_star", "?")])
+
+
+@dataclass(frozen=True)
+class PSFModel:
+    """Empirical PSFs of one image, one per tile of ``grid``.
+
+    Attributes
+    ----------
+    stamps : ndarray (T, s, s) float64
+        Unit-sum PSF stamps, centre pixel ``s // 2``.
+    fwhm : ndarray (T,)
+        FWHM (pixels) of each tile's PSF from a pixel-integrated Moffat fit.
+    n_stars : ndarray (T,) int
+        Stars stacked into each tile's PSF.
+    grid : TileGrid
+        The tiling the PSFs belong to.
+    star_index : ndarray (n,) int
+        Rows of the source catalogue used as PSF stars.
+    """
+
+    stamps: np.ndarray
+    fwhm: np.ndarray
+    n_stars: np.ndarray
+    grid: TileGrid
+    star_index: np.ndarray
+
+    def fwhm_at(self, x, y):
+        return self.fwhm[self.grid.tile_of(x, y)]
+
+
+def source_catalog(image, sky_sigma: float, *, mask=None, threshold: float = 5.0, min_area: int = 5) -> np.ndarray:
+    """Detect sources in a background-subtracted image with sep (``threshold`` x ``sky_sigma``).
+
+    Returns a :data:`SOURCE_DTYPE` table; ``snr`` is the isophotal flux over its noise.
+    """
+    data = np.ascontiguousarray(image, dtype=np.float32)
+    m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
+    sep.set_extract_pixstack(max(300000, data.size // 4))
+    sep.set_sub_object_limit(4096)
+    try:
+        objs = sep.extract(data, threshold, err=float(sky_sigma), mask=m, minarea=min_area,
+                           deblend_cont=0.005, clean=True)
+    except Exception as e:  # sep raises plain Exceptions for pixel-stack overflows
+        raise AlgorithmFailure(f"source extraction failed: {e}", stage="psf") from None
+    out = np.zeros(len(objs), SOURCE_DTYPE)
+    out["x"], out["y"], out["flux"] = objs["x"], objs["y"], objs["flux"]
+    noise = np.sqrt(np.maximum(objs["npix"], 1) * sky_sigma**2 + np.maximum(objs["flux"], 0))
+    out["fluxerr"] = noise
+    out["snr"] = objs["flux"] / noise
+    out["a"], out["b"], out["peak"], out["flag"] = objs["a"], objs["b"], objs["peak"], objs["flag"]
+    return out
+
+
+def select_psf_stars(cat: np.ndarray, shape, *, mask, stamp: int, config: PSFConfig) -> np.ndarray:
+    """Indices of bright, isolated, unsaturated, point-like sources, brightest first."""
+    ny, nx = shape
+    h = stamp // 2
+    ok = (cat["snr"] >= config.min_snr) & (cat["flag"] == 0)
+    ok &= (cat["x"] >= h) & (cat["x"] < nx - h - 1) & (cat["y"] >= h) & (cat["y"] < ny - h - 1)
+    if ok.sum() == 0:
+        return np.zeros(0, int)
+    # no unusable pixel (saturated core, bad column) inside the stamp
+    if mask is not None:
+        bad = (mask & UNUSABLE) != 0
+        integ = np.pad(np.cumsum(np.cumsum(bad, 0), 1), ((1, 0), (1, 0)))
+        xi = np.rint(cat["x"]).astype(int)
+        yi = np.rint(cat["y"]).astype(int)
+        y0, y1 = np.clip(yi - h, 0, ny), np.clip(yi + h + 1, 0, ny)
+        x0, x1 = np.clip(xi - h, 0, nx), np.clip(xi + h + 1, 0, nx)
+        nbad = integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0]
+        ok &= nbad == 0
+    # isolation: no other source with > 1% of the flux within the stamp radius
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.c_[cat["x"], cat["y"]])
+    pairs = tree.query_pairs(r=config.isolation_radius * h * np.sqrt(2), output_type="ndarray")
+    for i, j in pairs:
+        if cat["flux"][j] > 0.01 * cat["flux"][i]:
+            ok[i] = False
+        if cat["flux"][i] > 0.01 * cat["flux"][j]:
+            ok[j] = False
+    idx = np.flatnonzero(ok)
+    if idx.size == 0:
+        return idx
+    # point sources: second-moment size near the stellar locus (the mode of the bright sources)
+    size = np.sqrt(cat["a"][idx] * cat["b"][idx])
+    locus = np.median(size[np.argsort(-cat["flux"][idx])[: max(5, idx.size // 2)]])
+    idx = idx[(size > 0.8 * locus) & (size < 1.2 * locus) & (cat["b"][idx] / cat["a"][idx] > 0.6)]
+    return idx[np.argsort(-cat["flux"][idx])]
+
+
+def _moffat_stamp(p, s, over=3):
+    amp, fwhm, beta, q, theta, dx, dy = p
+    c = s // 2
+    sub = (np.arange(over) + 0.5) / over - 0.5
+    yy, xx = np.mgrid[0:s, 0:s].astype(float) - c
+    xx = xx[..., None, None] + sub[None, None, None, :] - dx
+    yy = yy[..., None, None] + sub[None, None, :, None] - dy
+    ct, st = np.cos(theta), np.sin(theta)
+    u = xx * ct + yy * st
+    v = -xx * st + yy * ct
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    r2 = (u**2 * q + v**2 / q) / alpha**2  # geometric-mean FWHM = fwhm
+    return amp * ((1 + r2) ** (-beta)).mean(axis=(-1, -2))
+
+
+def moffat_fwhm(psf: np.ndarray) -> tuple[float, float]:
+    """Fit a pixel-integrated elliptical Moffat to a PSF stamp; returns (FWHM px, beta).
+
+    The FWHM is the geometric mean of the major and minor FWHMs of the intrinsic (not
+    pixel-convolved) profile.
+    """
+    s = psf.shape[0]
+    f0 = kpsf.half_max_fwhm(psf)
+    p0 = [psf.max(), max(f0 * 0.95, 1.0), 3.0, 1.0, 0.0, 0.0, 0.0]
+    lo = [0, 0.5, 1.1, 0.5, -np.pi, -1, -1]
+    hi = [np.inf, s, 20.0, 2.0, np.pi, 1, 1]
+    res = optimize.least_squares(lambda p: (_moffat_stamp(p, s) - psf).ravel(), p0, bounds=(lo, hi),
+                                 x_scale="jac", max_nfev=200)
+    return float(res.x[1]), float(res.x[2])
+
+
+def measure_psf(image, *, mask, sky_sigma: float, grid: TileGrid, config: PSFConfig,
+                fwhm_guess: float | None = None, catalog: np.ndarray | None = None) -> StageResult:
+    """Empirical PSF per tile of a background-subtracted image.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx), e-
+        Background-subtracted image.
+    mask : ndarray (ny, nx) uint16
+        MaskBits; stars touching unusable pixels are not used.
+    sky_sigma : float
+        Background noise (e-) for detection.
+    grid : TileGrid
+        One PSF is built for each tile; a tile uses the stars nearest its centre.
+    catalog : SOURCE_DTYPE array, optional
+        Precomputed :func:`source_catalog` of ``image``.
+
+    Returns
+    -------
+    StageResult(PSFModel, qa) with qa ``psf_fwhm`` (median px), ``psf_fwhm_min/max``,
+    ``psf_n_stars``, ``psf_n_candidates``.
+
+    Raises
+    ------
+    AlgorithmFailure
+        Fewer than ``config.min_stars`` usable stars on the whole image.
+    """
+    img = np.asarray(image)
+    cat = source_catalog(img, sky_sigma, mask=(mask & UNUSABLE) != 0) if catalog is None else catalog
+    if fwhm_guess is None:
+        bright = cat[(cat["snr"] > config.min_snr) & (cat["flag"] == 0)]
+        fwhm_guess = float(np.median(2.3548 * np.sqrt(bright["a"] * bright["b"]))) if len(bright) else 3.0
+    stamp = max(config.stamp_size, int(2 * np.ceil(4 * fwhm_guess) + 1))
+    stamp = min(stamp, 2 * grid.margin + 1)  # the tile margin must hold half a PSF (no wrap-around)
+    idx = select_psf_stars(cat, img.shape, mask=mask, stamp=stamp, config=config)
+    qa = {"psf_n_candidates": int(idx.size), "psf_stamp": int(stamp)}
+    if idx.size < config.min_stars:
+        raise AlgorithmFailure(
+            f"too few PSF stars: {idx.size} bright isolated unsaturated stars found, need "
+            f"{config.min_stars} (lower psf.min_snr or psf.min_stars, or check the image)",
+            stage="psf", qa=qa)
+    stars = cat[idx]
+    st, _ = extract_stamps(img, stars["x"], stars["y"], size=stamp, fill=0.0)
+    st = np.asarray(st, dtype=np.float64)
+    dx0 = stars["x"] - np.rint(stars["x"])
+    dy0 = stars["y"] - np.rint(stars["y"])
+    cdx, cdy = kpsf.centroid(st, sigma=max(fwhm_guess / 2.3548, 0.8))
+    # trust the windowed centroid unless it ran away (neighbour); then keep sep's
+    far = (np.abs(cdx - dx0) > 0.5) | (np.abs(cdy - dy0) > 0.5)
+    cdx, cdy = np.where(far, dx0, cdx), np.where(far, dy0, cdy)
+
+    T = len(grid)
+    stamps = np.zeros((T, stamp, stamp))
+    fwhm = np.zeros(T)
+    nst = np.zeros(T, int)
+    centres = np.array([(y0 + grid.core / 2 - 0.5, x0 + grid.core / 2 - 0.5) for y0, x0 in grid.origins])
+    for t in range(T):
+        cy, cx = centres[t]
+        d = np.hypot(stars["x"] - cx, stars["y"] - cy)
+        # the stars inside the tile (plus half a tile around it); the nearest ones if too few
+        near = np.flatnonzero(d <= grid.core * 0.75 * np.sqrt(2))
+        if near.size < config.min_stars:
+            near = np.argsort(d)[: config.min_stars]
+        near = near[np.argsort(-stars["flux"][near])][: config.max_stars]
+        stamps[t] = kpsf.stack_psf(st[near], cdx[near], cdy[near])
+        nst[t] = near.size
+    uniq = {}
+    for t in range(T):  # tiles sharing one star set share one fit
+        key = stamps[t].tobytes()
+        if key not in uniq:
+            uniq[key] = moffat_fwhm(stamps[t])[0]
+        fwhm[t] = uniq[key]
+    qa.update(psf_fwhm=float(np.median(fwhm)), psf_fwhm_min=float(fwhm.min()), psf_fwhm_max=float(fwhm.max()),
+              psf_n_stars=int(idx.size))
+    return StageResult(PSFModel(stamps=stamps, fwhm=fwhm, n_stars=nst, grid=grid, star_index=idx), qa)
+
+
+@dataclass(frozen=True)
+class ImagePSF:
+    """What the PSF stage learns about one image on the science grid.
+
+    Attributes
+    ----------
+    sky : ndarray (ny, nx) float32, e-      smooth background
+    sky_sigma : float, e-                   robust background noise per pixel
+    catalog : SOURCE_DTYPE array            sources above 5 sigma (``psf_star`` marks the PSF stars)
+    model : PSFModel                        per-tile PSFs
+    """
+
+    sky: np.ndarray
+    sky_sigma: float
+    catalog: np.ndarray
+    model: PSFModel
+
+
+def psf_stage(exposure, *, grid: TileGrid, config: PSFConfig, prefix: str = "") -> StageResult:
+    """Background, source catalogue and per-tile PSFs of a calibrated exposure.
+
+    ``prefix`` names the QA keys (``"sci_"`` / ``"ref_"``). Raises AlgorithmFailure (naming the
+    file) when the image has too few PSF stars.
+    """
+    sky, _rms, sigma = image_background(exposure.image, mask=exposure.mask)
+    sub = np.asarray(exposure.image, dtype=np.float32) - sky
+    bad = (exposure.mask & UNUSABLE) != 0
+    cat = source_catalog(sub, sigma, mask=bad)
+    try:
+        res = measure_psf(sub, mask=exposure.mask, sky_sigma=sigma, grid=grid, config=config, catalog=cat)
+    except AlgorithmFailure as e:
+        where = f"{exposure.path}: " if exposure.path else ""
+        raise AlgorithmFailure(where + str(e), stage="psf", qa={prefix + k: v for k, v in e.qa.items()}) from None
+    cat["psf_star"][res.value.star_index] = True  # our own fresh catalogue
+    qa = {prefix + k: v for k, v in res.qa.items()}
+    qa[prefix + "sky"] = float(np.median(sky))
+    qa[prefix + "sky_sigma"] = sigma
+    qa[prefix + "n_sources"] = int(len(cat))
+    return StageResult(ImagePSF(sky=sky, sky_sigma=sigma, catalog=cat, model=res.value), qa)
+
+
+def image_background(image, *, mask=None, box: int = 64):
+    """Background map, background-noise map and a robust global noise (e-) of an image."""
+    bad = None if mask is None else (mask & UNUSABLE) != 0
+    sky, rms = background(image, box=box, mask=bad)
+    resid = np.asarray(image) - sky
+    sel = resid if bad is None else resid[~bad]
+    sigma = robust_sigma(sel[:: max(1, sel.size // 2_000_000)])
+    return sky, rms, sigma

@@ -1,0 +1,205 @@
+"""Subtraction stage: ZOGY on a science exposure and a reference aligned onto its grid.
+
+Steps: background-subtract both images (from the PSF stage), replace pixels unusable in either
+image by 0 (their variance by the tile's median), measure the flux ratio F_r/F_n from stars
+common to both, cut the CCD into equal padded tiles (one PSF pair per tile), run the batched ZOGY
+kernel on the whole tile stack, stitch the tile cores, and zero S_corr on the grown mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from nightsift.kernels import psf as kpsf
+from nightsift.kernels import tiles as ktiles
+from nightsift.kernels.background import robust_sigma
+from nightsift.kernels.zogy import zogy
+
+from ..config import SubtractConfig
+from ..errors import AlgorithmFailure
+from ..records import UNUSABLE, Exposure, MaskBits, StageResult
+from .psf import ImagePSF
+
+
+@dataclass(frozen=True)
+class Subtraction:
+    """ZOGY products on the science pixel grid.
+
+    Attributes
+    ----------
+    D : ndarray (ny, nx) float32
+        Proper difference image (unit-variance white noise on blank sky), in units of F_D.
+    S_corr : ndarray (ny, nx) float32
+        Corrected score (sigma); 0 on the grown mask.
+    flux : ndarray (ny, nx) float32
+        ``S / F_S``: PSF flux (e-, science units) of a point source centred on each pixel.
+    flux_err : ndarray (ny, nx) float32
+        1-sigma error of ``flux`` (background, source and astrometric noise).
+    P_D : ndarray (T, s, s) float64
+        PSF of D per tile (unit sum, centre pixel s // 2).
+    F_D, F_S : ndarray (T,)
+        Flux zero point of D and the normalisation of S per tile.
+    mask : ndarray (ny, nx) uint16
+        Union of the science and aligned-reference masks.
+    excluded : ndarray (ny, nx) bool
+        Pixels where S_corr was zeroed (unusable pixels grown by ``mask_grow``).
+    grid : TileGrid
+    F_r : float
+        Reference flux zero point relative to the science (F_n = 1).
+    """
+
+    D: np.ndarray
+    S_corr: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray
+    P_D: np.ndarray
+    F_D: np.ndarray
+    F_S: np.ndarray
+    mask: np.ndarray
+    excluded: np.ndarray
+    grid: ktiles.TileGrid
+    F_r: float
+
+
+def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_cat, ref_cat, *, unusable, stamp: int,
+               min_snr: float = 20.0, match_radius: float = 1.0):
+    """F_r / F_n from stars found in both background-subtracted images on one grid.
+
+    The flux of a star is the sum over the PSF stamp box (the PSF normalisation), so the ratio is
+    exactly the one ZOGY needs. Returns ``(ratio, n_stars, robust_scatter)``.
+    """
+    from scipy.spatial import cKDTree
+
+    s = sci_cat[(sci_cat["snr"] >= min_snr) & (sci_cat["flag"] == 0)]
+    r = ref_cat[(ref_cat["snr"] >= min_snr) & (ref_cat["flag"] == 0)]
+    if len(s) == 0 or len(r) == 0:
+        return np.nan, 0, np.nan
+    d, j = cKDTree(np.c_[r["x"], r["y"]]).query(np.c_[s["x"], s["y"]], distance_upper_bound=match_radius)
+    ok = np.isfinite(d)
+    s, r = s[ok], r[j[ok]]
+    ny, nx = sci.shape
+    h = stamp // 2
+    xi, yi = np.rint(s["x"]).astype(int), np.rint(s["y"]).astype(int)
+    inside = (xi >= h) & (xi < nx - h) & (yi >= h) & (yi < ny - h)
+    xi, yi = xi[inside], yi[inside]
+    integ = lambda a: np.pad(np.cumsum(np.cumsum(a, 0), 1), ((1, 0), (1, 0)))  # noqa: E731
+    box = lambda I: I[yi + h + 1, xi + h + 1] - I[yi - h, xi + h + 1] - I[yi + h + 1, xi - h] + I[yi - h, xi - h]  # noqa: E731
+    nbad = box(integ(unusable.astype(np.int64)))
+    fs = box(integ(sci.astype(np.float64)))
+    fr = box(integ(ref.astype(np.float64)))
+    good = (nbad == 0) & (fs > 0) & (fr > 0)
+    if good.sum() == 0:
+        return np.nan, 0, np.nan
+    ratio = fr[good] / fs[good]
+    med = np.median(ratio)
+    for _ in range(3):
+        mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-12
+        keep = np.abs(ratio - med) < 3 * mad
+        # weight the bright stars: the median of the brightest half
+        med = np.median(ratio[keep])
+    return float(med), int(good.sum()), float(1.4826 * np.median(np.abs(ratio - med)))
+
+
+def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf: ImagePSF, *,
+             config: SubtractConfig, astrometric_rms: tuple[float, float] | None = None,
+             dtype=np.float64, xp=np) -> StageResult:
+    """ZOGY difference, score and corrected score of a science/aligned-reference pair.
+
+    Parameters
+    ----------
+    science : Exposure
+        Calibrated science exposure (e-).
+    reference : Exposure
+        Reference aligned onto the science grid (same shape), e-.
+    sci_psf, ref_psf : ImagePSF
+        PSF-stage results for both images on the same tile grid.
+    config : SubtractConfig
+    astrometric_rms : (float, float), optional
+        Registration RMS (px) from the alignment; ``config.default_astrometric_rms`` if None.
+    dtype : real dtype of the FFT computation.
+    xp : numpy or cupy
+        Where the ZOGY kernel runs (inputs are moved there once, results moved back).
+
+    Returns
+    -------
+    StageResult(Subtraction, qa) with qa ``F_r``, ``n_flux_stars``, ``sigma_n``, ``sigma_r``,
+    ``scorr_std`` (robust, on unmasked pixels), ``scorr_mean``, ``excluded_fraction``.
+    """
+    if science.shape != reference.shape:
+        raise AlgorithmFailure(f"science {science.shape} and aligned reference {reference.shape} differ in shape",
+                               stage="subtract")
+    grid = sci_psf.model.grid
+    N = np.asarray(science.image, dtype=np.float32) - sci_psf.sky
+    R = np.asarray(reference.image, dtype=np.float32) - ref_psf.sky
+    mask = (np.asarray(science.mask) | np.asarray(reference.mask)).astype(np.uint16)
+    unusable = (mask & UNUSABLE) != 0
+    stamp = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1])
+    F_r, n_flux, ratio_scatter = flux_ratio(N, R, sci_psf.catalog, ref_psf.catalog, unusable=unusable, stamp=stamp)
+    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_scatter": ratio_scatter}
+    if not np.isfinite(F_r) or n_flux < 3:
+        raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference "
+                               "(need 3; check the overlap and the reference depth)", stage="subtract", qa=qa)
+
+    V_N = np.asarray(science.variance, dtype=np.float32)
+    V_R = np.asarray(reference.variance, dtype=np.float32)
+    N = np.where(unusable, 0, N)
+    R = np.where(unusable, 0, R)
+    med_vn = float(np.median(V_N[~unusable])) if (~unusable).any() else 1.0
+    med_vr = float(np.median(V_R[~unusable])) if (~unusable).any() else 1.0
+    V_N = np.where(unusable | ~np.isfinite(V_N), med_vn, V_N)
+    V_R = np.where(unusable | ~np.isfinite(V_R), med_vr, V_R)
+
+    # batched tiles: one (T, ty, tx) stack per quantity
+    tN = ktiles.cut_tiles(N, grid, fill=0.0)
+    tR = ktiles.cut_tiles(R, grid, fill=0.0)
+    tVN = ktiles.cut_tiles(V_N, grid, fill=med_vn)
+    tVR = ktiles.cut_tiles(V_R, grid, fill=med_vr)
+    ts = grid.tile_shape
+    pn = _pad_stamps(sci_psf.model.stamps, stamp)
+    pr = _pad_stamps(ref_psf.model.stamps, stamp)
+    tPn, tPr = kpsf.embed_psf(pn, ts), kpsf.embed_psf(pr, ts)
+    # background noise per tile for the optimal filter: the median variance of the tile
+    sig_n = np.sqrt(np.median(tVN.reshape(len(grid), -1), axis=1))
+    sig_r = np.sqrt(np.median(tVR.reshape(len(grid), -1), axis=1))
+    if astrometric_rms is None:
+        astrometric_rms = (config.default_astrometric_rms, config.default_astrometric_rms)
+
+    dev = (lambda a: xp.asarray(a)) if xp is not np else (lambda a: a)  # noqa: E731
+    res = zogy(dev(tN), dev(tR), dev(tPn), dev(tPr), dev(tVN), dev(tVR), sigma_n=dev(sig_n), sigma_r=dev(sig_r),
+               F_r=F_r, astrometric_rms=astrometric_rms, dtype=dtype)
+    host = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a))  # noqa: E731
+    F_S = host(res.F_S)
+    D = ktiles.stitch_tiles(host(res.D).astype(np.float32), grid)
+    S_corr = ktiles.stitch_tiles(host(res.S_corr).astype(np.float32), grid)
+    fs = F_S[:, None, None]
+    flux = ktiles.stitch_tiles((host(res.S) / fs).astype(np.float32), grid)
+    flux_err = ktiles.stitch_tiles((np.sqrt(host(res.V_S + res.V_ast)) / fs).astype(np.float32), grid)
+    P_D = kpsf.crop_embedded(host(res.P_D), stamp)
+
+    excluded = unusable
+    if config.mask_grow > 0 and unusable.any():
+        excluded = ndimage.binary_dilation(unusable, iterations=config.mask_grow)
+    S_corr[excluded] = 0.0
+    D[unusable] = 0.0
+
+    live = S_corr[~excluded]
+    qa.update(sigma_n=float(np.median(sig_n)), sigma_r=float(np.median(sig_r)),
+              F_D=float(np.median(host(res.F_D))), n_tiles=len(grid),
+              astrometric_rms_x=float(astrometric_rms[0]), astrometric_rms_y=float(astrometric_rms[1]),
+              scorr_std=robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan"),
+              scorr_mean=float(np.median(live)) if live.size else float("nan"),
+              excluded_fraction=float(excluded.mean()))
+    sub = Subtraction(D=D, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
+                      mask=mask, excluded=excluded, grid=grid, F_r=F_r)
+    return StageResult(sub, qa)
+
+
+def _pad_stamps(stamps: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad centred ``(T, s, s)`` stamps to ``(T, size, size)``."""
+    s = stamps.shape[-1]
+    if s == size:
+        return stamps
+    p = (size - s) // 2
+    return np.pad(stamps, ((0, 0), (p, p), (p, p)))

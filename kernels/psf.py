@@ -1,0 +1,219 @@
+"""PSF numerics: sub-pixel Fourier shifts, empirical PSF stacking, embedding for FFTs, moments.
+
+All functions take stacks ``(n, s, s)`` of odd-sized stamps whose centre pixel is ``s // 2``;
+``dx, dy`` are sub-pixel offsets (pixels, x = column) of a source from that centre.
+"""
+from __future__ import annotations
+
+from ._xp import array_namespace, fft_module
+
+
+def _freq_grid(xp, ny, nx, dtype):
+    fy = xp.fft.fftfreq(ny).astype(dtype)[:, None]
+    fx = xp.fft.rfftfreq(nx).astype(dtype)[None, :]
+    return fy, fx
+
+
+def fourier_shift(stamps, dx, dy):
+    """Shift each stamp's content by ``(+dx, +dy)`` pixels with an exact Fourier phase ramp.
+
+    Parameters
+    ----------
+    stamps : ndarray (n, s, s) or (s, s), float
+        Band-limited stamps (a PSF, a star) whose wings fall to ~0 at the border.
+    dx, dy : float or ndarray (n,)
+        Shift in pixels; positive moves the content to larger x / y.
+
+    Returns
+    -------
+    ndarray like ``stamps``: ``out(x, y) = stamps(x - dx, y - dy)``.
+    """
+    xp = array_namespace(stamps)
+    fft = fft_module(xp)
+    single = stamps.ndim == 2
+    st = stamps[None] if single else stamps
+    n, ny, nx = st.shape
+    dx = xp.asarray(dx, dtype=xp.float64).reshape(-1, 1, 1)
+    dy = xp.asarray(dy, dtype=xp.float64).reshape(-1, 1, 1)
+    fy, fx = _freq_grid(xp, ny, nx, xp.float64)
+    ramp = xp.exp(-2j * xp.pi * (fx[None] * dx + fy[None] * dy))
+    if nx % 2 == 0:  # the Nyquist column of an even size has no defined phase: keep it real
+        ramp[..., -1] = ramp[..., -1].real
+    out = fft.irfft2(fft.rfft2(st.astype(xp.float64)) * ramp, s=(ny, nx)).astype(stamps.dtype)
+    return out[0] if single else out
+
+
+def centroid(stamps, *, sigma: float = 2.0, iterations: int = 5):
+    """Gaussian-windowed centroids ``(dx, dy)`` of each stamp relative to its centre pixel.
+
+    Iterates the window onto the light (like SExtractor's ``XWIN``); ``sigma`` in pixels
+    (about FWHM / 2.35). Returns two ``(n,)`` arrays.
+    """
+    xp = array_namespace(stamps)
+    st = stamps[None] if stamps.ndim == 2 else stamps
+    n, s, _ = st.shape
+    c = s // 2
+    yy, xx = xp.mgrid[0:s, 0:s].astype(xp.float64) - c
+    dx = xp.zeros(n)
+    dy = xp.zeros(n)
+    for _ in range(iterations):
+        w = xp.exp(-((xx[None] - dx[:, None, None]) ** 2 + (yy[None] - dy[:, None, None]) ** 2) / (2 * sigma**2))
+        wf = w * st
+        norm = wf.sum(axis=(1, 2))
+        norm = xp.where(xp.abs(norm) > 0, norm, 1.0)
+        # windowed centroid update (factor 2 makes the fixed point unbiased for Gaussians)
+        ndx = dx + 2 * ((wf * (xx[None] - dx[:, None, None])).sum(axis=(1, 2)) / norm)
+        ndy = dy + 2 * ((wf * (yy[None] - dy[:, None, None])).sum(axis=(1, 2)) / norm)
+        dx = xp.clip(ndx, -c / 2, c / 2)
+        dy = xp.clip(ndy, -c / 2, c / 2)
+    return dx, dy
+
+
+def stack_psf(stamps, dx, dy, *, clip: float = 4.0):
+    """Empirical PSF from star stamps: shift each star onto the centre, normalise, robust mean.
+
+    Parameters
+    ----------
+    stamps : ndarray (n, s, s)
+        Background-subtracted stamps of isolated, unsaturated stars, centre pixel ``s // 2``.
+    dx, dy : ndarray (n,)
+        Sub-pixel position of each star relative to the centre pixel.
+    clip : float
+        Pixels deviating from the median stack by more than ``clip`` robust sigmas (e.g. a
+        neighbour or a cosmic ray in one stamp) are left out of the mean.
+
+    Returns
+    -------
+    psf : ndarray (s, s), float64
+        Normalised to unit sum, centroid at the centre pixel.
+    """
+    xp = array_namespace(stamps)
+    shifted = fourier_shift(stamps.astype(xp.float64), -xp.asarray(dx), -xp.asarray(dy))
+    flux = shifted.sum(axis=(1, 2))
+    good = flux > 0
+    shifted = shifted[good] / flux[good][:, None, None]
+    if shifted.shape[0] == 0:
+        raise ValueError("stack_psf: no star stamp with positive flux")
+    med = xp.median(shifted, axis=0)
+    mad = xp.median(xp.abs(shifted - med[None]), axis=0) * 1.4826
+    floor = 1e-6 * float(med.max())
+    keep = xp.abs(shifted - med[None]) <= clip * xp.maximum(mad, floor)[None]
+    num = (shifted * keep).sum(axis=0)
+    den = keep.sum(axis=0)
+    psf = xp.where(den > 0, num / xp.maximum(den, 1), med)
+    return recenter(psf / psf.sum())
+
+
+def recenter(psf):
+    """Shift a PSF stamp so its (windowed) centroid is exactly the centre pixel; unit sum."""
+    xp = array_namespace(psf)
+    s = psf.shape[-1]
+    dx, dy = centroid(psf, sigma=max(1.0, s / 12.0))
+    out = fourier_shift(psf, -dx[0], -dy[0])
+    return out / out.sum()
+
+
+def embed_psf(psfs, shape):
+    """Place centred odd stamps ``(T, s, s)`` in zero arrays ``(T, ny, nx)`` with the centre at
+    pixel ``[0, 0]`` (wrapped), ready for ``rfft2``: the FFT of the result has zero phase for a
+    symmetric PSF, so convolving with it does not shift the image."""
+    xp = array_namespace(psfs)
+    st = psfs[None] if psfs.ndim == 2 else psfs
+    t, s, _ = st.shape
+    ny, nx = shape
+    if s > ny or s > nx:
+        raise ValueError(f"embed_psf: stamp {s} larger than tile {shape}")
+    h = s // 2
+    out = xp.zeros((t, ny, nx), dtype=st.dtype)
+    out[:, : s - h, : s - h] = st[:, h:, h:]
+    out[:, : s - h, nx - h :] = st[:, h:, :h]
+    out[:, ny - h :, : s - h] = st[:, :h, h:]
+    out[:, ny - h :, nx - h :] = st[:, :h, :h]
+    return out
+
+
+def crop_embedded(full, size: int):
+    """Inverse of :func:`embed_psf`: the centred ``(T, size, size)`` stamp of embedded kernels."""
+    xp = array_namespace(full)
+    h = size // 2
+    return xp.roll(xp.roll(full, h, axis=-1), h, axis=-2)[..., :size, :size]
+
+
+def upsample(stamp, factor: int):
+    """Band-limited (Fourier zero-padding) upsampling of an odd ``(s, s)`` stamp by an odd integer
+    ``factor``: output ``(s * factor, s * factor)`` samples of the same surface brightness, the centre
+    pixel mapped to the output centre."""
+    xp = array_namespace(stamp)
+    fft = fft_module(xp)
+    s = stamp.shape[-1]
+    f = fft.fftshift(fft.fft2(fft.ifftshift(stamp.astype(xp.complex128))))
+    big = s * factor
+    pad = (big - s) // 2
+    fb = xp.zeros((big, big), dtype=xp.complex128)
+    fb[pad : pad + s, pad : pad + s] = f
+    return fft.fftshift(fft.ifft2(fft.ifftshift(fb))).real * factor**2
+
+
+def half_max_fwhm(psf, *, factor: int = 5):
+    """FWHM (pixels) of a PSF stamp from the area above half maximum: ``2 sqrt(A / pi)``.
+
+    Measured on a band-limited ``factor``-times upsampled stamp, so it is exact to a few 0.1 %
+    for well-sampled PSFs; for an elliptical PSF it is the geometric mean of the two FWHMs.
+    """
+    xp = array_namespace(psf)
+    up = upsample(psf, factor)
+    peak = up.max()
+    area = float((up >= 0.5 * peak).sum()) / factor**2
+    return 2.0 * (area / xp.pi) ** 0.5
+
+
+def moments(stamps, *, sigma, iterations: int = 8):
+    """Adaptive Gaussian-weighted second moments of each stamp (Bernstein & Jarvis 2002 style).
+
+    Returns ``(dx, dy, mxx, myy, mxy)`` arrays ``(n,)``; for a Gaussian source the moments converge
+    to its covariance. Sources whose moments do not converge to a positive-definite matrix get NaN.
+    """
+    xp = array_namespace(stamps)
+    st = stamps[None] if stamps.ndim == 2 else stamps
+    n, s, _ = st.shape
+    c = s // 2
+    yy, xx = xp.mgrid[0:s, 0:s].astype(xp.float64) - c
+    sig2 = float(sigma) ** 2
+    mxx = xp.full(n, sig2)
+    myy = xp.full(n, sig2)
+    mxy = xp.zeros(n)
+    dx = xp.zeros(n)
+    dy = xp.zeros(n)
+    for _ in range(iterations):
+        det = mxx * myy - mxy**2
+        det = xp.where(det > 1e-6, det, 1e-6)
+        ixx, iyy, ixy = myy / det, mxx / det, -mxy / det
+        ddx = xx[None] - dx[:, None, None]
+        ddy = yy[None] - dy[:, None, None]
+        r2 = ixx[:, None, None] * ddx**2 + iyy[:, None, None] * ddy**2 + 2 * ixy[:, None, None] * ddx * ddy
+        w = xp.exp(-0.5 * xp.minimum(r2, 50.0)) * st
+        norm = w.sum(axis=(1, 2))
+        norm = xp.where(norm > 0, norm, xp.nan)
+        dx = dx + (w * ddx).sum(axis=(1, 2)) / norm
+        dy = dy + (w * ddy).sum(axis=(1, 2)) / norm
+        dx = xp.clip(xp.nan_to_num(dx), -c / 2, c / 2)
+        dy = xp.clip(xp.nan_to_num(dy), -c / 2, c / 2)
+        # weighted moments of a Gaussian under a matched Gaussian window are half the true ones
+        mxx = xp.clip(2 * (w * ddx**2).sum(axis=(1, 2)) / norm, 0.1, c**2)
+        myy = xp.clip(2 * (w * ddy**2).sum(axis=(1, 2)) / norm, 0.1, c**2)
+        mxy = 2 * (w * ddx * ddy).sum(axis=(1, 2)) / norm
+    bad = ~xp.isfinite(mxx) | (mxx * myy - mxy**2 <= 0)
+    nan = xp.nan
+    return (xp.where(bad, nan, dx), xp.where(bad, nan, dy), xp.where(bad, nan, mxx),
+            xp.where(bad, nan, myy), xp.where(bad, nan, mxy))
+
+
+def shape_from_moments(mxx, myy, mxy):
+    """FWHM (pixels, geometric mean of the axes) and elongation a/b from second moments."""
+    xp = array_namespace(mxx)
+    tr = mxx + myy
+    diff = xp.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
+    l1 = tr / 2 + diff
+    l2 = xp.maximum(tr / 2 - diff, 1e-12)
+    fwhm = 2.354820045 * (l1 * l2) ** 0.25
+    return fwhm, xp.sqrt(l1 / l2)
