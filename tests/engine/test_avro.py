@@ -232,3 +232,21 @@ def test_ztf_padding_side_follows_the_edge():
     # near the high x edge: columns lost on the right
     out = avro._pad_ztf(stamp, 3060.0, 500.0, 63)
     assert np.isnan(out[:, 40:]).all() and (out[:, :40] == 1).all()
+
+
+def test_cutout_is_standard_fits():
+    import gzip
+    import io
+    import warnings
+
+    from astropy.io import fits
+
+    arr = np.random.default_rng(11).normal(size=(63, 63)).astype(np.float32)
+    arr[0, :5] = np.nan
+    rec = avro.make_cutout_record(arr, file_name="x.fits.gz", header={"CANDID": 123, "EDGE": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with fits.open(io.BytesIO(gzip.decompress(rec["stampData"]))) as hdul:
+            hdul.verify("exception")
+            assert hdul[0].header["CANDID"] == 123 and hdul[0].header["EDGE"] is True
+            np.testing.assert_array_equal(hdul[0].data, arr)

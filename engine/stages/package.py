@@ -1,0 +1,293 @@
+"""Package stage: one ZTF-style alert record per candidate, with its three 63x63 cutouts.
+
+The records match the nightsift alert schema (``engine/io/schema``, see
+:mod:`nightsift.engine.io.avro`) and are written by :func:`nightsift.engine.io.avro.write_alerts`.
+
+Identifiers, deterministic so a rerun of a CCD makes the same packets:
+
+* ``pid = visit * 1000 + ccd`` (the science image of one CCD of one visit; ``ccd < 1000``);
+* ``candid = pid * 100000 + index`` = ``(visit * 1000 + ccd) * 100000 + index``, with ``index`` the
+  row of the candidate table (``< 100000``), the packing of the detection stage. The ``candid``
+  already in the table is kept when it is set (non-zero), so that ids survive a filtering of rows
+  between detection and packaging; zero entries are packed here;
+* ``objectId = f"{survey}{candid}"``: one object per candidate. There is no association of
+  detections across visits yet (``prv_candidates`` is null), so an object is a candidate.
+
+Conventions that follow ZTF rather than nightsift's tables: ``xpos``/``ypos`` are 1-based (FITS)
+in the packet (the table's 0-based value + 1), ``isdiffpos`` is ``"t"``/``"f"``, ``fid`` is
+1/2/3 for g/r/i (0 for any other filter), ``jd = MJD-OBS + 2400000.5`` (start of exposure).
+Table sentinels (``distnr``/``magnr`` = -999) and NaN become null in nullable fields.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from nightsift.kernels._xp import to_numpy
+from nightsift.kernels.stamps import extract_stamps
+
+from ..config import CutoutConfig
+from ..errors import InputError
+from ..io.avro import SCHEMA_VERSION, make_cutout_record
+from ..records import CANDIDATE_DTYPE, StageResult
+
+__all__ = ["build_alerts", "pack_candid", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
+
+#: value of the packets' ``publisher`` field
+PUBLISHER = "nightsift"
+#: candidate fields that ``scores`` may fill (name -> version field filled from ``score_versions``)
+SCORE_FIELDS = {"rb": "rbversion", "drb": "drbversion", "anomaly_score": None}
+#: candid packing (same as the detection stage): (visit * CANDID_CCD + ccd) * CANDID_INDEX + index
+CANDID_CCD = 1000
+CANDID_INDEX = 100000
+_MAX_VISIT = (np.iinfo(np.int64).max // CANDID_INDEX - CANDID_CCD) // CANDID_CCD
+
+
+def pack_candid(visit: int, ccd: int, index) -> np.ndarray:
+    """``candid = (visit * 1000 + ccd) * 100000 + index`` as int64 (ccd < 1000, index < 100000)."""
+    return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
+
+
+def filter_id(name: str | None) -> int:
+    """ZTF filter id from a FILTER header value: g -> 1, r -> 2, i -> 3, anything else -> 0.
+
+    The first word counts, with a ``ZTF_`` prefix removed (``"r DECam SDSS c0002 ..."`` -> 2,
+    ``"ZTF_g"`` -> 1, ``"VR DECam ..."`` -> 0).
+    """
+    if not name:
+        return 0
+    word = str(name).strip().split()[0].lower() if str(name).strip() else ""
+    if word.startswith("ztf_"):
+        word = word[4:]
+    return {"g": 1, "r": 2, "i": 3}.get(word, 0)
+
+
+def _julian_date(header) -> float:
+    if header is not None and "MJD-OBS" in header:
+        try:
+            return float(header["MJD-OBS"]) + 2400000.5
+        except (TypeError, ValueError):
+            raise InputError(f"science header MJD-OBS is not a number: {header['MJD-OBS']!r}") from None
+    if header is not None and "DATE-OBS" in header:
+        from astropy.time import Time
+
+        try:
+            return float(Time(header["DATE-OBS"], scale="utc").jd)
+        except ValueError:
+            raise InputError(f"science header DATE-OBS is not a date: {header['DATE-OBS']!r}") from None
+    raise InputError("science header has neither MJD-OBS nor DATE-OBS: the alert time (jd) is unknown; "
+                     "add MJD-OBS (start of exposure) to the science frame header")
+
+
+def _header_float(header, *keys) -> float | None:
+    for key in keys:
+        if header is not None and key in header:
+            try:
+                v = float(header[key])
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(v):
+                return v
+    return None
+
+
+def _opt(v, *, sentinel: float | None = None) -> float | None:
+    """NaN (and a sentinel) -> None for nullable fields."""
+    v = float(v)
+    if not np.isfinite(v) or (sentinel is not None and v == sentinel):
+        return None
+    return v
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nightsift")
+    except Exception:  # noqa: BLE001 - not installed (source checkout): still package
+        return "unknown"
+
+
+def build_alerts(
+    candidates: np.ndarray,
+    *,
+    science: np.ndarray,
+    reference: np.ndarray,
+    difference: np.ndarray,
+    header,
+    visit: int,
+    ccd: int,
+    config: CutoutConfig,
+    scores: Mapping[str, np.ndarray] | None = None,
+    score_versions: Mapping[str, str] | None = None,
+    diffmaglim: float | None = None,
+    survey: str = "nightsift",
+) -> StageResult:
+    """Alert records (ZTF convention) for every candidate of one CCD of one visit.
+
+    Parameters
+    ----------
+    candidates : ndarray (n,) of :data:`~nightsift.engine.records.CANDIDATE_DTYPE`
+        The detection table; ``n = 0`` gives an empty list.
+    science : ndarray (ny, nx), e-
+        Calibrated science image (numpy; cupy arrays are moved to the host for the cutouts).
+    reference : ndarray (ny, nx)
+        Reference image aligned onto the science grid.
+    difference : ndarray (ny, nx), e-
+        ZOGY difference image D.
+    header : astropy.io.fits.Header or mapping
+        Science header: ``MJD-OBS`` (or ``DATE-OBS``) required; ``FILTER``, ``EXPTIME``,
+        ``MAGZP``/``MAGZPT``/``MAGZERO``, ``FIELD`` used when present.
+    visit, ccd : int
+        Visit (exposure) number (>= 0) and CCD number (0..999); they make ``pid``/``candid``.
+    config : CutoutConfig
+        ``size`` is the side of the cutouts (63).
+    scores : mapping of str to ndarray (n,), optional
+        Classifier outputs for the candidate fields ``rb``, ``drb``, ``anomaly_score``
+        (:data:`SCORE_FIELDS`); NaN -> null. Fields not given are null.
+    score_versions : mapping of str to str, optional
+        Model versions, ``{"rb": "...", "drb": "..."}`` -> ``rbversion``/``drbversion``.
+    diffmaglim : float, optional
+        5-sigma limiting magnitude of the difference image, when the caller measured it.
+    survey : str
+        Prefix of ``objectId`` (``PackageConfig.survey``).
+
+    Returns
+    -------
+    StageResult
+        ``value``: list of n alert dicts (schema ``nightsift.alert``), in table order; cutouts are
+        float32 63x63 gzipped FITS, NaN outside the CCD, and ``candidate.edge`` is true for any
+        candidate whose cutouts are padded (or that the table flags). ``qa``: ``n_alerts``,
+        ``n_edge``, ``n_scored``.
+
+    Raises
+    ------
+    InputError
+        Wrong table dtype, image shapes that differ, a bad ``scores`` entry, a header without
+        observation time, or ids out of range.
+    """
+    cand = np.asarray(candidates)
+    if cand.dtype != CANDIDATE_DTYPE:
+        missing = sorted(set(CANDIDATE_DTYPE.names) - set(cand.dtype.names or ()))
+        raise InputError(f"candidates must be a CANDIDATE_DTYPE table; missing fields: {missing or 'dtype differs'}",
+                         stage="package")
+    science, reference, difference = (to_numpy(a) for a in (science, reference, difference))
+    if not (science.ndim == 2 and science.shape == reference.shape == difference.shape):
+        raise InputError(
+            "science, reference and difference must be 2-D with one shape, got "
+            f"{science.shape}, {reference.shape}, {difference.shape}", stage="package")
+    visit, ccd = int(visit), int(ccd)
+    if not (0 <= ccd < CANDID_CCD and 0 <= visit <= _MAX_VISIT):
+        raise InputError(f"visit must be in 0..{_MAX_VISIT} and ccd in 0..{CANDID_CCD - 1}, got {visit}, {ccd}",
+                         stage="package")
+    n = len(cand)
+    if n >= CANDID_INDEX:
+        raise InputError(f"{n} candidates on one CCD: more than the {CANDID_INDEX - 1} a candid can number; "
+                         "the detection threshold is far too low or the subtraction failed", stage="package")
+    scores = dict(scores or {})
+    unknown = sorted(set(scores) - set(SCORE_FIELDS))
+    if unknown:
+        raise InputError(f"unknown score fields {unknown}; known: {sorted(SCORE_FIELDS)}", stage="package")
+    for k, v in scores.items():
+        v = np.asarray(to_numpy(v), dtype=np.float64).reshape(-1)
+        if v.shape != (n,):
+            raise InputError(f"scores[{k!r}] has {v.shape[0]} values for {n} candidates", stage="package")
+        scores[k] = v
+    versions = dict(score_versions or {})
+
+    jd = _julian_date(header)
+    qa: dict[str, Any] = {"n_alerts": n, "n_edge": 0, "n_scored": int(n if scores else 0)}
+    if n == 0:
+        return StageResult([], qa)
+
+    fid = filter_id(header.get("FILTER") if header is not None else None)
+    exptime = _header_float(header, "EXPTIME")
+    magzp = _header_float(header, "MAGZP", "MAGZPT", "MAGZERO")
+    field = header.get("FIELD") if header is not None else None
+    field = int(field) if isinstance(field, (int, np.integer)) and not isinstance(field, bool) else None
+    pid = visit * CANDID_CCD + ccd
+    candid = np.where(cand["candid"] != 0, cand["candid"], pack_candid(visit, ccd, np.arange(n)))
+    if len(np.unique(candid)) != n:
+        raise InputError("candidate ids (candid) in the table are not unique", stage="package")
+    version = _version()
+
+    size = config.size
+    x, y = cand["xpos"], cand["ypos"]
+    sci_st, padded = extract_stamps(science, x, y, size=size)
+    ref_st, _ = extract_stamps(reference, x, y, size=size)
+    diff_st, _ = extract_stamps(difference, x, y, size=size)
+    edge = padded | cand["edge"]
+    qa["n_edge"] = int(edge.sum())
+    ny, nx = science.shape
+    mindtoedge = np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y])
+    half = size // 2
+
+    alerts = []
+    for k in range(n):
+        c = cand[k]
+        cid = int(candid[k])
+        record = {
+            "jd": jd,
+            "fid": fid,
+            "pid": pid,
+            "diffmaglim": None if diffmaglim is None else _opt(diffmaglim),
+            "programid": 0,
+            "candid": cid,
+            "isdiffpos": "t" if c["isdiffpos"] else "f",
+            "rcid": None,
+            "field": field,
+            "xpos": float(c["xpos"]) + 1.0,
+            "ypos": float(c["ypos"]) + 1.0,
+            "ra": float(c["ra"]),
+            "dec": float(c["dec"]),
+            "magpsf": float(c["magpsf"]),
+            "sigmapsf": float(c["sigmapsf"]),
+            "distnr": _opt(c["distnr"], sentinel=-999.0),
+            "magnr": _opt(c["magnr"], sentinel=-999.0),
+            "sky": _opt(c["sky"]),
+            "fwhm": _opt(c["fwhm"]),
+            "mindtoedge": _opt(mindtoedge[k]),
+            "elong": _opt(c["elong"]),
+            "nbad": int(c["nbad"]),
+            "rb": None,
+            "rbversion": None,
+            "scorr": _opt(c["scorr"]),
+            "magzpsci": magzp,
+            "exptime": exptime,
+            "drb": None,
+            "drbversion": None,
+            "flux": _opt(c["flux"]),
+            "fluxerr": _opt(c["fluxerr"]),
+            "snr": _opt(c["snr"]),
+            "visit": visit,
+            "ccd": ccd,
+            "anomaly_score": None,
+            "edge": bool(edge[k]),
+            "nightsift_version": version,
+        }
+        for name, values in scores.items():
+            record[name] = _opt(values[k])
+            vfield = SCORE_FIELDS[name]
+            if vfield is not None and name in versions:
+                record[vfield] = str(versions[name])
+        x0 = int(np.rint(c["xpos"])) - half
+        y0 = int(np.rint(c["ypos"])) - half
+        stamp_header = {"CANDID": cid, "X0": x0, "Y0": y0, "EDGE": bool(edge[k])}
+        stem = f"candid{cid}_pid{pid}"
+        diffname = "diffpos" if c["isdiffpos"] else "diffneg"
+        alerts.append({
+            "schemavsn": SCHEMA_VERSION,
+            "publisher": PUBLISHER,
+            "objectId": f"{survey}{cid}",
+            "candid": cid,
+            "candidate": record,
+            "prv_candidates": None,
+            "cutoutScience": make_cutout_record(sci_st[k], file_name=f"{stem}_targ_sci.fits.gz",
+                                                header={**stamp_header, "BUNIT": "e-"}),
+            "cutoutTemplate": make_cutout_record(ref_st[k], file_name=f"{stem}_ref.fits.gz", header=stamp_header),
+            "cutoutDifference": make_cutout_record(diff_st[k], file_name=f"{stem}_targ_{diffname}.fits.gz",
+                                                   header={**stamp_header, "BUNIT": "e-"}),
+        })
+    return StageResult(alerts, qa)
+
