@@ -1,2 +1,161 @@
-def main(argv=None):  # placeholder replaced below in this commit series
-    raise SystemExit("nightsift: CLI not built yet")
+"""``nightsift`` command line: argument parsing and progress display only.
+
+    nightsift run                       simulate a small night, process it, write alerts, summarise
+    nightsift subtract SCI.fits REF.fits  run the chain on your own calibrated FITS pair
+    nightsift simulate                  write simulated raw/calibration/reference FITS files
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import NightsiftError
+
+log = logging.getLogger("nightsift")
+
+
+def _config(args, **sections):
+    over = {k: v for k, v in sections.items() if v}
+    return load_config(args.config, **over)
+
+
+def cmd_run(args) -> int:
+    from .orchestration.local import run_simulated_night
+
+    sim = {k: v for k, v in {"n_visits": args.visits, "n_ccds": args.ccds, "instrument": args.instrument,
+                             "seed": args.seed, "ny": args.size, "nx": args.size}.items() if v is not None}
+    cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None)
+    s = cfg.simulate
+    print(f"nightsift: simulated night, {s.n_visits} visits x {s.n_ccds} CCDs of {s.ny}x{s.nx} px "
+          f"({s.instrument}), alerts -> {cfg.package.output_dir}/")
+    summary = run_simulated_night(cfg, workers=args.workers or 0, progress=not args.quiet)
+    print(f"CCD-visits: {summary.n_done} done, {summary.n_failed} failed, {summary.n_skipped} skipped "
+          f"of {summary.n_tasks} in {summary.wall_s:.1f} s")
+    print(f"alerts written: {summary.n_alerts}  (purity vs truth: {summary.purity:.1%} of alerts are injected transients)")
+    print(f"completeness: {summary.n_found}/{summary.n_truth} = {summary.completeness:.1%} of all injected transients; "
+          f"{summary.n_found_snr7}/{summary.n_truth_snr7} = {summary.completeness_snr7:.1%} at expected S/N >= 7")
+    for r in summary.per_ccd:
+        if r["status"] != "done":
+            print(f"  visit {r['visit']} ccd {r['ccd']}: {r['status']}: {r.get('error', '').splitlines()[0]}")
+    Path(cfg.package.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.package.output_dir) / "night_summary.json").write_text(json.dumps(
+        {k: getattr(summary, k) for k in ("n_tasks", "n_done", "n_failed", "n_skipped", "n_alerts", "n_truth",
+                                          "n_found", "n_truth_snr7", "n_found_snr7", "wall_s", "completeness",
+                                          "completeness_snr7", "purity")}, indent=1))
+    return 0 if summary.n_done else 1
+
+
+def cmd_subtract(args) -> int:
+    import numpy as np
+
+    from .io.fits import read_exposure, write_image
+    from .pipeline import process_pair
+
+    cfg = _config(args, package={"output_dir": args.out})
+    sci = read_exposure(args.science)
+    ref = read_exposure(args.reference)
+    res = process_pair(sci, ref, config=cfg, visit=args.visit, ccd=args.ccd, keep_products=True)
+    out = Path(cfg.package.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = res.products
+    hdr = sci.wcs.to_header()
+    write_image(out / "difference.fits", p.subtraction.difference, hdr)
+    write_image(out / "D.fits", p.subtraction.D, hdr)
+    write_image(out / "scorr.fits", p.subtraction.S_corr, hdr)
+    write_image(out / "reference_aligned.fits", p.reference.image, hdr)
+    from astropy.table import Table
+
+    Table(res.candidates).write(out / "candidates.ecsv", overwrite=True)
+    c = res.candidates
+    print(f"{len(c)} candidates ({int(c['isdiffpos'].sum())} positive, {int((~c['isdiffpos']).sum())} negative); "
+          f"S_corr std {res.qa.get('scorr_std_raw', np.nan):.3f} before renormalisation; alerts -> {res.alerts_path}")
+    for r in np.sort(c, order="snr")[::-1][: args.show]:
+        print(f"  x={r['xpos']:7.1f} y={r['ypos']:7.1f}  S/N={r['snr']:6.1f}  {'+' if r['isdiffpos'] else '-'}  "
+              f"mag={r['magpsf']:.2f}  fwhm={r['fwhm']:.2f}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from astropy.io import fits
+
+    from .io.fits import write_exposure
+    from .simulate import simulate_visit_ccd
+
+    sim = {k: v for k, v in {"instrument": args.instrument, "seed": args.seed, "ny": args.size,
+                             "nx": args.size}.items() if v is not None}
+    cfg = _config(args, simulate=sim)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for visit in range(args.visits):
+        for ccd in range(args.ccds):
+            s = simulate_visit_ccd(cfg.simulate, visit=visit, ccd=ccd)
+            stem = out / f"visit{visit:04d}_ccd{ccd:03d}"
+            fits.PrimaryHDU(s.science_raw.data, s.science_raw.header).writeto(f"{stem}_raw.fits", overwrite=True)
+            hl = fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(getattr(s.calibration, k), name=k.upper())
+                                                      for k in ("bias", "dark", "flat")])
+            hl[0].header["DARKTIME"] = s.calibration.dark_exptime
+            hl.writeto(f"{stem}_calib.fits", overwrite=True)
+            write_exposure(f"{stem}_ref.fits", s.reference)
+            from astropy.table import Table
+
+            Table(s.transients).write(f"{stem}_truth.ecsv", overwrite=True)
+            print(f"wrote {stem}_{{raw,calib,ref}}.fits and _truth.ecsv")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nightsift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML configuration file (see engine/config.py for sections and defaults)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="simulate a night (the default) and process it")
+    r.add_argument("--visits", type=int)
+    r.add_argument("--ccds", type=int)
+    r.add_argument("--size", type=int, help="CCD side in pixels of the simulated night")
+    r.add_argument("--instrument", help="instrument profile: decam, ztf, lsst")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--workers", type=int, help="processes (default: all cores)")
+    r.add_argument("--out", help="output directory for alerts and records")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("subtract", help="ZOGY on your own calibrated FITS pair")
+    s.add_argument("science")
+    s.add_argument("reference")
+    s.add_argument("--out", default="nightsift-subtract")
+    s.add_argument("--visit", type=int, default=0)
+    s.add_argument("--ccd", type=int, default=0)
+    s.add_argument("--show", type=int, default=10, help="print the N best candidates")
+    s.set_defaults(func=cmd_subtract)
+
+    m = sub.add_parser("simulate", help="write simulated FITS files (raw, calibration, reference, truth)")
+    m.add_argument("--out", default="nightsift-sim")
+    m.add_argument("--visits", type=int, default=1)
+    m.add_argument("--ccds", type=int, default=1)
+    m.add_argument("--size", type=int)
+    m.add_argument("--instrument")
+    m.add_argument("--seed", type=int)
+    m.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        args = parser.parse_args(["run", *(argv or sys.argv[1:])])
+    try:
+        return args.func(args)
+    except NightsiftError as e:
+        print(f"nightsift: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

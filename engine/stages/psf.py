@@ -179,7 +179,7 @@ def measure_psf(image, *, mask, sky_sigma: float, grid: TileGrid, config: PSFCon
     if fwhm_guess is None:
         bright = cat[(cat["snr"] > config.min_snr) & (cat["flag"] == 0)]
         fwhm_guess = float(np.median(2.3548 * np.sqrt(bright["a"] * bright["b"]))) if len(bright) else 3.0
-    stamp = max(config.stamp_size, int(2 * np.ceil(4 * fwhm_guess) + 1))
+    stamp = max(config.stamp_size, int(2 * np.ceil(3 * fwhm_guess) + 1))  # radius 3 FWHM: >99.7 % of a beta=3 Moffat
     stamp = min(stamp, 2 * grid.margin + 1)  # the tile margin must hold half a PSF (no wrap-around)
     idx = select_psf_stars(cat, img.shape, mask=mask, stamp=stamp, config=config)
     qa = {"psf_n_candidates": int(idx.size), "psf_stamp": int(stamp)}

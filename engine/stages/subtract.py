@@ -31,6 +31,8 @@ class Subtraction:
     ----------
     D : ndarray (ny, nx) float32
         Proper difference image (unit-variance white noise on blank sky), in units of F_D.
+    difference : ndarray (ny, nx) float32
+        ``D / F_D``: the difference in science flux units (e-), what the cutouts show.
     S_corr : ndarray (ny, nx) float32
         Corrected score (sigma); 0 on the grown mask.
     flux : ndarray (ny, nx) float32
@@ -51,6 +53,7 @@ class Subtraction:
     """
 
     D: np.ndarray
+    difference: np.ndarray
     S_corr: np.ndarray
     flux: np.ndarray
     flux_err: np.ndarray
@@ -104,7 +107,7 @@ def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_cat, ref_cat, *, unusable, 
 
 def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf: ImagePSF, *,
              config: SubtractConfig, astrometric_rms: tuple[float, float] | None = None,
-             dtype=np.float64, xp=np) -> StageResult:
+             dtype=None, xp=np) -> StageResult:
     """ZOGY difference, score and corrected score of a science/aligned-reference pair.
 
     Parameters
@@ -118,7 +121,7 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     config : SubtractConfig
     astrometric_rms : (float, float), optional
         Registration RMS (px) from the alignment; ``config.default_astrometric_rms`` if None.
-    dtype : real dtype of the FFT computation.
+    dtype : real dtype of the FFT computation (default ``config.fft_dtype``).
     xp : numpy or cupy
         Where the ZOGY kernel runs (inputs are moved there once, results moved back).
 
@@ -168,10 +171,12 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
 
     dev = (lambda a: xp.asarray(a)) if xp is not np else (lambda a: a)  # noqa: E731
     res = zogy(dev(tN), dev(tR), dev(tPn), dev(tPr), dev(tVN), dev(tVR), sigma_n=dev(sig_n), sigma_r=dev(sig_r),
-               F_r=F_r, astrometric_rms=astrometric_rms, dtype=dtype)
+               F_r=F_r, astrometric_rms=astrometric_rms, dtype=dtype or np.dtype(config.fft_dtype))
     host = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a))  # noqa: E731
     F_S = host(res.F_S)
-    D = ktiles.stitch_tiles(host(res.D).astype(np.float32), grid)
+    D_tiles = host(res.D)
+    D = ktiles.stitch_tiles(D_tiles.astype(np.float32), grid)
+    difference = ktiles.stitch_tiles((D_tiles / host(res.F_D)[:, None, None]).astype(np.float32), grid)
     S_corr = ktiles.stitch_tiles(host(res.S_corr).astype(np.float32), grid)
     fs = F_S[:, None, None]
     flux = ktiles.stitch_tiles((host(res.S) / fs).astype(np.float32), grid)
@@ -183,15 +188,22 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
         excluded = ndimage.binary_dilation(unusable, iterations=config.mask_grow)
     S_corr[excluded] = 0.0
     D[unusable] = 0.0
+    difference[unusable] = 0.0
 
     live = S_corr[~excluded]
+    std_raw = robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan")
+    qa["scorr_std_raw"] = std_raw
+    if config.renormalize_scorr and np.isfinite(std_raw) and std_raw > 0:
+        S_corr /= np.float32(std_raw)
+        flux_err *= np.float32(std_raw)
+        live = S_corr[~excluded]
     qa.update(sigma_n=float(np.median(sig_n)), sigma_r=float(np.median(sig_r)),
               F_D=float(np.median(host(res.F_D))), n_tiles=len(grid),
               astrometric_rms_x=float(astrometric_rms[0]), astrometric_rms_y=float(astrometric_rms[1]),
               scorr_std=robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan"),
               scorr_mean=float(np.median(live)) if live.size else float("nan"),
               excluded_fraction=float(excluded.mean()))
-    sub = Subtraction(D=D, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
+    sub = Subtraction(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
                       mask=mask, excluded=excluded, grid=grid, F_r=F_r)
     return StageResult(sub, qa)
 
