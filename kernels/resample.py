@@ -260,6 +260,15 @@ if _numba is not None:
                     continue
                 x0 = int(math.floor(x)) - (a - 1)
                 y0 = int(math.floor(y)) - (a - 1)
+                # fast exit (no trig): a footprint inside the image with no bit set anywhere
+                if x0 >= 0 and y0 >= 0 and x0 + n <= nx and y0 + n <= ny:
+                    any_bits = 0
+                    for ky in range(n):
+                        for kx in range(n):
+                            any_bits |= mask[y0 + ky, x0 + kx]
+                    if any_bits == 0:
+                        out[j, i] = 0
+                        continue
                 _taps(x, x0, a, wx)
                 _taps(y, y0, a, wy)
                 bits = 0

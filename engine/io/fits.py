@@ -39,6 +39,7 @@ __all__ = [
     "check_same_shape",
     "celestial_wcs",
     "estimate_variance",
+    "replace_wcs",
 ]
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,17 @@ def _wcs_header(wcs: WCS) -> fits.Header:
         return wcs.to_header(relax=True)
 
 
+def replace_wcs(header: fits.Header | None, wcs: WCS) -> fits.Header:
+    """A copy of ``header`` without structural or WCS cards, plus the cards of ``wcs``.
+
+    Used when an image moves to another pixel grid (an aligned reference keeps its metadata
+    but takes the science WCS) and when writing, so old and new WCS keywords never mix.
+    """
+    head = _clean_header(header, strip_wcs=True)
+    head.extend(_wcs_header(wcs), update=True)
+    return head
+
+
 def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:
     """Write an :class:`Exposure` as a multi-extension FITS file (IMAGE, VARIANCE, MASK).
 
@@ -415,8 +427,7 @@ def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:
         Replace an existing file (default True).
     """
     whdr = _wcs_header(exposure.wcs)
-    head = _clean_header(exposure.header, strip_wcs=True)
-    head.extend(whdr, update=True)
+    head = replace_wcs(exposure.header, exposure.wcs)
     head["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
     vhead = whdr.copy()
     vhead["BUNIT"] = ("electron2", "variance of IMAGE (e-^2)")

@@ -95,6 +95,18 @@ def _bad_columns(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return ~((col > low) & (col < high))
 
 
+def _bad_column_segments(flat: np.ndarray, lo: float, hi: float, *, half: int = 4) -> np.ndarray:
+    """Pixels of (partial) columns whose response relative to the neighbouring columns is
+    outside ``(lo, hi)``: the flat divided by its running median along the row (removes
+    vignetting), then a running median along the column (averages pixel noise over a segment,
+    so a column at 0.45 is not missed because a few of its pixels scatter above 0.5)."""
+    f = np.where(np.isfinite(flat), flat, 1.0)
+    local = ndi.median_filter(f, size=(1, 2 * half + 1), mode="nearest")
+    rel = f / np.where(local > 0, local, 1.0)
+    rel_col = ndi.median_filter(rel, size=(2 * half + 1, 1), mode="nearest")
+    return ~((rel_col > lo) & (rel_col < hi))
+
+
 def make_master(calib: CalibrationFrames, *, header: fits.Header, config: CalibrateConfig) -> MasterCalibration:
     """Combine raw calibration stacks into master frames and a bad-pixel mask.
 
@@ -118,7 +130,9 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     combining so flats of different levels (twilight) combine correctly. A pixel is ``BAD`` if
     its dark rate exceeds the median by ``hot_pixel_threshold`` e-/s, or its flat response is
     below ``flat_bad_threshold`` or above ``1 / flat_bad_threshold``; a whole column is ``BAD``
-    if its median dark rate or median flat response fails the same test (dead or hot columns).
+    if its median dark rate or median flat response fails the same test (dead or hot columns),
+    and a column segment is ``BAD`` where its response relative to the neighbouring columns,
+    median-smoothed over 9 rows, fails it (partial low-response columns).
     """
     gain = float(header.get("GAIN", 1.0) or 1.0)
     bias_s = _stack(calib.bias, "bias")
@@ -157,6 +171,7 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     lo, hi = config.flat_bad_threshold, 1.0 / config.flat_bad_threshold
     bad |= ~((flat > lo) & (flat < hi))
     bad[:, _bad_columns(flat, lo, hi)] = True
+    bad |= _bad_column_segments(flat, lo, hi)
 
     flat = np.where(bad | ~np.isfinite(flat), 1.0, flat)
     bpm = np.where(bad, np.uint16(MaskBits.BAD), np.uint16(0)).astype(np.uint16)
