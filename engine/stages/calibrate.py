@@ -89,6 +89,19 @@ def _robust_std(x: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
+def _clipped_std(x: np.ndarray, *, nsigma: float = 5.0, iterations: int = 3) -> float:
+    """Standard deviation after iterative clipping at ``nsigma`` around the median (unlike the
+    MAD it is unbiased for integer-valued data such as differences of raw frames)."""
+    x = x[np.isfinite(x)].astype(np.float64)
+    if x.size < 2:
+        return float("nan")
+    keep = x
+    for _ in range(iterations):
+        med, sd = np.median(keep), keep.std()
+        keep = x[np.abs(x - med) < nsigma * sd]
+    return float(keep.std())
+
+
 def _bad_columns(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Columns whose median is outside ``(low, high)``: (nx,) bool."""
     col = np.nanmedian(values, axis=0)
@@ -130,9 +143,9 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     combining so flats of different levels (twilight) combine correctly. A pixel is ``BAD`` if
     its dark rate exceeds the median by ``hot_pixel_threshold`` e-/s, or its flat response is
     below ``flat_bad_threshold`` or above ``1 / flat_bad_threshold``; a whole column is ``BAD``
-    if its median dark rate or median flat response fails the same test (dead or hot columns),
-    and a column segment is ``BAD`` where its response relative to the neighbouring columns,
-    median-smoothed over 9 rows, fails it (partial low-response columns).
+    if its median dark rate fails the hot test (hot columns), and a column segment is ``BAD``
+    where its flat response relative to the neighbouring columns, median-smoothed over 9 rows,
+    fails the flat test (dead and partial low-response columns, pixel noise averaged out).
     """
     gain = float(header.get("GAIN", 1.0) or 1.0)
     bias_s = _stack(calib.bias, "bias")
@@ -148,7 +161,7 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     read_noise = float("nan")
     if bias_s.shape[0] >= 2:
         # difference of two frames removes the fixed pattern; its scatter is sqrt(2) x read noise
-        read_noise = _robust_std(bias_s[1] - bias_s[0]) / np.sqrt(2.0) * gain
+        read_noise = _clipped_std(bias_s[1] - bias_s[0]) / np.sqrt(2.0) * gain
     dark = np.nanmedian(dark_s, axis=0) if dark_s.shape[0] > 1 else dark_s[0]
     dark_rate = (dark - bias) / float(calib.dark_exptime)
 
@@ -170,7 +183,6 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     bad[:, _bad_columns(rate_e - med_rate, -np.inf, hot)] = True
     lo, hi = config.flat_bad_threshold, 1.0 / config.flat_bad_threshold
     bad |= ~((flat > lo) & (flat < hi))
-    bad[:, _bad_columns(flat, lo, hi)] = True
     bad |= _bad_column_segments(flat, lo, hi)
 
     flat = np.where(bad | ~np.isfinite(flat), 1.0, flat)
