@@ -167,3 +167,42 @@ def test_missing_gain_is_an_input_error(setup):
             CalibrationFrames(np.ones((2,) + SHAPE), np.ones((2,) + SHAPE), np.ones((2,) + SHAPE), 0.0),
             header=h, config=CalibrateConfig(),
         )
+
+
+# --- against the simulator's truth (engine.simulate) ------------------------------------------
+def _simulate(**kw):
+    sim_mod = pytest.importorskip("nightsift.engine.simulate")
+    if not hasattr(sim_mod, "simulate_ccd_pair"):
+        pytest.skip("nightsift.engine.simulate.simulate_ccd_pair not available")
+    return sim_mod.simulate_ccd_pair("decam", shape=(600, 600), n_calib=5, transients=False, **kw)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_simulated_ccd_bad_pixels_and_sky(seed):
+    sim = _simulate(seed=seed)
+    cfg = CalibrateConfig()
+    raw = sim.science_raw
+    master = make_master(sim.calibration, header=raw.header, config=cfg)
+    res = calibrate(raw, master, config=cfg)
+    e = res.value
+    truth_bad = sim.detector.bad_pixel_mask()
+    flagged = (master.bad_pixel_mask & MaskBits.BAD) != 0
+    assert flagged[truth_bad].all()  # every hot pixel and bad-column pixel
+    assert (flagged & ~truth_bad).mean() < 1e-4
+    sky = sim.sky_sci.image()  # e- per pixel (flat median ~1, so also our units)
+    good = e.mask == 0
+    assert np.median((e.image - sky)[good]) / sim.sky_sci.level == pytest.approx(0.0, abs=0.01)
+    assert (e.mask[sim.artifacts["saturated"]] & MaskBits.SAT).all()
+    assert res.qa["read_noise"] == pytest.approx(raw.header["RDNOISE"])
+
+
+def test_simulated_blank_sky_variance():
+    """Sky only (no sources): the variance map, master-frame noise included, matches the scatter."""
+    sim = _simulate(seed=1, star_density=0.0, galaxy_density=0.0)
+    cfg = CalibrateConfig()
+    master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg)
+    e = calibrate(sim.science_raw, master, config=cfg).value
+    good = e.mask == 0
+    pulls = ((e.image - sim.sky_sci.image()) / np.sqrt(e.variance))[good]
+    assert pulls.std() == pytest.approx(1.0, abs=0.02)
+    assert 1.4826 * np.median(np.abs(pulls - np.median(pulls))) == pytest.approx(1.0, abs=0.02)
