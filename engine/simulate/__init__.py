@@ -1,0 +1,33 @@
+"""Simulated CCD data with known truth: the built-in default data of nightsift and the ground truth
+of its tests.
+
+A :class:`SimulatedCCD` holds a raw science frame (ADU, with calibration frames), a calibrated
+archival reference (e-), and the truth: stars, galaxies, injected transients (isolated, nuclear,
+variable stars), artifacts (cosmic rays, hot pixels, bad columns, saturation), the true PSFs, sky,
+detector and the science-vs-reference geometry. Everything is deterministic from a seed.
+
+>>> from nightsift.engine.simulate import simulate_ccd_pair
+>>> sim = simulate_ccd_pair("decam", shape=(512, 512), seed=1)
+>>> sim.science_raw.data.shape, sim.reference.image.dtype
+((512, 512), dtype('float32'))
+"""
+from .detector import (
+    BAD_COLUMN_DTYPE, COSMIC_RAY_DTYPE, HOT_PIXEL_DTYPE, DetectorModel, make_cosmic_rays,
+    make_detector,
+)
+from .instruments import PROFILES, InstrumentProfile, get_profile
+from .night import simulate_night
+from .pair import (
+    TRANSIENT_DTYPE, TRANSIENT_KINDS, SimulatedCCD, SkyModel, flux_to_mag, mag_to_flux,
+    simulate_ccd_pair,
+)
+from .psf import PSFField, draw_psf_field
+from .scene import GALAXY_DTYPE, STAR_DTYPE, Geometry, draw_geometry
+
+__all__ = [
+    "BAD_COLUMN_DTYPE", "COSMIC_RAY_DTYPE", "GALAXY_DTYPE", "HOT_PIXEL_DTYPE", "PROFILES",
+    "STAR_DTYPE", "TRANSIENT_DTYPE", "TRANSIENT_KINDS", "DetectorModel", "Geometry",
+    "InstrumentProfile", "PSFField", "SimulatedCCD", "SkyModel", "draw_geometry",
+    "draw_psf_field", "flux_to_mag", "get_profile", "mag_to_flux", "make_cosmic_rays",
+    "make_detector", "simulate_ccd_pair", "simulate_night",
+]

@@ -1,0 +1,64 @@
+"""A simulated night: several visits of several CCDs over a static sky."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..errors import ConfigError
+from .instruments import InstrumentProfile, get_profile
+from .pair import SimulatedCCD, simulate_ccd_pair
+
+
+def simulate_night(
+    profile: str | InstrumentProfile = "decam",
+    *,
+    n_visits: int = 3,
+    n_ccds: int = 2,
+    shape: tuple[int, int] | None = (1024, 1024),
+    seed: int = 2026,
+    order: str = "visit",
+    cache_static: bool = True,
+    **kwargs,
+) -> Iterator[tuple[int, int, SimulatedCCD]]:
+    """Yield ``(visit, ccd, SimulatedCCD)`` for every visit and CCD of a night.
+
+    The static sky of CCD ``c`` (stars, galaxies, detector, reference image, calibration frames)
+    is the same on every visit (seeded by ``(seed, c)``); seeing, sky, transparency, pointing
+    geometry, transients, cosmic rays and noise change per visit (seeded by ``(seed, c, visit)``).
+    ``simulate_night(...)`` yields exactly what ``simulate_ccd_pair(profile, seed=seed,
+    visit=v, ccd=c, n_ccds=n_ccds, shape=shape, **kwargs)`` returns.
+
+    Parameters
+    ----------
+    profile : str or InstrumentProfile
+    n_visits, n_ccds : int
+    shape : (ny, nx) or None
+        CCD shape (None: the profile's native shape).
+    seed : int
+    order : {"visit", "ccd"}
+        ``"visit"``: all CCDs of visit 0, then visit 1, ... (as a telescope delivers them);
+        ``"ccd"``: all visits of CCD 0, then CCD 1, ...
+    cache_static : bool
+        Keep each CCD's static part (reference image, detector, catalogues; ~14 bytes/pixel)
+        between visits instead of rebuilding it. With ``order="ccd"`` only one is kept at a time.
+    **kwargs
+        Passed to :func:`simulate_ccd_pair` (``transients``, ``artifacts``, ``n_transients``, ...).
+    """
+    if n_visits < 1 or n_ccds < 1:
+        raise ConfigError(f"simulate_night: n_visits and n_ccds must be >= 1, got {n_visits}, {n_ccds}")
+    if order not in ("visit", "ccd"):
+        raise ConfigError(f"simulate_night: order must be 'visit' or 'ccd', got {order!r}")
+    p = get_profile(profile)
+    if order == "visit":
+        pairs = [(v, c) for v in range(n_visits) for c in range(n_ccds)]
+    else:
+        pairs = [(v, c) for c in range(n_ccds) for v in range(n_visits)]
+    cache: dict[int, object] = {}
+    for v, c in pairs:
+        if order == "ccd":
+            for k in [k for k in cache if k != c]:
+                del cache[k]
+        out, st = simulate_ccd_pair(p, shape=shape, seed=seed, visit=v, ccd=c, n_ccds=n_ccds,
+                                    _static=cache.get(c), _return_static=True, **kwargs)
+        if cache_static:
+            cache[c] = st
+        yield v, c, out
