@@ -16,7 +16,7 @@ from .detector import (
     make_detector,
 )
 from .instruments import PROFILES, InstrumentProfile, get_profile
-from .night import simulate_night
+from .night import simulate_night, simulate_visit_ccd
 from .pair import (
     TRANSIENT_DTYPE, TRANSIENT_KINDS, SimulatedCCD, SkyModel, flux_to_mag, mag_to_flux,
     simulate_ccd_pair,
@@ -29,5 +29,5 @@ __all__ = [
     "STAR_DTYPE", "TRANSIENT_DTYPE", "TRANSIENT_KINDS", "DetectorModel", "Geometry",
     "InstrumentProfile", "PSFField", "SimulatedCCD", "SkyModel", "draw_geometry",
     "draw_psf_field", "flux_to_mag", "get_profile", "mag_to_flux", "make_cosmic_rays",
-    "make_detector", "simulate_ccd_pair", "simulate_night",
+    "make_detector", "simulate_ccd_pair", "simulate_night", "simulate_visit_ccd",
 ]

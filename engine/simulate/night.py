@@ -62,3 +62,19 @@ def simulate_night(
         if cache_static:
             cache[c] = st
         yield v, c, out
+
+
+def simulate_visit_ccd(config, *, visit: int, ccd: int, **overrides) -> SimulatedCCD:
+    """One CCD-visit of the night described by a :class:`~nightsift.engine.config.SimulateConfig`.
+
+    ``config.instrument`` is the profile, ``(config.ny, config.nx)`` the shape (0 = the profile's
+    native size), ``config.seed``, ``config.n_ccds`` and ``config.n_transients`` as named; keyword
+    ``overrides`` go to :func:`simulate_ccd_pair`. Equals what :func:`simulate_night` yields for
+    ``(visit, ccd)`` with the same settings.
+    """
+    p = get_profile(config.instrument)
+    shape = (config.ny or p.ny, config.nx or p.nx)
+    kw = dict(shape=shape, seed=config.seed, visit=visit, ccd=ccd, n_ccds=config.n_ccds,
+              n_transients=config.n_transients)
+    kw.update(overrides)
+    return simulate_ccd_pair(p, **kw)

@@ -316,3 +316,14 @@ def test_night_static_sky_and_equivalence():
     np.testing.assert_array_equal(one.transients, by[1, 1].transients)
     with pytest.raises(ConfigError):
         next(simulate_night("lsst", n_visits=0))
+
+
+def test_simulate_visit_ccd_follows_the_config():
+    from nightsift.engine.config import SimulateConfig
+    from nightsift.engine.simulate import simulate_visit_ccd
+
+    cfg = SimulateConfig(instrument="ztf", ny=96, nx=128, n_ccds=4, n_transients=3, seed=7)
+    s = simulate_visit_ccd(cfg, visit=1, ccd=3)
+    assert s.shape == (96, 128) and s.transients.size == 3 and s.profile.name == "ztf"
+    one = simulate_ccd_pair("ztf", shape=(96, 128), seed=7, visit=1, ccd=3, n_ccds=4, n_transients=3)
+    np.testing.assert_array_equal(one.science_raw.data, s.science_raw.data)
