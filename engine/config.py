@@ -47,6 +47,11 @@ class AlignConfig:
     #: stars of science and aligned reference closer than this (pixels) are matched for the
     #: astrometric residual QA
     match_radius: float = 1.5
+    #: if True, a residual offset measured on matched stars (median, >= refine_min_stars stars,
+    #: > 0.01 px) is removed by resampling once more with the shifted map (WCS zero-point errors)
+    refine_offset: bool = False
+    #: fewest matched stars for refine_offset to act
+    refine_min_stars: int = 5
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ def validate(cfg: Config) -> None:
     _check(0 < c.align.min_overlap <= 1, "align.min_overlap", "must be in (0, 1]")
     _check(4 <= c.align.map_step <= 256, "align.map_step", "must be in 4..256")
     _check(c.align.match_radius > 0, "align.match_radius", "must be > 0")
+    _check(c.align.refine_min_stars >= 1, "align.refine_min_stars", "must be >= 1")
     _check(c.psf.stamp_size % 2 == 1 and c.psf.stamp_size >= 11, "psf.stamp_size", "must be odd and >= 11")
     _check(c.psf.min_stars >= 1, "psf.min_stars", "must be >= 1")
     _check(c.psf.max_stars >= c.psf.min_stars, "psf.max_stars", "must be >= psf.min_stars")

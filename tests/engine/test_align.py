@@ -104,6 +104,10 @@ def test_qa(field):
     assert qa["pixel_area_ratio"] == pytest.approx(1 / SCALE**2, rel=1e-6)
     assert qa["map_interp_error"] < 1e-3
     assert qa["n_astrometric_stars"] >= 20
+    # a correct WCS pair: refine_offset finds nothing significant to correct
+    qa2 = align(exposure(field["res"].value.image, field["wa"]), exposure(field["res"].value.image, field["wa"]),
+                config=AlignConfig(refine_offset=True)).qa
+    assert qa2["astrometric_correction_x"] == 0.0 and qa2["astrometric_correction_y"] == 0.0
     assert abs(qa["astrometric_offset_x"]) < 0.02 and abs(qa["astrometric_offset_y"]) < 0.02
     assert qa["astrometric_rms_x"] < 0.05 and qa["astrometric_rms_y"] < 0.05
     out = field["res"].value
@@ -131,6 +135,11 @@ def test_astrometric_qa_sees_an_injected_offset(field):
     # ref +0.3 px in ref-x is +0.3/SCALE sci px rotated by the CD rotation: ~(+0.299, -0.004)
     assert qa["astrometric_offset_x"] == pytest.approx(0.3 * 1.003 * np.cos(np.deg2rad(0.7)), abs=0.02)
     assert qa["astrometric_offset_y"] == pytest.approx(0.0, abs=0.02)
+    assert qa["astrometric_correction_x"] == 0.0  # refine_offset is off by default
+    # with refine_offset the offset is removed and the residual measured again
+    qa2 = align(exposure(sci_img, wa), exposure(ref, wb), config=AlignConfig(refine_offset=True)).qa
+    assert qa2["astrometric_correction_x"] == pytest.approx(qa["astrometric_offset_x"])
+    assert abs(qa2["astrometric_offset_x"]) < 0.02 and abs(qa2["astrometric_offset_y"]) < 0.02
 
 
 def test_map_interpolation_error_with_distortion():
@@ -282,3 +291,14 @@ def test_simulated_pair_aligns_onto_truth():
     rms = np.sqrt(np.mean((xw - st["x"][sel]) ** 2 + (yw - st["y"][sel]) ** 2))
     print(f"simulated pair: aligned-reference star centroids vs truth RMS {rms:.4f} px ({sel.sum()} stars)")
     assert rms < 0.03  # noisy reference stars: centroid noise included
+
+
+@pytest.mark.data
+def test_real_decam_offset_refinement():
+    d = shared_data("decam")
+    sci = read_exposure(d / "DEC-OBS04a.mini.fits")
+    ref = read_exposure(d / "DEC-OBS18a.mini.fits")
+    qa = align(sci, ref, config=AlignConfig(refine_offset=True, refine_min_stars=3)).qa
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(qa.items())})
+    assert qa["astrometric_correction_x"] == pytest.approx(-0.55, abs=0.15)
+    assert np.hypot(qa["astrometric_offset_x"], qa["astrometric_offset_y"]) < 0.1
