@@ -47,8 +47,9 @@ class AlignConfig:
     #: stars of science and aligned reference closer than this (pixels) are matched for the
     #: astrometric residual QA
     match_radius: float = 1.5
-    #: if True, a residual offset measured on matched stars (median, >= refine_min_stars stars,
-    #: > 0.01 px) is removed by resampling once more with the shifted map (WCS zero-point errors)
+    #: if True, a residual offset measured on matched stars (median of >= refine_min_stars stars,
+    #: > 0.01 px and > 3x its error) is removed by resampling once more with the shifted map
+    #: (a zero-point error between the two WCSs)
     refine_offset: bool = False
     #: fewest matched stars for refine_offset to act
     refine_min_stars: int = 5
