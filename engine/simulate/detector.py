@@ -49,7 +49,9 @@ class DetectorModel:
     bias_cols : ndarray (nx,) float32, ADU
         Column-dependent bias offset (fixed pattern).
     flat : ndarray (ny, nx) float32
-        Relative response (mean ~1): vignetting, pixel-to-pixel non-uniformity, bad columns.
+        Relative response, median exactly 1 (the usual normalisation of a master flat, so that a
+        flat-fielded image is in the truth's e-): vignetting, pixel-to-pixel non-uniformity, bad
+        columns.
     hot_pixels : structured ndarray, fields y, x (int), dark (e-/s)
     bad_columns : structured ndarray, fields x, y0, y1 (rows ``[y0, y1)``), response (flat value)
     """
@@ -177,7 +179,6 @@ def make_detector(profile: InstrumentProfile, shape, rng: np.random.Generator, *
     xx = np.linspace(-1.0, 1.0, nx)[None, :]
     flat = (1.0 - profile.vignetting * 0.5 * (xx * xx + yy * yy)).astype(np.float32)
     flat *= (1.0 + profile.prnu * rng.standard_normal(shape, dtype=np.float32))
-    flat /= np.float32(flat.mean())
     if defects:
         n_hot = rng.poisson(profile.hot_pixel_fraction * ny * nx)
         idx = rng.choice(ny * nx, size=min(n_hot, ny * nx), replace=False)
@@ -197,6 +198,8 @@ def make_detector(profile: InstrumentProfile, shape, rng: np.random.Generator, *
     else:
         hot = np.zeros(0, HOT_PIXEL_DTYPE)
         bad = np.zeros(0, BAD_COLUMN_DTYPE)
+    # median 1, as a calibrate stage normalises its master flat, so calibrated fluxes are the truth
+    flat /= np.float32(np.median(flat))
     return DetectorModel(shape=(int(ny), int(nx)), gain=profile.gain, read_noise=profile.read_noise,
                          bias_level=profile.bias_level, saturation=profile.saturation,
                          full_well=profile.full_well, dark_current=profile.dark_current,

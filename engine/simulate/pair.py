@@ -265,15 +265,15 @@ class _Static:
 
 
 def _static_key(p, shape, seed, ccd, n_ccds, artifacts, star_density, galaxy_density,
-                n_saturated, ref_seeing, filt):
+                n_saturated, ref_seeing, filt, psf_variation):
     return (p, tuple(shape), int(seed), int(ccd), int(n_ccds), bool(artifacts), float(star_density),
-            float(galaxy_density), n_saturated, ref_seeing, filt)
+            float(galaxy_density), n_saturated, ref_seeing, filt, bool(psf_variation))
 
 
 def _build_static(p: InstrumentProfile, shape, seed, ccd, n_ccds, artifacts, star_density,
-                  galaxy_density, n_saturated, ref_seeing, filt) -> _Static:
+                  galaxy_density, n_saturated, ref_seeing, filt, psf_variation) -> _Static:
     key = _static_key(p, shape, seed, ccd, n_ccds, artifacts, star_density, galaxy_density,
-                      n_saturated, ref_seeing, filt)
+                      n_saturated, ref_seeing, filt, psf_variation)
     ny, nx = shape
     r_wcs, r_stars, r_gals, r_det, r_psf, r_sky, r_noise, r_misc = (
         np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), int(ccd), 1]).spawn(8))
@@ -292,7 +292,7 @@ def _build_static(p: InstrumentProfile, shape, seed, ccd, n_ccds, artifacts, sta
     see_ref = float(ref_seeing) if ref_seeing is not None else p.seeing_fwhm * float(r_psf.uniform(0.75, 0.95))
     psf_ref = draw_psf_field(r_psf, shape, see_ref / p.pixel_scale, p.moffat_beta,
                              growth=p.psf_corner_growth, ellipticity=p.psf_ellipticity,
-                             pixel_scale=p.pixel_scale)
+                             pixel_scale=p.pixel_scale, vary=psf_variation)
     sky_ref = SkyModel(level=float(p.sky * r_sky.uniform(0.85, 1.1) * t),
                        gx=float(r_sky.uniform(-0.01, 0.01)), gy=float(r_sky.uniform(-0.01, 0.01)),
                        shape=(ny, nx))
@@ -412,6 +412,7 @@ def simulate_ccd_pair(
     star_density: float = 1.0,
     galaxy_density: float = 2.0,
     n_saturated: int | None = None,
+    psf_variation: bool = True,
     filter: str | None = None,
     n_calib: int = 3,
     edge: int = 16,
@@ -457,6 +458,9 @@ def simulate_ccd_pair(
     n_saturated : int, optional
         Extra stars 0.5-2.5 mag brighter than the typical saturation level, placed inside the CCD
         (only with ``artifacts``); default none beyond the natural counts.
+    psf_variation : bool
+        ``False``: each epoch's PSF is the same all over the CCD (no growth towards the corners, no
+        ellipticity gradient); for subtraction tests that want one exact PSF per image.
     filter : str, optional
         Default the profile's first filter.
     n_calib : int
@@ -487,10 +491,10 @@ def simulate_ccd_pair(
 
     st = _static
     key = _static_key(p, shape, seed, ccd, n_ccds, artifacts, star_density, galaxy_density,
-                      n_saturated, ref_seeing, filt)
+                      n_saturated, ref_seeing, filt, psf_variation)
     if st is None or st.key != key:
         st = _build_static(p, shape, seed, ccd, n_ccds, artifacts, star_density, galaxy_density,
-                           n_saturated, ref_seeing, filt)
+                           n_saturated, ref_seeing, filt, psf_variation)
 
     r_geom, r_psf, r_sky, r_tr, r_cr, r_noise, r_zp, _ = (
         np.random.default_rng(s)
@@ -506,7 +510,7 @@ def simulate_ccd_pair(
     see = float(seeing) if seeing is not None else p.seeing_fwhm * float(np.clip(r_psf.lognormal(0.0, 0.15), 0.7, 1.8))
     psf_sci = draw_psf_field(r_psf, shape, see / pixscale_sci, p.moffat_beta,
                              growth=p.psf_corner_growth, ellipticity=p.psf_ellipticity,
-                             pixel_scale=pixscale_sci)
+                             pixel_scale=pixscale_sci, vary=psf_variation)
     sky_rate = float(sky) if sky is not None else p.sky * float(r_sky.uniform(0.8, 1.3))
     sky_sci = SkyModel(level=sky_rate * t, gx=float(r_sky.uniform(-0.01, 0.01)),
                        gy=float(r_sky.uniform(-0.01, 0.01)), shape=shape)

@@ -228,16 +228,21 @@ class PSFField:
 
 
 def draw_psf_field(rng: np.random.Generator, shape, fwhm0_px: float, beta: float, *,
-                   growth: float, ellipticity: float, pixel_scale: float) -> PSFField:
+                   growth: float, ellipticity: float, pixel_scale: float,
+                   vary: bool = True) -> PSFField:
     """Draw the spatial variation of one epoch's PSF around a centre FWHM ``fwhm0_px``.
 
     ``growth`` and ``ellipticity`` are the instrument's typical values; the epoch draws
     growth in [0.5, 1.5] x ``growth``, a tilt of at most 2 %, and ellipticity components whose
-    modulus stays below ~1.5 x ``ellipticity``."""
+    modulus stays below ~1.5 x ``ellipticity``. ``vary=False`` keeps the same draws but zeroes
+    every spatial term: one PSF (the centre's, ellipticity included) over the whole CCD."""
     g = growth * rng.uniform(0.5, 1.5)
     tilt = tuple(rng.uniform(-0.02, 0.02, 2))
     e1 = tuple(rng.uniform(-0.5, 0.5, 3) * ellipticity)
     e2 = tuple(rng.uniform(-0.5, 0.5, 3) * ellipticity)
+    if not vary:
+        g, tilt = 0.0, (0.0, 0.0)
+        e1, e2 = (e1[0], 0.0, 0.0), (e2[0], 0.0, 0.0)
     return PSFField(shape=tuple(int(s) for s in shape), fwhm0=float(fwhm0_px), beta=float(beta),
                     growth=float(g), tilt=(float(tilt[0]), float(tilt[1])),
                     e1=tuple(float(v) for v in e1), e2=tuple(float(v) for v in e2),

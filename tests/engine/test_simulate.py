@@ -327,3 +327,13 @@ def test_simulate_visit_ccd_follows_the_config():
     assert s.shape == (96, 128) and s.transients.size == 3 and s.profile.name == "ztf"
     one = simulate_ccd_pair("ztf", shape=(96, 128), seed=7, visit=1, ccd=3, n_ccds=4, n_transients=3)
     np.testing.assert_array_equal(one.science_raw.data, s.science_raw.data)
+
+
+def test_constant_psf_mode():
+    s = simulate_ccd_pair("decam", shape=(256, 256), seed=2, psf_variation=False, transients=False)
+    for psf in (s.psf_sci, s.psf_ref):
+        f = psf.fwhm(np.array([0.0, 255.0, 128.0]), np.array([0.0, 40.0, 128.0]))
+        np.testing.assert_allclose(f, f[0], rtol=1e-12)
+        e = psf.ellipticity(np.array([0.0, 255.0]), np.array([0.0, 255.0]))
+        assert e[0] == pytest.approx(e[1], rel=1e-12)
+    assert np.median(s.detector.flat) == pytest.approx(1.0, abs=1e-6)
