@@ -100,7 +100,8 @@ class SimulatedCCD:
         columns), hot pixels, bad columns, cosmic rays. ``header``: TAN WCS with a CD matrix, GAIN
         (e-/ADU), RDNOISE (e-), SATURATE (ADU), EXPTIME (s), FILTER, MJD-OBS, DATE-OBS, CCDNUM,
         VISIT, INSTRUME, MAGZP (mag giving 1 e-/s), SEEING (true FWHM at the CCD centre, arcsec),
-        FWHM (the same, pixels), SKYLEVEL (e- per pixel at the centre), MAGLIM (ideal 5-sigma
+        FWHM (the same, pixels), FWHMPIX (FWHM of the PSF convolved with the pixel, what a fit to
+        pixel values measures), SKYLEVEL (e- per pixel at the centre), MAGLIM (ideal 5-sigma
         point-source limit), BIASLEV (ADU), DARKCUR (e-/s), PIXSCALE (arcsec/px), SIMSEED.
     calibration : CalibrationFrames
         Raw bias/dark/flat stacks ``(n_calib, ny, nx)`` float32 ADU of this CCD (darks of
@@ -112,7 +113,7 @@ class SimulatedCCD:
         noiseless model ``(model + dark t + RN^2) / ncombine``; ``mask`` uint16 with ``MaskBits.SAT``
         on saturated pixels and their bleed trails; its own WCS (see ``geometry``), PSF
         (``psf_ref``) and sky (``sky_ref``). Header: WCS, EXPTIME (of each combined exposure),
-        MAGZP, SEEING, FWHM, GAIN=1, SATURATE (e-), NCOMBINE, FILTER, MJD-OBS, CCDNUM, INSTRUME.
+        MAGZP, SEEING, FWHM, FWHMPIX, GAIN=1, SATURATE (e-), NCOMBINE, FILTER, MJD-OBS, CCDNUM, INSTRUME.
     transients : structured ndarray, TRANSIENT_DTYPE
         The injected transients of this visit (empty when ``transients=False``).
     stars : structured ndarray, STAR_DTYPE
@@ -362,6 +363,7 @@ def _build_static(p: InstrumentProfile, shape, seed, ccd, n_ccds, artifacts, sta
     h["MAGZP"] = (float(zp), "mag giving 1 e-/s")
     h["SEEING"] = (float(psf_ref.fwhm_arcsec((nx - 1) / 2, (ny - 1) / 2)), "true FWHM at centre, arcsec")
     h["FWHM"] = (float(psf_ref.fwhm((nx - 1) / 2, (ny - 1) / 2)), "true FWHM at centre, pixels")
+    h["FWHMPIX"] = (float(psf_ref.fwhm_pixelized((nx - 1) / 2, (ny - 1) / 2)), "same, pixel-box convolved")
     h["SKYLEVEL"] = (float(sky_ref.level), "e- per pixel at the centre")
     h["MAGLIM"] = (maglim_ref, "ideal 5-sigma point-source limit")
     h["PIXSCALE"] = float(p.pixel_scale)
@@ -613,6 +615,7 @@ def simulate_ccd_pair(
     h["MAGZP"] = (float(zp_sci), "mag giving 1 e-/s")
     h["SEEING"] = (float(psf_sci.fwhm_arcsec(xc, yc)), "true FWHM at centre, arcsec")
     h["FWHM"] = (float(psf_sci.fwhm(xc, yc)), "true FWHM at centre, pixels")
+    h["FWHMPIX"] = (float(psf_sci.fwhm_pixelized(xc, yc)), "same, pixel-box convolved")
     h["SKYLEVEL"] = (float(sky_sci.level), "e- per pixel at the centre")
     h["MAGLIM"] = (float(maglim), "ideal 5-sigma point-source limit")
     h["PIXSCALE"] = float(pixscale_sci)

@@ -97,6 +97,31 @@ class PSFField:
         g1, g2 = self._g(x, y)
         return 0.5 * np.arctan2(g2, g1)
 
+    def fwhm_pixelized(self, x, y):
+        """FWHM (pixels, geometric mean of the principal axes) of the PSF convolved with the
+        pixel box, i.e. of the profile that pixel values sample. This is what a fit of an
+        un-integrated profile to pixel data measures; it exceeds :meth:`fwhm` by ~2 % at 4.3 px FWHM
+        (beta 3) and ~8 % at 2.2 px (beta 2.5, undersampled ZTF-like data)."""
+        xs, ys = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
+        out = np.empty(xs.shape)
+        sub = (np.arange(16) + 0.5) / 16.0 - 0.5
+        sx, sy = np.meshgrid(sub, sub)
+        sx, sy = sx.ravel()[None, :], sy.ravel()[None, :]
+        for idx in np.ndindex(xs.shape):
+            c11, c12, c22 = (float(v) for v in self.quadratic_form(xs[idx], ys[idx]))
+            th = float(self.angle(xs[idx], ys[idx]))
+            fw = float(self.fwhm(xs[idx], ys[idx]))
+            t = np.linspace(0.0, 2.0 * fw + 2.0, 801)[:, None]
+            half = []
+            for ux, uy in ((math.cos(th), math.sin(th)), (-math.sin(th), math.cos(th))):
+                dx, dy = t * ux + sx, t * uy + sy
+                v = ((1.0 + c11 * dx * dx + 2.0 * c12 * dx * dy + c22 * dy * dy) ** -self.beta).mean(axis=1)
+                k = int(np.argmax(v < 0.5 * v[0]))
+                t0, t1, v0, v1 = t[k - 1, 0], t[k, 0], v[k - 1], v[k]
+                half.append(t0 + (0.5 * v[0] - v0) * (t1 - t0) / (v1 - v0))
+            out[idx] = 2.0 * math.sqrt(half[0] * half[1])
+        return out if out.ndim else float(out)
+
     @property
     def hwhm_alpha(self) -> float:
         """Half width at half maximum in units of alpha: ``sqrt(2^(1/beta) - 1)``."""

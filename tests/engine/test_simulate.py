@@ -99,6 +99,10 @@ def test_rendered_psf_sums_to_truth_and_fwhm_is_the_rendered_width():
         n_half = np.count_nonzero(st >= 0.5 * st.max())
         assert 2.0 * math.sqrt(n_half / math.pi) == pytest.approx(psf.fwhm(x, y), rel=0.03)
     assert psf.fwhm(0, 0) > 1.1 * psf.fwhm(199.5, 199.5)  # larger at the corners
+    # the pixel-box convolved FWHM: ~equal when well sampled, clearly larger when undersampled
+    assert psf.fwhm_pixelized(200.0, 200.0) == pytest.approx(psf.fwhm(200.0, 200.0), rel=0.005)
+    ztf = PSFField((64, 64), fwhm0=2.2, beta=2.5)
+    assert 1.04 < ztf.fwhm_pixelized(32.0, 32.0) / ztf.fwhm(32.0, 32.0) < 1.12
 
 
 def test_isolated_transient_psf_fit_fluxes_are_unbiased():
