@@ -488,6 +488,7 @@ def simulate_ccd_pair(
         raise ConfigError("simulate: transient_fractions must be three shares >= 0 (isolated, nuclear, variable)")
     n_ccds = int(n_ccds if n_ccds is not None else p.n_ccds)
     filt = filter or p.filters[0]
+    edge = int(min(max(edge, 0), (min(shape) - 1) // 4))
     ny, nx = shape
     t = p.exptime
 
