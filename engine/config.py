@@ -50,9 +50,9 @@ class AlignConfig:
     #: if True, a residual offset measured on matched stars (median of >= refine_min_stars stars,
     #: > 0.01 px and > 3x its error) is removed by resampling once more with the shifted map
     #: (a zero-point error between the two WCSs)
-    refine_offset: bool = False
+    refine_offset: bool = True
     #: fewest matched stars for refine_offset to act
-    refine_min_stars: int = 5
+    refine_min_stars: int = 3
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class SubtractConfig:
     #: they reached us have correlated noise the variance maps cannot know about. The factor is
     #: reported as QA ``scorr_std_raw``.
     renormalize_scorr: bool = True
+    #: remove the residual sky offset of D (per tile, median of D on blank sky)
+    remove_difference_offset: bool = True
     #: FFT precision: "float64" or "float32"
     fft_dtype: str = "float64"
 

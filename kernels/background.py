@@ -9,8 +9,13 @@ from __future__ import annotations
 from ._xp import array_namespace, ndimage_module
 
 
-def mesh_statistics(image, *, box: int = 64, mask=None, clip: float = 3.0, iterations: int = 3):
-    """Clipped median and robust sigma of each ``box x box`` mesh.
+def mesh_statistics(image, *, box: int = 64, mask=None, clip: float = 3.0, iterations: int = 3,
+                    estimator: str = "mode"):
+    """Clipped sky level and robust sigma of each ``box x box`` mesh.
+
+    ``estimator="mode"`` is SExtractor's ``2.5 median - 1.5 mean`` (right for skies under faint
+    sources); ``"median"`` the clipped median (right for a difference image, where bright
+    residuals skew the mean without moving the noise).
 
     Parameters
     ----------
@@ -40,7 +45,10 @@ def mesh_statistics(image, *, box: int = 64, mask=None, clip: float = 3.0, itera
         med = xp.nanmedian(blocks, axis=-1)
     # crowded meshes are skewed by faint sources: SExtractor's mode estimate 2.5 med - 1.5 mean
     mean = xp.nanmean(blocks, axis=-1)
-    mode = xp.where(xp.abs(mean - med) < 0.3 * sig, 2.5 * med - 1.5 * mean, med)
+    if estimator == "median":
+        mode = med
+    else:
+        mode = xp.where(xp.abs(mean - med) < 0.3 * sig, 2.5 * med - 1.5 * mean, med)
     sig = xp.nanstd(blocks, axis=-1) / 0.98658  # std of a +-3-sigma-clipped Gaussian is 0.98658 sigma
     return mode.astype(xp.float64), sig.astype(xp.float64)
 
@@ -54,7 +62,8 @@ def _fill_nan(xp, a):
     return xp.where(good, a, fill)
 
 
-def background(image, *, box: int = 64, filter_size: int = 3, mask=None, method: str = "auto"):
+def background(image, *, box: int = 64, filter_size: int = 3, mask=None, method: str = "auto",
+               estimator: str = "mode"):
     """Full-resolution background and noise maps of ``image``.
 
     ``method="auto"`` uses sep's C implementation for numpy arrays (20x faster on a CPU) and the
@@ -67,7 +76,7 @@ def background(image, *, box: int = 64, filter_size: int = 3, mask=None, method:
         Smooth sky level and per-pixel background standard deviation (units of ``image``).
     """
     xp = array_namespace(image, mask)
-    if method == "auto" and xp.__name__ == "numpy":
+    if method == "auto" and xp.__name__ == "numpy" and estimator == "mode":
         import sep
 
         data = xp.ascontiguousarray(image, dtype=xp.float32)
@@ -76,7 +85,7 @@ def background(image, *, box: int = 64, filter_size: int = 3, mask=None, method:
         return bk.back(dtype=xp.float32), bk.rms(dtype=xp.float32)
     ndi = ndimage_module(xp)
     ny, nx = image.shape
-    sky, sig = mesh_statistics(image, box=box, mask=mask)
+    sky, sig = mesh_statistics(image, box=box, mask=mask, estimator=estimator)
     out = []
     for m in (sky, sig):
         m = _fill_nan(xp, m)

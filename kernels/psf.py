@@ -69,7 +69,7 @@ def centroid(stamps, *, sigma: float = 2.0, iterations: int = 5):
     return dx, dy
 
 
-def stack_psf(stamps, dx, dy, *, clip: float = 4.0):
+def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None):
     """Empirical PSF from star stamps: shift each star onto the centre, normalise, robust mean.
 
     Parameters
@@ -81,6 +81,8 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0):
     clip : float
         Pixels deviating from the median stack by more than ``clip`` robust sigmas (e.g. a
         neighbour or a cosmic ray in one stamp) are left out of the mean.
+    weights : ndarray (n,), optional
+        Weight of each star in the mean (e.g. S/N^2); equal weights if None.
 
     Returns
     -------
@@ -92,15 +94,17 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0):
     flux = shifted.sum(axis=(1, 2))
     good = flux > 0
     shifted = shifted[good] / flux[good][:, None, None]
+    w = xp.ones(int(good.sum())) if weights is None else xp.asarray(weights, dtype=xp.float64)[good]
     if shifted.shape[0] == 0:
         raise ValueError("stack_psf: no star stamp with positive flux")
     med = xp.median(shifted, axis=0)
     mad = xp.median(xp.abs(shifted - med[None]), axis=0) * 1.4826
     floor = 1e-6 * float(med.max())
     keep = xp.abs(shifted - med[None]) <= clip * xp.maximum(mad, floor)[None]
-    num = (shifted * keep).sum(axis=0)
-    den = keep.sum(axis=0)
-    psf = xp.where(den > 0, num / xp.maximum(den, 1), med)
+    wk = keep * w[:, None, None]
+    num = (shifted * wk).sum(axis=0)
+    den = wk.sum(axis=0)
+    psf = xp.where(den > 0, num / xp.where(den > 0, den, 1), med)
     return recenter(psf / psf.sum())
 
 

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from nightsift.kernels import psf as kpsf
 from nightsift.kernels import tiles as ktiles
-from nightsift.kernels.background import robust_sigma
+from nightsift.kernels.background import background, robust_sigma
 from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
@@ -66,43 +66,69 @@ class Subtraction:
     F_r: float
 
 
-def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_cat, ref_cat, *, unusable, stamp: int,
-               min_snr: float = 20.0, match_radius: float = 1.0):
-    """F_r / F_n from stars found in both background-subtracted images on one grid.
+def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
+    """PSF-fit fluxes of sources at sub-pixel ``(x, y)``: ``sum(P I) / sum(P^2)`` with the tile's
+    PSF shifted onto each source. In units where the PSF model sums to 1, i.e. exactly the flux
+    normalisation ZOGY uses."""
+    from nightsift.kernels.stamps import extract_stamps
 
-    The flux of a star is the sum over the PSF stamp box (the PSF normalisation), so the ratio is
-    exactly the one ZOGY needs. Returns ``(ratio, n_stars, robust_scatter)``.
+    s = model.stamps.shape[-1]
+    xi, yi = np.rint(x), np.rint(y)
+    st, _ = extract_stamps(image, x, y, size=s, fill=0.0)
+    p = kpsf.fourier_shift(model.stamps[model.grid.tile_of(x, y)], x - xi, y - yi)
+    return (np.asarray(st, np.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
+
+
+def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: ImagePSF, *, unusable,
+               min_snr: float = 20.0, match_radius: float = 1.0):
+    """F_r / F_n from isolated stars found in both background-subtracted images on one grid.
+
+    Each star's flux is a PSF fit with its own image's PSF (so the ratio carries exactly the PSF
+    normalisations ZOGY uses); the ratio is the inverse-variance-weighted mean of the per-star
+    ratios after 3-sigma clipping. Returns ``(ratio, n_stars, error of the ratio)``.
     """
     from scipy.spatial import cKDTree
 
-    s = sci_cat[(sci_cat["snr"] >= min_snr) & (sci_cat["flag"] == 0)]
-    r = ref_cat[(ref_cat["snr"] >= min_snr) & (ref_cat["flag"] == 0)]
+    sc, rc = sci_psf.catalog, ref_psf.catalog
+    s = sc[(sc["snr"] >= min_snr) & (sc["flag"] == 0)]
+    r = rc[(rc["snr"] >= min_snr) & (rc["flag"] == 0)]
     if len(s) == 0 or len(r) == 0:
         return np.nan, 0, np.nan
     d, j = cKDTree(np.c_[r["x"], r["y"]]).query(np.c_[s["x"], s["y"]], distance_upper_bound=match_radius)
     ok = np.isfinite(d)
     s, r = s[ok], r[j[ok]]
     ny, nx = sci.shape
-    h = stamp // 2
+    h = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1]) // 2
     xi, yi = np.rint(s["x"]).astype(int), np.rint(s["y"]).astype(int)
     inside = (xi >= h) & (xi < nx - h) & (yi >= h) & (yi < ny - h)
-    xi, yi = xi[inside], yi[inside]
-    integ = lambda a: np.pad(np.cumsum(np.cumsum(a, 0), 1), ((1, 0), (1, 0)))  # noqa: E731
-    box = lambda I: I[yi + h + 1, xi + h + 1] - I[yi - h, xi + h + 1] - I[yi + h + 1, xi - h] + I[yi - h, xi - h]  # noqa: E731
-    nbad = box(integ(unusable.astype(np.int64)))
-    fs = box(integ(sci.astype(np.float64)))
-    fr = box(integ(ref.astype(np.float64)))
-    good = (nbad == 0) & (fs > 0) & (fr > 0)
+    s, r, xi, yi = s[inside], r[inside], xi[inside], yi[inside]
+    if len(s) == 0:
+        return np.nan, 0, np.nan
+    integ = np.pad(np.cumsum(np.cumsum(unusable.astype(np.int64), 0), 1), ((1, 0), (1, 0)))
+    nbad = integ[yi + h + 1, xi + h + 1] - integ[yi - h, xi + h + 1] - integ[yi + h + 1, xi - h] + integ[yi - h, xi - h]
+    # isolated: no other source within the stamp (a neighbour biases both fits differently)
+    tree = cKDTree(np.c_[sc["x"], sc["y"]])
+    crowded = np.array([len(tree.query_ball_point([a, b], r=h)) > 1 for a, b in zip(s["x"], s["y"])], bool)
+    x = 0.5 * (s["x"] + r["x"])
+    y = 0.5 * (s["y"] + r["y"])
+    fs = psf_fluxes(sci, sci_psf.model, x, y)
+    fr = psf_fluxes(ref, ref_psf.model, x, y)
+    good = (nbad == 0) & ~crowded & (fs > 0) & (fr > 0)
     if good.sum() == 0:
         return np.nan, 0, np.nan
-    ratio = fr[good] / fs[good]
-    med = np.median(ratio)
-    for _ in range(3):
-        mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-12
-        keep = np.abs(ratio - med) < 3 * mad
-        # weight the bright stars: the median of the brightest half
-        med = np.median(ratio[keep])
-    return float(med), int(good.sum()), float(1.4826 * np.median(np.abs(ratio - med)))
+    fs, fr = fs[good], fr[good]
+    ratio = fr / fs
+    # error of each ratio from both fluxes' S/N (the catalogue S/N of each image)
+    rel = np.hypot(1 / s["snr"][good], 1 / r["snr"][good])
+    w = 1 / (ratio * rel) ** 2
+    keep = np.ones(ratio.size, bool)
+    for _ in range(5):
+        mean = np.sum(w[keep] * ratio[keep]) / np.sum(w[keep])
+        resid = (ratio - mean) * np.sqrt(w)
+        scale = max(1.0, 1.4826 * float(np.median(np.abs(resid[keep]))))
+        keep = np.abs(resid) < 3 * scale
+    err = scale / np.sqrt(np.sum(w[keep]))
+    return float(mean), int(keep.sum()), float(err)
 
 
 def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf: ImagePSF, *,
@@ -139,8 +165,8 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     mask = (np.asarray(science.mask) | np.asarray(reference.mask)).astype(np.uint16)
     unusable = (mask & UNUSABLE) != 0
     stamp = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1])
-    F_r, n_flux, ratio_scatter = flux_ratio(N, R, sci_psf.catalog, ref_psf.catalog, unusable=unusable, stamp=stamp)
-    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_scatter": ratio_scatter}
+    F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable)
+    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err}
     if not np.isfinite(F_r) or n_flux < 3:
         raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference "
                                "(need 3; check the overlap and the reference depth)", stage="subtract", qa=qa)
@@ -186,26 +212,85 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     excluded = unusable
     if config.mask_grow > 0 and unusable.any():
         excluded = ndimage.binary_dilation(unusable, iterations=config.mask_grow)
+
+    # Residual sky: an error in either sky estimate (faint-source confusion biases the sky of the
+    # shallower image by a few % of sigma) leaves a smooth offset B_D in D (unit white noise, so a
+    # mesh median measures it to ~1 % of sigma; the median, since star residuals skew the mean). Remove it from D and, consistently,
+    # from S (offset F_D B_D, P_D has unit sum), S_corr and the flux maps.
+    blank = blank_sky(sci_psf, ref_psf, excluded)
+    if config.remove_difference_offset:
+        # Residual sky: faint-source confusion biases the sky estimate of the shallower image by a
+        # few % of sigma, which leaves an offset B in D (seen as a shifted S_corr mean). Measure B
+        # per tile as the symmetric-clipped mean of D on blank sky (not the median: Poisson noise
+        # makes D's pixels slightly skewed, while S_corr, a smoothed D, is Gaussian and follows
+        # D's mean; 1e5-1e6 pixels make it precise to ~0.003 sigma) and
+        # remove it from D and, consistently, from S (offset F_D B: P_D has unit sum), S_corr and
+        # the flux maps.
+        F_D_t, offsets = host(res.F_D), np.zeros(len(grid))
+        for t, (y0, x0) in enumerate(grid.origins):
+            sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
+            b = blank[sl]
+            if b.sum() > 1000:
+                offsets[t] = _clipped_mean(D[sl][b])
+        for t, (y0, x0) in enumerate(grid.origins):
+            sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
+            B = offsets[t]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                S_corr[sl] -= np.where(flux_err[sl] > 0, F_D_t[t] * B / (flux_err[sl] * F_S[t]), 0).astype(np.float32)
+            flux[sl] -= np.float32(F_D_t[t] * B / F_S[t])
+            D[sl] -= np.float32(B)
+            difference[sl] -= np.float32(B / F_D_t[t])
+        qa["difference_offset"] = float(np.median(offsets))
     S_corr[excluded] = 0.0
     D[unusable] = 0.0
     difference[unusable] = 0.0
 
-    live = S_corr[~excluded]
+    live = S_corr[blank]
     std_raw = robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan")
     qa["scorr_std_raw"] = std_raw
     if config.renormalize_scorr and np.isfinite(std_raw) and std_raw > 0:
         S_corr /= np.float32(std_raw)
         flux_err *= np.float32(std_raw)
-        live = S_corr[~excluded]
+        live = S_corr[blank]
     qa.update(sigma_n=float(np.median(sig_n)), sigma_r=float(np.median(sig_r)),
               F_D=float(np.median(host(res.F_D))), n_tiles=len(grid),
               astrometric_rms_x=float(astrometric_rms[0]), astrometric_rms_y=float(astrometric_rms[1]),
               scorr_std=robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan"),
               scorr_mean=float(np.median(live)) if live.size else float("nan"),
-              excluded_fraction=float(excluded.mean()))
+              excluded_fraction=float(excluded.mean()), blank_fraction=float(blank.mean()))
     sub = Subtraction(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
                       mask=mask, excluded=excluded, grid=grid, F_r=F_r)
     return StageResult(sub, qa)
+
+
+def blank_sky(sci_psf: ImagePSF, ref_psf: ImagePSF, excluded: np.ndarray) -> np.ndarray:
+    """Pixels of blank sky: usable, and farther than 3 PSF FWHM (or 3 isophotal semi-major axes)
+    from every source detected in either image. Falls back to all usable pixels if that leaves
+    less than 10 % of the CCD (a crowded field)."""
+    ny, nx = excluded.shape
+    fwhm = max(float(np.max(sci_psf.model.fwhm)), float(np.max(ref_psf.model.fwhm)))
+    near = np.zeros((ny, nx), bool)
+    for cat in (sci_psf.catalog, ref_psf.catalog):
+        if len(cat) == 0:
+            continue
+        r = np.maximum(3 * fwhm, 3 * cat["a"])
+        for rad in np.unique(np.ceil(r).astype(int)):  # one dilation per distinct radius
+            sel = np.ceil(r).astype(int) == rad
+            pts = np.zeros((ny, nx), bool)
+            pts[np.clip(np.rint(cat["y"][sel]).astype(int), 0, ny - 1),
+                np.clip(np.rint(cat["x"][sel]).astype(int), 0, nx - 1)] = True
+            yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
+            near |= ndimage.binary_dilation(pts, structure=(xx**2 + yy**2) <= rad**2)
+    blank = ~excluded & ~near
+    return blank if blank.mean() >= 0.1 else ~excluded
+
+
+def _clipped_mean(v: np.ndarray, clip: float = 4.0) -> float:
+    """Mean of ``v`` within +-clip robust sigmas of the median (symmetric, so unbiased for a
+    slightly skewed core)."""
+    med = np.median(v)
+    sig = 1.4826 * np.median(np.abs(v - med))
+    return float(np.mean(v[np.abs(v - med) <= clip * sig]))
 
 
 def _pad_stamps(stamps: np.ndarray, size: int) -> np.ndarray:

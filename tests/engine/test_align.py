@@ -130,12 +130,12 @@ def test_astrometric_qa_sees_an_injected_offset(field):
     ref = render(SHAPE, xb + dx_ref, yb, field["flux"], SIGMA / SCALE) + rng.normal(0, 0.3, SHAPE)
     sci = field["res"]  # reuse nothing but the geometry
     sci_img = render(SHAPE, field["xa"], field["ya"], field["flux"], SIGMA) + 200 + rng.normal(0, 14, SHAPE)
-    qa = align(exposure(sci_img, wa), exposure(ref, wb), config=AlignConfig()).qa
+    qa = align(exposure(sci_img, wa), exposure(ref, wb), config=AlignConfig(refine_offset=False)).qa
     assert sci is not None
     # ref +0.3 px in ref-x is +0.3/SCALE sci px rotated by the CD rotation: ~(+0.299, -0.004)
     assert qa["astrometric_offset_x"] == pytest.approx(0.3 * 1.003 * np.cos(np.deg2rad(0.7)), abs=0.02)
     assert qa["astrometric_offset_y"] == pytest.approx(0.0, abs=0.02)
-    assert qa["astrometric_correction_x"] == 0.0  # refine_offset is off by default
+    assert qa["astrometric_correction_x"] == 0.0  # refine_offset off: measured, not applied
     # with refine_offset the offset is removed and the residual measured again
     qa2 = align(exposure(sci_img, wa), exposure(ref, wb), config=AlignConfig(refine_offset=True)).qa
     assert qa2["astrometric_correction_x"] == pytest.approx(qa["astrometric_offset_x"])
@@ -244,7 +244,8 @@ def test_real_decam_pairs():
     """The DECam cutouts share one WCS header (a common grid): the map is the identity, and the
     star-based QA then shows the real registration: the two exposures of one epoch agree to
     < 0.15 px, while the reference epoch is off by ~(-0.55, -0.19) px (few stars; measured on
-    OBS18a and OBS18c alike), a residual the pipeline passes on to ZOGY's astrometric noise."""
+    OBS18a and OBS18c alike). With ``refine_offset`` (the default) that offset is measured, applied
+    (``astrometric_correction_*``) and the residual after it is ~0."""
     d = shared_data("decam")
     sci = read_exposure(d / "DEC-OBS04a.mini.fits")
     qas = {}
@@ -257,7 +258,10 @@ def test_real_decam_pairs():
     same_epoch = np.hypot(qas["DEC-OBS04b"]["astrometric_offset_x"], qas["DEC-OBS04b"]["astrometric_offset_y"])
     assert same_epoch < 0.15
     for name in ("DEC-OBS18a", "DEC-OBS18c"):
-        assert qas[name]["astrometric_offset_x"] == pytest.approx(-0.55, abs=0.15)
+        assert qas[name]["astrometric_correction_x"] == pytest.approx(-0.55, abs=0.15)
+        assert abs(qas[name]["astrometric_offset_x"]) < 0.05  # residual after the correction
+        raw = align(sci, read_exposure(d / f"{name}.mini.fits"), config=AlignConfig(refine_offset=False)).qa
+        assert raw["astrometric_offset_x"] == pytest.approx(-0.55, abs=0.15)
 
 
 # --- against the simulator's truth (engine.simulate) ------------------------------------------
