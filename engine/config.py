@@ -120,6 +120,24 @@ class PackageConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    #: real/bogus scorer: "auto" (Edge TPU when libedgetpu is present, else int8 TFLite on the
+    #: CPU), "edgetpu", "tflite" (int8 on the CPU), "keras" (float model), "braai" (ZTF's public
+    #: d6_m7 weights) or "none" (no score in the packets)
+    backend: str = "auto"
+    #: model file; "" = the model shipped with nightsift (see engine/classify/models/)
+    model: str = ""
+    #: triplets per inference batch
+    batch_size: int = 256
+    #: operating threshold on the real/bogus score; < 0 = the one stored with the model (chosen
+    #: on validation data for classify.target_fnr)
+    threshold: float = -1.0
+    #: false-negative rate the operating threshold is chosen for (missed transients cost more
+    #: than false alarms)
+    target_fnr: float = 0.01
+
+
+@dataclass(frozen=True)
 class SimulateConfig:
     #: instrument profile (see nightsift.engine.simulate.instruments.PROFILES)
     instrument: str = "decam"
@@ -151,6 +169,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     cutout: CutoutConfig = field(default_factory=CutoutConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -186,6 +205,11 @@ def validate(cfg: Config) -> None:
     _check(c.detect.threshold > 0, "detect.threshold", "must be > 0")
     _check(c.detect.min_area >= 1, "detect.min_area", "must be >= 1")
     _check(c.cutout.size % 2 == 1 and c.cutout.size >= 15, "cutout.size", "must be odd and >= 15")
+    _check(c.classify.backend in ("auto", "edgetpu", "tflite", "keras", "braai", "none"), "classify.backend",
+           "must be auto, edgetpu, tflite, keras, braai or none")
+    _check(c.classify.batch_size >= 1, "classify.batch_size", "must be >= 1")
+    _check(c.classify.threshold < 1, "classify.threshold", "must be < 1 (< 0: the model's own)")
+    _check(0 < c.classify.target_fnr < 0.5, "classify.target_fnr", "must be in (0, 0.5)")
     _check(c.simulate.ny >= 0 and c.simulate.nx >= 0, "simulate.ny/nx", "must be >= 0")
     _check(c.simulate.n_visits >= 1 and c.simulate.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
     _check(c.run.backend in ("numpy", "cupy", "auto"), "run.backend", "must be numpy, cupy or auto")
