@@ -1,0 +1,494 @@
+"""Real/bogus inference: one scorer interface over LiteRT (Edge TPU or CPU int8), Keras and braai.
+
+::
+
+    scorer = load_scorer(config.classify)          # once per process
+    scores = scorer(triplets)                      # (n, 63, 63, 3) -> {"rb": (n,), "drb": (n,)}
+
+Backends (``classify.backend``):
+
+* ``"edgetpu"`` -- the int8 model through LiteRT with the Edge TPU delegate
+  (``load_delegate("libedgetpu.so.1")``); a :class:`~nightsift.engine.errors.BackendError` says so
+  when the library is not installed. Uses the ``edgetpu_compiler`` output when the model metadata
+  names one (``"edgetpu"``), else the plain int8 model (the delegate then runs nothing on the TPU).
+* ``"tflite"`` -- the same full-integer int8 model on the CPU (LiteRT / XNNPACK): inputs quantised
+  with the input tensor's scale and zero point, outputs dequantised with the output tensor's.
+* ``"keras"`` -- the float ``.keras`` model (``keras.saving.load_model(..., safe_mode=True)``:
+  no pickle, no arbitrary code).
+* ``"braai"`` -- ZTF's public d6_m7 model with ZTF's own preprocessing (:mod:`.braai`).
+* ``"auto"`` -- ``"edgetpu"`` when the delegate loads, else ``"tflite"``.
+* ``"none"`` -- no scorer (:func:`load_scorer` returns ``None``).
+
+Models: ``classify.model = ""`` means the model shipped in ``engine/classify/models/``: the
+metadata JSON there names the files (``"tflite"``, ``"keras"``, ``"edgetpu"``), the operating
+``"threshold"``, the ``"version"`` and the ``"normalisation"`` (``"nightsift"``:
+:func:`nightsift.engine.classify.preprocess.preprocess`; ``"braai"``; ``"none"``). A path in
+``classify.model`` may be a metadata JSON, a ``.tflite``/``.keras`` file (its metadata is the JSON
+of the same stem, when present) or, for ``braai``, the folder of ZTF's files.
+
+The score is the model's probability that the candidate is real; it fills both ZTF fields ``rb``
+and ``drb`` of the packets (nightsift has one, deep, classifier), with the model version in
+``rbversion``/``drbversion``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import ClassifyConfig
+from ..errors import BackendError, ConfigError, InputError
+
+__all__ = [
+    "MODELS_DIR",
+    "EDGETPU_LIBRARY",
+    "ModelSpec",
+    "Scorer",
+    "edgetpu_available",
+    "resolve_model",
+    "load_scorer",
+    "pipeline_scorer",
+]
+
+log = logging.getLogger("nightsift.classify")
+
+#: folder of the models shipped with nightsift
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: shared library of the Edge TPU runtime (libedgetpu)
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+#: side of the cutouts every model takes
+SIZE = 63
+_NORMALISATIONS = ("nightsift", "braai", "none")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: which backend runs which file, with which preprocessing.
+
+    Attributes
+    ----------
+    backend : str
+        ``"edgetpu"``, ``"tflite"``, ``"keras"`` or ``"braai"`` (never ``"auto"``).
+    path : Path
+        The model file (``.tflite``, ``.keras``, or braai's weights ``.h5``).
+    normalisation : str
+        ``"nightsift"``, ``"braai"`` or ``"none"``.
+    version : str
+        Written to the packets' ``rbversion``/``drbversion``.
+    threshold : float
+        Operating threshold on the score (``classify.threshold`` when >= 0, else the model's).
+    metadata : dict
+        The model's metadata JSON (empty when there is none).
+    """
+
+    backend: str
+    path: Path
+    normalisation: str
+    version: str
+    threshold: float
+    metadata: dict = field(default_factory=dict)
+
+
+def edgetpu_available() -> bool:
+    """True when the Edge TPU runtime library can be loaded (cheap; does not open a device)."""
+    try:
+        ctypes.CDLL(EDGETPU_LIBRARY)
+    except OSError:
+        return False
+    return True
+
+
+def _edgetpu_delegate():
+    # check the library first: LiteRT's load_delegate leaves a half-built object whose __del__
+    # raises when the library is missing
+    if not edgetpu_available():
+        raise BackendError(f"classify.backend='edgetpu' but the Edge TPU runtime ({EDGETPU_LIBRARY}) is not "
+                           "installed; install libedgetpu (Coral's apt package libedgetpu1-std) or use "
+                           "backend 'tflite' (the same int8 model on the CPU) or 'auto'")
+    from ai_edge_litert.interpreter import load_delegate
+
+    try:
+        return load_delegate(EDGETPU_LIBRARY)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise BackendError(f"the Edge TPU delegate did not load ({e}); is an Edge TPU attached? "
+                           "Use backend 'tflite' to run the int8 model on the CPU") from None
+
+
+# ----------------------------------------------------------------------------- model resolution
+
+def _read_metadata(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"model metadata is not readable JSON ({e})", path=str(path)) from None
+    if not isinstance(meta, dict):
+        raise InputError("model metadata must be a JSON object", path=str(path))
+    return meta
+
+
+def _default_metadata() -> tuple[Path | None, dict]:
+    """The shipped model's metadata JSON (``models/*.json``): the one marked ``"default": true``,
+    else the only one. ``(None, {})`` when there is none."""
+    if not MODELS_DIR.is_dir():
+        return None, {}
+    cands = sorted(MODELS_DIR.glob("*.json"))
+    metas = [(p, _read_metadata(p)) for p in cands]
+    metas = [(p, m) for p, m in metas if any(k in m for k in ("tflite", "keras", "edgetpu"))] or metas
+    if not metas:
+        return None, {}
+    marked = [pm for pm in metas if pm[1].get("default")]
+    if len(marked) == 1 or len(metas) == 1:
+        return (marked or metas)[0]
+    raise InputError(f"several model metadata files ({[p.name for p, _ in metas]}) and none marked "
+                     "\"default\": true; set classify.model to one of them", path=str(MODELS_DIR))
+
+
+def _sole(folder: Path, pattern: str, *, exclude: str | None = None) -> Path | None:
+    found = [p for p in sorted(folder.glob(pattern)) if exclude is None or not p.name.endswith(exclude)]
+    return found[0] if len(found) == 1 else None
+
+
+def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
+    """Which file, backend, preprocessing and threshold ``config`` means (cheap: no model loaded).
+
+    Parameters
+    ----------
+    config : ClassifyConfig
+
+    Returns
+    -------
+    ModelSpec or None
+        ``None`` for backend ``"none"``. ``"auto"`` becomes ``"edgetpu"`` when
+        :func:`edgetpu_available`, else ``"tflite"``.
+
+    Raises
+    ------
+    InputError
+        No model file for the backend (the message says where it looked), unreadable metadata.
+    BackendError
+        ``"edgetpu"`` asked for and the Edge TPU runtime absent.
+    ConfigError
+        An unknown backend or normalisation.
+    """
+    backend = config.backend
+    if backend == "none":
+        return None
+    if backend == "auto":
+        backend = "edgetpu" if edgetpu_available() else "tflite"
+    if backend not in ("edgetpu", "tflite", "keras", "braai"):
+        raise ConfigError(f"classify.backend={config.backend!r}: expected auto, edgetpu, tflite, keras, braai or none")
+    if backend == "edgetpu" and not edgetpu_available():
+        _edgetpu_delegate()  # raises the BackendError with the explanation
+
+    if backend == "braai":
+        from .braai import BRAAI_VERSION, braai_files
+
+        weights, _ = braai_files(config.model or None)
+        thr = config.threshold if config.threshold >= 0 else 0.5
+        return ModelSpec("braai", weights, "braai", BRAAI_VERSION, float(thr), {})
+
+    model = Path(config.model) if config.model else None
+    if model is None:
+        meta_path, meta = _default_metadata()
+        folder = MODELS_DIR
+    elif model.suffix == ".json":
+        meta_path, meta, folder = model, _read_metadata(model), model.parent
+    else:
+        if not model.is_file():
+            raise InputError("classify.model: no such model file", path=str(model))
+        meta_path = model.with_suffix(".json")
+        meta = _read_metadata(meta_path) if meta_path.is_file() else {}
+        folder = model.parent
+    base = meta_path.parent if meta_path is not None else folder
+
+    def named(key):
+        return (base / meta[key]) if meta.get(key) else None
+
+    path: Path | None
+    if model is not None and model.suffix in (".tflite", ".keras"):
+        path = model
+    elif backend == "keras":
+        path = named("keras") or (_sole(folder, "*.keras") if folder.is_dir() else None)
+    elif backend == "edgetpu":
+        path = named("edgetpu") or (_sole(folder, "*_edgetpu.tflite") if folder.is_dir() else None)
+        if path is None:
+            path = named("tflite") or (_sole(folder, "*.tflite", exclude="_edgetpu.tflite") if folder.is_dir() else None)
+            if path is not None:
+                log.warning("no edgetpu_compiler output for %s: the Edge TPU delegate will leave the int8 "
+                            "model on the CPU", path)
+    else:
+        path = named("tflite") or (_sole(folder, "*.tflite", exclude="_edgetpu.tflite") if folder.is_dir() else None)
+    if path is None or not path.is_file():
+        kind = {"keras": "float .keras", "tflite": "int8 .tflite", "edgetpu": "Edge TPU .tflite"}[backend]
+        raise InputError(f"no {kind} model for classify.backend={backend!r} (looked for "
+                         f"{path or 'a metadata JSON or a single model file'}); train one with `nightsift train` "
+                         "or set classify.model", path=str(path or folder))
+    if path.name.startswith("d6_m7"):
+        default_norm = "braai"  # ZTF's own Edge TPU build of braai
+    else:
+        default_norm = "nightsift"
+    norm = str(meta.get("normalisation", meta.get("normalization", default_norm)))
+    if norm not in _NORMALISATIONS:
+        raise ConfigError(f"model metadata {meta_path}: normalisation {norm!r} not one of {_NORMALISATIONS}")
+    version = str(meta.get("version") or meta.get("name") or path.stem)
+    if config.threshold >= 0:
+        thr = config.threshold
+    else:
+        thr = float(meta.get("threshold", 0.5))
+    return ModelSpec(backend, path, norm, version, float(thr), meta)
+
+
+# ----------------------------------------------------------------------------- predictors
+
+def _score_column(y: np.ndarray) -> np.ndarray:
+    """(n,), (n, 1) sigmoid or (n, 2) softmax output -> (n,) probability of 'real'."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        return y
+    if y.ndim == 2 and y.shape[1] in (1, 2):
+        return y[:, -1]
+    raise InputError(f"model output of shape {y.shape}: expected (n,), (n, 1) or (n, 2)", stage="classify")
+
+
+class _LiteRT:
+    """One LiteRT interpreter; quantises float inputs for integer models and dequantises outputs."""
+
+    def __init__(self, path: Path, *, batch_size: int, num_threads: int | None, delegates=()):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            it = Interpreter(model_path=str(path), num_threads=num_threads,
+                             experimental_delegates=list(delegates) or None)
+        except (ValueError, RuntimeError) as e:
+            raise InputError(f"LiteRT cannot load this model ({e})", path=str(path)) from None
+        ins, outs = it.get_input_details(), it.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise InputError(f"expected one input and one output tensor, got {len(ins)} and {len(outs)}", path=str(path))
+        shape = [int(s) for s in ins[0]["shape"]]
+        if shape[1:] != [SIZE, SIZE, 3]:
+            raise InputError(f"model input is {shape}, expected (batch, {SIZE}, {SIZE}, 3)", path=str(path))
+        self.batch = shape[0]
+        if batch_size != shape[0]:
+            try:  # CPU models take any batch; compiled Edge TPU models keep theirs
+                it.resize_tensor_input(ins[0]["index"], [batch_size, SIZE, SIZE, 3], strict=False)
+                it.allocate_tensors()
+                self.batch = batch_size
+            except (ValueError, RuntimeError):
+                it = Interpreter(model_path=str(path), num_threads=num_threads,
+                                 experimental_delegates=list(delegates) or None)
+                it.allocate_tensors()
+        else:
+            it.allocate_tensors()
+        self.it = it
+        self.inp = it.get_input_details()[0]
+        self.out = it.get_output_details()[0]
+        self.in_dtype = np.dtype(self.inp["dtype"])
+        self.in_scale, self.in_zero = self.inp["quantization"]
+        self.out_scale, self.out_zero = self.out["quantization"]
+        if self.in_dtype.kind in "iu" and self.in_scale == 0:
+            raise InputError("integer input tensor without quantisation parameters", path=str(path))
+        self._buf = np.zeros([self.batch, SIZE, SIZE, 3], self.in_dtype)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.in_dtype.kind not in "iu":
+            return x.astype(self.in_dtype, copy=False)
+        info = np.iinfo(self.in_dtype)
+        q = np.rint(x / np.float32(self.in_scale) + np.float32(self.in_zero))
+        return np.clip(q, info.min, info.max).astype(self.in_dtype)
+
+    def dequantize(self, y: np.ndarray) -> np.ndarray:
+        if np.dtype(y.dtype).kind in "iu" and self.out_scale != 0:
+            return (y.astype(np.float32) - np.float32(self.out_zero)) * np.float32(self.out_scale)
+        return y.astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        out = np.empty(n, np.float32)
+        for i in range(0, n, self.batch):
+            chunk = x[i:i + self.batch]
+            k = len(chunk)
+            self._buf[:k] = self.quantize(chunk)
+            if k < self.batch:
+                self._buf[k:] = 0
+            self.it.set_tensor(self.inp["index"], self._buf)
+            self.it.invoke()
+            y = self.it.get_tensor(self.out["index"])[:k]
+            out[i:i + k] = _score_column(self.dequantize(y))
+        return out
+
+
+class _KerasPredict:
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return _score_column(np.asarray(self.model.predict_on_batch(x), dtype=np.float32))
+
+
+def _load_keras(path: Path):
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"Keras cannot load this model in safe mode ({e})", path=str(path)) from None
+
+
+def _normaliser(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    if name == "braai":
+        from .braai import braai_preprocess
+
+        return braai_preprocess
+    if name == "nightsift":
+        try:
+            from .preprocess import preprocess
+        except ImportError as e:
+            raise InputError(f"nightsift normalisation (nightsift.engine.classify.preprocess) missing ({e})",
+                             stage="classify") from None
+        return preprocess
+    return lambda x: np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+class Scorer:
+    """Batched real/bogus scoring of cutout triplets.
+
+    Call it with triplets ``(n, 63, 63, 3)`` (science, reference, difference; any float dtype,
+    NaN = no data, numpy or cupy) and get ``{"rb": (n,) float32, "drb": (n,) float32}``: the
+    probability that each candidate is real. The triplets are normalised (the model's
+    ``normalisation``) and run ``batch_size`` at a time. Build one with :func:`load_scorer`.
+
+    Attributes
+    ----------
+    spec : ModelSpec
+    batch_size : int
+    threshold : float
+        Operating threshold (a candidate is called real when ``score >= threshold``).
+    versions : dict
+        ``{"rb": version, "drb": version}`` for the packets' version fields.
+    """
+
+    fields = ("rb", "drb")
+
+    def __init__(self, spec: ModelSpec, predict: Callable[[np.ndarray], np.ndarray], *,
+                 preprocess: Callable[[np.ndarray], np.ndarray], batch_size: int):
+        self.spec = spec
+        self._predict = predict
+        self._preprocess = preprocess
+        self.batch_size = int(batch_size)
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold
+
+    @property
+    def versions(self) -> dict[str, str]:
+        precision = "int8" if self.spec.backend in ("tflite", "edgetpu") else "float32"
+        v = f"{self.spec.version}/{precision}"
+        return {f: v for f in self.fields}
+
+    def score(self, triplets) -> np.ndarray:
+        """The scores alone: ndarray (n,) float32 in [0, 1]."""
+        from nightsift.kernels._xp import to_numpy
+
+        x = to_numpy(triplets)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != (SIZE, SIZE, 3):
+            raise InputError(f"triplets must be (n, {SIZE}, {SIZE}, 3), got {x.shape}", stage="classify")
+        n = len(x)
+        out = np.empty(n, np.float32)
+        for i in range(0, n, self.batch_size):
+            batch = np.asarray(self._preprocess(x[i:i + self.batch_size]), dtype=np.float32)
+            out[i:i + self.batch_size] = self._predict(batch)
+        return out
+
+    def __call__(self, triplets) -> dict[str, np.ndarray]:
+        s = self.score(triplets)
+        return {f: s.copy() for f in self.fields}
+
+    def __repr__(self) -> str:
+        return (f"Scorer(backend={self.backend!r}, model={str(self.spec.path)!r}, version={self.spec.version!r}, "
+                f"threshold={self.threshold:.4g}, batch_size={self.batch_size})")
+
+
+def load_scorer(config: ClassifyConfig, *, num_threads: int | None = None,
+                preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> Scorer | None:
+    """Build the scorer ``config`` asks for (loads the model: do it once per process).
+
+    Parameters
+    ----------
+    config : ClassifyConfig
+        ``backend``, ``model``, ``batch_size``, ``threshold``.
+    num_threads : int, optional, keyword-only
+        CPU threads of the LiteRT interpreter (``None``: LiteRT's default). Keras/TensorFlow
+        use their own thread pools.
+    preprocess : callable, optional, keyword-only
+        Replaces the model's normalisation (``(n, 63, 63, 3) -> float32``), e.g. for a model
+        built outside nightsift.
+
+    Returns
+    -------
+    Scorer or None
+        ``None`` for backend ``"none"``.
+
+    Raises
+    ------
+    InputError, BackendError, ConfigError
+        As :func:`resolve_model`, or a model file the backend cannot load.
+    """
+    spec = resolve_model(config)
+    if spec is None:
+        return None
+    if spec.backend == "braai":
+        from .braai import load_braai
+
+        predict = _KerasPredict(load_braai(spec.path))
+    elif spec.backend == "keras":
+        predict = _KerasPredict(_load_keras(spec.path))
+    elif spec.backend == "edgetpu":
+        predict = _LiteRT(spec.path, batch_size=config.batch_size, num_threads=num_threads,
+                          delegates=[_edgetpu_delegate()])
+    else:
+        predict = _LiteRT(spec.path, batch_size=config.batch_size, num_threads=num_threads)
+    prep = preprocess or _normaliser(spec.normalisation)
+    log.info("classifier: %s %s (%s), threshold %.4g", spec.backend, spec.path, spec.version, spec.threshold)
+    return Scorer(spec, predict, preprocess=prep, batch_size=config.batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(config: ClassifyConfig) -> Scorer | None:
+    return load_scorer(config)
+
+
+def pipeline_scorer(config: ClassifyConfig) -> Scorer | None:
+    """The scorer for the chain, loaded once per process and cached (workers call this per CCD).
+
+    ``None`` when the backend is ``"none"``, or ``"auto"`` and no model is available (a warning
+    is logged once). An explicit backend whose model or runtime is missing raises.
+    """
+    if config.backend == "none":
+        return None
+    if config.backend == "auto":
+        try:
+            resolve_model(config)
+        except InputError as e:
+            _warn_no_model(str(e))
+            return None
+    return _cached(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_no_model(message: str) -> None:
+    log.warning("alerts will carry no real/bogus score: %s", message)

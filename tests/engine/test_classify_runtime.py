@@ -1,0 +1,237 @@
+"""The scorer interface: LiteRT int8 on the CPU, float Keras, Edge TPU absence, model resolution.
+
+A tiny Keras model is built and exported to full-integer int8 TFLite here (seeded), so the tests
+do not depend on the shipped model.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from nightsift.engine.classify import runtime
+from nightsift.engine.classify.runtime import Scorer, edgetpu_available, load_scorer, pipeline_scorer, resolve_model
+from nightsift.engine.config import ClassifyConfig
+from nightsift.engine.errors import BackendError, ConfigError, InputError
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+pytest.importorskip("ai_edge_litert")
+
+
+def _triplets(rng, n):
+    """Star-like triplets: a Gaussian blob of random flux in science/difference, sky noise."""
+    yy, xx = np.mgrid[:63, :63] - 31.0
+    blob = np.exp(-(xx ** 2 + yy ** 2) / (2 * 2.0 ** 2)).astype(np.float32)
+    x = rng.normal(0, 1, size=(n, 63, 63, 3)).astype(np.float32)
+    amp = rng.uniform(0, 20, size=(n, 1, 1))
+    x[..., 0] += amp * blob
+    x[..., 2] += amp * blob * rng.choice([0.0, 1.0], size=(n, 1, 1))
+    return x
+
+
+def _scale(x):
+    """The tiny model's normalisation: NaN -> 0, divide by 10 (keeps int8 inputs in range)."""
+    return np.nan_to_num(np.asarray(x, np.float32), nan=0.0) / 10.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, keras model, .keras path, int8 .tflite path) of a small seeded model."""
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((63, 63, 3)),
+        keras.layers.Conv2D(4, 3, strides=2, activation="relu"),
+        keras.layers.MaxPooling2D(4),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    rng = np.random.default_rng(3)
+    rep = _scale(_triplets(rng, 64))
+
+    def representative():
+        for i in range(len(rep)):
+            yield [rep[i:i + 1]]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter's notes on input statistics
+        blob = conv.convert()
+    d = tmp_path_factory.mktemp("tiny_model")
+    (d / "tiny.tflite").write_bytes(blob)
+    model.save(d / "tiny.keras")
+    (d / "tiny.json").write_text(json.dumps({"version": "tiny-1", "tflite": "tiny.tflite", "keras": "tiny.keras",
+                                             "threshold": 0.37, "normalisation": "none"}))
+    return d, model, d / "tiny.keras", d / "tiny.tflite"
+
+
+def _cfg(**kw):
+    return ClassifyConfig(**kw)
+
+
+def test_tflite_int8_matches_float_and_is_batch_independent(tiny, rng):
+    d, model, _, tfl = tiny
+    x = _triplets(rng, 37)
+    ref = model.predict(_scale(x), verbose=0)[:, 0]
+    s1 = load_scorer(_cfg(backend="tflite", model=str(tfl), batch_size=16), num_threads=1, preprocess=_scale)
+    s2 = load_scorer(_cfg(backend="tflite", model=str(tfl), batch_size=1), num_threads=1, preprocess=_scale)
+    out = s1(x)
+    assert set(out) >= {"rb", "drb"} and out["rb"].shape == (37,) and out["rb"].dtype == np.float32
+    np.testing.assert_array_equal(out["rb"], out["drb"])
+    # int8 output step is 1/256: the int8 model follows the float one to a few steps
+    assert np.max(np.abs(out["rb"] - ref)) < 0.03
+    assert np.corrcoef(out["rb"], ref)[0, 1] > 0.98
+    # batching (and the zero-padded last batch) does not change any score
+    np.testing.assert_array_equal(s2.score(x), out["rb"])
+    assert s1.versions == {"rb": "tiny-1/int8", "drb": "tiny-1/int8"}
+    assert s1.threshold == pytest.approx(0.37)
+
+
+def test_tflite_quantisation_by_hand(tiny, rng):
+    """Scorer's quantise -> invoke -> dequantise equals doing it by hand with the tensor params."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, _, tfl = tiny
+    x = _scale(_triplets(rng, 3))
+    it = Interpreter(model_path=str(tfl), num_threads=1)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    (si, zi), (so, zo) = inp["quantization"], out["quantization"]
+    want = []
+    for k in range(3):
+        q = np.clip(np.rint(x[k:k + 1] / si + zi), -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], q)
+        it.invoke()
+        want.append((it.get_tensor(out["index"]).astype(np.float32)[0, 0] - zo) * so)
+    s = load_scorer(_cfg(backend="tflite", model=str(tfl), batch_size=2), num_threads=1, preprocess=lambda a: a)
+    np.testing.assert_allclose(s.score(x), want, rtol=0, atol=1e-7)
+
+
+def test_metadata_json_and_normalisation(tiny, rng):
+    d, model, _, _ = tiny
+    spec = resolve_model(_cfg(backend="tflite", model=str(d / "tiny.json")))
+    assert spec.backend == "tflite" and spec.path == d / "tiny.tflite" and spec.normalisation == "none"
+    assert spec.threshold == pytest.approx(0.37) and spec.version == "tiny-1"
+    # the configured threshold wins over the model's
+    assert resolve_model(_cfg(backend="tflite", model=str(d / "tiny.json"), threshold=0.8)).threshold == 0.8
+    # the .keras file picks up the metadata of the same stem
+    k = resolve_model(_cfg(backend="keras", model=str(d / "tiny.keras")))
+    assert k.backend == "keras" and k.threshold == pytest.approx(0.37)
+    # "none" normalisation = NaN -> 0 only
+    x = _triplets(rng, 4)
+    x[0, :5] = np.nan
+    s = load_scorer(_cfg(backend="tflite", model=str(d / "tiny.json")), num_threads=1)
+    s_manual = load_scorer(_cfg(backend="tflite", model=str(d / "tiny.json")), num_threads=1,
+                           preprocess=lambda a: np.nan_to_num(a, nan=0.0))
+    np.testing.assert_array_equal(s.score(x), s_manual.score(x))
+
+
+def test_keras_backend_safe_mode(tiny, rng):
+    _, model, kpath, _ = tiny
+    x = _triplets(rng, 5)
+    s = load_scorer(_cfg(backend="keras", model=str(kpath), batch_size=2), preprocess=_scale)
+    np.testing.assert_allclose(s.score(x), model.predict(_scale(x), verbose=0)[:, 0], atol=1e-6)
+    assert s.versions["rb"].endswith("/float32")
+
+
+def test_keras_refuses_lambda_layers(tmp_path):
+    """safe_mode: a model with a Python lambda (arbitrary code) is refused."""
+    m = keras.Sequential([keras.Input((63, 63, 3)), keras.layers.Lambda(lambda t: t * 2.0),
+                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    p = tmp_path / "lam.keras"
+    m.save(p)
+    with pytest.raises(InputError, match="safe mode"):
+        load_scorer(_cfg(backend="keras", model=str(p)), preprocess=_scale)
+
+
+@pytest.mark.skipif(edgetpu_available(), reason="an Edge TPU runtime is installed here")
+def test_edgetpu_absent_is_a_clear_error_and_auto_falls_back(tiny):
+    _, _, _, tfl = tiny
+    with pytest.raises(BackendError, match="libedgetpu"):
+        load_scorer(_cfg(backend="edgetpu", model=str(tfl)))
+    s = load_scorer(_cfg(backend="auto", model=str(tfl)), preprocess=_scale)
+    assert s.backend == "tflite"
+
+
+@pytest.mark.skipif(not edgetpu_available(), reason="no Edge TPU runtime (libedgetpu.so.1) here")
+def test_edgetpu_runs_the_int8_model(tiny, rng):  # pragma: no cover - needs the hardware
+    _, _, _, tfl = tiny
+    x = _triplets(rng, 8)
+    cpu = load_scorer(_cfg(backend="tflite", model=str(tfl)), preprocess=_scale).score(x)
+    tpu = load_scorer(_cfg(backend="edgetpu", model=str(tfl)), preprocess=_scale).score(x)
+    np.testing.assert_allclose(tpu, cpu, atol=2 / 256)
+
+
+def test_none_missing_and_bad_inputs(tiny, tmp_path):
+    _, _, _, tfl = tiny
+    assert load_scorer(_cfg(backend="none")) is None
+    assert pipeline_scorer(_cfg(backend="none")) is None
+    with pytest.raises(InputError, match="no such model file"):
+        load_scorer(_cfg(backend="tflite", model=str(tmp_path / "nope.tflite")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "m.json").write_text("{}")
+    with pytest.raises(InputError, match="no int8 .tflite model"):
+        resolve_model(_cfg(backend="tflite", model=str(empty / "m.json")))
+    (empty / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="bad.json"):
+        resolve_model(_cfg(backend="tflite", model=str(empty / "bad.json")))
+    (empty / "junk.tflite").write_bytes(b"not a flatbuffer")
+    with pytest.raises(InputError, match="junk.tflite"):
+        load_scorer(_cfg(backend="tflite", model=str(empty / "junk.tflite")))
+    (empty / "n.json").write_text(json.dumps({"tflite": str(tfl), "normalisation": "zscore"}))
+    with pytest.raises(ConfigError, match="zscore"):
+        resolve_model(_cfg(backend="tflite", model=str(empty / "n.json")))
+    s = load_scorer(_cfg(backend="tflite", model=str(tfl)), preprocess=_scale)
+    with pytest.raises(InputError, match=r"\(n, 63, 63, 3\)"):
+        s(np.zeros((2, 31, 31, 3), np.float32))
+    assert s(np.zeros((0, 63, 63, 3), np.float32))["rb"].shape == (0,)
+
+
+def test_pipeline_scorer_loads_once_and_auto_without_model(tiny, tmp_path, monkeypatch):
+    _, _, _, tfl = tiny
+    cfg = _cfg(backend="tflite", model=str(tfl))
+    assert pipeline_scorer(cfg) is pipeline_scorer(cfg)
+    assert isinstance(pipeline_scorer(cfg), Scorer)
+    # "auto" with no shipped model: no scorer (the chain writes packets without rb), not an error
+    monkeypatch.setattr(runtime, "MODELS_DIR", tmp_path / "no_models")
+    monkeypatch.setattr(runtime, "edgetpu_available", lambda: False)
+    assert pipeline_scorer(_cfg(backend="auto")) is None
+    with pytest.raises(InputError):
+        pipeline_scorer(_cfg(backend="tflite"))
+
+
+def test_scores_fill_the_packets(tiny, rng):
+    """Scorer output -> build_alerts -> the ZTF fields rb/drb and their versions."""
+    from astropy.io import fits
+
+    from nightsift.engine.config import CutoutConfig
+    from nightsift.engine.records import CANDIDATE_DTYPE
+    from nightsift.engine.stages.package import build_alerts
+    from nightsift.kernels.stamps import extract_triplets
+
+    _, _, _, tfl = tiny
+    s = load_scorer(_cfg(backend="tflite", model=str(tfl)), preprocess=_scale)
+    img = rng.normal(0, 1, (200, 200)).astype(np.float32)
+    cands = np.zeros(3, CANDIDATE_DTYPE)
+    cands["xpos"] = [50.0, 100.0, 198.0]
+    cands["ypos"] = [60.0, 100.0, 150.0]
+    cands["isdiffpos"] = True
+    hdr = fits.Header({"MJD-OBS": 60000.0, "FILTER": "r"})
+    trip = extract_triplets(img, img, img, cands["xpos"], cands["ypos"], size=63)
+    scores = s(trip)
+    res = build_alerts(cands, science=img, reference=img, difference=img, header=hdr, visit=1, ccd=2,
+                       config=CutoutConfig(), scores=scores, score_versions=s.versions)
+    got = [a["candidate"] for a in res.value]
+    np.testing.assert_allclose([c["rb"] for c in got], scores["rb"], rtol=1e-7)
+    np.testing.assert_allclose([c["drb"] for c in got], scores["drb"], rtol=1e-7)
+    assert {c["rbversion"] for c in got} == {s.versions["rb"]}
+    assert res.qa["n_scored"] == 3
