@@ -111,7 +111,8 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
         Keep the images (science, aligned reference, D, S_corr) in the result.
     scorer : callable, optional
         ``scorer(triplets (n, 63, 63, 3)) -> dict[str, ndarray (n,)]`` (e.g. real/bogus), stored
-        in the packets.
+        in the packets; its ``versions`` attribute, when present, fills ``rbversion``/``drbversion``
+        (see :func:`nightsift.engine.classify.runtime.pipeline_scorer`).
     """
     qa: dict = {} if _qa is None else _qa
     step = _Timer(qa).start()
@@ -134,9 +135,10 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
 
         scores = scorer(extract_triplets(sky_sub, ref_sub, sub.difference, cands["xpos"], cands["ypos"],
                                          size=config.cutout.size))
+        step("classify", _Done())
     alerts = step("package", build_alerts(cands, science=sky_sub, reference=ref_sub, difference=sub.difference,
                                           header=science.header, visit=visit, ccd=ccd, config=config.cutout,
-                                          scores=scores))
+                                          scores=scores, score_versions=getattr(scorer, "versions", None)))
     path = None
     if write:
         path = write_alerts(alert_path(config.package.output_dir, visit, ccd), alerts)

@@ -21,8 +21,9 @@ Backends (``classify.backend``):
 
 Models: ``classify.model = ""`` means the model shipped in ``engine/classify/models/``: the
 metadata JSON there names the files (``"tflite"``, ``"keras"``, ``"edgetpu"``), the operating
-``"threshold"``, the ``"version"`` and the ``"normalisation"`` (``"nightsift"``:
-:func:`nightsift.engine.classify.preprocess.preprocess`; ``"braai"``; ``"none"``). A path in
+``"threshold"``, the ``"version"`` and the ``"normalisation"`` (``"nightsift"`` or its versioned
+name ``preprocess.NORMALIZATION``: :func:`nightsift.engine.classify.preprocess.preprocess`;
+``"braai"``; ``"none"``). A path in
 ``classify.model`` may be a metadata JSON, a ``.tflite``/``.keras`` file (its metadata is the JSON
 of the same stem, when present) or, for ``braai``, the folder of ZTF's files.
 
@@ -233,15 +234,29 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
         default_norm = "braai"  # ZTF's own Edge TPU build of braai
     else:
         default_norm = "nightsift"
-    norm = str(meta.get("normalisation", meta.get("normalization", default_norm)))
-    if norm not in _NORMALISATIONS:
-        raise ConfigError(f"model metadata {meta_path}: normalisation {norm!r} not one of {_NORMALISATIONS}")
+    norm = _normalisation_name(str(meta.get("normalisation", meta.get("normalization", default_norm))), meta_path)
     version = str(meta.get("version") or meta.get("name") or path.stem)
     if config.threshold >= 0:
         thr = config.threshold
     else:
         thr = float(meta.get("threshold", 0.5))
     return ModelSpec(backend, path, norm, version, float(thr), meta)
+
+
+def _normalisation_name(name: str, where) -> str:
+    """``"nightsift"`` (also under its versioned name, ``preprocess.NORMALIZATION``), ``"braai"``
+    or ``"none"``; anything else is a ConfigError (a model trained with another normalisation)."""
+    if name in _NORMALISATIONS:
+        return name
+    try:
+        from .preprocess import NORMALIZATION
+    except ImportError:
+        NORMALIZATION = None
+    if name == NORMALIZATION:
+        return "nightsift"
+    known = list(_NORMALISATIONS) + ([NORMALIZATION] if NORMALIZATION else [])
+    raise ConfigError(f"model metadata {where}: normalisation {name!r} is not one this nightsift applies "
+                      f"({known}); retrain the model or use the nightsift version it was made with")
 
 
 # ----------------------------------------------------------------------------- predictors

@@ -56,6 +56,7 @@ class NightSummary:
 def simulated_ccd_task(config_dict: dict, visit: int, ccd: int) -> dict:
     """Simulate one CCD-visit, run the chain, write its alerts and ledger record, score against
     the truth. Never raises for a stage failure: the outcome is in the returned dict."""
+    from ..classify.runtime import pipeline_scorer
     from ..pipeline import process_ccd
     from ..simulate import simulate_visit_ccd
     from ..stages.calibrate import make_master
@@ -69,7 +70,7 @@ def simulated_ccd_task(config_dict: dict, visit: int, ccd: int) -> dict:
         sim = simulate_visit_ccd(config.simulate, visit=visit, ccd=ccd)
         master = make_master(sim.calibration, header=sim.science_raw.header, config=config.calibrate)
         res = process_ccd(sim.science_raw, master, sim.reference, config=config, visit=visit, ccd=ccd,
-                          keep_products=True)
+                          keep_products=True, scorer=pipeline_scorer(config.classify))  # loaded once per process
         m = match_candidates(res.candidates, sim.transients)
         snr = expected_snr(sim.transients, res.products.subtraction.flux_err)
         rec.update(status="done", n_alerts=res.n_alerts, n_truth=len(sim.transients), n_found=int(m.found.sum()),
@@ -92,6 +93,10 @@ def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = Tr
     """Simulate and process ``n_visits x n_ccds`` CCD-visits with ``workers`` processes."""
     from tqdm import tqdm
 
+    from ..classify.runtime import resolve_model
+
+    if config.classify.backend not in ("none", "auto"):
+        resolve_model(config.classify)  # a missing model or Edge TPU runtime fails here, not per CCD
     sim = config.simulate
     tasks = [(v, c) for v in range(sim.n_visits) for c in range(sim.n_ccds)]
     workers = workers or config.run.workers or os.cpu_count() or 1

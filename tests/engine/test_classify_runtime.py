@@ -235,3 +235,34 @@ def test_scores_fill_the_packets(tiny, rng):
     np.testing.assert_allclose([c["drb"] for c in got], scores["drb"], rtol=1e-7)
     assert {c["rbversion"] for c in got} == {s.versions["rb"]}
     assert res.qa["n_scored"] == 3
+
+
+def test_night_task_writes_scored_packets(tiny, tmp_path):
+    """The local night runner builds the scorer from [classify] and the packets carry rb/drb."""
+    from nightsift.engine.config import Config, to_dict
+    from nightsift.engine.io.avro import read_alerts
+    from nightsift.engine.orchestration.local import simulated_ccd_task
+
+    d, _, _, _ = tiny
+    cfg = Config().replace(simulate={"ny": 400, "nx": 400, "n_transients": 10},
+                           package={"output_dir": str(tmp_path)},
+                           classify={"backend": "tflite", "model": str(d / "tiny.json")})
+    rec = simulated_ccd_task(to_dict(cfg), 0, 0)
+    assert rec["status"] == "done", rec.get("error")
+    assert rec["n_alerts"] > 0 and "t_classify" in rec["qa"] and rec["qa"]["n_scored"] == rec["n_alerts"]
+    alerts = read_alerts(tmp_path / "visit00000000_ccd000.avro")
+    rb = np.array([a["candidate"]["rb"] for a in alerts])
+    assert np.all((rb >= 0) & (rb <= 1))
+    assert {a["candidate"]["drbversion"] for a in alerts} == {"tiny-1/int8"}
+
+
+def test_versioned_normalisation_name(tiny, tmp_path):
+    prep = pytest.importorskip("nightsift.engine.classify.preprocess")
+    _, _, _, tfl = tiny
+    (tmp_path / "m.json").write_text(json.dumps({"tflite": str(tfl), "normalisation": prep.NORMALIZATION}))
+    spec = resolve_model(_cfg(backend="tflite", model=str(tmp_path / "m.json")))
+    assert spec.normalisation == "nightsift"
+    s = load_scorer(_cfg(backend="tflite", model=str(tmp_path / "m.json")))
+    x = _triplets(np.random.default_rng(1), 3)
+    manual = load_scorer(_cfg(backend="tflite", model=str(tfl)), preprocess=prep.preprocess)
+    np.testing.assert_array_equal(s.score(x), manual.score(x))
