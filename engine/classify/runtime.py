@@ -20,12 +20,14 @@ Backends (``classify.backend``):
 * ``"none"`` -- no scorer (:func:`load_scorer` returns ``None``).
 
 Models: ``classify.model = ""`` means the model shipped in ``engine/classify/models/``: the
-metadata JSON there names the files (``"tflite"``, ``"keras"``, ``"edgetpu"``), the operating
-``"threshold"``, the ``"version"`` and the ``"normalisation"`` (``"nightsift"`` or its versioned
-name ``preprocess.NORMALIZATION``: :func:`nightsift.engine.classify.preprocess.preprocess`;
-``"braai"``; ``"none"``). A path in
+metadata JSON there names the files (``"tflite"``, ``"keras"``, ``"edgetpu"``, at the top level or
+under ``"files"``, where the int8 model may be ``"tflite_int8"``), the operating ``"threshold"``
+(``"threshold_int8"`` for the int8 backends when present), the ``"version"`` (or ``"name"``) and
+the ``"normalisation"`` (``"nightsift"`` or its versioned name ``preprocess.NORMALIZATION``:
+:func:`nightsift.engine.classify.preprocess.preprocess`; ``"braai"``; ``"none"``). A path in
 ``classify.model`` may be a metadata JSON, a ``.tflite``/``.keras`` file (its metadata is the JSON
-of the same stem, when present) or, for ``braai``, the folder of ZTF's files.
+of the same stem, less an ``_int8``/``_edgetpu`` suffix, when present) or, for ``braai``, the
+folder of ZTF's files.
 
 The score is the model's probability that the candidate is real; it fills both ZTF fields ``rb``
 and ``drb`` of the packets (nightsift has one, deep, classifier), with the model version in
@@ -140,7 +142,7 @@ def _default_metadata() -> tuple[Path | None, dict]:
         return None, {}
     cands = sorted(MODELS_DIR.glob("*.json"))
     metas = [(p, _read_metadata(p)) for p in cands]
-    metas = [(p, m) for p, m in metas if any(k in m for k in ("tflite", "keras", "edgetpu"))] or metas
+    metas = [(p, m) for p, m in metas if any(k in m for k in ("tflite", "keras", "edgetpu", "files"))] or metas
     if not metas:
         return None, {}
     marked = [pm for pm in metas if pm[1].get("default")]
@@ -203,13 +205,19 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
     else:
         if not model.is_file():
             raise InputError("classify.model: no such model file", path=str(model))
-        meta_path = model.with_suffix(".json")
+        stems = [model.stem] + [model.stem[: -len(x)] for x in ("_int8", "_edgetpu") if model.stem.endswith(x)]
+        meta_path = next((model.with_name(st + ".json") for st in stems if model.with_name(st + ".json").is_file()),
+                         model.with_suffix(".json"))
         meta = _read_metadata(meta_path) if meta_path.is_file() else {}
         folder = model.parent
     base = meta_path.parent if meta_path is not None else folder
 
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+
     def named(key):
-        return (base / meta[key]) if meta.get(key) else None
+        # top-level {"tflite": ...} or the training metadata's {"files": {"tflite_int8": ...}}
+        name = meta.get(key) or files.get(key) or (files.get("tflite_int8") if key == "tflite" else None)
+        return (base / name) if name else None
 
     path: Path | None
     if model is not None and model.suffix in (".tflite", ".keras"):
@@ -238,6 +246,8 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
     version = str(meta.get("version") or meta.get("name") or path.stem)
     if config.threshold >= 0:
         thr = config.threshold
+    elif backend in ("tflite", "edgetpu") and "threshold_int8" in meta:
+        thr = float(meta["threshold_int8"])  # chosen on the int8 model's own validation scores
     else:
         thr = float(meta.get("threshold", 0.5))
     return ModelSpec(backend, path, norm, version, float(thr), meta)

@@ -266,3 +266,21 @@ def test_versioned_normalisation_name(tiny, tmp_path):
     x = _triplets(np.random.default_rng(1), 3)
     manual = load_scorer(_cfg(backend="tflite", model=str(tfl)), preprocess=prep.preprocess)
     np.testing.assert_array_equal(s.score(x), manual.score(x))
+
+
+def test_training_metadata_layout(tiny, tmp_path):
+    """The training side's metadata: {"files": {"keras", "tflite_int8"}, "threshold_int8", "name"}."""
+    import shutil
+
+    d, _, _, _ = tiny
+    shutil.copy(d / "tiny.tflite", tmp_path / "rb_int8.tflite")
+    shutil.copy(d / "tiny.keras", tmp_path / "rb.keras")
+    (tmp_path / "rb.json").write_text(json.dumps({
+        "name": "rb-v1", "normalization": "none", "threshold": 0.4, "threshold_int8": 0.45,
+        "files": {"keras": "rb.keras", "tflite_int8": "rb_int8.tflite"}}))
+    t = resolve_model(_cfg(backend="tflite", model=str(tmp_path / "rb.json")))
+    assert t.path == tmp_path / "rb_int8.tflite" and t.threshold == 0.45 and t.version == "rb-v1"
+    k = resolve_model(_cfg(backend="keras", model=str(tmp_path / "rb.json")))
+    assert k.path == tmp_path / "rb.keras" and k.threshold == 0.4
+    # the .tflite given directly finds rb.json (its stem less _int8)
+    assert resolve_model(_cfg(backend="tflite", model=str(tmp_path / "rb_int8.tflite"))).version == "rb-v1"
