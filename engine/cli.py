@@ -1,6 +1,7 @@
 """``nightsift`` command line: argument parsing and progress display only.
 
     nightsift run                       simulate a small night, process it, write alerts, summarise
+    nightsift run --address auto        the same on the Ray cluster this node belongs to
     nightsift subtract SCI.fits REF.fits  run the chain on your own calibrated FITS pair
     nightsift simulate                  write simulated raw/calibration/reference FITS files
 """
@@ -23,16 +24,42 @@ def _config(args, **sections):
     return load_config(args.config, **over)
 
 
+def _night_engine(cfg) -> str:
+    """The night engine ``[run] engine`` asks for: "ray" or "local" ("auto": Ray when installed)."""
+    from .errors import ConfigError
+    from .orchestration.ray_engine import ray_available
+
+    if cfg.run.engine == "local":
+        return "local"
+    if ray_available():
+        return "ray"
+    if cfg.run.engine == "ray":
+        raise ConfigError("run.engine = 'ray' but Ray is not installed: pip install 'nightsift[cluster]', "
+                          "or use --engine local")
+    return "local"
+
+
 def cmd_run(args) -> int:
     from .orchestration.local import run_simulated_night
 
     sim = {k: v for k, v in {"n_visits": args.visits, "n_ccds": args.ccds, "instrument": args.instrument,
                              "seed": args.seed, "ny": args.size, "nx": args.size}.items() if v is not None}
-    cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None)
+    run = {k: v for k, v in {"engine": args.engine, "address": args.address, "workers": args.workers}.items()
+           if v is not None}
+    cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None, run=run)
     s = cfg.simulate
+    engine = _night_engine(cfg)
     print(f"nightsift: simulated night, {s.n_visits} visits x {s.n_ccds} CCDs of {s.ny}x{s.nx} px "
-          f"({s.instrument}), alerts -> {cfg.package.output_dir}/")
-    summary = run_simulated_night(cfg, workers=args.workers or 0, progress=not args.quiet)
+          f"({s.instrument}), alerts -> {cfg.package.output_dir}/  [engine: {engine}"
+          f"{', ' + (cfg.run.address or 'local Ray') if engine == 'ray' else ''}]")
+    report = None
+    if engine == "ray":
+        from .orchestration.ray_engine import run_ray_night
+
+        report = run_ray_night(cfg, progress=not args.quiet)
+        summary = report.summary
+    else:
+        summary = run_simulated_night(cfg, workers=args.workers or 0, progress=not args.quiet)
     print(f"CCD-visits: {summary.n_done} done, {summary.n_failed} failed, {summary.n_skipped} skipped "
           f"of {summary.n_tasks} in {summary.wall_s:.1f} s")
     print(f"alerts written: {summary.n_alerts}  (purity vs truth: {summary.purity:.1%} of alerts are injected transients)")
@@ -40,12 +67,25 @@ def cmd_run(args) -> int:
           f"{summary.n_found_snr7}/{summary.n_truth_snr7} = {summary.completeness_snr7:.1%} at expected S/N >= 7")
     for r in summary.per_ccd:
         if r["status"] != "done":
-            print(f"  visit {r['visit']} ccd {r['ccd']}: {r['status']}: {r.get('error', '').splitlines()[0]}")
+            print(f"  visit {r['visit']} ccd {r['ccd']}: {r['status']}: {(r.get('error') or '').splitlines()[0]}")
+    extra = {}
+    if report is not None:
+        import numpy as np
+
+        lat = [v.latency_s for v in report.visits]
+        extra = {"engine": "ray", "alerts_per_s": report.alerts_per_s, "visit_latency_p50_s": float(np.median(lat)),
+                 "subtraction_actors": report.n_subtraction_actors, "inference_actors": report.n_inference_actors,
+                 "scoring": report.scoring, "gpus": report.gpus, "retries": report.n_retries,
+                 "actor_recoveries": report.n_restarts, "actors_replaced": report.n_replaced}
+        print(f"ray: {report.n_subtraction_actors} subtraction actors ({report.gpus} GPUs), "
+              f"{report.n_inference_actors} inference actors (scoring: {report.scoring}); "
+              f"{report.alerts_per_s:.1f} alerts/s; visit latency p50 {extra['visit_latency_p50_s']:.1f} s; "
+              f"{report.n_retries} retries, {report.n_replaced} actors replaced")
     Path(cfg.package.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.package.output_dir) / "night_summary.json").write_text(json.dumps(
         {k: getattr(summary, k) for k in ("n_tasks", "n_done", "n_failed", "n_skipped", "n_alerts", "n_truth",
                                           "n_found", "n_truth_snr7", "n_found_snr7", "wall_s", "completeness",
-                                          "completeness_snr7", "purity")}, indent=1))
+                                          "completeness_snr7", "purity")} | extra, indent=1))
     return 0 if summary.n_done else 1
 
 
@@ -119,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=int, help="CCD side in pixels of the simulated night")
     r.add_argument("--instrument", help="instrument profile: decam, ztf, lsst")
     r.add_argument("--seed", type=int)
-    r.add_argument("--workers", type=int, help="processes (default: all cores)")
+    r.add_argument("--workers", type=int, help="processes, or Ray subtraction actors (default: all cores / GPUs)")
+    r.add_argument("--engine", choices=("auto", "ray", "local"),
+                   help="night engine: Ray actors (the default when Ray is installed) or a local process pool")
+    r.add_argument("--address", help="Ray cluster to join ('auto' after `ray start`); default: start a local Ray")
     r.add_argument("--out", help="output directory for alerts and records")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)

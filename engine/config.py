@@ -156,8 +156,33 @@ class SimulateConfig:
 class RunConfig:
     #: "numpy", "cupy" or "auto" (cupy when a GPU is present)
     backend: str = "numpy"
-    #: worker processes/actors for a night (0 = number of cores)
+    #: worker processes/actors for a night (0 = number of cores; with the Ray engine: subtraction
+    #: actors, 0 = one per GPU, else one per ``subtraction_cpus`` left after the inference pool)
     workers: int = 0
+    #: night engine: "auto" (Ray when it is installed, else the local process pool), "ray", "local"
+    engine: str = "auto"
+    #: Ray cluster: "" starts a local Ray on this machine's cores; "auto" joins the cluster that
+    #: `ray start` runs on this node; "ray://host:10001" a remote one (Ray client)
+    address: str = ""
+    #: CPUs reserved by each subtraction actor (a GPU actor also takes one GPU)
+    subtraction_cpus: float = 1.0
+    #: inference actors scoring cutout batches (real/bogus); unused when classify.backend = "none"
+    inference_actors: int = 1
+    #: CPUs reserved by each inference actor
+    inference_cpus: float = 1.0
+    #: CCD-visits queued per subtraction actor (one running, the rest waiting): bounds memory
+    queue_depth: int = 2
+    #: cutout batches a subtraction actor keeps in flight to the inference pool
+    inference_in_flight: int = 4
+    #: times Ray restarts a crashed actor before nightsift replaces it with a new one
+    max_restarts: int = 3
+    #: times a CCD-visit is run again after its actor died under it, before it is recorded failed
+    task_retries: int = 2
+    #: CCD references kept resident per subtraction actor (least recently used evicted); 0 = all
+    max_resident_ccds: int = 0
+    #: object store of a local Ray, MiB; 0 = Ray's default (30% of memory)
+    object_store_mb: int = 0
+
 
 
 @dataclass(frozen=True)
@@ -214,6 +239,16 @@ def validate(cfg: Config) -> None:
     _check(c.simulate.n_visits >= 1 and c.simulate.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
     _check(c.run.backend in ("numpy", "cupy", "auto"), "run.backend", "must be numpy, cupy or auto")
     _check(c.run.workers >= 0, "run.workers", "must be >= 0")
+    _check(c.run.engine in ("auto", "ray", "local"), "run.engine", "must be auto, ray or local")
+    _check(c.run.subtraction_cpus >= 0 and c.run.inference_cpus >= 0, "run.subtraction_cpus/inference_cpus",
+           "must be >= 0")
+    _check(c.run.inference_actors >= 1, "run.inference_actors", "must be >= 1")
+    _check(c.run.queue_depth >= 1 and c.run.inference_in_flight >= 1, "run.queue_depth/inference_in_flight",
+           "must be >= 1")
+    _check(c.run.max_restarts >= -1, "run.max_restarts", "must be >= -1 (-1: unlimited)")
+    _check(c.run.task_retries >= 0 and c.run.max_resident_ccds >= 0 and c.run.object_store_mb >= 0,
+           "run.task_retries/max_resident_ccds/object_store_mb", "must be >= 0")
+
 
 
 def to_dict(cfg) -> dict:

@@ -1,0 +1,129 @@
+"""Where the CCD-visits of a night come from, seen from a subtraction worker.
+
+A *source* hands a worker two things:
+
+* the **static part of a CCD** (:class:`CCDStatic`): its master calibration and reference exposure,
+  loaded once and kept resident by the worker the CCD is pinned to, for every visit of the night;
+* one **frame** per visit (:class:`CCDFrame`): the raw science exposure, plus the injected truth
+  when the night is simulated.
+
+A source is a small picklable object (it travels to Ray actors and worker processes); it must be
+deterministic per ``(visit, ccd)`` so that a retried CCD-visit yields the same alerts.
+:class:`SimulatedNight` is the built-in one (``nightsift run``, ``bench/night.py``); a telescope
+feed or a folder of FITS files implements the same two methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..config import CalibrateConfig, SimulateConfig
+from ..records import Exposure, RawFrame
+from ..stages.calibrate import MasterCalibration
+
+__all__ = ["CCDStatic", "CCDFrame", "CCDSource", "SimulatedNight"]
+
+
+@dataclass(frozen=True)
+class CCDStatic:
+    """What a worker keeps resident for one CCD between visits.
+
+    Attributes
+    ----------
+    ccd : int
+    master : MasterCalibration
+        Master bias/dark/flat and bad-pixel mask of the CCD.
+    reference : Exposure
+        The reference exposure on its own pixel grid (e-), aligned to each visit by the chain.
+    state : object
+        Source-private data reused between visits (the simulator's static sky); may be ``None``.
+    """
+
+    ccd: int
+    master: MasterCalibration
+    reference: Exposure
+    state: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate resident size (bytes) of the reference and master frames."""
+        n = 0
+        for obj in (self.reference, self.master):
+            for v in vars(obj).values():
+                n += getattr(v, "nbytes", 0)
+        return int(n)
+
+
+@dataclass(frozen=True)
+class CCDFrame:
+    """One CCD of one visit.
+
+    Attributes
+    ----------
+    visit, ccd : int
+    raw : RawFrame
+        Raw science frame (ADU) with its header.
+    truth : structured ndarray or None
+        Injected transients (``TRANSIENT_DTYPE``: ``x``, ``y`` 0-based pixels, ``flux`` e-) when the
+        night is simulated, else ``None``.
+    """
+
+    visit: int
+    ccd: int
+    raw: RawFrame
+    truth: np.ndarray | None = field(default=None, repr=False)
+
+
+class CCDSource(Protocol):
+    """The two calls a subtraction worker makes (see the module docstring)."""
+
+    def load_static(self, visit: int, ccd: int) -> CCDStatic:
+        """Master calibration and reference of ``ccd`` (``visit`` is the first visit it is needed for)."""
+
+    def load_frame(self, visit: int, ccd: int, static: CCDStatic) -> CCDFrame:
+        """The raw science frame of ``(visit, ccd)``."""
+
+
+class SimulatedNight:
+    """A simulated night (:mod:`nightsift.engine.simulate`): the same sky, CCD by CCD, every visit.
+
+    Parameters
+    ----------
+    simulate : SimulateConfig
+        Instrument, CCD shape, ``n_ccds`` (sets the focal-plane layout), ``n_transients`` per
+        CCD-visit and ``seed``. ``n_visits`` is not used here (the caller lists the visits).
+    calibrate : CalibrateConfig
+        Used to build each CCD's master calibration (once per CCD, not once per visit).
+
+    Notes
+    -----
+    A CCD's calibration frames and reference are seeded by ``(seed, ccd)`` only, so the static
+    part built for the first visit a worker sees is the one of every visit; each frame is exactly
+    :func:`~nightsift.engine.simulate.simulate_visit_ccd` ``(simulate, visit=, ccd=)``.
+    """
+
+    def __init__(self, simulate: SimulateConfig, calibrate: CalibrateConfig):
+        self.simulate = simulate
+        self.calibrate = calibrate
+
+    def _pair(self, visit: int, ccd: int, state=None):
+        from ..simulate import get_profile, simulate_ccd_pair
+
+        s = self.simulate
+        p = get_profile(s.instrument)
+        return simulate_ccd_pair(p, shape=(s.ny or p.ny, s.nx or p.nx), seed=s.seed, visit=visit, ccd=ccd,
+                                 n_ccds=s.n_ccds, n_transients=s.n_transients, _static=state,
+                                 _return_static=True)
+
+    def load_static(self, visit: int, ccd: int) -> CCDStatic:
+        from ..stages.calibrate import make_master
+
+        sim, state = self._pair(visit, ccd)
+        master = make_master(sim.calibration, header=sim.science_raw.header, config=self.calibrate)
+        return CCDStatic(ccd=ccd, master=master, reference=sim.reference, state=state)
+
+    def load_frame(self, visit: int, ccd: int, static: CCDStatic) -> CCDFrame:
+        sim, _ = self._pair(visit, ccd, static.state)
+        return CCDFrame(visit=visit, ccd=ccd, raw=sim.science_raw, truth=sim.transients)
