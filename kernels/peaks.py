@@ -207,7 +207,8 @@ def refine_peaks(scores, peaks: Peaks):
     Returns
     -------
     x, y : ndarray (n,) float64
-        ``x + dx``, ``y + dy`` with ``|dx|, |dy| <= 0.5`` (0 where the curvature is not negative).
+        ``x + dx``, ``y + dy`` with ``|dx|, |dy| <= 0.5`` (0 where the curvature is not negative),
+        clipped to the image (``0 <= x <= nx - 1``, same in ``y``).
     """
     xp = array_namespace(scores)
     v = scores[None] if scores.ndim == 2 else scores
@@ -225,4 +226,6 @@ def refine_peaks(scores, peaks: Peaks):
     ay = up - 2 * c + down
     dx = xp.where(ax < 0, 0.5 * (left - right) / xp.where(ax < 0, ax, -1.0), 0.0)
     dy = xp.where(ay < 0, 0.5 * (up - down) / xp.where(ay < 0, ay, -1.0), 0.0)
-    return xi + xp.clip(dx, -0.5, 0.5), yi + xp.clip(dy, -0.5, 0.5)
+    # a peak on the first/last row or column may interpolate past it: keep positions on the grid
+    return (xp.clip(xi + xp.clip(dx, -0.5, 0.5), 0, nx - 1),
+            xp.clip(yi + xp.clip(dy, -0.5, 0.5), 0, ny - 1))

@@ -190,3 +190,10 @@ def test_refine_matches_a_known_quadratic():
     x, y = refine_peaks(s, p)
     np.testing.assert_allclose(x, [4.3, 4.3], atol=1e-12)
     np.testing.assert_allclose(y, [3.8, 3.8], atol=1e-12)
+
+
+def test_refine_stays_on_the_image():
+    s = np.zeros((5, 6))
+    s[2, 5], s[2, 4] = 9.0, 1.0  # a peak on the last column leaning outwards
+    x, y = refine_peaks(s, find_peaks(s, threshold=5.0))
+    assert x.tolist() == [5.0] and y.tolist() == [2.0]
