@@ -4,6 +4,8 @@
     nightsift run --address auto        the same on the Ray cluster this node belongs to
     nightsift subtract SCI.fits REF.fits  run the chain on your own calibrated FITS pair
     nightsift simulate                  write simulated raw/calibration/reference FITS files
+    nightsift score-ztf DIR             score real ZTF alert packets with nightsift's classifier and
+                                        ZTF's braai; ROC AUC / AUCPR against braai and rb
 """
 from __future__ import annotations
 
@@ -92,13 +94,15 @@ def cmd_run(args) -> int:
 def cmd_subtract(args) -> int:
     import numpy as np
 
+    from .classify.runtime import pipeline_scorer
     from .io.fits import read_exposure, write_image
     from .pipeline import process_pair
 
     cfg = _config(args, package={"output_dir": args.out})
+    scorer = pipeline_scorer(cfg.classify)
     sci = read_exposure(args.science)
     ref = read_exposure(args.reference)
-    res = process_pair(sci, ref, config=cfg, visit=args.visit, ccd=args.ccd, keep_products=True)
+    res = process_pair(sci, ref, config=cfg, visit=args.visit, ccd=args.ccd, keep_products=True, scorer=scorer)
     out = Path(cfg.package.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = res.products
@@ -147,6 +151,26 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_score_ztf(args) -> int:
+    from .classify.crossdomain import score_ztf
+
+    over = {k: v for k, v in {"backend": args.backend, "model": args.model}.items() if v}
+    cfg = _config(args, classify=over or None)
+    res = score_ztf(args.directory, config=cfg.classify, braai_model=args.braai, out_dir=args.out,
+                    num_threads=args.threads)
+    m = res.metrics
+    print(f"{res.n} ZTF alerts; nightsift: {res.scorer}")
+    print(f"called real: nightsift {m['nightsift_real_fraction']:.1%} (threshold {res.threshold:.3g}), "
+          f"braai {m['braai_real_fraction']:.1%}, rb {m['rb_real_fraction']:.1%}")
+    for key, label in (("vs_braai", "nightsift vs braai >= 0.5"), ("vs_rb", "nightsift vs rb >= 0.5"),
+                       ("braai_vs_rb", "braai vs rb >= 0.5 (scale)")):
+        r = m[key]
+        print(f"  {label:28s} ROC AUC {r['roc_auc']:.3f}  AUCPR {r['aucpr']:.3f}  "
+              f"agreement {r['agreement']:.1%} (TPR {r['tpr']:.1%}, FPR {r['fpr']:.1%}; {r['n_pos']} real / {r['n_neg']} bogus)")
+    print(f"written: {Path(args.out) / 'ztf_crossdomain.json'}, {Path(args.out) / 'ztf_most_wrong.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nightsift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML configuration file (see engine/config.py for sections and defaults)")
@@ -184,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--instrument")
     m.add_argument("--seed", type=int)
     m.set_defaults(func=cmd_simulate)
+
+    z = sub.add_parser("score-ztf", help="score real ZTF alert packets: nightsift's classifier vs braai and rb")
+    z.add_argument("directory", help="folder of ZTF .avro alert packets")
+    z.add_argument("--backend", help="nightsift scorer: auto, tflite, keras, edgetpu (default: classify.backend)")
+    z.add_argument("--model", help="nightsift model file or metadata JSON (default: the shipped model)")
+    z.add_argument("--braai", help="folder of ZTF's braai d6_m7 files (default: shared/data/ztf/braai)")
+    z.add_argument("--out", default="nightsift-ztf", help="folder for the JSON and the PNG")
+    z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
+    z.set_defaults(func=cmd_score_ztf)
     return p
 
 
