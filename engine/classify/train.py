@@ -1,0 +1,341 @@
+"""Train, evaluate and export the real/bogus CNN.
+
+:func:`train_model` fits :func:`.model.build_model` on a dataset's training rows: Adam, binary
+cross-entropy with balanced class weights (as sample weights), random dihedral augmentation of
+every triplet (the 8 combinations of 90-degree rotations and flips, drawn per example and epoch),
+early stopping on the validation AUCPR with the best weights restored; seeded (Keras, TensorFlow
+op determinism, the batch order and the augmentation), so a rerun on the same machine repeats.
+
+:func:`run_training` is ``nightsift train``: build (or reuse) the dataset, train, choose the
+operating threshold on the validation split for the target FNR, evaluate on the test split, export
+the int8 model, check it against the float one and write the model files with their metadata.
+:func:`cross_domain` trains on one domain and tests on others (``nightsift evaluate --cross-domain``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import NORMALIZATION, compress
+
+log = logging.getLogger("nightsift.classify")
+
+__all__ = ["class_weights", "dihedral", "train_model", "predict_keras", "run_training", "cross_domain"]
+
+
+def class_weights(y) -> dict:
+    """Balanced weights ``n / (2 n_c)`` of classes 0 and 1 (1.0 for an absent class)."""
+    y = np.asarray(y).astype(int)
+    n = len(y)
+    return {c: (n / (2.0 * max(int((y == c).sum()), 1))) if (y == c).any() else 1.0 for c in (0, 1)}
+
+
+def dihedral(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Apply one of the 8 symmetries of the square to each image.
+
+    Parameters
+    ----------
+    x : ndarray (n, ny, nx, c) with ny == nx
+    k : ndarray (n,) int in [0, 8)
+        ``k % 4`` quarter turns (``numpy.rot90`` over the image axes), then a left-right flip if
+        ``k >= 4``.
+
+    Returns
+    -------
+    ndarray like ``x`` (a new array).
+    """
+    out = np.empty_like(x)
+    for t in range(8):
+        sel = np.flatnonzero(k == t)
+        if len(sel) == 0:
+            continue
+        v = np.rot90(x[sel], t % 4, axes=(1, 2))
+        if t >= 4:
+            v = v[:, :, ::-1]
+        out[sel] = v
+    return out
+
+
+def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
+    """A keras PyDataset of (inputs, labels, weights) from standardised float16 triplets."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = 0
+            self._order()
+
+        def _order(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            self.perm = rng.permutation(len(y))
+            self.k = rng.integers(0, 8, len(y)) if augment else np.zeros(len(y), int)
+
+        def __len__(self):
+            return int(np.ceil(len(y) / batch_size))
+
+        def __getitem__(self, i):
+            idx = np.sort(self.perm[i * batch_size:(i + 1) * batch_size])
+            x = compress(z[idx])
+            if augment:
+                x = dihedral(x, self.k[idx])
+            return x, y[idx], w[idx]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._order()
+
+    return Batches()
+
+
+def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
+                augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None):
+    """Fit a fresh CNN.
+
+    Parameters
+    ----------
+    train, val : RBData
+        Training and validation rows (see :mod:`.dataset`); ``val`` drives early stopping.
+    epochs : int
+        Upper bound on epochs.
+    batch_size : int
+    patience : int
+        Epochs without a better validation AUCPR before stopping (best weights restored).
+    learning_rate : float
+        Adam's step size.
+    augment : bool
+        Random dihedral augmentation of the training triplets.
+    seed : int
+    threads : int, optional
+        TensorFlow intra-op threads (default all cores).
+    verbose : int
+        Keras' verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+    model_kwargs : dict, optional
+        Passed to :func:`.model.build_model`.
+
+    Returns
+    -------
+    model : keras.Model
+        With the best validation weights.
+    history : dict
+        Per-epoch ``loss``, ``val_loss``, ``val_auc_pr`` ..., plus ``best_epoch``, ``epochs_run``,
+        ``wall_s``, ``class_weight``.
+    """
+    from .model import build_model, configure_tensorflow
+
+    tf = configure_tensorflow(threads)
+    import keras
+
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"need training and validation rows, got {len(train)} and {len(val)}")
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    y = train.labels
+    cw = class_weights(y)
+    w = np.where(y > 0.5, cw[1], cw[0]).astype(np.float32)
+    model = build_model(seed=seed, **(model_kwargs or {}))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr")])
+    data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
+    stop = keras.callbacks.EarlyStopping(monitor="val_auc_pr", mode="max", patience=patience,
+                                         restore_best_weights=True)
+    t0 = time.perf_counter()
+    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=[stop],
+                  verbose=verbose)
+    hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    hist["epochs_run"] = len(hist.get("loss", []))
+    hist["best_epoch"] = int(np.argmax(hist["val_auc_pr"])) + 1 if "val_auc_pr" in hist else hist["epochs_run"]
+    hist["wall_s"] = round(time.perf_counter() - t0, 1)
+    hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
+    return model, hist
+
+
+def predict_keras(model, inputs, *, batch_size: int = 512) -> np.ndarray:
+    """Scores (n,) float32 of preprocessed inputs (n, 63, 63, 3) through a Keras model."""
+    x = np.asarray(inputs, dtype=np.float32)
+    if len(x) == 0:
+        return np.zeros(0, np.float32)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32).reshape(-1)
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
+            "numpy": np.__version__}
+
+
+def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-model", report_dir=None,
+                 name: str = "nightsift_rb", target_fnr: float = 0.01, epochs: int = 30, batch_size: int = 64,
+                 patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
+                 workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
+                 progress: bool = True, config=None) -> dict:
+    """Build data, train, evaluate, export: what ``nightsift train`` does.
+
+    Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
+    (normalisation, thresholds, int8 quantisation, training command, dataset, metrics); to
+    ``report_dir`` the evaluation JSON and PNGs.
+
+    Parameters
+    ----------
+    spec : DatasetSpec, optional
+    data_dir : path
+        Dataset cache directory.
+    out_dir : path
+        Where the model files go (``engine/classify/models`` to replace the shipped model).
+    report_dir : path, optional
+        Default ``<out_dir>/<name>-report`` unless ``out_dir`` is the shipped models folder, then
+        ``nightsift-train-report``.
+    target_fnr : float
+        FNR the operating threshold is chosen for on the validation split.
+    command : str
+        The command line recorded in the metadata.
+
+    Returns
+    -------
+    dict: the metadata written to ``<name>.json``.
+    """
+    from .dataset import DatasetSpec, build_dataset, load_dataset
+    from .evaluate import format_report, plot_report, report, threshold_for_fnr, write_json
+    from .export import edgetpu_problems, export_int8, inspect_tflite, predict_int8
+    from .model import EMBEDDING_LAYER, MODELS_DIR, save_keras_model
+
+    spec = spec or DatasetSpec()
+    out = Path(out_dir)
+    if report_dir is None:
+        report_dir = "nightsift-train-report" if out.resolve() == MODELS_DIR.resolve() else out / f"{name}-report"
+    rep_dir = Path(report_dir)
+    t_all = time.perf_counter()
+    path = build_dataset(data_dir, spec, config=config, workers=workers, progress=progress, rebuild=rebuild)
+    data = load_dataset(path)
+    from .dataset import _fmt_summary
+
+    print(f"dataset {path}:\n{_fmt_summary(data.meta['summary'])}")
+    train, val, test = data.split("train"), data.split("val"), data.split("test")
+    model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
+                              learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose)
+    p_val = predict_keras(model, val.inputs())
+    thr = threshold_for_fnr(val.labels, p_val, target_fnr)
+    p_test = predict_keras(model, test.inputs())
+    rep_f = report(test.labels, p_test, thr, domain=test.domain, truth=test.truth)
+    print("float model, test split:\n" + format_report(rep_f))
+
+    out.mkdir(parents=True, exist_ok=True)
+    keras_path = out / f"{name}.keras"
+    save_keras_model(model, keras_path)
+    tfl_path = export_int8(model, train.inputs(np.random.default_rng(seed).choice(len(train), min(len(train), 2000),
+                                                                                  replace=False)),
+                           out / f"{name}_int8.tflite", seed=seed)
+    q_val = predict_int8(tfl_path, val.inputs(), threads=threads)
+    thr8 = threshold_for_fnr(val.labels, q_val, target_fnr)
+    q_test = predict_int8(tfl_path, test.inputs(), threads=threads)
+    rep_q = report(test.labels, q_test, thr8, domain=test.domain, truth=test.truth)
+    print("int8 model, test split:\n" + format_report(rep_q, keys=()))
+    info = inspect_tflite(tfl_path)
+    problems = edgetpu_problems(tfl_path)
+    plot_report(test.labels, p_test, thr, rep_dir, title="float model, test split", prefix="float_")
+    plot_report(test.labels, q_test, thr8, rep_dir, title="int8 model, test split", prefix="int8_")
+    keys = ("aucpr", "roc_auc", "threshold", "precision", "recall", "fnr", "fpr", "n_real", "n_bogus")
+    meta = {
+        "format": "nightsift-rb/1",
+        "name": name,
+        "normalization": NORMALIZATION,
+        "input": {"shape": [63, 63, 3], "channels": ["science", "reference", "difference"],
+                  "preprocess": "nightsift.engine.classify.preprocess.preprocess"},
+        "files": {"keras": keras_path.name, "tflite_int8": tfl_path.name},
+        "target_fnr": target_fnr,
+        "threshold": thr,
+        "threshold_int8": thr8,
+        "int8": {"input_scale": info["input"]["quantization"][0], "input_zero_point": info["input"]["quantization"][1],
+                 "output_scale": info["output"]["quantization"][0],
+                 "output_zero_point": info["output"]["quantization"][1], "ops": info["ops"],
+                 "edgetpu_problems": problems},
+        "embedding_layer": EMBEDDING_LAYER,
+        "embedding_dim": int(model.get_layer(EMBEDDING_LAYER).output.shape[-1]),
+        "metrics": {
+            "split": "test",
+            "float": {k: rep_f["overall"][k] for k in keys},
+            "int8": {k: rep_q["overall"][k] for k in keys},
+            "aucpr_int8_minus_float": rep_q["overall"]["aucpr"] - rep_f["overall"]["aucpr"],
+            "per_instrument_float": {k: {kk: v[kk] for kk in ("aucpr", "fnr", "fpr", "n_real", "n_bogus")}
+                                     for k, v in rep_f["per_instrument"].items()},
+        },
+        "training": {"command": command, "dataset": {"key": data.meta["key"], "spec": data.meta["spec"],
+                                                       "summary": data.meta["summary"]["total"],
+                                                       "per_split": data.meta["summary"]["per_split"]},
+                     "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
+                     "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
+                     "class_weight": hist["class_weight"], "train_wall_s": hist["wall_s"],
+                     "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
+    }
+    write_json(out / f"{name}.json", meta)
+    write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
+                                             "dataset_summary": data.meta["summary"]})
+    print(f"model -> {keras_path} ({keras_path.stat().st_size / 1e6:.2f} MB), {tfl_path} "
+          f"({tfl_path.stat().st_size / 1e6:.2f} MB), {out / (name + '.json')}; report -> {rep_dir}/")
+    if problems:
+        print("Edge TPU: " + "; ".join(problems))
+    return meta
+
+
+def cross_domain(data, *, source: str = "decam", n_train: int | None = None, target_fnr: float = 0.01,
+                 epochs: int = 30, batch_size: int = 64, patience: int = 5, seed: int = 0, threads: int | None = None,
+                 verbose: int = 0) -> dict:
+    """Domain-shift experiment: three models trained on equally many triplets, tested everywhere.
+
+    * ``multi``: all instrument profiles and conditions (representative training);
+    * ``single_profile``: only ``source`` (one camera, all its conditions);
+    * ``single_condition``: only ``source`` in its best-seeing units (the narrowest third of its
+      FWHM range), like training on the data of one night.
+
+    Each is trained on ``n_train`` random training rows (default: all that ``single_condition``
+    has, so that the comparison is of coverage, not of size), validated (early stopping and
+    threshold for ``target_fnr``) on its own domain's validation rows and tested on every profile's
+    test rows. The *drop* of a model is its in-domain test AUCPR minus its AUCPR on each other
+    profile (``multi``'s in-domain figure is its AUCPR on ``source``).
+
+    Returns
+    -------
+    dict ``{model: {"n_train", "threshold", "test": {profile: summary}, "drop_aucpr": {profile: d},
+    "fnr_at_threshold": {...}}}`` plus ``"source"`` and ``"n_train"``.
+    """
+    from .evaluate import summary, threshold_for_fnr
+
+    d = data.domain
+    inst = d["instrument"]
+    src = inst == source
+    if not src.any():
+        raise ValueError(f"no rows of profile {source!r} in the dataset")
+    fw = d["fwhm_px"][src]
+    lo, hi = np.quantile(np.unique(fw), [0.0, 1.0 / 3.0])
+    cond = src & (d["fwhm_px"] >= lo) & (d["fwhm_px"] <= hi)
+    domains = {"multi": np.ones(len(d), bool), "single_profile": src, "single_condition": cond}
+    is_train, is_val, is_test = (d["split"] == s for s in ("train", "val", "test"))
+    n_avail = int((cond & is_train).sum())
+    n = int(min(n_train or n_avail, n_avail))
+    rng = np.random.default_rng(seed)
+    profiles = [str(p) for p in np.unique(inst)]
+    out: dict = {"source": source, "n_train": n, "single_condition_fwhm_px": [float(lo), float(hi)]}
+    for name, dom in domains.items():
+        tr_idx = np.sort(rng.choice(np.flatnonzero(dom & is_train), n, replace=False))
+        va = data.select(dom & is_val)
+        model, hist = train_model(data.select(tr_idx), va, epochs=epochs, batch_size=batch_size, patience=patience,
+                                  seed=seed, threads=threads, verbose=verbose)
+        thr = threshold_for_fnr(va.labels, predict_keras(model, va.inputs()), target_fnr)
+        res = {"n_train": n, "epochs_run": hist["epochs_run"], "threshold": thr, "test": {}}
+        for prof in profiles:
+            te = data.select((inst == prof) & is_test)
+            res["test"][prof] = summary(te.labels, predict_keras(model, te.inputs()), thr)
+        te = data.select(cond & is_test)
+        res["test"][f"{source}_condition"] = summary(te.labels, predict_keras(model, te.inputs()), thr)
+        ref = res["test"][f"{source}_condition"] if name == "single_condition" else res["test"][source]
+        res["drop_aucpr"] = {p: ref["aucpr"] - res["test"][p]["aucpr"] for p in profiles}
+        out[name] = res
+        log.info("cross-domain %s: %s", name, json.dumps({p: round(v["aucpr"], 4) for p, v in res["test"].items()}))
+    return out

@@ -1,0 +1,108 @@
+"""Real/bogus metrics against brute force, the FNR threshold, breakdowns and plots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nightsift.engine.classify.dataset import DOMAIN_DTYPE, TRUTH_DTYPE
+from nightsift.engine.classify.evaluate import (
+    average_precision, operating_point, plot_report, report, roc_auc, threshold_for_fnr, write_json,
+)
+
+
+def _scores(rng, n=400, ties=False):
+    y = rng.uniform(size=n) < 0.35
+    p = np.clip(rng.normal(np.where(y, 0.7, 0.35), 0.2), 0, 1)
+    if ties:
+        p = np.round(p, 1)
+    return y, p
+
+
+def _ap_brute(y, p):
+    # precision at each distinct threshold times the recall gained there
+    total = 0.0
+    prev_r = 0.0
+    for t in np.sort(np.unique(p))[::-1]:
+        pred = p >= t
+        tp = (pred & y).sum()
+        r = tp / y.sum()
+        total += (r - prev_r) * tp / pred.sum()
+        prev_r = r
+    return total
+
+
+def _auc_brute(y, p):
+    a, b = p[y], p[~y]
+    return ((a[:, None] > b[None, :]).sum() + 0.5 * (a[:, None] == b[None, :]).sum()) / (len(a) * len(b))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_match_brute_force(rng, ties):
+    y, p = _scores(rng, ties=ties)
+    assert average_precision(y, p) == pytest.approx(_ap_brute(y, p), abs=1e-12)
+    assert roc_auc(y, p) == pytest.approx(_auc_brute(y, p), abs=1e-12)
+
+
+def test_metric_limits(rng):
+    y = np.r_[np.ones(10, bool), np.zeros(30, bool)]
+    assert average_precision(y, y * 0.9 + 0.05) == 1.0
+    assert roc_auc(y, y * 0.9 + 0.05) == 1.0
+    assert roc_auc(y, np.full(40, 0.5)) == 0.5
+    assert average_precision(y, np.full(40, 0.5)) == pytest.approx(0.25)
+    assert np.isnan(average_precision(np.zeros(5), np.arange(5.0)))
+    assert np.isnan(roc_auc(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="length"):
+        roc_auc(y[:3], p := np.arange(4.0))  # noqa: F841
+    with pytest.raises(ValueError, match="finite"):
+        average_precision(y, np.full(40, np.nan))
+
+
+@pytest.mark.parametrize("target", [0.0, 0.01, 0.05, 0.2])
+def test_threshold_for_fnr_is_the_highest_meeting_the_target(rng, target):
+    y, p = _scores(rng, n=1000, ties=True)
+    t = threshold_for_fnr(y, p, target)
+    op = operating_point(y, p, t)
+    assert op["fnr"] <= target + 1e-12
+    higher = np.unique(p[p > t])
+    if len(higher):  # any higher threshold misses more than the target
+        assert operating_point(y, p, higher[0])["fnr"] > target
+    with pytest.raises(ValueError, match="no real"):
+        threshold_for_fnr(np.zeros(5), np.arange(5.0), 0.01)
+
+
+def test_operating_point_counts(rng):
+    y, p = _scores(rng)
+    op = operating_point(y, p, 0.5)
+    pred = p >= 0.5
+    assert (op["tp"], op["fp"], op["fn"], op["tn"]) == ((pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum(),
+                                                      (~pred & ~y).sum())
+    assert op["fnr"] == pytest.approx(1 - op["recall"])
+    assert op["fpr"] == pytest.approx(op["fp"] / (op["fp"] + op["tn"]))
+
+
+def test_report_breakdowns_and_files(rng, tmp_path):
+    y, p = _scores(rng, n=300)
+    dom = np.zeros(300, DOMAIN_DTYPE)
+    dom["instrument"] = np.where(np.arange(300) % 2, "decam", "ztf")
+    dom["ccd"] = np.arange(300) % 3
+    dom["filter"] = "r"
+    dom["fwhm_px"] = np.where(np.arange(300) % 3 == 0, 2.5, 4.5)
+    truth = np.zeros(300, TRUTH_DTYPE)
+    truth["label"] = y
+    truth["kind"] = np.where(y, "isolated", "star")
+    r = report(y, p, 0.5, domain=dom, truth=truth)
+    assert set(r["per_instrument"]) == {"decam", "ztf"}
+    assert len(r["per_ccd"]) == 6 and "decam:1" in r["per_ccd"]
+    assert set(r["per_seeing_bin"]) == {"2-3px", "4-6px"}
+    assert set(r["per_filter"]) == {"decam:r", "ztf:r"}
+    assert r["per_kind"]["isolated"]["n_bogus"] == 0
+    n = sum(v["n"] for v in r["per_instrument"].values())
+    assert n == 300 == r["overall"]["n"]
+    paths = plot_report(y, p, 0.5, tmp_path, prefix="x_")
+    assert [q.name for q in paths] == ["x_pr_curve.png", "x_score_hist.png", "x_confusion.png"]
+    assert all(q.stat().st_size > 1000 for q in paths)
+    j = write_json(tmp_path / "r.json", r)
+    import json
+
+    back = json.loads(j.read_text())
+    assert back["overall"]["n"] == 300 and back["per_kind"]["isolated"]["fpr"] is None  # NaN -> null
