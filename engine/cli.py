@@ -6,6 +6,9 @@
     nightsift simulate                  write simulated raw/calibration/reference FITS files
     nightsift score-ztf DIR             score real ZTF alert packets with nightsift's classifier and
                                         ZTF's braai; ROC AUC / AUCPR against braai and rb
+    nightsift drift NIGHT_DIR           flag CCDs whose score/feature distributions shifted
+    nightsift label ALERT_DIR           label alerts in a local web page (real / bogus / interesting)
+    nightsift retrospective             hold a class of real events out, retrain, rank it by anomaly
 """
 from __future__ import annotations
 
@@ -217,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--out", default="nightsift-ztf", help="folder for the JSON and the PNG")
     z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
     z.set_defaults(func=cmd_score_ztf)
+
+    from .discover.cli import add_subcommands as add_discover_subcommands
+
+    add_discover_subcommands(sub)  # drift, label, retrospective
     return p
 
 
