@@ -9,6 +9,8 @@
     nightsift drift NIGHT_DIR           flag CCDs whose score/feature distributions shifted
     nightsift label ALERT_DIR           label alerts in a local web page (real / bogus / interesting)
     nightsift retrospective             hold a class of real events out, retrain, rank it by anomaly
+    nightsift train                     simulate labelled triplets, train the real/bogus CNN, export int8
+    nightsift evaluate                  AUCPR, FNR/FPR at the operating threshold, breakdowns, cross-domain
 """
 from __future__ import annotations
 
@@ -174,6 +176,58 @@ def cmd_score_ztf(args) -> int:
     return 0
 
 
+def _dataset_spec(args):
+    from .classify.dataset import DatasetSpec
+
+    kw = {"n_units": args.units, "size": args.size, "seed": args.data_seed,
+          "profiles": tuple(args.profiles.split(",")) if args.profiles else None}
+    return DatasetSpec(**{k: v for k, v in kw.items() if v is not None})
+
+
+def cmd_train(args) -> int:
+    from .classify.train import run_training
+
+    cfg = _config(args)
+    spec = _dataset_spec(args)
+    target = args.target_fnr if args.target_fnr is not None else cfg.classify.target_fnr
+    command = (f"nightsift train --data {args.data} --units {spec.n_units} --size {spec.size} "
+               f"--profiles {','.join(spec.profiles)} --data-seed {spec.seed} --epochs {args.epochs} "
+               f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
+               f"--target-fnr {target:g} --out {args.out}")
+    run_training(spec=spec, data_dir=args.data, out_dir=args.out, report_dir=args.report, target_fnr=target,
+                 epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
+                 seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
+                 verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .classify.evaluate import run_evaluation
+
+    cfg = _config(args)
+    target = args.target_fnr if args.target_fnr is not None else cfg.classify.target_fnr
+    run_evaluation(model=args.model, spec=_dataset_spec(args), data_dir=args.data, out_dir=args.out, split=args.split,
+                   target_fnr=target, workers=args.workers, rebuild=args.rebuild, cross=args.cross_domain,
+                   source=args.source, epochs=args.epochs, seed=args.seed, threads=args.threads,
+                   progress=not args.quiet, config=cfg)
+    return 0
+
+
+def _add_dataset_args(a) -> None:
+    a.add_argument("--data", default="nightsift-data", help="dataset cache folder (default nightsift-data)")
+    a.add_argument("--units", type=int, help="simulated CCD-visits (default 150)")
+    a.add_argument("--size", type=int, help="CCD side in pixels (default 512; finer-pixel profiles get more)")
+    a.add_argument("--profiles", help="instrument profiles, comma-separated (default decam,ztf,lsst)")
+    a.add_argument("--data-seed", type=int, help="seed of the simulated dataset (default 6)")
+    a.add_argument("--workers", type=int, default=1, help="processes simulating CCDs (the data do not depend on it)")
+    a.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it is cached")
+    a.add_argument("--target-fnr", type=float, help="FNR the threshold is chosen for (default classify.target_fnr)")
+    a.add_argument("--threads", type=int, help="TensorFlow / LiteRT CPU threads (default all cores)")
+    a.add_argument("--seed", type=int, default=0, help="training seed")
+    a.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping on validation AUCPR)")
+    a.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nightsift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML configuration file (see engine/config.py for sections and defaults)")
@@ -220,6 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--out", default="nightsift-ztf", help="folder for the JSON and the PNG")
     z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
     z.set_defaults(func=cmd_score_ztf)
+
+    t = sub.add_parser("train", help="simulate labelled triplets, train the real/bogus CNN, evaluate, export int8")
+    _add_dataset_args(t)
+    t.add_argument("--out", default="nightsift-model",
+                   help="folder for the model files (engine/classify/models replaces the shipped model)")
+    t.add_argument("--report", help="folder for the evaluation JSON and PNGs (default beside the model)")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--patience", type=int, default=5, help="epochs without a better validation AUCPR")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a real/bogus model on simulated data (numbers JSON, plots PNG)")
+    _add_dataset_args(e)
+    e.add_argument("--model", help="model .keras, .tflite or metadata .json (default: the shipped model)")
+    e.add_argument("--out", default="nightsift-eval", help="folder for evaluation.json and the PNGs")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--cross-domain", action="store_true",
+                   help="also train on one profile / one condition vs all, test on every profile")
+    e.add_argument("--source", default="decam", help="profile of the single-domain models (default decam)")
+    e.set_defaults(func=cmd_evaluate)
 
     from .discover.cli import add_subcommands as add_discover_subcommands
 
