@@ -299,17 +299,23 @@ class _LiteRT:
         if shape[1:] != [SIZE, SIZE, 3]:
             raise InputError(f"model input is {shape}, expected (batch, {SIZE}, {SIZE}, 3)", path=str(path))
         self.batch = shape[0]
-        if batch_size != shape[0]:
-            try:  # CPU models take any batch; compiled Edge TPU models keep theirs
-                it.resize_tensor_input(ins[0]["index"], [batch_size, SIZE, SIZE, 3], strict=False)
+        try:
+            if batch_size != shape[0]:
+                try:  # most CPU models take any batch; compiled Edge TPU models (and static reshapes) don't
+                    it.resize_tensor_input(ins[0]["index"], [batch_size, SIZE, SIZE, 3], strict=False)
+                    it.allocate_tensors()
+                    self.batch = batch_size
+                except (ValueError, RuntimeError):
+                    it = Interpreter(model_path=str(path), num_threads=num_threads,
+                                     experimental_delegates=list(delegates) or None)
+                    it.allocate_tensors()
+            else:
                 it.allocate_tensors()
-                self.batch = batch_size
-            except (ValueError, RuntimeError):
-                it = Interpreter(model_path=str(path), num_threads=num_threads,
-                                 experimental_delegates=list(delegates) or None)
-                it.allocate_tensors()
-        else:
-            it.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            hint = ""
+            if "edgetpu-custom-op" in str(e):
+                hint = ": it is compiled for the Edge TPU (edgetpu-custom-op), use backend 'edgetpu' on a machine with one"
+            raise InputError(f"LiteRT cannot prepare this model{hint} ({str(e).splitlines()[0]})", path=str(path)) from None
         self.it = it
         self.inp = it.get_input_details()[0]
         self.out = it.get_output_details()[0]

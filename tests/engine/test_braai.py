@@ -199,3 +199,17 @@ def _regenerate():  # pragma: no cover - run by hand
 
 if __name__ == "__main__":  # pragma: no cover
     _regenerate()
+
+
+@pytest.mark.data
+def test_ztf_edgetpu_build_needs_the_edge_tpu():
+    """ZTF's Edge TPU braai: braai normalisation inferred from its name; on the CPU a clear error."""
+    pytest.importorskip("ai_edge_litert")
+    from nightsift.engine.classify.runtime import edgetpu_available, load_scorer, resolve_model
+    from nightsift.engine.config import ClassifyConfig
+
+    path = shared_data("ztf/braai") / "d6_m7_edgetpu.tflite"
+    assert resolve_model(ClassifyConfig(backend="tflite", model=str(path))).normalisation == "braai"
+    if not edgetpu_available():
+        with pytest.raises(InputError, match="compiled for the Edge TPU"):
+            load_scorer(ClassifyConfig(backend="tflite", model=str(path)), num_threads=1)
