@@ -170,6 +170,9 @@ class RunConfig:
     inference_actors: int = 1
     #: CPUs reserved by each inference actor
     inference_cpus: float = 1.0
+    #: custom Ray resource each inference actor takes one unit of, to place the pool on its own
+    #: nodes (e.g. "inference" on the KubeRay inference group, see docker/); "" = none
+    inference_resource: str = ""
     #: CCD-visits queued per subtraction actor (one running, the rest waiting): bounds memory
     queue_depth: int = 2
     #: cutout batches a subtraction actor keeps in flight to the inference pool

@@ -478,7 +478,7 @@ class RayNight:
     ----------
     config : Config
         ``[run]`` sizes the actors (``workers``, ``subtraction_cpus``, ``inference_actors``,
-        ``inference_cpus``, ``queue_depth``, ``inference_in_flight``, ``max_restarts``,
+        ``inference_cpus``, ``inference_resource``, ``queue_depth``, ``inference_in_flight``, ``max_restarts``,
         ``task_retries``, ``max_resident_ccds``, ``backend``) and says where Ray is (``address``,
         ``object_store_mb``); ``[classify]`` the scorer; ``[package] output_dir`` the output.
     source : CCDSource, optional
@@ -521,12 +521,17 @@ class RayNight:
         self.n_replaced = 0
         self.n_retries = 0
         self._token = os.urandom(4).hex()
-        self._make_inference(scorer_factory)
-        self.n_subtraction = self._n_subtraction()
-        self.slots = [_Slot(actor=self._new_subtraction(i)) for i in range(self.n_subtraction)]
-        self.writer = self._new_writer()
-        # wait until every actor is up (constructors ran), so that timings do not include startup
-        ray.get([s.actor.info.remote() for s in self.slots] + [self.writer.info.remote()])
+        self.slots, self.writer, self.inference = [], None, []
+        try:
+            self._make_inference(scorer_factory)
+            self.n_subtraction = self._n_subtraction()
+            self.slots = [_Slot(actor=self._new_subtraction(i)) for i in range(self.n_subtraction)]
+            self.writer = self._new_writer()
+            # wait until every actor is up (constructors ran), so that timings do not include startup
+            ray.get([s.actor.info.remote() for s in self.slots] + [self.writer.info.remote()])
+        except BaseException:
+            self.close()
+            raise
 
     # -- actors ------------------------------------------------------------------------------
     def _actor_opts(self, **kw) -> dict:
@@ -543,6 +548,8 @@ class RayNight:
             return
         cls = ray.remote(InferenceWorker)
         opts = self._actor_opts(num_cpus=float(self.run_cfg.inference_cpus))
+        if self.run_cfg.inference_resource:
+            opts["resources"] = {self.run_cfg.inference_resource: 1}
         names = [f"nightsift-inference-{self._token}-{i}" for i in range(int(self.run_cfg.inference_actors))]
         actors = [cls.options(name=n, **opts).remote(to_dict(self.config)["classify"], scorer_factory) for n in names]
         infos = ray.get([a.ready.remote() for a in actors])
@@ -567,7 +574,9 @@ class RayNight:
             return int(self.run_cfg.workers)
         if self.gpus:
             return self.gpus
-        free = self.cluster_cpus - (len(self.inference) * float(self.run_cfg.inference_cpus))
+        free = self.cluster_cpus
+        if not self.run_cfg.inference_resource:  # the pool shares the subtraction nodes' cores
+            free -= len(self.inference) * float(self.run_cfg.inference_cpus)
         per = float(self.run_cfg.subtraction_cpus) or 1.0
         return max(1, int(free // per))
 
@@ -618,6 +627,8 @@ class RayNight:
         if not ray.is_initialized():
             return
         for a in [s.actor for s in self.slots] + [self.writer] + list(self.inference):
+            if a is None:
+                continue
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 -- already gone
