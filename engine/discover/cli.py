@@ -63,6 +63,61 @@ def cmd_drift(args) -> int:
     return 0
 
 
+def _threshold(args, cfg) -> float:
+    """The operating threshold: --threshold, else classify.threshold, else the model's, else 0.5."""
+    if args.threshold is not None:
+        return float(args.threshold)
+    if cfg.classify.threshold >= 0:
+        return float(cfg.classify.threshold)
+    from ..errors import NightsiftError
+
+    try:
+        from ..classify.runtime import resolve_model
+
+        spec = resolve_model(cfg.classify)
+    except (NightsiftError, ImportError, OSError):
+        spec = None
+    return float(spec.threshold) if spec is not None and 0 < spec.threshold < 1 else 0.5
+
+
+def _user(args) -> str:
+    import getpass
+
+    if args.user:
+        return args.user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def cmd_label(args) -> int:
+    import sys
+
+    from .app import make_server
+
+    cfg = _load_config(args)
+    d = getattr(cfg, "discover", None)
+    weight = args.weight if args.weight is not None else (d.label_uncertainty_weight if d is not None else 0.5)
+    srv = make_server(args.alerts, args.db, user=_user(args), threshold=_threshold(args, cfg), port=args.port,
+                      weight=weight)
+    q = srv.queue
+    p = q.progress()
+    print(f"nightsift label: {len(q)} alerts from {args.alerts}, {p['labeled']} already labeled in {args.db}; "
+          f"user {q.user}, threshold {q.threshold:.3g}")
+    print(f"open {srv.url}", flush=True)
+    print("(Ctrl-C stops the server)", file=sys.stderr, flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    p = q.progress()
+    print(f"labeled {p['labeled']} of {p['total']}: " + ", ".join(f"{k} {v}" for k, v in p["by_label"].items()))
+    return 0
+
+
 def add_subcommands(sub) -> None:
     """Register ``drift`` (and the other discover commands) on an argparse subparsers object."""
     d = sub.add_parser("drift", help="flag CCDs whose score/feature distributions shifted against a reference")
@@ -72,3 +127,13 @@ def add_subcommands(sub) -> None:
                         "the other CCDs of the same night")
     d.add_argument("--out", help="folder for drift.json and drift.png (default: the night's folder)")
     d.set_defaults(func=cmd_drift)
+
+    lab = sub.add_parser("label", help="label alerts real/bogus/interesting in a local web page (127.0.0.1, token)")
+    lab.add_argument("alerts", help="an alert .avro file or a folder of them")
+    lab.add_argument("--db", default="labels.sqlite", help="SQLite label database (created; default labels.sqlite)")
+    lab.add_argument("--user", help="name recorded with each label (default: the login name)")
+    lab.add_argument("--threshold", type=float,
+                     help="operating threshold of the real/bogus score (default: classify.threshold or the model's)")
+    lab.add_argument("--weight", type=float, help="weight of uncertainty vs anomaly in the ranking (default 0.5)")
+    lab.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    lab.set_defaults(func=cmd_label)
