@@ -189,6 +189,27 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DiscoverConfig:
+    #: drift: PSI at or above which a distribution has shifted (0.1 minor, 0.25 major by convention)
+    drift_psi_threshold: float = 0.25
+    #: drift: family-wise false-alarm rate of the KS tests (Bonferroni over CCDs x features)
+    drift_ks_alpha: float = 0.01
+    #: drift: robust z-score at or above which a per-visit quantity (noise, counts) has shifted
+    drift_z_threshold: float = 5.0
+    #: drift: a PSI must also exceed this times the PSI spread of the reference's own visits
+    drift_null_factor: float = 1.5
+    #: drift: fewest candidates (night and reference) for a distribution to be tested
+    drift_min_candidates: int = 20
+    #: drift: fewest visits (history) or CCDs (focal plane) a reference needs to be used
+    drift_min_groups: int = 2
+    #: anomaly model (.npz from nightsift retrospective or discover.anomaly.fit_anomaly); "" = no
+    #: anomaly score in the packets
+    anomaly_model: str = ""
+    #: labeling queue: weight of the real/bogus uncertainty against the anomaly rank (0..1)
+    label_uncertainty_weight: float = 0.5
+
+
+@dataclass(frozen=True)
 class Config:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -200,6 +221,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
 
     def __post_init__(self):
         validate(self)
@@ -251,6 +273,13 @@ def validate(cfg: Config) -> None:
     _check(c.run.max_restarts >= -1, "run.max_restarts", "must be >= -1 (-1: unlimited)")
     _check(c.run.task_retries >= 0 and c.run.max_resident_ccds >= 0 and c.run.object_store_mb >= 0,
            "run.task_retries/max_resident_ccds/object_store_mb", "must be >= 0")
+    _check(c.discover.drift_psi_threshold > 0, "discover.drift_psi_threshold", "must be > 0")
+    _check(0 < c.discover.drift_ks_alpha < 1, "discover.drift_ks_alpha", "must be in (0, 1)")
+    _check(c.discover.drift_z_threshold > 0, "discover.drift_z_threshold", "must be > 0")
+    _check(c.discover.drift_null_factor >= 1, "discover.drift_null_factor", "must be >= 1")
+    _check(c.discover.drift_min_candidates >= 2, "discover.drift_min_candidates", "must be >= 2")
+    _check(c.discover.drift_min_groups >= 1, "discover.drift_min_groups", "must be >= 1")
+    _check(0 <= c.discover.label_uncertainty_weight <= 1, "discover.label_uncertainty_weight", "must be in [0, 1]")
 
 
 
