@@ -56,8 +56,9 @@ def find_peaks(S_corr: np.ndarray, *, threshold: float, min_area: int, excluded=
         yi = objs["ypeak"].astype(int)
         val = img[yi, xi]
         dx, dy = _quadratic_offset(img, xi, yi)
-        xs.append(xi + dx)
-        ys.append(yi + dy)
+        # a peak on the last row/column may interpolate past it: keep positions on the grid
+        xs.append(np.clip(xi + dx, 0, nx - 1))
+        ys.append(np.clip(yi + dy, 0, ny - 1))
         vs.append(sign * val)
         sg.append(np.full(len(objs), sign))
     if not xs:
@@ -142,8 +143,9 @@ def detect(sub: Subtraction, *, wcs, header, sky, ref_catalog=None, visit: int =
     d_st = np.asarray(d_st, dtype=np.float64)
     p = kpsf.fourier_shift(sub.P_D[tile], dx, dy)
     F_D = sub.F_D[tile]
-    flux = (d_st * p).sum(axis=(1, 2)) / (F_D * (p * p).sum(axis=(1, 2)))
-    fluxerr = sub.flux_err[yi, xi].astype(np.float64)
+    apcorr = np.ones(len(sub.F_D)) if sub.apcorr is None else np.asarray(sub.apcorr)
+    flux = apcorr[tile] * (d_st * p).sum(axis=(1, 2)) / (F_D * (p * p).sum(axis=(1, 2)))
+    fluxerr = sub.flux_err[yi, xi].astype(np.float64)  # aperture-corrected too
 
     c = empty_candidates(n)
     c["candid"] = make_candid(visit, ccd, np.arange(n))

@@ -36,7 +36,8 @@ class Subtraction:
     S_corr : ndarray (ny, nx) float32
         Corrected score (sigma); 0 on the grown mask.
     flux : ndarray (ny, nx) float32
-        ``S / F_S``: PSF flux (e-, science units) of a point source centred on each pixel.
+        ``apcorr * S / F_S``: total flux (e-, science units) of a point source centred on each
+        pixel (PSF flux times the science PSF's aperture correction).
     flux_err : ndarray (ny, nx) float32
         1-sigma error of ``flux`` (background, source and astrometric noise).
     P_D : ndarray (T, s, s) float64
@@ -50,6 +51,9 @@ class Subtraction:
     grid : TileGrid
     F_r : float
         Reference flux zero point relative to the science (F_n = 1).
+    apcorr : ndarray (T,)
+        Aperture correction of the science PSF per tile, applied to ``flux``/``flux_err`` (and
+        to the candidates' fluxes): PSF flux with the unit-sum model -> total flux.
     """
 
     D: np.ndarray
@@ -64,6 +68,7 @@ class Subtraction:
     excluded: np.ndarray
     grid: ktiles.TileGrid
     F_r: float
+    apcorr: np.ndarray | None = None
 
 
 def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
@@ -258,8 +263,14 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
               scorr_std=robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan"),
               scorr_mean=float(np.median(live)) if live.size else float("nan"),
               excluded_fraction=float(excluded.mean()), blank_fraction=float(blank.mean()))
+    apcorr = np.asarray(sci_psf.model.apcorr, dtype=np.float64)
+    for t, (y0, x0) in enumerate(grid.origins):
+        sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
+        flux[sl] *= np.float32(apcorr[t])
+        flux_err[sl] *= np.float32(apcorr[t])
+    qa["apcorr"] = float(np.median(apcorr))
     sub = Subtraction(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
-                      mask=mask, excluded=excluded, grid=grid, F_r=F_r)
+                      mask=mask, excluded=excluded, grid=grid, F_r=F_r, apcorr=apcorr)
     return StageResult(sub, qa)
 
 
