@@ -133,6 +133,7 @@ def cmd_simulate(args) -> int:
 
     from .io.fits import write_exposure
     from .simulate import simulate_visit_ccd
+    from .stages.calibrate import calibrate, make_master
 
     sim = {k: v for k, v in {"instrument": args.instrument, "seed": args.seed, "ny": args.size,
                              "nx": args.size}.items() if v is not None}
@@ -149,10 +150,14 @@ def cmd_simulate(args) -> int:
             hl[0].header["DARKTIME"] = s.calibration.dark_exptime
             hl.writeto(f"{stem}_calib.fits", overwrite=True)
             write_exposure(f"{stem}_ref.fits", s.reference)
+            # the science frame through this pipeline's own calibration, ready for `nightsift subtract`
+            master = make_master(s.calibration, header=s.science_raw.header, config=cfg.calibrate)
+            write_exposure(f"{stem}_sci.fits", calibrate(s.science_raw, master, config=cfg.calibrate).value)
             from astropy.table import Table
 
             Table(s.transients).write(f"{stem}_truth.ecsv", overwrite=True)
-            print(f"wrote {stem}_{{raw,calib,ref}}.fits and _truth.ecsv")
+            print(f"wrote {stem}_{{raw,calib,sci,ref}}.fits and _truth.ecsv "
+                  f"(try: nightsift subtract {stem}_sci.fits {stem}_ref.fits)")
     return 0
 
 
