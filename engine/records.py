@@ -133,6 +133,19 @@ CANDIDATE_DTYPE = np.dtype(
 )
 
 
+#: candid = (visit * CANDID_CCD + ccd) * CANDID_INDEX + index: unique per (visit, ccd, candidate) and
+#: deterministic, so a rerun of a CCD-visit reproduces its alert ids
+CANDID_CCD = 1000
+CANDID_INDEX = 100000
+#: largest visit number that keeps candid within int64
+MAX_VISIT = (np.iinfo(np.int64).max // CANDID_INDEX - CANDID_CCD) // CANDID_CCD
+
+
+def make_candid(visit: int, ccd: int, index) -> np.ndarray:
+    """Candidate ids (int64) from the visit, the CCD (< 1000) and the row numbers (< 100000)."""
+    return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
+
+
 def empty_candidates(n: int = 0) -> np.ndarray:
     """A candidate table of ``n`` zeroed rows (``n=0`` is the valid 'no detections' result)."""
     return np.zeros(n, dtype=CANDIDATE_DTYPE)

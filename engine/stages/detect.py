@@ -16,18 +16,8 @@ from nightsift.kernels import psf as kpsf
 from nightsift.kernels.stamps import extract_stamps
 
 from ..config import DetectConfig
-from ..records import CANDIDATE_DTYPE, UNUSABLE, StageResult, empty_candidates
+from ..records import CANDIDATE_DTYPE, UNUSABLE, StageResult, empty_candidates, make_candid
 from .subtract import Subtraction
-
-#: candid = (visit * 1000 + ccd) * 100000 + index: unique per (visit, ccd, candidate), deterministic
-CANDID_CCD = 1000
-CANDID_INDEX = 100000
-
-
-def make_candid(visit: int, ccd: int, index):
-    """Deterministic candidate id from the visit, the CCD (< 1000) and the row (< 100000)."""
-    return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
-
 
 def zero_point(header) -> float:
     """Photometric zero point (mag for 1 e-/s) from MAGZP / MAGZPT / MAGZERO, else 25.0."""

@@ -30,25 +30,14 @@ from nightsift.kernels.stamps import extract_stamps
 from ..config import CutoutConfig
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..records import CANDIDATE_DTYPE, StageResult
+from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
 
-__all__ = ["build_alerts", "pack_candid", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
+__all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
 
 #: value of the packets' ``publisher`` field
 PUBLISHER = "nightsift"
 #: candidate fields that ``scores`` may fill (name -> version field filled from ``score_versions``)
 SCORE_FIELDS = {"rb": "rbversion", "drb": "drbversion", "anomaly_score": None}
-#: candid packing (same as the detection stage): (visit * CANDID_CCD + ccd) * CANDID_INDEX + index
-CANDID_CCD = 1000
-CANDID_INDEX = 100000
-_MAX_VISIT = (np.iinfo(np.int64).max // CANDID_INDEX - CANDID_CCD) // CANDID_CCD
-
-
-def pack_candid(visit: int, ccd: int, index) -> np.ndarray:
-    """``candid = (visit * 1000 + ccd) * 100000 + index`` as int64 (ccd < 1000, index < 100000)."""
-    return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
-
-
 def filter_id(name: str | None) -> int:
     """ZTF filter id from a FILTER header value: g -> 1, r -> 2, i -> 3, anything else -> 0.
 
@@ -178,8 +167,8 @@ def build_alerts(
             "science, reference and difference must be 2-D with one shape, got "
             f"{science.shape}, {reference.shape}, {difference.shape}", stage="package")
     visit, ccd = int(visit), int(ccd)
-    if not (0 <= ccd < CANDID_CCD and 0 <= visit <= _MAX_VISIT):
-        raise InputError(f"visit must be in 0..{_MAX_VISIT} and ccd in 0..{CANDID_CCD - 1}, got {visit}, {ccd}",
+    if not (0 <= ccd < CANDID_CCD and 0 <= visit <= MAX_VISIT):
+        raise InputError(f"visit must be in 0..{MAX_VISIT} and ccd in 0..{CANDID_CCD - 1}, got {visit}, {ccd}",
                          stage="package")
     n = len(cand)
     if n >= CANDID_INDEX:
@@ -207,7 +196,7 @@ def build_alerts(
     field = header.get("FIELD") if header is not None else None
     field = int(field) if isinstance(field, (int, np.integer)) and not isinstance(field, bool) else None
     pid = visit * CANDID_CCD + ccd
-    candid = np.where(cand["candid"] != 0, cand["candid"], pack_candid(visit, ccd, np.arange(n)))
+    candid = np.where(cand["candid"] != 0, cand["candid"], make_candid(visit, ccd, np.arange(n)))
     if len(np.unique(candid)) != n:
         raise InputError("candidate ids (candid) in the table are not unique", stage="package")
     version = _version()

@@ -8,7 +8,8 @@ from nightsift.engine.config import CutoutConfig
 from nightsift.engine.errors import InputError
 from nightsift.engine.io import avro
 from nightsift.engine.records import empty_candidates
-from nightsift.engine.stages.package import build_alerts, filter_id, pack_candid
+from nightsift.engine.records import make_candid
+from nightsift.engine.stages.package import build_alerts, filter_id
 
 NY, NX = 200, 300
 
@@ -86,7 +87,7 @@ def test_candid_packing_unique_deterministic():
     ids = [a["candid"] for a in res1.value]
     assert ids == [a["candid"] for a in res2.value]
     assert ids == [(4321 * 1000 + 17) * 100000 + k for k in range(4)]
-    assert ids == list(pack_candid(4321, 17, np.arange(4)))
+    assert ids == list(make_candid(4321, 17, np.arange(4)))
     assert len(set(ids)) == 4
     assert [a["objectId"] for a in res1.value] == [a["objectId"] for a in res2.value]
     assert all(a["candidate"]["candid"] == a["candid"] for a in res1.value)
@@ -99,10 +100,6 @@ def test_candid_packing_unique_deterministic():
     res4, _ = _build(c)
     assert [a["candid"] for a in res4.value] == [11, 12, 13, 14]
 
-
-def test_candid_matches_detection_stage_packing():
-    detect = pytest.importorskip("nightsift.engine.stages.detect")
-    np.testing.assert_array_equal(detect.make_candid(4321, 17, np.arange(5)), pack_candid(4321, 17, np.arange(5)))
 
 
 def test_cutouts_and_edge_flag():
