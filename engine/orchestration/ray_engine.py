@@ -663,14 +663,17 @@ class RayNight:
         NightReport
         """
         import ray
+        import ray.exceptions as rx
         from tqdm import tqdm
 
-        rx = __import__("ray.exceptions", fromlist=["x"])
         if schedule is None:
             s = self.config.simulate
             schedule = night_schedule(s.n_visits, range(s.n_ccds))
         schedule = sorted(schedule, key=lambda x: x[0])
-        n_tasks = sum(len(c) for _, _, c in schedule)
+        keys = [(int(v), int(c)) for _, v, ccds in schedule for c in ccds]
+        if len(set(keys)) != len(keys):
+            raise ValueError("RayNight.run: the schedule lists a (visit, ccd) more than once")
+        n_tasks = len(keys)
         depth = max(1, int(self.run_cfg.queue_depth))
         max_writes = depth * self.n_subtraction + 2
         retries = int(self.run_cfg.task_retries)
