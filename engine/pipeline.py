@@ -17,6 +17,7 @@ import numpy as np
 
 from nightsift.kernels.tiles import make_grid
 
+from .backend import get_backend
 from .config import Config
 from .io.avro import alert_path, write_alerts
 from .records import Exposure, RawFrame
@@ -116,6 +117,7 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
     """
     qa: dict = {} if _qa is None else _qa
     step = _Timer(qa).start()
+    xp = get_backend(config.run.backend)  # numpy, or cupy for the ZOGY kernel on a GPU; fails fast
     aligned = step("align", align(science, reference, config=config.align))
     grid = make_grid(science.shape, core=config.subtract.tile_size, margin=config.subtract.tile_margin)
     sci_psf = step("psf_sci", psf_stage(science, grid=grid, config=config.psf, prefix="sci_"))
@@ -123,7 +125,8 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
     ast = None
     if qa.get("n_astrometric_stars", 0) >= 5:
         ast = (max(qa["astrometric_rms_x"], 1e-3), max(qa["astrometric_rms_y"], 1e-3))
-    sub = step("subtract", subtract(science, aligned, sci_psf, ref_psf, config=config.subtract, astrometric_rms=ast))
+    sub = step("subtract", subtract(science, aligned, sci_psf, ref_psf, config=config.subtract, astrometric_rms=ast,
+                                    xp=xp))
     cands = step("detect", detect(sub, wcs=science.wcs, header=science.header, sky=sci_psf.sky,
                                   ref_catalog=ref_psf.catalog, visit=visit, ccd=ccd, config=config.detect,
                                   cutout_size=config.cutout.size))

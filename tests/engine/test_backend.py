@@ -162,3 +162,21 @@ def test_upload_pipeline_on_gpu():
     pipe.synchronize()
     assert [float(s) for s in sums] == [k * 2 * 64 * 64 for k in range(5)]
     assert bk.memory_stats(xp)["limit_bytes"] == 1 << 30
+
+
+def test_pipeline_honours_the_backend_setting(monkeypatch):
+    """process_pair takes its array module from config.run.backend (one place): asking for cupy
+    where there is none stops with the BackendError before any stage runs."""
+    from nightsift.engine import backend as be
+    from nightsift.engine.config import Config
+    from nightsift.engine.pipeline import process_pair
+    from nightsift.engine.simulate import simulate_ccd_pair
+
+    if be.probe_gpu().ok:
+        pytest.skip("a GPU is present: the cupy path runs for real in the GPU tests")
+    sim = simulate_ccd_pair("decam", shape=(512, 512), seed=3, n_transients=5)
+    sci = sim.science_exposure()
+    with pytest.raises(BackendError, match="cupy"):
+        process_pair(sci, sim.reference, config=Config().replace(run={"backend": "cupy"}), write=False)
+    res = process_pair(sci, sim.reference, config=Config().replace(run={"backend": "auto"}), write=False)
+    assert res.qa["n_tiles"] >= 1
