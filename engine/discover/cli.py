@@ -2,7 +2,7 @@
 
     nightsift drift NIGHT_DIR [--reference DIR_OR_NPZ ...]   flag CCDs whose distributions moved
     nightsift label ALERT_DIR [--db labels.sqlite]           local labeling page (127.0.0.1 + token)
-    nightsift retrospective                                  hold a class out, retrain, rank it by anomaly
+    nightsift retrospective [--holdout nuclear]              hold a class out, retrain, rank it by anomaly
 
 :func:`add_subcommands` is called by :func:`nightsift.engine.cli.build_parser`.
 """
@@ -118,6 +118,37 @@ def cmd_label(args) -> int:
     return 0
 
 
+#: the small CNN of ``nightsift retrospective --tiny`` (fast; the anomaly signal comes mostly from features)
+TINY_MODEL = {"filters": (8, 16), "dense": 32}
+
+
+def cmd_retrospective(args) -> int:
+    from ..classify.dataset import DatasetSpec
+    from .retrospective import run_retrospective
+
+    cfg = _load_config(args)
+    kw = {"n_units": args.units, "size": args.size, "seed": args.data_seed, "test_fraction": args.test_fraction,
+          "profiles": tuple(args.profiles.split(",")) if args.profiles else None,
+          "transients": tuple(int(v) for v in args.transients.split(",")) if args.transients else None}
+    spec = DatasetSpec(**{k: v for k, v in kw.items() if v is not None})
+    rep = run_retrospective(holdout=args.holdout, spec=spec, data_dir=args.data, out_dir=args.out, method=args.method,
+                            epochs=args.epochs, seed=args.seed, threads=args.threads, workers=args.workers,
+                            n_components=args.components, model_kwargs=TINY_MODEL if args.tiny else None,
+                            config=cfg, progress=not args.quiet, keep_embeddings=args.keep_embeddings)
+    print(f"held out '{rep['holdout']}': {rep['n_removed_from_training']} events removed from training; "
+          f"held-out night: {rep['n_night']} candidates, {rep['n_night_target']} of them '{rep['holdout']}'")
+    print(f"{'ranking':22s} {'median pct':>10s} {'recall@1%':>10s} {'recall@5%':>10s} {'AUC':>6s}")
+    rows = [("random", rep["random"])] + [(k, v) for k, v in rep["rank"].items()]
+    if rep.get("rank_among_called_real"):
+        rows.append(("anomaly, rb >= thr", rep["rank_among_called_real"]))
+    for name, r in rows:
+        print(f"{name:22s} {r.get('median_percentile', float('nan')):10.3f} {r.get('recall_top_1pct', float('nan')):10.3f} "
+              f"{r.get('recall_top_5pct', float('nan')):10.3f} {r.get('auc', float('nan')):6.3f}")
+    print(f"written: {Path(args.out) / 'retrospective.json'}, retrospective.png, anomaly.npz, rb_holdout.keras "
+          f"({rep['wall_s']:.0f} s)")
+    return 0
+
+
 def add_subcommands(sub) -> None:
     """Register ``drift`` (and the other discover commands) on an argparse subparsers object."""
     d = sub.add_parser("drift", help="flag CCDs whose score/feature distributions shifted against a reference")
@@ -137,3 +168,27 @@ def add_subcommands(sub) -> None:
     lab.add_argument("--weight", type=float, help="weight of uncertainty vs anomaly in the ranking (default 0.5)")
     lab.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     lab.set_defaults(func=cmd_label)
+
+    from .retrospective import HOLDOUT_KINDS
+
+    r = sub.add_parser("retrospective", help="hold a class of real events out of training, retrain, and see where "
+                                              "the held-out night ranks them by anomaly score")
+    r.add_argument("--holdout", default="nuclear", choices=HOLDOUT_KINDS, help="real-event kind held out (nuclear)")
+    r.add_argument("--data", default="nightsift-data", help="dataset cache folder (default nightsift-data)")
+    r.add_argument("--units", type=int, help="simulated CCD-visits (default 60)")
+    r.add_argument("--size", type=int, help="CCD side in pixels (default 512)")
+    r.add_argument("--profiles", help="instrument profiles, comma-separated (default ztf,decam)")
+    r.add_argument("--transients", help="transients per CCD-visit as LO,HI (default 50,90)")
+    r.add_argument("--test-fraction", type=float, help="share of CCD-visits in the held-out night (default 0.3)")
+    r.add_argument("--data-seed", type=int, help="seed of the simulated dataset (default 44)")
+    r.add_argument("--method", default="knn", choices=("knn", "iforest"), help="outlier measure (default knn)")
+    r.add_argument("--components", type=int, default=4, help="principal components of the embedding (default 4)")
+    r.add_argument("--epochs", type=int, default=15)
+    r.add_argument("--tiny", action="store_true", help="a small CNN (filters 8/16, embedding 32): fast")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, help="TensorFlow CPU threads")
+    r.add_argument("--workers", type=int, default=1, help="processes simulating CCDs")
+    r.add_argument("--out", default="nightsift-retro", help="folder for the report, plot and models")
+    r.add_argument("--keep-embeddings", action="store_true", help="also write embeddings.npz")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_retrospective)
