@@ -118,7 +118,14 @@ def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: Ima
     y = 0.5 * (s["y"] + r["y"])
     fs = psf_fluxes(sci, sci_psf.model, x, y)
     fr = psf_fluxes(ref, ref_psf.model, x, y)
+    # point sources only (second-moment size near the stellar locus of the deeper image): a galaxy
+    # may host a transient, which would bias its ratio
+    size = np.sqrt(r["a"] * r["b"])
+    locus = np.median(size[np.argsort(-r["flux"])[: max(5, len(r) // 3)]])
+    point = (size > 0.8 * locus) & (size < 1.25 * locus)
     good = (nbad == 0) & ~crowded & (fs > 0) & (fr > 0)
+    if (good & point).sum() >= 5:  # a small CCD may hold too few stars: then use every source
+        good &= point
     if good.sum() == 0:
         return np.nan, 0, np.nan
     fs, fr = fs[good], fr[good]
@@ -126,12 +133,17 @@ def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: Ima
     # error of each ratio from both fluxes' S/N (the catalogue S/N of each image)
     rel = np.hypot(1 / s["snr"][good], 1 / r["snr"][good])
     w = 1 / (ratio * rel) ** 2
+    # Start from the median, not the weighted mean: sources that changed between the epochs (a
+    # variable star, a transient on a galaxy nucleus) are outliers with high S/N, and a crowded CCD
+    # can hold dozens; a weighted mean they pull would let the clipping keep them (seen: F_r 0.29
+    # instead of 1.04 with 32 such sources among 48 stars).
+    mean = float(np.median(ratio))
     keep = np.ones(ratio.size, bool)
     for _ in range(5):
-        mean = np.sum(w[keep] * ratio[keep]) / np.sum(w[keep])
         resid = (ratio - mean) * np.sqrt(w)
         scale = max(1.0, 1.4826 * float(np.median(np.abs(resid[keep]))))
         keep = np.abs(resid) < 3 * scale
+        mean = float(np.sum(w[keep] * ratio[keep]) / np.sum(w[keep]))
     err = scale / np.sqrt(np.sum(w[keep]))
     return float(mean), int(keep.sum()), float(err)
 
