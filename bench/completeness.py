@@ -87,7 +87,8 @@ def main(argv=None) -> int:
                                           "bins_snr": bins.tolist(), "completeness": [None if np.isnan(x) else x for x in f],
                                           "counts": n.tolist(), "rows": rows}, indent=1))
     plot_completeness(dmag[clean], found[clean], snr[clean], path=args.plot,
-                      title=f"Injection recovery ({args.profiles}; magnitude relative to the 5-sigma limit)")
+                      title=f"Injection recovery ({args.profiles}, {args.ccds} CCDs each of {args.size}^2)",
+                      mag_label="magnitude - ideal 5-sigma limit of the epoch")
     print(f"wrote {args.out} and {args.plot}")
     return 0
 

@@ -78,7 +78,7 @@ def completeness_curve(values: np.ndarray, found: np.ndarray, bins) -> tuple[np.
     return 0.5 * (bins[1:] + bins[:-1]), frac, cnt
 
 
-def plot_completeness(mag, found, snr=None, *, path, title="Injection recovery"):
+def plot_completeness(mag, found, snr=None, *, path, title="Injection recovery", mag_label="magnitude of the transient"):
     """Write a PNG of completeness versus magnitude (and versus expected S/N when given)."""
     import matplotlib
 
@@ -91,7 +91,7 @@ def plot_completeness(mag, found, snr=None, *, path, title="Injection recovery")
     c, f, n = completeness_curve(mag, found, np.arange(lo, hi + 0.25, 0.25))
     ax = axes[0, 0]
     ax.step(c, f, where="mid")
-    ax.set_xlabel("magnitude of the transient")
+    ax.set_xlabel(mag_label)
     ax.set_ylabel("fraction detected (5 sigma)")
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
