@@ -3,6 +3,7 @@
     nightsift drift NIGHT_DIR [--reference DIR_OR_NPZ ...]   flag CCDs whose distributions moved
     nightsift label ALERT_DIR [--db labels.sqlite]           local labeling page (127.0.0.1 + token)
     nightsift retrospective [--holdout nuclear]              hold a class out, retrain, rank it by anomaly
+    nightsift active-learning                                gain of a queue-chosen labeled batch vs a random one
 
 :func:`add_subcommands` is called by :func:`nightsift.engine.cli.build_parser`.
 """
@@ -149,6 +150,35 @@ def cmd_retrospective(args) -> int:
     return 0
 
 
+def cmd_active(args) -> int:
+    from ..classify.dataset import DatasetSpec
+    from .active import run_active_learning
+
+    cfg = _load_config(args)
+    kw = {"n_units": args.units, "size": args.size, "seed": args.data_seed,
+          "profiles": tuple(args.profiles.split(",")) if args.profiles else None}
+    spec = DatasetSpec(**{k: v for k, v in kw.items() if v is not None})
+    rep = run_active_learning(spec=spec, data_dir=args.data, out_dir=args.out, initial_fraction=args.initial_fraction,
+                              batch_size=args.batch, seeds=tuple(range(args.seeds)), weight=args.weight,
+                              epochs=args.epochs, model_kwargs=TINY_MODEL if args.tiny else None,
+                              target_fnr=args.target_fnr, threads=args.threads, workers=args.workers, config=cfg,
+                              progress=not args.quiet)
+    print(f"initial model on {args.initial_fraction:.0%} of the training CCD-visits; batches of {args.batch} "
+          f"candidates from the pool; {len(rep['runs'])} seeds; test split {rep['n_test']} candidates")
+    print(f"{'seed':>4s} {'model':16s} {'AUCPR':>7s} {'ROC AUC':>7s} {'FNR':>6s} {'FPR':>6s}  batch real")
+    for r in rep["runs"]:
+        for name in ("initial", "initial+queue", "initial+random"):
+            m = r[name]
+            frac = r.get(f"{name.split('+')[-1]}_batch_real_fraction")
+            print(f"{r['seed']:4d} {name:16s} {m['aucpr']:7.4f} {m['roc_auc']:7.4f} {m['fnr']:6.3f} {m['fpr']:6.3f}"
+                  + (f"  {frac:.2f}" if frac is not None and "+" in name else ""))
+    g = rep["gain"]
+    print("gain of the queue batch over the random batch (mean +- sd over seeds): "
+          + ", ".join(f"{k} {v['queue_minus_random_mean']:+.4f} +- {v['queue_minus_random_sd']:.4f}" for k, v in g.items()))
+    print(f"written: {Path(args.out) / 'active_learning.json'} ({rep['wall_s']:.0f} s)")
+    return 0
+
+
 def add_subcommands(sub) -> None:
     """Register ``drift`` (and the other discover commands) on an argparse subparsers object."""
     d = sub.add_parser("drift", help="flag CCDs whose score/feature distributions shifted against a reference")
@@ -192,3 +222,24 @@ def add_subcommands(sub) -> None:
     r.add_argument("--keep-embeddings", action="store_true", help="also write embeddings.npz")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_retrospective)
+
+    a = sub.add_parser("active-learning", help="gain of a labeled batch chosen by the labeling queue over a random "
+                                                "batch of the same size (simulated expert)")
+    a.add_argument("--data", default="nightsift-data", help="dataset cache folder (default nightsift-data)")
+    a.add_argument("--units", type=int, help="simulated CCD-visits (default 40)")
+    a.add_argument("--size", type=int, help="CCD side in pixels (default 384)")
+    a.add_argument("--profiles", help="instrument profiles, comma-separated (default decam,ztf,lsst)")
+    a.add_argument("--data-seed", type=int, help="seed of the simulated dataset")
+    a.add_argument("--initial-fraction", type=float, default=0.3, help="share of training CCD-visits the first "
+                                                                        "model sees (the rest is the pool)")
+    a.add_argument("--batch", type=int, default=200, help="candidates labelled per batch (default 200)")
+    a.add_argument("--seeds", type=int, default=3, help="repetitions (default 3)")
+    a.add_argument("--weight", type=float, default=0.5, help="queue: weight of uncertainty vs anomaly (0.5)")
+    a.add_argument("--epochs", type=int, default=10)
+    a.add_argument("--tiny", action="store_true", help="a small CNN (filters 8/16, embedding 32): fast")
+    a.add_argument("--target-fnr", type=float, default=0.01)
+    a.add_argument("--threads", type=int)
+    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--out", default="nightsift-active")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=cmd_active)
