@@ -199,10 +199,21 @@ def cmd_train(args) -> int:
                f"--profiles {','.join(spec.profiles)} --data-seed {spec.seed} --epochs {args.epochs} "
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
                f"--target-fnr {target:g} --out {args.out}")
+    extra = None
+    if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
+        from .discover.active import labeled_dataset
+        from .errors import ConfigError
+
+        if not args.label_alerts:
+            raise ConfigError("--with-labels needs --label-alerts: the alert file or folder the labels were given on")
+        extra, counts = labeled_dataset(args.with_labels, args.label_alerts, interesting=args.interesting)
+        command += f" --with-labels {args.with_labels} --label-alerts {args.label_alerts}"
+        print(f"expert labels: {counts['n_used']} used of {counts['n_labels']} ({int(extra.labels.sum())} real); "
+              f"{counts['n_interesting_skipped']} 'interesting' left out, {counts['n_missing_alert']} without an alert")
     run_training(spec=spec, data_dir=args.data, out_dir=args.out, report_dir=args.report, target_fnr=target,
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
-                 verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg)
+                 verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra)
     return 0
 
 
@@ -288,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--patience", type=int, default=5, help="epochs without a better validation AUCPR")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--with-labels", metavar="DB", help="add the expert labels of this `nightsift label` database "
+                                                      "to the training split")
+    t.add_argument("--label-alerts", metavar="PATH", help="alert file or folder the labels were given on")
+    t.add_argument("--interesting", default="skip", choices=("skip", "real", "bogus"),
+                   help="what an 'interesting' label means for training (default: left out)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a real/bogus model on simulated data (numbers JSON, plots PNG)")

@@ -175,7 +175,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                  name: str = "nightsift_rb", target_fnr: float = 0.01, epochs: int = 30, batch_size: int = 64,
                  patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
                  workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
-                 progress: bool = True, config=None) -> dict:
+                 progress: bool = True, config=None, extra_train=None) -> dict:
     """Build data, train, evaluate, export: what ``nightsift train`` does.
 
     Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
@@ -196,12 +196,15 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         FNR the operating threshold is chosen for on the validation split.
     command : str
         The command line recorded in the metadata.
+    extra_train : RBData, optional
+        Rows added to the training split, e.g. expert labels from the labeling page
+        (:func:`nightsift.engine.discover.active.labeled_dataset`, ``nightsift train --with-labels``).
 
     Returns
     -------
     dict: the metadata written to ``<name>.json``.
     """
-    from .dataset import DatasetSpec, build_dataset, load_dataset
+    from .dataset import DatasetSpec, RBData, build_dataset, load_dataset
     from .evaluate import format_report, plot_report, report, threshold_for_fnr, write_json
     from .export import edgetpu_problems, export_int8, inspect_tflite, predict_int8
     from .model import EMBEDDING_LAYER, MODELS_DIR, save_keras_model
@@ -218,6 +221,10 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
 
     print(f"dataset {path}:\n{_fmt_summary(data.meta['summary'])}")
     train, val, test = data.split("train"), data.split("val"), data.split("test")
+    if extra_train is not None and len(extra_train):
+        train = RBData(*(np.concatenate([getattr(train, k), getattr(extra_train, k)]) for k in
+                         ("z", "loc", "scale", "features", "truth", "domain")), train.meta)
+        print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose)
     p_val = predict_keras(model, val.inputs())
@@ -269,6 +276,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         "training": {"command": command, "dataset": {"key": data.meta["key"], "spec": data.meta["spec"],
                                                        "summary": data.meta["summary"]["total"],
                                                        "per_split": data.meta["summary"]["per_split"]},
+                     "n_extra_train": 0 if extra_train is None else len(extra_train),
                      "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
                      "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
                      "class_weight": hist["class_weight"], "train_wall_s": hist["wall_s"],
