@@ -18,7 +18,9 @@ the reference). Two outlier measures are fitted on that space, both in plain num
 
 A fitted :class:`AnomalyModel` is saved as one ``.npz`` (arrays and a JSON header; loaded with
 ``allow_pickle=False``), recording the real/bogus model it was fitted on (its file's SHA-256):
-an embedding is only meaningful with the model that made it.
+an embedding is only meaningful with the model that made it. :func:`annotate_alerts`
+(``nightsift anomaly ALERTS --model anomaly.npz``) writes the score into the packets' nullable
+``candidate.anomaly_score`` field.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = ["FEATURES", "METHODS", "IsolationForest", "AnomalyModel", "candidate_features", "fit_anomaly",
-           "save_anomaly", "load_anomaly", "file_sha256", "average_path_length"]
+           "save_anomaly", "load_anomaly", "file_sha256", "average_path_length", "annotate_alerts"]
 
 #: candidate features the anomaly model uses besides the embedding, and how they are derived
 FEATURES = ("log_snr", "fwhm", "elong", "log_scorr", "nbad", "log_distnr", "isdiffpos")
@@ -471,3 +473,82 @@ def load_anomaly(path) -> AnomalyModel:
     forest = IsolationForest.from_arrays(a) if method == "iforest" else None
     return AnomalyModel(method, a["emb_center"], a["emb_scale"], a["components"], a["feat_center"], a["feat_scale"],
                         a["space_scale"], a["column_weight"], forest, a.get("reference"), int(a["k"]), meta)
+
+
+# ----------------------------------------------------------------------------- alert packets
+
+def annotate_alerts(path, model, *, rb_model=None, batch_size: int = 512) -> dict:
+    """Fill ``candidate.anomaly_score`` of alert packets in place (each file rewritten atomically).
+
+    Parameters
+    ----------
+    path : path
+        An alert ``.avro`` file or a folder of them (searched recursively).
+    model : AnomalyModel or path
+        The anomaly model (:func:`load_anomaly` of ``anomaly.npz``).
+    rb_model : path, optional
+        The ``.keras`` real/bogus model whose embedding ``model`` was fitted on; default the one
+        recorded in ``model.meta["rb_model"]``. Its SHA-256 must match ``model.meta`` when recorded.
+    batch_size : int
+        Triplets per embedding batch.
+
+    Returns
+    -------
+    dict
+        ``n_files``, ``n_alerts`` and the 50/90/99 % quantiles of the scores written.
+
+    Raises
+    ------
+    InputError
+        No alert file, a CNN file that is not the one the model was fitted with, or no CNN when
+        the model needs the embedding.
+    """
+    from ..io.avro import cutout_to_array, read_alerts, write_alerts
+
+    m = load_anomaly(model) if not isinstance(model, AnomalyModel) else model
+    p = Path(path)
+    files = sorted(p.rglob("*.avro")) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise InputError("no alert .avro file to annotate", path=str(p))
+    embed = None
+    if m.uses_embedding:
+        rb = rb_model or m.meta.get("rb_model")
+        if not rb:
+            raise InputError("this anomaly model needs the CNN embedding: give the .keras model it was fitted with")
+        rb = Path(rb)
+        if not rb.is_file():
+            raise InputError("real/bogus model (for the embedding) not found", path=str(rb))
+        want = m.meta.get("rb_model_sha256")
+        if want and file_sha256(rb) != want:
+            raise InputError(f"this is not the CNN the anomaly model was fitted with (SHA-256 differs from "
+                             f"{want[:12]}...); refit the anomaly model for it", path=str(rb))
+        from ..classify.model import embedding_model, load_keras_model
+        from ..classify.preprocess import preprocess
+
+        em = embedding_model(load_keras_model(rb))
+
+        def embed(trip):
+            x = preprocess(trip)
+            return np.asarray(em.predict(x, batch_size=batch_size, verbose=0), np.float64)
+
+    scores_all, n = [], 0
+    for f in files:
+        alerts = read_alerts(f)
+        if not alerts:
+            continue
+        feats = candidate_features([a["candidate"] for a in alerts]) if m.uses_features else None
+        emb = None
+        if embed is not None:
+            trip = np.stack([np.stack([cutout_to_array(a[k], path=str(f)) for k in
+                                       ("cutoutScience", "cutoutTemplate", "cutoutDifference")], axis=-1)
+                             for a in alerts])
+            emb = embed(trip)
+        s = m.score(emb, feats)
+        for a, v in zip(alerts, s):
+            a["candidate"]["anomaly_score"] = float(v)
+        write_alerts(f, alerts)
+        scores_all.append(s)
+        n += len(alerts)
+    s = np.concatenate(scores_all) if scores_all else np.zeros(0)
+    return {"n_files": len(files), "n_alerts": n,
+            "score_quantiles": {str(q): float(np.quantile(s, q)) for q in (0.5, 0.9, 0.99)} if s.size else {}}

@@ -4,6 +4,7 @@
     nightsift label ALERT_DIR [--db labels.sqlite]           local labeling page (127.0.0.1 + token)
     nightsift retrospective [--holdout nuclear]              hold a class out, retrain, rank it by anomaly
     nightsift active-learning                                gain of a queue-chosen labeled batch vs a random one
+    nightsift anomaly ALERTS --model anomaly.npz             write anomaly scores into the packets
 
 :func:`add_subcommands` is called by :func:`nightsift.engine.cli.build_parser`.
 """
@@ -179,6 +180,23 @@ def cmd_active(args) -> int:
     return 0
 
 
+def cmd_anomaly(args) -> int:
+    from .anomaly import annotate_alerts
+
+    cfg = _load_config(args)
+    model = args.model or (cfg.discover.anomaly_model if getattr(cfg, "discover", None) else "")
+    if not model:
+        from ..errors import ConfigError
+
+        raise ConfigError("nightsift anomaly needs --model (or discover.anomaly_model): an anomaly.npz from "
+                          "nightsift retrospective")
+    r = annotate_alerts(args.alerts, model, rb_model=args.rb_model)
+    q = r["score_quantiles"]
+    print(f"anomaly_score written to {r['n_alerts']} alerts in {r['n_files']} files"
+          + (f" (median {q['0.5']:.3g}, 90% {q['0.9']:.3g}, 99% {q['0.99']:.3g})" if q else ""))
+    return 0
+
+
 def add_subcommands(sub) -> None:
     """Register ``drift`` (and the other discover commands) on an argparse subparsers object."""
     d = sub.add_parser("drift", help="flag CCDs whose score/feature distributions shifted against a reference")
@@ -243,3 +261,9 @@ def add_subcommands(sub) -> None:
     a.add_argument("--out", default="nightsift-active")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_active)
+
+    n = sub.add_parser("anomaly", help="write anomaly scores into alert packets (candidate.anomaly_score)")
+    n.add_argument("alerts", help="an alert .avro file or a folder of them (rewritten in place, atomically)")
+    n.add_argument("--model", help="anomaly model .npz (default discover.anomaly_model)")
+    n.add_argument("--rb-model", help="the .keras CNN the anomaly model was fitted with (default: recorded in it)")
+    n.set_defaults(func=cmd_anomaly)

@@ -143,3 +143,50 @@ def test_candidate_features_table_and_packets():
     assert np.isnan(a[1, 1]) and np.isnan(a[2, 2])  # unmeasured fwhm, elong
     np.testing.assert_allclose(a[:, 5], np.log10(1 + np.array([0.5, 100, 9])))
     np.testing.assert_allclose(a[:, 6], [0, 1, 1])
+
+
+def test_annotate_alerts_features_only(tmp_path, rng):
+    from nightsift.engine.cli import main
+    from nightsift.engine.io.avro import read_alerts
+
+    from .test_discover_label import _write_alerts
+
+    alerts = _write_alerts(tmp_path / "a" / "visit00000003_ccd001.avro")
+    m = fit_anomaly(None, rng.normal(size=(300, len(FEATURES))) + [1.3, 3.5, 1.1, 1.0, 0.0, 2.0, 0.5])
+    save_anomaly(m, tmp_path / "an.npz")
+    assert main(["anomaly", str(tmp_path / "a"), "--model", str(tmp_path / "an.npz")]) == 0
+    back = read_alerts(tmp_path / "a" / "visit00000003_ccd001.avro")
+    want = m.score(None, candidate_features([a["candidate"] for a in alerts]))
+    np.testing.assert_allclose([a["candidate"]["anomaly_score"] for a in back], want, rtol=1e-6)  # float32 field
+    assert [a["candid"] for a in back] == [a["candid"] for a in alerts]
+
+
+@pytest.mark.slow
+def test_annotate_alerts_with_embedding_checks_the_cnn(tmp_path, rng):
+    pytest.importorskip("keras")
+    from nightsift.engine.classify.model import build_model, embedding_model, save_keras_model
+    from nightsift.engine.classify.preprocess import preprocess
+    from nightsift.engine.discover.anomaly import annotate_alerts, file_sha256
+    from nightsift.engine.errors import InputError
+    from nightsift.engine.io.avro import cutout_to_array, read_alerts
+
+    from .test_discover_label import _write_alerts
+
+    alerts = _write_alerts(tmp_path / "a.avro")
+    cnn = build_model(filters=(4, 8), dense=16, seed=1)
+    path = save_keras_model(cnn, tmp_path / "rb.keras")
+    ref = preprocess(rng.normal(0, 10, (40, 63, 63, 3)).astype(np.float32))
+    em = embedding_model(cnn)
+    emb_ref = em.predict(ref, verbose=0)
+    m = fit_anomaly(emb_ref, rng.normal(size=(40, len(FEATURES))), n_components=3,
+                    meta={"rb_model": str(path), "rb_model_sha256": file_sha256(path)})
+    r = annotate_alerts(tmp_path / "a.avro", m)
+    assert r["n_alerts"] == len(alerts)
+    trip = np.stack([np.stack([cutout_to_array(a[k]) for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")],
+                              axis=-1) for a in alerts])
+    want = m.score(em.predict(preprocess(trip), verbose=0), candidate_features([a["candidate"] for a in alerts]))
+    got = [a["candidate"]["anomaly_score"] for a in read_alerts(tmp_path / "a.avro")]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    other = save_keras_model(build_model(filters=(4, 8), dense=16, seed=2), tmp_path / "other.keras")
+    with pytest.raises(InputError, match="not the CNN"):
+        annotate_alerts(tmp_path / "a.avro", m, rb_model=other)
