@@ -1,52 +1,18 @@
-"""CUDA peak-finding kernel == the xp reference (kernels.peaks), on a GPU or under the simulator.
-
-How the simulator runs: Numba reads ``NUMBA_ENABLE_CUDASIM`` once, when numba is first imported,
-and the rest of the suite has already imported numba (the CPU resampling kernels) without it. So
-setting the variable inside this module would be too late and, worse, would leak into every
-test collected after it. Instead ``test_under_cuda_simulator`` reruns *this file* in a fresh
-``python -m pytest`` subprocess with ``NUMBA_ENABLE_CUDASIM=1``: there :func:`cuda_mode` is
-``"simulator"`` and the kernel tests run on numpy arrays. On a machine with a GPU they run
-directly on cupy arrays, and the subprocess test skips. Inputs are small: the simulator runs one
-Python thread per CUDA thread.
-"""
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
+"""CUDA peak-finding kernel == the xp reference (kernels.peaks), on a GPU or under the simulator
+(in a subprocess: see tests/kernels/cudasim.py)."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from tests.kernels.cudasim import MODE, needs_cuda, run_file_under_simulator, to_device
 from nightsift.kernels import to_numpy
-from nightsift.kernels._cuda import CudaUnavailable, cuda_mode
+from nightsift.kernels._cuda import CudaUnavailable
 from nightsift.kernels.peaks import find_peaks
-
-MODE = cuda_mode()
-needs_cuda = pytest.mark.skipif(MODE is None, reason="no CUDA device: run under the CUDA simulator by "
-                                                     "test_under_cuda_simulator in a subprocess")
 
 
 def test_under_cuda_simulator():
-    if MODE is not None:
-        pytest.skip(f"numba.cuda is usable here ({MODE}): this file's kernel tests ran in this process")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900,
-                       cwd=Path(__file__).resolve().parents[2])
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= 4, out[-3000:]  # the kernel tests really ran there
-
-
-def _dev(a):
-    if MODE == "gpu" and a is not None:
-        import cupy
-
-        return cupy.asarray(a)
-    return a
+    run_file_under_simulator(__file__)
 
 
 def _table(p):
@@ -77,7 +43,7 @@ def test_kernel_matches_reference_with_ties_nan_and_mask(rng, dtype, radius):
     ex = np.zeros(s.shape, bool)
     ex[1, 10:14, 5:12] = True
     want = find_peaks(s, threshold=2.0, radius=radius, excluded=ex, method="reference")
-    got = find_peaks(_dev(s), threshold=2.0, radius=radius, excluded=_dev(ex), method="cuda")
+    got = find_peaks(to_device(s), threshold=2.0, radius=radius, excluded=to_device(ex), method="cuda")
     assert len(want) > 10
     _assert_same(got, want)
 
@@ -87,15 +53,15 @@ def test_capacity_overflow_relaunches_and_order_is_deterministic(rng):
     s = _field(rng, (1, 30, 30))
     want = find_peaks(s, threshold=1.0, radius=1.5, method="reference")
     assert len(want) > 5
-    got = find_peaks(_dev(s), threshold=1.0, radius=1.5, method="cuda", max_peaks=2)
+    got = find_peaks(to_device(s), threshold=1.0, radius=1.5, method="cuda", max_peaks=2)
     _assert_same(got, want)
-    again = find_peaks(_dev(s[0]), threshold=1.0, radius=1.5, method="cuda")  # 2-D input
+    again = find_peaks(to_device(s[0]), threshold=1.0, radius=1.5, method="cuda")  # 2-D input
     _assert_same(again, want)
 
 
 @needs_cuda
 def test_empty_result():
-    got = find_peaks(_dev(np.zeros((9, 11), np.float32)), threshold=5.0, radius=3.0, method="cuda")
+    got = find_peaks(to_device(np.zeros((9, 11), np.float32)), threshold=5.0, radius=3.0, method="cuda")
     assert len(got) == 0 and to_numpy(got.value).dtype == np.float32
 
 
@@ -110,7 +76,7 @@ def test_simulated_scorr_sources(rng):
         s += a * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 2.1**2))
     s = s.astype(np.float32)
     want = find_peaks(s, threshold=5.0, radius=3.0, method="reference")
-    got = find_peaks(_dev(s), threshold=5.0, radius=3.0, method="cuda")
+    got = find_peaks(to_device(s), threshold=5.0, radius=3.0, method="cuda")
     _assert_same(got, want)
     assert len(want) == 4
 

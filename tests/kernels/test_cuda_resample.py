@@ -1,45 +1,21 @@
 """CUDA Lanczos resampling and mask propagation == the xp reference of kernels.resample, on a GPU
-or under the simulator. See tests/kernels/test_cuda_peaks.py for why the simulator runs in a
+or under the simulator. See tests/kernels/cudasim.py for why the simulator runs in a
 subprocess."""
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.kernels.cudasim import MODE, needs_cuda, run_file_under_simulator, to_device
 from nightsift.kernels import to_numpy
-from nightsift.kernels._cuda import CudaUnavailable, cuda_mode
+from nightsift.kernels._cuda import CudaUnavailable
 from nightsift.kernels._cuda.resample import lanczos_resample_cuda, resample_mask_cuda
 from nightsift.kernels.resample import lanczos_resample, resample_mask
 
-MODE = cuda_mode()
-needs_cuda = pytest.mark.skipif(MODE is None, reason="no CUDA device: run under the CUDA simulator by "
-                                                     "test_under_cuda_simulator in a subprocess")
 NO_DATA = 4
 
 
 def test_under_cuda_simulator():
-    if MODE is not None:
-        pytest.skip(f"numba.cuda is usable here ({MODE}): this file's kernel tests ran in this process")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900,
-                       cwd=Path(__file__).resolve().parents[2])
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= 4, out[-3000:]
-
-
-def _dev(a):
-    if MODE == "gpu":
-        import cupy
-
-        return cupy.asarray(a)
-    return a
+    run_file_under_simulator(__file__)
 
 
 def _map(shape_out, *, shift=(0.0, 0.0), nan_at=None):
@@ -59,7 +35,7 @@ def test_lanczos_matches_reference(rng, dtype, a):
     xs, ys = _map((20, 24), nan_at=(3, 4))
     stack = np.stack([img, img**2 / 100])
     want = lanczos_resample(stack, xs, ys, a=a, method="reference")
-    got = to_numpy(lanczos_resample_cuda(_dev(stack), _dev(xs), _dev(ys), a=a))
+    got = to_numpy(lanczos_resample_cuda(to_device(stack), to_device(xs), to_device(ys), a=a))
     assert got.dtype == want.dtype and got.shape == want.shape
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[:, 3, 4]).all()
     ok = ~np.isnan(want)
@@ -67,7 +43,7 @@ def test_lanczos_matches_reference(rng, dtype, a):
     tol = 1e-12 if dtype == np.float64 else 1e-6
     assert (np.abs(got[ok] - want[ok]) / np.abs(want[ok]).max()).max() < tol
     # a single 2-D plane keeps its shape
-    one = to_numpy(lanczos_resample_cuda(_dev(img), _dev(xs), _dev(ys), a=a, fill=-1.0))
+    one = to_numpy(lanczos_resample_cuda(to_device(img), to_device(xs), to_device(ys), a=a, fill=-1.0))
     np.testing.assert_allclose(one, lanczos_resample(img, xs, ys, a=a, fill=-1.0, method="reference"),
                                rtol=tol, atol=0)
 
@@ -79,7 +55,7 @@ def test_batched_maps_equal_per_pair_calls(rng):
     maps = [_map((16, 18), shift=(0.3 * b, -0.2 * b)) for b in range(B)]
     xs = np.stack([m[0] for m in maps])
     ys = np.stack([m[1] for m in maps])
-    got = to_numpy(lanczos_resample_cuda(_dev(imgs), _dev(xs), _dev(ys), a=3))
+    got = to_numpy(lanczos_resample_cuda(to_device(imgs), to_device(xs), to_device(ys), a=3))
     for b in range(B):
         want = lanczos_resample(imgs[b], xs[b], ys[b], a=3, method="reference")
         np.testing.assert_allclose(got[b], want, rtol=1e-12, atol=1e-12)
@@ -92,17 +68,17 @@ def test_mask_matches_reference(rng):
     mask[10, 5:9] |= 2
     xs, ys = _map((20, 24), nan_at=(3, 4))
     want = resample_mask(mask, xs, ys, a=3, no_data_bit=NO_DATA, method="reference")
-    got = to_numpy(resample_mask_cuda(_dev(mask), _dev(xs), _dev(ys), a=3, no_data_bit=NO_DATA))
+    got = to_numpy(resample_mask_cuda(to_device(mask), to_device(xs), to_device(ys), a=3, no_data_bit=NO_DATA))
     assert got.dtype == np.uint16
     np.testing.assert_array_equal(got, want)
     assert (want & 1).any() and (want & 2).any() and (want & NO_DATA).any() and (want == 0).any()
     # integer shift: the exact zeros of the kernel do not spread a flag
     yy, xx = np.mgrid[0:20, 0:24].astype(np.float64)
-    got_i = to_numpy(resample_mask_cuda(_dev(mask), _dev(xx + 2), _dev(yy + 1), a=3, no_data_bit=NO_DATA))
+    got_i = to_numpy(resample_mask_cuda(to_device(mask), to_device(xx + 2), to_device(yy + 1), a=3, no_data_bit=NO_DATA))
     np.testing.assert_array_equal(got_i, mask[1:21, 2:26])
     # batched masks
     m2 = np.stack([mask, mask[::-1].copy()])
-    got_b = to_numpy(resample_mask_cuda(_dev(m2), _dev(np.stack([xs, xs])), _dev(np.stack([ys, ys])), a=3,
+    got_b = to_numpy(resample_mask_cuda(to_device(m2), to_device(np.stack([xs, xs])), to_device(np.stack([ys, ys])), a=3,
                                         no_data_bit=NO_DATA))
     np.testing.assert_array_equal(got_b[1], resample_mask(m2[1], xs, ys, a=3, no_data_bit=NO_DATA,
                                                           method="reference"))
@@ -116,8 +92,8 @@ def test_argument_errors(rng):
             lanczos_resample_cuda(img, xs[:2], xs[:2])
         return
     with pytest.raises(ValueError, match="batch sizes differ"):
-        lanczos_resample_cuda(_dev(img), _dev(xs), _dev(xs))
+        lanczos_resample_cuda(to_device(img), to_device(xs), to_device(xs))
     with pytest.raises(ValueError, match="order a"):
-        lanczos_resample_cuda(_dev(img[0, 0]), _dev(xs[0]), _dev(xs[0]), a=9)
+        lanczos_resample_cuda(to_device(img[0, 0]), to_device(xs[0]), to_device(xs[0]), a=9)
     with pytest.raises(ValueError, match="integer"):
-        resample_mask_cuda(_dev(img[0, 0]), _dev(xs[0]), _dev(xs[0]))
+        resample_mask_cuda(to_device(img[0, 0]), to_device(xs[0]), to_device(xs[0]))

@@ -1,43 +1,18 @@
 """CUDA cutout gather == extract_triplets (and the batched xp reference), on a GPU or under the
-simulator. See tests/kernels/test_cuda_peaks.py for why the simulator runs in a subprocess."""
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
+simulator. See tests/kernels/cudasim.py for why the simulator runs in a subprocess."""
 
 import numpy as np
 import pytest
 
+from tests.kernels.cudasim import MODE, needs_cuda, run_file_under_simulator, to_device
 from nightsift.kernels import to_numpy
-from nightsift.kernels._cuda import CudaUnavailable, cuda_mode
+from nightsift.kernels._cuda import CudaUnavailable
 from nightsift.kernels.cutouts import gather_triplets
 from nightsift.kernels.stamps import extract_stamps, extract_triplets
 
-MODE = cuda_mode()
-needs_cuda = pytest.mark.skipif(MODE is None, reason="no CUDA device: run under the CUDA simulator by "
-                                                     "test_under_cuda_simulator in a subprocess")
-
 
 def test_under_cuda_simulator():
-    if MODE is not None:
-        pytest.skip(f"numba.cuda is usable here ({MODE}): this file's kernel tests ran in this process")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900,
-                       cwd=Path(__file__).resolve().parents[2])
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= 4, out[-3000:]
-
-
-def _dev(a):
-    if MODE == "gpu":
-        import cupy
-
-        return cupy.asarray(a)
-    return a
+    run_file_under_simulator(__file__)
 
 
 def _batch(rng, B=2, shape=(40, 50), dtype=np.float32):
@@ -54,7 +29,7 @@ IMG = np.array([0, 1, 1, 0, 0, 1, 1, 0, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_equals_extract_triplets_per_candidate(rng, dtype):
     sci, ref, dif = _batch(rng, dtype=dtype)
-    st, pad = gather_triplets(_dev(sci), _dev(ref), _dev(dif), _dev(IMG), _dev(X), _dev(Y), size=9, method="cuda")
+    st, pad = gather_triplets(to_device(sci), to_device(ref), to_device(dif), to_device(IMG), to_device(X), to_device(Y), size=9, method="cuda")
     st, pad = to_numpy(st), to_numpy(pad)
     assert st.shape == (len(X), 9, 9, 3) and st.dtype == np.float32 and pad.dtype == bool
     for k in range(len(X)):
@@ -73,7 +48,7 @@ def test_kernel_equals_batched_reference_63_and_channels_first(rng):
     for channels_last in (True, False):
         want, wpad = gather_triplets(sci, ref, dif, img, x, y, size=63, channels_last=channels_last,
                                      method="reference")
-        got, gpad = gather_triplets(_dev(sci), _dev(ref), _dev(dif), _dev(img), _dev(x), _dev(y), size=63,
+        got, gpad = gather_triplets(to_device(sci), to_device(ref), to_device(dif), to_device(img), to_device(x), to_device(y), size=63,
                                     channels_last=channels_last, method="cuda")
         np.testing.assert_array_equal(to_numpy(got), want)
         np.testing.assert_array_equal(to_numpy(gpad), wpad)
@@ -83,9 +58,9 @@ def test_kernel_equals_batched_reference_63_and_channels_first(rng):
 @needs_cuda
 def test_single_image_and_no_candidates(rng):
     sci, ref, dif = (a[0] for a in _batch(rng))
-    got, pad = gather_triplets(_dev(sci), _dev(ref), _dev(dif), None, _dev(X[:3]), _dev(Y[:3]), size=7, method="cuda")
+    got, pad = gather_triplets(to_device(sci), to_device(ref), to_device(dif), None, to_device(X[:3]), to_device(Y[:3]), size=7, method="cuda")
     np.testing.assert_array_equal(to_numpy(got), extract_triplets(sci, ref, dif, X[:3], Y[:3], size=7))
-    empty, epad = gather_triplets(_dev(sci), _dev(ref), _dev(dif), None, _dev(np.zeros(0)), _dev(np.zeros(0)),
+    empty, epad = gather_triplets(to_device(sci), to_device(ref), to_device(dif), None, to_device(np.zeros(0)), to_device(np.zeros(0)),
                                   size=7, method="cuda")
     assert empty.shape == (0, 7, 7, 3) and epad.shape == (0,)
 
