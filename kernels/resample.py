@@ -51,7 +51,7 @@ __all__ = [
     "interpolate_coordinate_map",
 ]
 
-_METHODS = ("auto", "numba", "reference")
+_METHODS = ("auto", "numba", "reference", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,8 +91,13 @@ def _check_args(image, x_src, y_src, a, method, name):
         raise ValueError(f"{name}: source must be (ny, nx) or (k, ny, nx), got shape {image.shape}")
 
 
+def _use_cuda(xp, method: str) -> bool:
+    """The Numba CUDA kernel: asked for, or ``auto`` on cupy arrays."""
+    return method == "cuda" or (method == "auto" and is_cupy(xp))
+
+
 def _use_numba(xp, method: str) -> bool:
-    if method == "reference":
+    if method in ("reference", "cuda"):
         return False
     if method == "numba":
         if is_cupy(xp) or _numba is None:
@@ -302,9 +307,11 @@ def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("na
         Lanczos order (half-width in pixels, 2..5 in practice).
     fill : float, keyword-only
         Value of output pixels whose source position is NaN or outside the source image.
-    method : {"auto", "numba", "reference"}, keyword-only
-        ``"auto"`` uses the Numba CPU kernel for numpy arrays and the vectorised ``xp``
-        reference for cupy arrays; ``"reference"`` forces the vectorised version (the oracle).
+    method : {"auto", "numba", "cuda", "reference"}, keyword-only
+        ``"auto"`` uses the Numba CPU kernel for numpy arrays and the Numba CUDA kernel
+        (:mod:`nightsift.kernels._cuda.resample`) for cupy arrays; ``"cuda"`` forces the CUDA
+        kernel (numpy arrays under ``NUMBA_ENABLE_CUDASIM=1``); ``"reference"`` forces the
+        vectorised ``xp`` version (the oracle).
 
     Returns
     -------
@@ -323,6 +330,10 @@ def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("na
         ys = np.ascontiguousarray(y_src, dtype=np.float64)
         out = np.empty((img3.shape[0],) + xs.shape, dtype=out_dtype)
         _resample_numba(img3, xs, ys, int(a), float(fill), out)
+    elif _use_cuda(xp, method):
+        from ._cuda.resample import lanczos_resample_cuda
+
+        out = lanczos_resample_cuda(img3, x_src, y_src, a=int(a), fill=fill)
     else:
         out = _resample_reference(img3, x_src, y_src, int(a), fill, out_dtype)
     return out[0] if image.ndim == 2 else out
@@ -358,7 +369,8 @@ def resample_mask(
     weight_threshold : float, keyword-only
         Weights at or below this magnitude are negligible (the smallest corner weights of a
         generic Lanczos-3 footprint are ~1e-4).
-    method : {"auto", "numba", "reference"}, keyword-only
+    method : {"auto", "numba", "cuda", "reference"}, keyword-only
+        As for :func:`lanczos_resample`.
 
     Returns
     -------
@@ -375,6 +387,11 @@ def resample_mask(
         out = np.empty(xs.shape, dtype=m.dtype)
         _resample_mask_numba(m, xs, ys, int(a), m.dtype.type(no_data_bit), float(weight_threshold), out)
         return out
+    if _use_cuda(xp, method):
+        from ._cuda.resample import resample_mask_cuda
+
+        return resample_mask_cuda(mask, x_src, y_src, a=int(a), no_data_bit=no_data_bit,
+                                  weight_threshold=float(weight_threshold))
     return _resample_mask_reference(mask, x_src, y_src, int(a), no_data_bit, float(weight_threshold))
 
 
