@@ -10,6 +10,13 @@ and compares nightsift's score with two reference decisions, as there is no huma
 braai's (``braai >= 0.5``) and ZTF's random forest's (``rb >= 0.5``). It reports ROC AUC and
 AUCPR (average precision) for each, the agreement at nightsift's operating threshold, and draws the
 triplets nightsift gets most wrong against braai (a PNG).
+
+Sign of the difference cutout: ZTF stores, for a negative candidate (``isdiffpos = 'f'``), the
+reference-minus-science cutout (file ``..._refmsci.fits.gz``; its centre is positive in all 179 such
+packets of the shared sample), while nightsift's triplets are always science minus reference (a
+fading source is a negative blob). :func:`to_nightsift_convention` negates ZTF's difference channel
+for those candidates before nightsift scores them (braai gets ZTF's cutouts as ZTF fed them). The
+metrics on the cutouts as stored are reported too (``as_stored``).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import numpy as np
 from ..config import ClassifyConfig
 from ..errors import InputError
 
-__all__ = ["roc_auc", "average_precision", "ZTFComparison", "score_ztf", "plot_most_wrong"]
+__all__ = ["roc_auc", "average_precision", "to_nightsift_convention", "ZTFComparison", "score_ztf", "plot_most_wrong"]
 
 
 def roc_auc(labels, scores) -> float:
@@ -85,6 +92,26 @@ def average_precision(labels, scores) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def to_nightsift_convention(triplets: np.ndarray, isdiffpos) -> np.ndarray:
+    """ZTF triplets -> nightsift's sign convention (difference = science - reference).
+
+    Parameters
+    ----------
+    triplets : ndarray (n, ny, nx, 3)
+        As :func:`nightsift.engine.io.avro.iter_ztf_packets` reads them.
+    isdiffpos : sequence (n,) of str or bool
+        ZTF's ``isdiffpos`` ('t'/'1'/True: positive; 'f'/'0'/False: negative).
+
+    Returns
+    -------
+    ndarray (n, ny, nx, 3), a copy with channel 2 negated where the candidate is negative.
+    """
+    neg = np.array([str(v).lower() not in ("t", "1", "true") for v in isdiffpos], bool)
+    out = np.array(triplets, dtype=np.float32, copy=True)
+    out[neg, :, :, 2] *= -1.0
+    return out
+
+
 @dataclass(frozen=True)
 class ZTFComparison:
     """Outcome of :func:`score_ztf`.
@@ -100,7 +127,8 @@ class ZTFComparison:
     metrics : dict
         ``{"vs_braai": {...}, "vs_rb": {...}}``, each with ``roc_auc``, ``aucpr``, ``n_pos``,
         ``n_neg``, and at nightsift's threshold ``agreement``, ``tpr``, ``fpr``; plus
-        ``braai_vs_rb`` (braai's own score against ``rb >= 0.5``, for scale).
+        ``braai_vs_rb`` (braai's own score against ``rb >= 0.5``, for scale) and ``as_stored``
+        (nightsift on ZTF's cutouts without the sign conversion).
     objectId, candid, nightsift, braai, rb : list
         Per alert, in file-name order.
     """
@@ -131,7 +159,8 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
 
 
 def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_model: str | os.PathLike | None = None,
-              out_dir: str | os.PathLike | None = None, n_worst: int = 8, num_threads: int | None = None) -> ZTFComparison:
+              out_dir: str | os.PathLike | None = None, n_worst: int = 8, num_threads: int | None = None,
+              convention: str = "auto") -> ZTFComparison:
     """Score a folder of real ZTF packets with nightsift's classifier and with braai; compare.
 
     Parameters
@@ -151,6 +180,10 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         drawn in the PNG.
     num_threads : int, optional
         LiteRT CPU threads.
+    convention : {"auto", "nightsift", "ztf"}
+        Sign of the difference cutout of negative candidates fed to nightsift's scorer:
+        ``"nightsift"`` negates ZTF's (see the module docstring), ``"ztf"`` keeps ZTF's,
+        ``"auto"`` = ``"ztf"`` for a braai scorer, else ``"nightsift"``.
 
     Returns
     -------
@@ -180,7 +213,14 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
     if len(btrips) != len(trips):
         raise InputError(f"read {len(trips)} alerts but {len(btrips)} braai triplets", path=str(directory))
     trips = np.stack(trips)
-    ns = scorer.score(trips)
+    isdiffpos = [c.get("isdiffpos") for c in cands]
+    if convention == "auto":  # a ZTF-trained model (braai) takes ZTF's cutouts as they are
+        convention = "ztf" if scorer.spec.normalisation == "braai" else "nightsift"
+    if convention not in ("nightsift", "ztf"):
+        raise ValueError(f"convention must be 'auto', 'nightsift' or 'ztf', got {convention!r}")
+    ns_stored = scorer.score(trips)
+    scored = to_nightsift_convention(trips, isdiffpos) if convention == "nightsift" else trips
+    ns = scorer.score(scored) if convention == "nightsift" else ns_stored
     braai = load_braai(braai_model)
     bs = np.concatenate([np.asarray(braai.predict_on_batch(np.stack(btrips[i:i + 256])), np.float32)[:, 0]
                          for i in range(0, len(btrips), 256)])
@@ -197,6 +237,9 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         "braai_real_fraction": float(np.mean(braai_real)),
         "rb_real_fraction": float(np.mean(rb_real)) if ok.any() else float("nan"),
         "spearman_vs_braai": _spearman(ns, bs),
+        "difference_convention": convention,
+        "n_negative": int(sum(str(v).lower() not in ("t", "1", "true") for v in isdiffpos)),
+        "as_stored": {"vs_braai": _metrics(braai_real, ns_stored, thr), "vs_rb": _metrics(rb_real, ns_stored[ok], thr)},
     }
     res = ZTFComparison(n=len(ns), scorer=repr(scorer), threshold=float(thr), metrics=metrics,
                         objectId=[c.get("objectId") for c in cands], candid=[c.get("candid") for c in cands],
@@ -206,8 +249,9 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ztf_crossdomain.json").write_text(json.dumps(asdict(res), indent=1) + "\n")
-        plot_most_wrong(trips, ns, bs, rb, [c.get("objectId") for c in cands], out / "ztf_most_wrong.png",
-                        n_worst=n_worst)
+        plot_most_wrong(scored, ns, bs, rb,
+                        [f"{c.get('objectId')} ({'+' if str(c.get('isdiffpos')).lower() in ('t', '1', 'true') else '-'})"
+                         for c in cands], out / "ztf_most_wrong.png", n_worst=n_worst)
     return res
 
 
@@ -230,7 +274,7 @@ def plot_most_wrong(triplets: np.ndarray, nightsift: np.ndarray, braai: np.ndarr
     Parameters
     ----------
     triplets : ndarray (n, 63, 63, 3)
-        As read (NaN = no data).
+        As scored by nightsift (NaN = no data).
     nightsift, braai, rb : ndarray (n,)
     names : list of str (n,)
     path : str or PathLike
