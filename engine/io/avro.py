@@ -26,7 +26,6 @@ import functools
 import gzip
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -39,6 +38,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
 
+from .atomic import atomic_write
 from ..errors import InputError
 
 __all__ = [
@@ -122,24 +122,14 @@ def write_alerts(path: str | os.PathLike, alerts: list[dict], *, codec: str = "n
         If a record does not match the schema (the message names the field and the file).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            try:
-                fastavro.writer(fh, alert_schema(), alerts, codec=codec, validator=validate)
-            except (fastavro.validation.ValidationError, ValueError, TypeError) as e:
-                raise InputError(f"alert record does not match the nightsift schema: {e}", path=str(path)) from None
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+
+    def write(fh):
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+            fastavro.writer(fh, alert_schema(), alerts, codec=codec, validator=validate)
+        except (fastavro.validation.ValidationError, ValueError, TypeError) as e:
+            raise InputError(f"alert record does not match the nightsift schema: {e}", path=str(path)) from None
+
+    return atomic_write(path, write)
 
 
 def _read_records(path: Path) -> tuple[list[dict], dict]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..io.atomic import atomic_write
 
 
 def record_path(output_dir, visit: int, ccd: int) -> Path:
@@ -32,15 +32,10 @@ def write_record(output_dir, visit: int, ccd: int, *, status: str, error: str | 
     if status not in ("done", "failed", "skipped"):
         raise ValueError(f"unknown status {status!r}")
     path = record_path(output_dir, visit, ccd)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"visit": int(visit), "ccd": int(ccd), "status": status, "error": error, "n_alerts": int(n_alerts),
            "alerts_path": alerts_path, "qa": {k: _clean(v) for k, v in (qa or {}).items()}}
     rec.update({k: _clean(v) for k, v in (extra or {}).items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rec-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rec, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: fh.write(json.dumps(rec, indent=1, sort_keys=True).encode()))
 
 
 def read_ledger(output_dir) -> list[dict]:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..config import ClassifyConfig, Config, from_dict, to_dict
+from ..io.atomic import atomic_write
 from ..errors import AlgorithmFailure, ConfigError, NightsiftError, SkipCCD
 from ..io.avro import alert_path
 from .ledger import write_record
@@ -345,23 +346,6 @@ class SubtractionWorker:
 _LEDGER_EXTRA = ("n_truth", "n_found", "n_truth_snr7", "n_found_snr7", "attempts", "slot", "wall_s")
 
 
-def _atomic_write_bytes(path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class AlertWriter:
     """Body of the writer actor: persists one CCD-visit's alert file and its ledger record.
 
@@ -381,7 +365,7 @@ class AlertWriter:
         v, c = meta["visit"], meta["ccd"]
         path = alert_path(self.output_dir, v, c)
         if meta["status"] == "done":
-            _atomic_write_bytes(path, payload)
+            atomic_write(path, lambda fh: fh.write(payload))
         else:
             try:
                 os.unlink(path)
