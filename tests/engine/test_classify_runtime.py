@@ -284,3 +284,15 @@ def test_training_metadata_layout(tiny, tmp_path):
     assert k.path == tmp_path / "rb.keras" and k.threshold == 0.4
     # the .tflite given directly finds rb.json (its stem less _int8)
     assert resolve_model(_cfg(backend="tflite", model=str(tmp_path / "rb_int8.tflite"))).version == "rb-v1"
+
+
+@pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models yet")
+def test_shipped_model_loads_with_defaults(rng):
+    """The default [classify] (auto) finds the shipped model, int8 and float agree on its scores."""
+    s8 = load_scorer(ClassifyConfig(), num_threads=1)
+    sf = load_scorer(ClassifyConfig(backend="keras"))
+    assert s8.backend in ("tflite", "edgetpu") and s8.spec.normalisation == "nightsift"
+    assert 0 < s8.threshold < 1 and 0 < sf.threshold < 1
+    x = _triplets(rng, 16) + 100.0
+    a, b = s8.score(x), sf.score(x)
+    assert np.all((a >= 0) & (a <= 1)) and np.max(np.abs(a - b)) < 0.1
