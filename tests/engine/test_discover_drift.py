@@ -160,7 +160,19 @@ def _pattern_noise(data, rng):
     return data + 25 * np.sin(2 * np.pi * xx / 7.3 + 0.4) * np.sin(2 * np.pi * yy / 11.1) + rng.normal(0, 15, data.shape)
 
 
-def _run_night(out, visits, degrade):
+def _scorer():
+    """The shipped real/bogus scorer when its runtime and model are installed (then the rb
+    distribution is monitored too), else None: drift falls back to the features."""
+    try:
+        from nightsift.engine.classify.runtime import load_scorer
+        from nightsift.engine.config import Config
+
+        return load_scorer(Config().classify)
+    except Exception:  # noqa: BLE001 - no model, no LiteRT: features only
+        return None
+
+
+def _run_night(out, visits, degrade, scorer=None):
     from nightsift.engine.config import Config
     from nightsift.engine.errors import AlgorithmFailure, SkipCCD
     from nightsift.engine.orchestration.ledger import write_record
@@ -181,7 +193,7 @@ def _run_night(out, visits, degrade):
                 raw = RawFrame(degrade[ccd](raw.data, np.random.default_rng(100 * v + ccd)).astype(np.float32),
                                raw.header)
             try:
-                res = process_ccd(raw, master, sim.reference, config=cfg, visit=v, ccd=ccd)
+                res = process_ccd(raw, master, sim.reference, config=cfg, visit=v, ccd=ccd, scorer=scorer)
             except (AlgorithmFailure, SkipCCD) as e:
                 write_record(out, v, ccd, status="failed", error=str(e))
                 continue
@@ -193,14 +205,15 @@ def _run_night(out, visits, degrade):
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift")
-    ref_done = _run_night(root / "ref", (0, 1), {})
-    new_done = _run_night(root / "new", (2,), {HOT_CCD: _hot_pixels, NOISY_CCD: _pattern_noise})
-    return root, ref_done, new_done
+    scorer = _scorer()
+    ref_done = _run_night(root / "ref", (0, 1), {}, scorer)
+    new_done = _run_night(root / "new", (2,), {HOT_CCD: _hot_pixels, NOISY_CCD: _pattern_noise}, scorer)
+    return root, ref_done, new_done, scorer is not None
 
 
 @pytest.mark.slow
 def test_simulated_night_degraded_ccds_flagged(nights):
-    root, ref_done, new_done = nights
+    root, ref_done, new_done, scored = nights
     processed = {c for _, c in new_done}
     assert {HOT_CCD, NOISY_CCD} <= processed, f"a degraded CCD failed in the chain: {new_done}"
     healthy = processed - {HOT_CCD, NOISY_CCD}
@@ -214,7 +227,9 @@ def test_simulated_night_degraded_ccds_flagged(nights):
     assert not any(by[c].flagged for c in healthy), rep.summary()
     # the reasons are the ones the degradations cause
     assert "noise_ratio" in by[NOISY_CCD].reasons
-    assert set(by[HOT_CCD].reasons) & {"fwhm_rel", "elong", "log_snr", "log_scorr", "n_candidates"}
+    assert set(by[HOT_CCD].reasons) & {"rb", "fwhm_rel", "elong", "log_snr", "log_scorr", "n_candidates"}
+    # with a scorer the real/bogus score distribution is monitored as well
+    assert (by[HOT_CCD].stat("rb") is not None) == scored
     png = drift.plot_drift(rep, night, ref, root / "drift.png")
     assert png.stat().st_size > 10_000
 
@@ -223,7 +238,7 @@ def test_simulated_night_degraded_ccds_flagged(nights):
 def test_cli_drift(nights, capsys):
     from nightsift.engine.cli import main
 
-    root, _, _ = nights
+    root = nights[0]
     out = root / "report"
     assert main(["drift", str(root / "new"), "--reference", str(root / "ref"), "--out", str(out)]) == 0
     rep = json.loads((out / "drift.json").read_text())
