@@ -167,7 +167,7 @@ def cmd_score_ztf(args) -> int:
     over = {k: v for k, v in {"backend": args.backend, "model": args.model}.items() if v}
     cfg = _config(args, classify=over or None)
     res = score_ztf(args.directory, config=cfg.classify, braai_model=args.braai, out_dir=args.out,
-                    num_threads=args.threads, convention=args.difference)
+                    num_threads=args.threads)
     m = res.metrics
     print(f"{res.n} ZTF alerts; nightsift: {res.scorer}")
     print(f"called real: nightsift {m['nightsift_real_fraction']:.1%} (threshold {res.threshold:.3g}), "
@@ -177,11 +177,6 @@ def cmd_score_ztf(args) -> int:
         r = m[key]
         print(f"  {label:28s} ROC AUC {r['roc_auc']:.3f}  AUCPR {r['aucpr']:.3f}  "
               f"agreement {r['agreement']:.1%} (TPR {r['tpr']:.1%}, FPR {r['fpr']:.1%}; {r['n_pos']} real / {r['n_neg']} bogus)")
-    st = m["as_stored"]
-    if m["difference_convention"] == "nightsift":
-        print(f"  (ZTF's difference cutouts of the {m['n_negative']} negative candidates are ref - sci, negated for "
-              f"nightsift above; as stored: ROC AUC {st['vs_braai']['roc_auc']:.3f} vs braai, "
-              f"{st['vs_rb']['roc_auc']:.3f} vs rb)")
     print(f"written: {Path(args.out) / 'ztf_crossdomain.json'}, {Path(args.out) / 'ztf_most_wrong.png'}")
     return 0
 
@@ -294,9 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--braai", help="folder of ZTF's braai d6_m7 files (default: shared/data/ztf/braai)")
     z.add_argument("--out", default="nightsift-ztf", help="folder for the JSON and the PNG")
     z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
-    z.add_argument("--difference", choices=("auto", "nightsift", "ztf"), default="auto",
-                   help="sign of negative candidates' difference cutouts fed to nightsift: nightsift's sci - ref "
-                        "(auto, except for braai) or ZTF's ref - sci as stored")
     z.set_defaults(func=cmd_score_ztf)
 
     t = sub.add_parser("train", help="simulate labelled triplets, train the real/bogus CNN, evaluate, export int8")

@@ -20,7 +20,7 @@ from nightsift.kernels.tiles import make_grid
 from .backend import get_backend
 from .config import Config
 from .io.avro import alert_path, write_alerts
-from .records import Exposure, RawFrame
+from .records import Exposure, RawFrame, difference_sign
 from .stages.align import align
 from .stages.calibrate import MasterCalibration, calibrate
 from .stages.detect import detect
@@ -137,7 +137,7 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
         from nightsift.kernels.stamps import extract_triplets
 
         scores = scorer(extract_triplets(sky_sub, ref_sub, sub.difference, cands["xpos"], cands["ypos"],
-                                         size=config.cutout.size))
+                                         size=config.cutout.size, difference_sign=difference_sign(cands)))
         step("classify", _Done())
     alerts = step("package", build_alerts(cands, science=sky_sub, reference=ref_sub, difference=sub.difference,
                                           header=science.header, visit=visit, ccd=ccd, config=config.cutout,

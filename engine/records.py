@@ -146,6 +146,17 @@ def make_candid(visit: int, ccd: int, index) -> np.ndarray:
     return (np.int64(visit) * CANDID_CCD + np.int64(ccd)) * CANDID_INDEX + np.asarray(index, dtype=np.int64)
 
 
+def difference_sign(candidates: np.ndarray) -> np.ndarray:
+    """+1 for positive candidates, -1 for negative ones (float32, shape (n,)).
+
+    The ZTF convention for the difference cutout, which nightsift's alerts and classifier follow
+    (and braai was trained on): a negative candidate's difference cutout is reference minus
+    science, so a real candidate's centre is positive whatever its sign; ``isdiffpos`` carries
+    the sign. Pass it as ``extract_triplets(..., difference_sign=difference_sign(cands))``.
+    """
+    return np.where(np.asarray(candidates["isdiffpos"], bool), 1.0, -1.0).astype(np.float32)
+
+
 def empty_candidates(n: int = 0) -> np.ndarray:
     """A candidate table of ``n`` zeroed rows (``n=0`` is the valid 'no detections' result)."""
     return np.zeros(n, dtype=CANDIDATE_DTYPE)

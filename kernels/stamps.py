@@ -97,7 +97,7 @@ def extract_stamps(image, x, y, *, size: int = 63, fill: float = float("nan")):
     return stamps, padded
 
 
-def extract_triplets(science, reference, difference, x, y, *, size: int = 63):
+def extract_triplets(science, reference, difference, x, y, *, size: int = 63, difference_sign=None):
     """Science, reference and difference stamps stacked as channels, as braai takes them.
 
     Parameters
@@ -108,6 +108,11 @@ def extract_triplets(science, reference, difference, x, y, *, size: int = 63):
         0-based column and row of the stamp centres (pixels).
     size : int, keyword-only
         Side of the stamps (odd), 63 as ZTF.
+    difference_sign : array_like (n,) of +1/-1, optional, keyword-only
+        Multiplies each difference stamp. ZTF's convention (which braai was trained on) is
+        ``difference_sign = +1 if isdiffpos else -1``: the difference cutout of a negative
+        candidate is reference minus science, so a real candidate's centre is always positive.
+        ``None`` keeps ``difference`` as given.
 
     Returns
     -------
@@ -130,4 +135,9 @@ def extract_triplets(science, reference, difference, x, y, *, size: int = 63):
         extract_stamps(img, x, y, size=size, fill=float("nan"))[0].astype(xp.float32, copy=False)
         for img in (science, reference, difference)
     ]
+    if difference_sign is not None:
+        sign = xp.asarray(difference_sign, dtype=xp.float32).reshape(-1)
+        if sign.shape[0] != chans[2].shape[0]:
+            raise ValueError(f"difference_sign has {sign.shape[0]} values for {chans[2].shape[0]} stamps")
+        chans[2] = chans[2] * sign[:, None, None]
     return xp.stack(chans, axis=-1)

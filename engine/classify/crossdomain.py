@@ -13,10 +13,8 @@ triplets nightsift gets most wrong against braai (a PNG).
 
 Sign of the difference cutout: ZTF stores, for a negative candidate (``isdiffpos = 'f'``), the
 reference-minus-science cutout (file ``..._refmsci.fits.gz``; its centre is positive in all 179 such
-packets of the shared sample), while nightsift's triplets are always science minus reference (a
-fading source is a negative blob). :func:`to_nightsift_convention` negates ZTF's difference channel
-for those candidates before nightsift scores them (braai gets ZTF's cutouts as ZTF fed them). The
-metrics on the cutouts as stored are reported too (``as_stored``).
+packets of the shared sample). nightsift's packets and classifier follow the same convention
+(:func:`nightsift.engine.records.difference_sign`), so ZTF's triplets are scored as stored.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ import numpy as np
 from ..config import ClassifyConfig
 from ..errors import InputError
 
-__all__ = ["roc_auc", "average_precision", "to_nightsift_convention", "ZTFComparison", "score_ztf", "plot_most_wrong"]
+__all__ = ["roc_auc", "average_precision", "ZTFComparison", "score_ztf", "plot_most_wrong"]
 
 
 def roc_auc(labels, scores) -> float:
@@ -92,26 +90,6 @@ def average_precision(labels, scores) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def to_nightsift_convention(triplets: np.ndarray, isdiffpos) -> np.ndarray:
-    """ZTF triplets -> nightsift's sign convention (difference = science - reference).
-
-    Parameters
-    ----------
-    triplets : ndarray (n, ny, nx, 3)
-        As :func:`nightsift.engine.io.avro.iter_ztf_packets` reads them.
-    isdiffpos : sequence (n,) of str or bool
-        ZTF's ``isdiffpos`` ('t'/'1'/True: positive; 'f'/'0'/False: negative).
-
-    Returns
-    -------
-    ndarray (n, ny, nx, 3), a copy with channel 2 negated where the candidate is negative.
-    """
-    neg = np.array([str(v).lower() not in ("t", "1", "true") for v in isdiffpos], bool)
-    out = np.array(triplets, dtype=np.float32, copy=True)
-    out[neg, :, :, 2] *= -1.0
-    return out
-
-
 @dataclass(frozen=True)
 class ZTFComparison:
     """Outcome of :func:`score_ztf`.
@@ -159,8 +137,7 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
 
 
 def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_model: str | os.PathLike | None = None,
-              out_dir: str | os.PathLike | None = None, n_worst: int = 8, num_threads: int | None = None,
-              convention: str = "auto") -> ZTFComparison:
+              out_dir: str | os.PathLike | None = None, n_worst: int = 8, num_threads: int | None = None) -> ZTFComparison:
     """Score a folder of real ZTF packets with nightsift's classifier and with braai; compare.
 
     Parameters
@@ -180,10 +157,6 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         drawn in the PNG.
     num_threads : int, optional
         LiteRT CPU threads.
-    convention : {"auto", "nightsift", "ztf"}
-        Sign of the difference cutout of negative candidates fed to nightsift's scorer:
-        ``"nightsift"`` negates ZTF's (see the module docstring), ``"ztf"`` keeps ZTF's,
-        ``"auto"`` = ``"ztf"`` for a braai scorer, else ``"nightsift"``.
 
     Returns
     -------
@@ -214,13 +187,7 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         raise InputError(f"read {len(trips)} alerts but {len(btrips)} braai triplets", path=str(directory))
     trips = np.stack(trips)
     isdiffpos = [c.get("isdiffpos") for c in cands]
-    if convention == "auto":  # a ZTF-trained model (braai) takes ZTF's cutouts as they are
-        convention = "ztf" if scorer.spec.normalisation == "braai" else "nightsift"
-    if convention not in ("nightsift", "ztf"):
-        raise ValueError(f"convention must be 'auto', 'nightsift' or 'ztf', got {convention!r}")
-    ns_stored = scorer.score(trips)
-    scored = to_nightsift_convention(trips, isdiffpos) if convention == "nightsift" else trips
-    ns = scorer.score(scored) if convention == "nightsift" else ns_stored
+    ns = scorer.score(trips)
     braai = load_braai(braai_model)
     bs = np.concatenate([np.asarray(braai.predict_on_batch(np.stack(btrips[i:i + 256])), np.float32)[:, 0]
                          for i in range(0, len(btrips), 256)])
@@ -237,9 +204,7 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         "braai_real_fraction": float(np.mean(braai_real)),
         "rb_real_fraction": float(np.mean(rb_real)) if ok.any() else float("nan"),
         "spearman_vs_braai": _spearman(ns, bs),
-        "difference_convention": convention,
         "n_negative": int(sum(str(v).lower() not in ("t", "1", "true") for v in isdiffpos)),
-        "as_stored": {"vs_braai": _metrics(braai_real, ns_stored, thr), "vs_rb": _metrics(rb_real, ns_stored[ok], thr)},
     }
     res = ZTFComparison(n=len(ns), scorer=repr(scorer), threshold=float(thr), metrics=metrics,
                         objectId=[c.get("objectId") for c in cands], candid=[c.get("candid") for c in cands],
@@ -249,7 +214,7 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ztf_crossdomain.json").write_text(json.dumps(asdict(res), indent=1) + "\n")
-        plot_most_wrong(scored, ns, bs, rb,
+        plot_most_wrong(trips, ns, bs, rb,
                         [f"{c.get('objectId')} ({'+' if str(c.get('isdiffpos')).lower() in ('t', '1', 'true') else '-'})"
                          for c in cands], out / "ztf_most_wrong.png", n_worst=n_worst)
     return res

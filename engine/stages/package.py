@@ -30,7 +30,7 @@ from nightsift.kernels.stamps import extract_stamps
 from ..config import CutoutConfig
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
+from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, difference_sign, make_candid
 
 __all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
 
@@ -146,7 +146,8 @@ def build_alerts(
     -------
     StageResult
         ``value``: list of n alert dicts (schema ``nightsift.alert``), in table order; cutouts are
-        float32 63x63 gzipped FITS, NaN outside the CCD, and ``candidate.edge`` is true for any
+        float32 63x63 gzipped FITS, NaN outside the CCD; as in ZTF, the difference cutout of a
+        negative candidate (``isdiffpos = 'f'``) is reference minus science; and ``candidate.edge`` is true for any
         candidate whose cutouts are padded (or that the table flags). ``qa``: ``n_alerts``,
         ``n_edge``, ``n_scored``.
 
@@ -206,6 +207,7 @@ def build_alerts(
     sci_st, padded = extract_stamps(science, x, y, size=size)
     ref_st, _ = extract_stamps(reference, x, y, size=size)
     diff_st, _ = extract_stamps(difference, x, y, size=size)
+    diff_st = diff_st * difference_sign(cand)[:, None, None]  # ZTF convention: positive centre
     edge = padded | cand["edge"]
     qa["n_edge"] = int(edge.sum())
     ny, nx = science.shape

@@ -7,7 +7,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from nightsift.engine.classify.crossdomain import average_precision, roc_auc, to_nightsift_convention
+from nightsift.engine.classify.crossdomain import average_precision, roc_auc
 
 from ..conftest import shared_data
 
@@ -45,15 +45,6 @@ def test_metrics_against_brute_force(rng):
     assert np.isnan(roc_auc([True, True], [0.1, 0.2])) and np.isnan(average_precision([False], [0.3]))
 
 
-def test_sign_convention(rng):
-    t = rng.normal(size=(3, 63, 63, 3)).astype(np.float32)
-    out = to_nightsift_convention(t, ["t", "f", "1"])
-    np.testing.assert_array_equal(out[[0, 2]], t[[0, 2]])
-    np.testing.assert_array_equal(out[1, ..., :2], t[1, ..., :2])
-    np.testing.assert_array_equal(out[1, ..., 2], -t[1, ..., 2])
-    assert not np.shares_memory(out, t)
-
-
 @pytest.mark.data
 def test_score_ztf_braai_against_itself(tmp_path):
     """nightsift's scorer set to braai: AUC 1 against braai's own decisions; JSON and PNG written."""
@@ -66,7 +57,7 @@ def test_score_ztf_braai_against_itself(tmp_path):
                     braai_model=d / "braai", out_dir=tmp_path, n_worst=2)
     assert res.n == 499
     m = res.metrics
-    assert m["difference_convention"] == "ztf" and m["n_negative"] == 185
+    assert m["n_negative"] == 185
     assert m["vs_braai"]["roc_auc"] == 1.0 and m["vs_braai"]["aucpr"] == 1.0
     assert m["vs_braai"]["agreement"] > 0.99  # ZTF's padding vs nightsift's reader: scores differ < 1e-6
     assert 0.5 < m["vs_rb"]["roc_auc"] < 1.0 and m["vs_rb"]["roc_auc"] == pytest.approx(m["braai_vs_rb"]["roc_auc"], abs=1e-3)

@@ -112,7 +112,9 @@ def test_cutouts_and_edge_flag():
         r = avro.cutout_to_array(a["cutoutTemplate"])
         d = avro.cutout_to_array(a["cutoutDifference"])
         assert s.shape == r.shape == d.shape == (63, 63)
-        assert s[31, 31] == sci[y, x] and r[31, 31] == ref[y, x] and d[31, 31] == diff[y, x]
+        # ZTF convention: a negative candidate's difference cutout is reference - science
+        sign = 1 if a["candidate"]["isdiffpos"] == "t" else -1
+        assert s[31, 31] == sci[y, x] and r[31, 31] == ref[y, x] and d[31, 31] == sign * diff[y, x]
     a0 = alerts[0]
     np.testing.assert_array_equal(avro.cutout_to_array(a0["cutoutScience"]), sci[69:132, 119:182])
     e = avro.cutout_to_array(alerts[1]["cutoutDifference"])

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from nightsift.kernels import to_numpy
 from nightsift.kernels.stamps import extract_stamps, extract_triplets
 
 
@@ -101,3 +102,15 @@ def test_triplet_channel_order():
     nan = np.isnan(tr)
     assert (nan[..., 0] == nan[..., 1]).all() and (nan[..., 0] == nan[..., 2]).all()
     assert nan[2].any() and not nan[1].any()
+
+
+def test_difference_sign_flips_only_the_difference_channel(xp, rng):
+    img = [xp.asarray(rng.normal(size=(40, 50)).astype(np.float32)) for _ in range(3)]
+    x, y = np.array([10.0, 25.0, 30.0]), np.array([12.0, 20.0, 5.0])
+    plain = to_numpy(extract_triplets(*img, x, y, size=15))
+    signed = to_numpy(extract_triplets(*img, x, y, size=15, difference_sign=[1, -1, 1]))
+    np.testing.assert_array_equal(signed[..., :2], plain[..., :2])
+    np.testing.assert_array_equal(signed[[0, 2], ..., 2], plain[[0, 2], ..., 2])
+    np.testing.assert_array_equal(signed[1, ..., 2], -plain[1, ..., 2])
+    with pytest.raises(ValueError, match="difference_sign"):
+        extract_triplets(*img, x, y, size=15, difference_sign=[1, -1])
