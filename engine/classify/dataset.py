@@ -6,7 +6,8 @@ set of units from one seed (round-robin over the instrument profiles; seeing, sk
 drawn across their whole range). :func:`simulate_unit` runs the chain on one unit exactly as
 :func:`nightsift.engine.pipeline.process_ccd` does and cuts each candidate's triplet exactly as
 :func:`~nightsift.engine.pipeline.process_pair` passes it to a scorer (science minus its sky, aligned
-reference minus its sky, the ZOGY difference). Labels come from the truth:
+reference minus its sky, the ZOGY difference times ``records.difference_sign``: ZTF's convention,
+in which a negative candidate's difference stamp is reference minus science). Labels come from the truth:
 
 * **real** (1): the candidate is matched (right sign, within max(2 px, 1 FWHM): an off-centre detection
   of a transient is still an alert about it) to an injected transient -- isolated,
@@ -74,6 +75,10 @@ BOGUS_CAUSES = ("edge", "saturated", "cosmic_ray", "hot_pixel", "bad_column", "n
                 "noise")
 
 _SPLITS = ("train", "val", "test")
+
+#: layout of the stored triplets; part of the cache key (2: a negative candidate's difference
+#: stamp is reference minus science, ZTF's convention, as the pipeline hands it to a scorer)
+DATASET_VERSION = 2
 
 #: a candidate of the right sign within max(MATCH_RADIUS, FWHM) pixels of a transient is real
 MATCH_RADIUS = 2.0
@@ -144,6 +149,7 @@ class DatasetSpec:
         """Hash naming the cache file (spec + normalisation version)."""
         d = dataclasses.asdict(self)
         d["normalization"] = NORMALIZATION
+        d["version"] = DATASET_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -293,6 +299,7 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     from ..config import Config
     from ..errors import AlgorithmFailure, SkipCCD
     from ..pipeline import process_ccd
+    from ..records import difference_sign
     from ..simulate import simulate_ccd_pair
     from ..stages.calibrate import make_master
     from ..truth import match_candidates
@@ -326,10 +333,11 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     out["n_truth"], out["n_found"] = len(sim.transients), int(m.found.sum())
     out["status"] = "done"
     if len(c):
-        # exactly what pipeline.process_pair hands a scorer
+        # exactly what pipeline.process_pair hands a scorer (ZTF's sign convention for the difference)
         sky_sub = np.asarray(p.science.image, dtype=np.float32) - p.sci_psf.sky
         ref_sub = np.asarray(p.reference.image, dtype=np.float32) - p.ref_psf.sky
-        trip = extract_triplets(sky_sub, ref_sub, p.subtraction.difference, c["xpos"], c["ypos"], size=size)
+        trip = extract_triplets(sky_sub, ref_sub, p.subtraction.difference, c["xpos"], c["ypos"], size=size,
+                                difference_sign=difference_sign(c))
         z, loc, scale = standardize(trip)
         real = m.truth_index >= 0
         truth = np.zeros(len(c), TRUTH_DTYPE)
@@ -525,6 +533,7 @@ def build_dataset(data_dir="nightsift-data", spec: DatasetSpec | None = None, *,
         if s["status"] != "done":
             log.warning("dataset unit %d (%s) %s: %s", s["unit"], s["instrument"], s["status"], s["error"])
     meta = {"spec": dataclasses.asdict(spec), "key": spec.key(), "normalization": NORMALIZATION,
+            "version": DATASET_VERSION,
             "build_wall_s": round(time.perf_counter() - t0, 1), "units": status,
             "summary": summarize(arrays["truth"], arrays["domain"])}
     tmp = path.with_suffix(".tmp.npz")

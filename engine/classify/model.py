@@ -108,7 +108,7 @@ def save_keras_model(model, path) -> Path:
     """Save the architecture and weights only (no optimizer state: a third of the size) as ``.keras``."""
     import keras
 
-    clean = keras.models.clone_model(model)
+    clean = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer variables
     clean.set_weights(model.get_weights())
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

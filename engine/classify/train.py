@@ -3,7 +3,8 @@
 :func:`train_model` fits :func:`.model.build_model` on a dataset's training rows: Adam, binary
 cross-entropy with balanced class weights (as sample weights), random dihedral augmentation of
 every triplet (the 8 combinations of 90-degree rotations and flips, drawn per example and epoch),
-early stopping on the validation AUCPR with the best weights restored; seeded (Keras, TensorFlow
+early stopping on the validation AUCPR with the best weights restored (the learning rate drops on
+a plateau first); seeded (Keras, TensorFlow
 op determinism, the batch order and the augmentation), so a rerun on the same machine repeats.
 
 :func:`run_training` is ``nightsift train``: build (or reuse) the dataset, train, choose the
@@ -105,7 +106,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Upper bound on epochs.
     batch_size : int
     patience : int
-        Epochs without a better validation AUCPR before stopping (best weights restored).
+        Epochs without a better validation AUCPR before stopping (best weights restored); the
+        learning rate drops by 0.3 after ``patience // 2`` such epochs.
     learning_rate : float
         Adam's step size.
     augment : bool
@@ -144,8 +146,10 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
     stop = keras.callbacks.EarlyStopping(monitor="val_auc_pr", mode="max", patience=patience,
                                          restore_best_weights=True)
+    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_auc_pr", mode="max", factor=0.3,
+                                             patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
     t0 = time.perf_counter()
-    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=[stop],
+    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=[stop, slow],
                   verbose=verbose)
     hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     hist["epochs_run"] = len(hist.get("loss", []))
