@@ -287,8 +287,8 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
 
 
 def blank_sky(sci_psf: ImagePSF, ref_psf: ImagePSF, excluded: np.ndarray) -> np.ndarray:
-    """Pixels of blank sky: usable, and farther than 3 PSF FWHM (or 3 isophotal semi-major axes)
-    from every source detected in either image. Falls back to all usable pixels if that leaves
+    """Pixels of blank sky: usable, and farther than 3 PSF FWHM (or 3 isophotal semi-major axes,
+    at most 64 px) from every source detected in either image. Falls back to all usable pixels if that leaves
     less than 10 % of the CCD (a crowded field)."""
     ny, nx = excluded.shape
     fwhm = max(float(np.max(sci_psf.model.fwhm)), float(np.max(ref_psf.model.fwhm)))
@@ -296,7 +296,9 @@ def blank_sky(sci_psf: ImagePSF, ref_psf: ImagePSF, excluded: np.ndarray) -> np.
     for cat in (sci_psf.catalog, ref_psf.catalog):
         if len(cat) == 0:
             continue
-        r = np.maximum(3 * fwhm, 3 * cat["a"])
+        # 3 FWHM, or 3 isophotal semi-major axes for an extended source, capped (a satellite trail
+        # or a huge galaxy would otherwise ask for a structuring element of its whole length)
+        r = np.minimum(np.maximum(3 * fwhm, 3 * cat["a"]), max(3 * fwhm, 64.0))
         for rad in np.unique(np.ceil(r).astype(int)):  # one dilation per distinct radius
             sel = np.ceil(r).astype(int) == rad
             pts = np.zeros((ny, nx), bool)
