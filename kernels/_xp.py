@@ -7,6 +7,7 @@ True
 """
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -54,6 +55,14 @@ def fft_module(xp: types.ModuleType):
     import scipy.fft
 
     return scipy.fft
+
+
+def fft_kwargs(xp: types.ModuleType) -> dict:
+    """Extra keyword arguments for the FFT calls of :func:`fft_module`: ``workers`` (all cores) for
+    scipy.fft, whose transforms are single-threaded by default; none for cupy."""
+    if is_cupy(xp):
+        return {}
+    return {"workers": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)}
 
 
 def ndimage_module(xp: types.ModuleType):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._xp import array_namespace, fft_module
+from ._xp import array_namespace, fft_kwargs, fft_module
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def zogy(N, R, P_n, P_r, V_N, V_R, *, sigma_n, sigma_r, F_r, F_n=1.0,
     sn, sr = _col(xp, sigma_n, T, dtype), _col(xp, sigma_r, T, dtype)
     fr, fn = _col(xp, F_r, T, dtype), _col(xp, F_n, T, dtype)
 
-    rfft2 = lambda a: fft.rfft2(a, axes=(-2, -1))  # noqa: E731
-    irfft2 = lambda a: fft.irfft2(a, s=s, axes=(-2, -1))  # noqa: E731
+    kw = fft_kwargs(xp)
+    rfft2 = lambda a: fft.rfft2(a, axes=(-2, -1), **kw)  # noqa: E731
+    irfft2 = lambda a: fft.irfft2(a, s=s, axes=(-2, -1), **kw)  # noqa: E731
 
     Nh, Rh, Pnh, Prh = rfft2(N), rfft2(R), rfft2(P_n), rfft2(P_r)
     Pn2, Pr2 = (Pnh * Pnh.conj()).real, (Prh * Prh.conj()).real
