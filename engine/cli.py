@@ -231,7 +231,7 @@ def cmd_evaluate(args) -> int:
 
 def _add_dataset_args(a) -> None:
     a.add_argument("--data", default="nightsift-data", help="dataset cache folder (default nightsift-data)")
-    a.add_argument("--units", type=int, help="simulated CCD-visits (default 150)")
+    a.add_argument("--units", type=int, help="simulated CCD-visits (default 300)")
     a.add_argument("--size", type=int, help="CCD side in pixels (default 512; finer-pixel profiles get more)")
     a.add_argument("--profiles", help="instrument profiles, comma-separated (default decam,ztf,lsst)")
     a.add_argument("--data-seed", type=int, help="seed of the simulated dataset (default 6)")

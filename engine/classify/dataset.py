@@ -115,12 +115,12 @@ class DatasetSpec:
         Shares of units (per profile) held out for validation and test.
     """
 
-    n_units: int = 150
+    n_units: int = 300
     profiles: tuple[str, ...] = ("decam", "ztf", "lsst")
     size: int = 512
     min_field_arcmin: float = 2.4
     seed: int = 6
-    transients: tuple[int, int] = (50, 90)
+    transients: tuple[int, int] = (30, 70)
     seeing_range: tuple[float, float] = (0.7, 1.8)
     sky_range: tuple[float, float] = (0.7, 3.0)
     saturated: int = 3
@@ -290,7 +290,8 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     dict with ``z`` (n, 63, 63, 3) float16, ``loc``/``scale`` (n, 3) float32 (see
     :func:`.preprocess.standardize`), ``features`` (n,) structured, ``truth`` TRUTH_DTYPE,
     ``domain`` DOMAIN_DTYPE, ``status`` ("done" | "skipped" | "failed"), ``error`` str,
-    ``n_truth``/``n_found`` (injected / recovered transients) and ``wall_s``.
+    ``n_truth``/``n_found`` (injected / recovered transients), ``qa`` (a few chain QA numbers, with
+    ``true_F_r``, what ZOGY's ``F_r`` should be) and ``wall_s``.
     A chain failure (SkipCCD, AlgorithmFailure, or any other exception: a bug) gives an empty unit
     with its status and error: a dataset build never stops for one CCD.
     """
@@ -332,6 +333,10 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     m = match_candidates(c, sim.transients, radius=max(MATCH_RADIUS, fwhm))
     out["n_truth"], out["n_found"] = len(sim.transients), int(m.found.sum())
     out["status"] = "done"
+    st = sim.stars[sim.stars["in_sci"] & ~sim.stars["variable"] & (sim.stars["flux_sci"] > 0)]
+    out["qa"] = {k: float(res.qa[k]) for k in _QA_KEYS if k in res.qa}
+    if len(st):  # what ZOGY's F_r should be: reference/science flux of the static stars
+        out["qa"]["true_F_r"] = float(np.median(st["flux_ref"] / st["flux_sci"]))
     if len(c):
         # exactly what pipeline.process_pair hands a scorer (ZTF's sign convention for the difference)
         sky_sub = np.asarray(p.science.image, dtype=np.float32) - p.sci_psf.sky
@@ -364,6 +369,10 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     return out
 
 
+#: chain QA numbers kept per unit in the dataset's metadata (to trace odd units to the chain)
+_QA_KEYS = ("F_r", "F_r_err", "n_flux_stars", "sci_psf_fwhm", "ref_psf_fwhm", "scorr_std_raw", "n_candidates")
+
+
 def _features_dtype() -> np.dtype:
     from ..records import CANDIDATE_DTYPE
 
@@ -374,7 +383,7 @@ def _empty_unit(size: int) -> dict:
     return dict(z=np.zeros((0, size, size, 3), np.float16), loc=np.zeros((0, 3), np.float32),
                 scale=np.ones((0, 3), np.float32), features=np.zeros(0, _features_dtype()),
                 truth=np.zeros(0, TRUTH_DTYPE), domain=np.zeros(0, DOMAIN_DTYPE), status="", error="",
-                n_truth=0, n_found=0, wall_s=0.0)
+                n_truth=0, n_found=0, wall_s=0.0, qa={})
 
 
 def _unit_task(args):
@@ -528,7 +537,8 @@ def build_dataset(data_dir="nightsift-data", spec: DatasetSpec | None = None, *,
     arrays = _concat(results, 63 if config is None else config.cutout.size)
     status = [{"unit": u.unit, "instrument": u.instrument, "status": r["status"], "error": r["error"],
                "n_candidates": len(r["truth"]), "n_truth": r["n_truth"], "n_found": r["n_found"],
-               "wall_s": round(r["wall_s"], 2)} for u, r in zip(units, results)]
+               "wall_s": round(r["wall_s"], 2), "qa": r["qa"], "spec": dataclasses.asdict(u)}
+              for u, r in zip(units, results)]
     for s in status:
         if s["status"] != "done":
             log.warning("dataset unit %d (%s) %s: %s", s["unit"], s["instrument"], s["status"], s["error"])
