@@ -274,7 +274,7 @@ def test_simulated_pair_aligns_onto_truth():
     from nightsift.engine.config import CalibrateConfig
     from nightsift.engine.stages.calibrate import calibrate, make_master
 
-    sim = sim_mod.simulate_ccd_pair("decam", shape=(600, 600), seed=1, n_calib=5, transients=False)
+    sim = sim_mod.simulate_ccd_pair("decam", shape=(1024, 1024), seed=1, n_calib=5, transients=False)
     raw = sim.science_raw
     sci = calibrate(raw, make_master(sim.calibration, header=raw.header, config=CalibrateConfig()),
                     config=CalibrateConfig()).value
@@ -287,14 +287,14 @@ def test_simulated_pair_aligns_onto_truth():
     fwhm = sim.reference.header["FWHM"]
     d, _ = cKDTree(np.c_[st["x"], st["y"]]).query(np.c_[st["x"], st["y"]], k=2)
     sel = (st["in_sci"] & st["in_ref"] & ~st["saturated_ref"] & (d[:, 1] > 6 * fwhm) & (st["flux_ref"] > 2e4)
-           & (st["x"] > 30) & (st["x"] < 570) & (st["y"] > 30) & (st["y"] < 570))
+           & (st["x"] > 30) & (st["x"] < 994) & (st["y"] > 30) & (st["y"] < 994))
     assert sel.sum() >= 3
     img = res.value.image.astype(np.float64)
     img = img - sep.Background(np.ascontiguousarray(img)).back()
     xw, yw, _ = sep.winpos(img, st["x"][sel], st["y"][sel], np.full(sel.sum(), fwhm / 2.355))
     rms = np.sqrt(np.mean((xw - st["x"][sel]) ** 2 + (yw - st["y"][sel]) ** 2))
     print(f"simulated pair: aligned-reference star centroids vs truth RMS {rms:.4f} px ({sel.sum()} stars)")
-    assert rms < 0.03  # noisy reference stars: centroid noise included
+    assert rms < 0.02  # the issue's spec, with the reference stars' own centroid noise included
 
 
 @pytest.mark.data
