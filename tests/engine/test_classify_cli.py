@@ -1,0 +1,38 @@
+"""`nightsift train` and `nightsift evaluate` end to end on a tiny simulated dataset (plumbing only)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+
+from nightsift.engine.cli import main  # noqa: E402
+
+
+@pytest.mark.slow
+def test_train_then_evaluate(tmp_path, capsys):
+    data, out, rep, ev = tmp_path / "data", tmp_path / "model", tmp_path / "report", tmp_path / "eval"
+    common = ["--data", str(data), "--units", "3", "--profiles", "decam", "--size", "448", "--data-seed", "21",
+              "--epochs", "1", "--threads", "2", "--quiet"]
+    assert main(["train", *common, "--out", str(out), "--report", str(rep), "--batch-size", "32"]) == 0
+    meta = json.loads((out / "nightsift_rb.json").read_text())
+    assert meta["training"]["command"].startswith("nightsift train --data")
+    assert "--units 3" in meta["training"]["command"] and "--profiles decam" in meta["training"]["command"]
+    assert (out / meta["files"]["keras"]).exists() and (out / meta["files"]["tflite_int8"]).exists()
+    assert meta["int8"]["edgetpu_problems"] == []
+    for k in ("aucpr", "roc_auc", "fnr", "fpr", "precision", "recall", "threshold"):
+        assert k in meta["metrics"]["float"] and k in meta["metrics"]["int8"]
+    assert {p.name for p in rep.glob("*.png")} >= {"float_pr_curve.png", "int8_confusion.png"}
+    assert json.loads((rep / "evaluation.json").read_text())["history"]["epochs_run"] == 1
+
+    assert main(["evaluate", *common, "--model", str(out / "nightsift_rb.json"), "--out", str(ev)]) == 0
+    res = json.loads((ev / "evaluation.json").read_text())
+    assert set(res["models"]) == {"float", "int8"}
+    r = res["models"]["float"]
+    assert {"overall", "per_instrument", "per_ccd", "per_seeing_bin", "per_filter", "per_kind",
+            "at_stored_threshold"} <= set(r)
+    assert r["overall"]["n"] == res["dataset"]["summary"]["per_split"]["test"]["n"]
+    assert (ev / "int8_score_hist.png").exists()
+    assert "AUCPR" in capsys.readouterr().out
