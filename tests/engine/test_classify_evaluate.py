@@ -52,7 +52,7 @@ def test_metric_limits(rng):
     assert np.isnan(average_precision(np.zeros(5), np.arange(5.0)))
     assert np.isnan(roc_auc(np.ones(5), np.arange(5.0)))
     with pytest.raises(ValueError, match="length"):
-        roc_auc(y[:3], p := np.arange(4.0))  # noqa: F841
+        roc_auc(y[:3], np.arange(4.0))
     with pytest.raises(ValueError, match="finite"):
         average_precision(y, np.full(40, np.nan))
 
