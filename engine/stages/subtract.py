@@ -84,13 +84,43 @@ def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
     return (np.asarray(st, np.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
 
 
+def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
+    """F_r expected from the photometric calibration of both images, or None.
+
+    ``10**(0.4 (MAGZP_ref - MAGZP_sci)) * EXPTIME_ref / EXPTIME_sci`` with MAGZP (or MAGZPT /
+    MAGZERO) the magnitude giving 1 e-/s in each image (e- images); None when either header lacks
+    a zero point or an exposure time.
+    """
+    def get(h, keys):
+        for k in keys:
+            if h is not None and k in h:
+                try:
+                    v = float(h[k])
+                except (TypeError, ValueError):
+                    return None
+                return v if np.isfinite(v) else None
+        return None
+
+    zs, zr = get(sci_header, ("MAGZP", "MAGZPT", "MAGZERO")), get(ref_header, ("MAGZP", "MAGZPT", "MAGZERO"))
+    ts, tr = get(sci_header, ("EXPTIME",)), get(ref_header, ("EXPTIME",))
+    if None in (zs, zr, ts, tr) or ts <= 0 or tr <= 0:
+        return None
+    return float(10 ** (0.4 * (zr - zs)) * tr / ts)
+
+
 def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: ImagePSF, *, unusable,
-               min_snr: float = 20.0, match_radius: float = 1.0):
+               min_snr: float = 20.0, match_radius: float = 1.0, prior: float | None = None,
+               prior_window: float = 0.3):
     """F_r / F_n from isolated stars found in both background-subtracted images on one grid.
 
     Each star's flux is a PSF fit with its own image's PSF (so the ratio carries exactly the PSF
     normalisations ZOGY uses); the ratio is the inverse-variance-weighted mean of the per-star
     ratios after 3-sigma clipping. Returns ``(ratio, n_stars, error of the ratio)``.
+
+    ``prior`` (e.g. :func:`zero_point_flux_ratio`) guards against a field where most common
+    sources changed (transients on galaxy nuclei, variable stars; a sparse star field): only
+    ratios within ``prior_window`` (relative) of it are used when at least 3 are; the measured
+    value still sets F_r (the zero points need not include this CCD's flat or aperture terms).
     """
     from scipy.spatial import cKDTree
 
@@ -137,12 +167,17 @@ def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: Ima
     # variable star, a transient on a galaxy nucleus) are outliers with high S/N, and a crowded CCD
     # can hold dozens; a weighted mean they pull would let the clipping keep them (seen: F_r 0.29
     # instead of 1.04 with 32 such sources among 48 stars).
-    mean = float(np.median(ratio))
     keep = np.ones(ratio.size, bool)
+    if prior is not None and prior > 0:
+        near = np.abs(ratio / prior - 1) < prior_window
+        if near.sum() >= 3:
+            keep = near
+    mean = float(np.median(ratio[keep]))
+    window = keep.copy()
     for _ in range(5):
         resid = (ratio - mean) * np.sqrt(w)
         scale = max(1.0, 1.4826 * float(np.median(np.abs(resid[keep]))))
-        keep = np.abs(resid) < 3 * scale
+        keep = window & (np.abs(resid) < 3 * scale)
         mean = float(np.sum(w[keep] * ratio[keep]) / np.sum(w[keep]))
     err = scale / np.sqrt(np.sum(w[keep]))
     return float(mean), int(keep.sum()), float(err)
@@ -182,8 +217,9 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     mask = (np.asarray(science.mask) | np.asarray(reference.mask)).astype(np.uint16)
     unusable = (mask & UNUSABLE) != 0
     stamp = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1])
-    F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable)
-    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err}
+    prior = zero_point_flux_ratio(science.header, reference.header)
+    F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable, prior=prior)
+    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err, "F_r_zero_points": prior}
     if not np.isfinite(F_r) or n_flux < 3:
         raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference "
                                "(need 3; check the overlap and the reference depth)", stage="subtract", qa=qa)

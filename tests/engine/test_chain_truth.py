@@ -214,3 +214,29 @@ def test_flux_ratio_resists_changed_sources():
     snr = expected_snr(sim.transients, res.products.subtraction.flux_err)
     k = (snr >= 7) & ~sim.transients["masked"]
     assert m.found[k].mean() >= 0.9
+
+
+def test_flux_ratio_when_most_common_sources_changed():
+    """A sparse star field crowded with transients (59 on 768^2 px, 4 constant stars among 23
+    common sources): the zero points' F_r window keeps the fit on the constant stars (it gave
+    0.25 instead of 1.01 from the median alone, leaving every star a negative residual)."""
+    sim = simulate_ccd_pair("lsst", shape=(768, 768), seed=600119, visit=119, ccd=43, n_transients=59,
+                            seeing=0.918, sky=40.247, filter="r", n_saturated=1, edge=4)
+    res = run_chain(sim, Config())
+    st = sim.stars[sim.stars["in_sci"] & sim.stars["in_ref"] & ~sim.stars["variable"] & ~sim.stars["saturated_sci"]
+                   & ~sim.stars["saturated_ref"] & (sim.stars["flux_sci"] > 0)]
+    truth = np.median(st["flux_ref"] / st["flux_sci"])
+    assert abs(res.qa["F_r"] / truth - 1) < 0.03, (res.qa["F_r"], truth)
+    assert (~res.candidates["isdiffpos"]).sum() < 0.2 * len(res.candidates)
+
+
+def test_one_candidate_per_bright_transient():
+    """A bright transient (S/N > 100) gives exactly one positive candidate within 3 FWHM: no side
+    lobe or split peak of its S_corr comes out as an extra, bogus-looking candidate."""
+    sim = simulate_ccd_pair("ztf", shape=(1024, 1024), seed=8, artifacts=False, n_transients=40,
+                            transient_fractions=(1.0, 0.0, 0.0), mag_range=(15.5, 17.0))
+    res = run_chain(sim, Config())
+    c = res.candidates
+    for t in sim.transients[(sim.transients["snr"] > 100) & ~sim.transients["masked"]]:
+        d = np.hypot(c["xpos"] - t["x"], c["ypos"] - t["y"])
+        assert ((d < 3 * t["fwhm"]) & c["isdiffpos"]).sum() == 1, (t["x"], t["y"], np.sort(d)[:3])
