@@ -52,6 +52,7 @@ def test_scorr_is_white_on_blank_sky(blank_runs):
         blank = blank_sky(res.products.sci_psf, res.products.ref_psf, sub.excluded)
         s = sub.S_corr[blank]
         assert blank.mean() > 0.5, profile
+        print(f"{profile}: blank-sky S_corr std {s.std():.4f} mean {s.mean():+.4f}")
         assert 0.97 <= s.std() <= 1.03, (profile, s.std())
         assert abs(s.mean()) < 0.03, (profile, s.mean())
         assert 0.97 <= res.qa["scorr_std_raw"] <= 1.03
@@ -75,6 +76,7 @@ def test_false_positives_match_the_gaussian_expectation(blank_runs, threshold, l
         found += len(cands)
         expected += gaussian_false_positives(sub.P_D, sub.excluded, threshold=threshold, min_area=cfg.min_area,
                                              dedup_radius=cfg.dedup_radius, n_realisations=6, seed=1)
+    print(f"{threshold} sigma: {found:.0f} candidates, Gaussian expectation {expected:.1f}")
     assert expected > (2 if threshold == 5 else 100)
     assert low * expected <= found <= high * expected, (found, expected)
 
@@ -162,9 +164,11 @@ def test_psf_flux_is_unbiased_and_errors_explain_the_scatter(bright_run):
     assert len(c) >= 80, len(c)
     ratio = c["flux"] / truth["flux"]
     bias = np.median(ratio) - 1
+    print(f"flux bias {bias:+.4f} ({len(c)} transients)")
     assert abs(bias) < 0.01, bias
     pull = (c["flux"] - truth["flux"]) / c["fluxerr"]
     robust_std = 1.4826 * np.median(np.abs(pull - np.median(pull)))
+    print(f"pull std {robust_std:.3f}")
     assert 0.9 <= robust_std <= 1.1, robust_std
 
 
@@ -191,6 +195,7 @@ def test_completeness_at_snr_7_and_plot(recovery_runs, tmp_path):
     mag, found, snr = map(np.concatenate, (mags, founds, snrs))
     bright = snr >= 7
     assert bright.sum() >= 100
+    print(f"completeness at S/N >= 7: {found[bright].sum()}/{bright.sum()}")
     assert found[bright].mean() >= 0.95, (found[bright].sum(), bright.sum())
     # and the faint end really is faint: near the 5-sigma threshold many are missed
     assert (snr < 5).sum() >= 10
