@@ -1,7 +1,8 @@
 """Atomic file replacement: write beside the target, fsync, rename over it.
 
 Readers (and a rerun after a crash) see the old file or the new one, never a partial one; a failed
-write leaves the old file and no temporary behind. Used for alert packets, the per-CCD-visit ledger
+write leaves the old file and no temporary behind, and the temporaries of a writer that was killed
+mid-write (SIGKILL leaves no chance to clean up) are swept by the next write of the same file. Used for alert packets, the per-CCD-visit ledger
 and the Ray writer, so that outputs are idempotent per (visit, CCD).
 """
 from __future__ import annotations
@@ -26,6 +27,11 @@ def atomic_write(path, write: Callable[[IO[bytes]], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's leftovers
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -220,9 +220,19 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     prior = zero_point_flux_ratio(science.header, reference.header)
     F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable, prior=prior)
     qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err, "F_r_zero_points": prior}
-    if not np.isfinite(F_r) or n_flux < 3:
-        raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference "
-                               "(need 3; check the overlap and the reference depth)", stage="subtract", qa=qa)
+    if prior is not None:
+        if not np.isfinite(F_r) or n_flux == 0 or abs(F_r / prior - 1) > 0.3:
+            # no usable common star (a small or sparse CCD), or only changed ones: both images are
+            # photometrically calibrated, so use the zero points (they miss this CCD's flat and
+            # aperture terms, a few %)
+            F_r, F_r_err = prior, float("nan")
+            qa.update(F_r=F_r, F_r_err=F_r_err, F_r_source="zero_points")
+        else:
+            qa["F_r_source"] = "stars"
+    elif not np.isfinite(F_r) or n_flux < 3:
+        raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference and no "
+                               "photometric zero points (MAGZP, EXPTIME) in the headers (need 3 stars; check "
+                               "the overlap and the reference depth)", stage="subtract", qa=qa)
 
     V_N = np.asarray(science.variance, dtype=np.float32)
     V_R = np.asarray(reference.variance, dtype=np.float32)

@@ -250,3 +250,16 @@ def test_cutout_is_standard_fits():
             hdul.verify("exception")
             assert hdul[0].header["CANDID"] == 123 and hdul[0].header["EDGE"] is True
             np.testing.assert_array_equal(hdul[0].data, arr)
+
+
+def test_rewrite_sweeps_a_killed_writers_temporary(tmp_path):
+    """A writer killed mid-write leaves its temporary; the next write of that file removes it."""
+    from nightsift.engine.io.atomic import atomic_write
+
+    target = tmp_path / "visit00000001_ccd002.avro"
+    stale = tmp_path / ".visit00000001_ccd002.avro.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    other = tmp_path / ".visit00000001_ccd003.avro.abc123.tmp"  # another CCD's: not ours to touch
+    other.write_bytes(b"x")
+    atomic_write(target, lambda fh: fh.write(b"data"))
+    assert target.read_bytes() == b"data" and not stale.exists() and other.exists()

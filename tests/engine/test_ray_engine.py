@@ -173,7 +173,7 @@ def test_killed_actors_lose_and_duplicate_no_alert(ray_night, tmp_path):
     recs = read_ledger(tmp_path)
     assert max(r["attempts"] for r in recs) >= 2
     v, c = killed["task"]
-    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "records").glob(".rec-*"))
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "records").glob(".*.tmp"))
     assert (v, c) in {(r["visit"], r["ccd"]) for r in recs}
 
 

@@ -23,3 +23,32 @@ def test_blank_sky_masks_around_sources_with_a_capped_radius():
     assert not blank[300, 400 + 30] and blank[300, 400 + 31]  # 3 a = 30 px around the galaxy
     assert not blank[600, 600 + 64] and blank[600, 600 + 65]  # the trail: capped at 64 px
     assert blank.mean() > 0.9
+
+
+def test_flux_ratio_falls_back_to_the_zero_points_without_common_stars():
+    """No common star (catalogues emptied): with MAGZP/EXPTIME in both headers F_r comes from the
+    zero points; without them the CCD fails with an AlgorithmFailure naming the missing keys."""
+    import dataclasses
+
+    import pytest
+
+    from nightsift.engine.config import Config
+    from nightsift.engine.errors import AlgorithmFailure
+    from nightsift.engine.pipeline import process_pair
+    from nightsift.engine.simulate import simulate_ccd_pair
+    from nightsift.engine.stages.subtract import subtract, zero_point_flux_ratio
+
+    sim = simulate_ccd_pair("decam", shape=(512, 512), seed=5, n_transients=5)
+    cfg = Config()
+    res = process_pair(sim.science_exposure(), sim.reference, config=cfg, write=False, keep_products=True)
+    p = res.products
+    empty_sci = dataclasses.replace(p.sci_psf, catalog=p.sci_psf.catalog[:0])
+    prior = zero_point_flux_ratio(p.science.header, p.reference.header)
+    assert prior == pytest.approx(10 ** (0.4 * (p.reference.header["MAGZP"] - p.science.header["MAGZP"])), rel=1e-9)
+    out = subtract(p.science, p.reference, empty_sci, p.ref_psf, config=cfg.subtract)
+    assert out.qa["F_r"] == prior and out.qa["F_r_source"] == "zero_points"
+    assert abs(res.qa["F_r"] / prior - 1) < 0.1  # the stars' value, close to the zero points'
+    hdr = p.science.header.copy()
+    del hdr["MAGZP"]
+    with pytest.raises(AlgorithmFailure, match="MAGZP"):
+        subtract(dataclasses.replace(p.science, header=hdr), p.reference, empty_sci, p.ref_psf, config=cfg.subtract)
