@@ -6,11 +6,11 @@ do not depend on the shipped model.
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 
+from nightsift.engine.classify.export import export_int8
 from nightsift.engine.classify import runtime
 from nightsift.engine.classify.runtime import Scorer, edgetpu_available, load_scorer, pipeline_scorer, resolve_model
 from nightsift.engine.config import ClassifyConfig
@@ -50,22 +50,8 @@ def tiny(tmp_path_factory):
     ])
     rng = np.random.default_rng(3)
     rep = _scale(_triplets(rng, 64))
-
-    def representative():
-        for i in range(len(rep)):
-            yield [rep[i:i + 1]]
-
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the converter's notes on input statistics
-        blob = conv.convert()
     d = tmp_path_factory.mktemp("tiny_model")
-    (d / "tiny.tflite").write_bytes(blob)
+    export_int8(model, rep, d / "tiny.tflite", n_calibration=64)
     model.save(d / "tiny.keras")
     (d / "tiny.json").write_text(json.dumps({"version": "tiny-1", "tflite": "tiny.tflite", "keras": "tiny.keras",
                                              "threshold": 0.37, "normalisation": "none"}))
