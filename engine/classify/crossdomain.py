@@ -27,67 +27,9 @@ import numpy as np
 
 from ..config import ClassifyConfig
 from ..errors import InputError
+from .evaluate import average_precision, roc_auc  # noqa: F401  (re-exported: the metrics of this comparison)
 
 __all__ = ["roc_auc", "average_precision", "ZTFComparison", "score_ztf", "plot_most_wrong"]
-
-
-def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (probability that a random positive outscores a random negative,
-    ties counting one half).
-
-    Parameters
-    ----------
-    labels : array_like (n,), bool
-    scores : array_like (n,), float
-
-    Returns
-    -------
-    float
-        NaN when one class is absent.
-    """
-    y = np.asarray(labels, bool).ravel()
-    s = np.asarray(scores, np.float64).ravel()
-    npos, nneg = int(y.sum()), int((~y).sum())
-    if npos == 0 or nneg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    ss = s[order]
-    # average ranks (1-based) over ties
-    start = np.r_[0, np.flatnonzero(np.diff(ss)) + 1]
-    end = np.r_[start[1:], len(ss)]
-    avg = (start + end + 1) / 2.0
-    ranks[order] = np.repeat(avg, end - start)
-    return float((ranks[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
-
-
-def average_precision(labels, scores) -> float:
-    """Area under the precision-recall curve as average precision: sum over the distinct score
-    thresholds (high to low) of ``(R_k - R_{k-1}) * P_k``.
-
-    Parameters
-    ----------
-    labels : array_like (n,), bool
-        True = positive (the class whose precision is measured).
-    scores : array_like (n,), float
-
-    Returns
-    -------
-    float
-        NaN when there is no positive.
-    """
-    y = np.asarray(labels, bool).ravel()
-    s = np.asarray(scores, np.float64).ravel()
-    npos = int(y.sum())
-    if npos == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
-    tp = np.cumsum(y)[last]
-    precision = tp / (last + 1.0)
-    recall = tp / npos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 @dataclass(frozen=True)
