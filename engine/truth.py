@@ -132,6 +132,8 @@ def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold
     threshold : float
         Detection threshold in sigma.
     """
+    from nightsift.kernels.psf import embed_psf
+
     from .stages.detect import deduplicate, find_peaks
 
     P = np.asarray(P_D, float)
@@ -139,11 +141,7 @@ def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold
         P = P.mean(axis=0)
     P = P / np.sqrt(np.sum(P**2))
     ny, nx = excluded.shape
-    s = P.shape[0]
-    kern = np.zeros((ny, nx))
-    kern[:s, :s] = P
-    kern = np.roll(kern, (-(s // 2), -(s // 2)), axis=(0, 1))
-    K = np.conj(np.fft.rfft2(kern))  # cross-correlation with P_D
+    K = np.conj(np.fft.rfft2(embed_psf(P, (ny, nx))[0]))  # cross-correlation with P_D
     rng = np.random.default_rng(seed)
     counts = []
     for _ in range(n_realisations):
