@@ -17,11 +17,11 @@ from nightsift.kernels.stamps import extract_stamps
 
 from ..config import DetectConfig
 from ..records import CANDIDATE_DTYPE, UNUSABLE, StageResult, empty_candidates, make_candid
-from .subtract import Subtraction
+from .subtract import ZERO_POINT_KEYS, Subtraction
 
 def zero_point(header) -> float:
     """Photometric zero point (mag for 1 e-/s) from MAGZP / MAGZPT / MAGZERO, else 25.0."""
-    for key in ("MAGZP", "MAGZPT", "MAGZERO"):
+    for key in ZERO_POINT_KEYS:
         if header is not None and key in header:
             return float(header[key])
     return 25.0

@@ -84,6 +84,10 @@ def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
     return (np.asarray(st, np.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
 
 
+#: header keys of the photometric zero point (mag giving 1 e-/s), in order of preference
+ZERO_POINT_KEYS = ("MAGZP", "MAGZPT", "MAGZERO")
+
+
 def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
     """F_r expected from the photometric calibration of both images, or None.
 
@@ -101,7 +105,7 @@ def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
                 return v if np.isfinite(v) else None
         return None
 
-    zs, zr = get(sci_header, ("MAGZP", "MAGZPT", "MAGZERO")), get(ref_header, ("MAGZP", "MAGZPT", "MAGZERO"))
+    zs, zr = get(sci_header, ZERO_POINT_KEYS), get(ref_header, ZERO_POINT_KEYS)
     ts, tr = get(sci_header, ("EXPTIME",)), get(ref_header, ("EXPTIME",))
     if None in (zs, zr, ts, tr) or ts <= 0 or tr <= 0:
         return None
