@@ -133,6 +133,9 @@ CANDIDATE_DTYPE = np.dtype(
 )
 
 
+#: header keys of the photometric zero point (mag giving 1 e-/s), in order of preference
+ZERO_POINT_KEYS = ("MAGZP", "MAGZPT", "MAGZERO")
+
 #: candid = (visit * CANDID_CCD + ccd) * CANDID_INDEX + index: unique per (visit, ccd, candidate) and
 #: deterministic, so a rerun of a CCD-visit reproduces its alert ids
 CANDID_CCD = 1000

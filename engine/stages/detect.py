@@ -16,8 +16,8 @@ from nightsift.kernels import psf as kpsf
 from nightsift.kernels.stamps import extract_stamps
 
 from ..config import DetectConfig
-from ..records import CANDIDATE_DTYPE, UNUSABLE, StageResult, empty_candidates, make_candid
-from .subtract import ZERO_POINT_KEYS, Subtraction
+from ..records import CANDIDATE_DTYPE, UNUSABLE, ZERO_POINT_KEYS, StageResult, empty_candidates, make_candid
+from .subtract import Subtraction
 
 def zero_point(header) -> float:
     """Photometric zero point (mag for 1 e-/s) from MAGZP / MAGZPT / MAGZERO, else 25.0."""

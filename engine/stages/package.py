@@ -30,7 +30,9 @@ from nightsift.kernels.stamps import extract_stamps
 from ..config import CutoutConfig
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, difference_sign, make_candid
+from ..records import (
+    CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, ZERO_POINT_KEYS, StageResult, difference_sign, make_candid,
+)
 
 __all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
 
@@ -193,7 +195,7 @@ def build_alerts(
 
     fid = filter_id(header.get("FILTER") if header is not None else None)
     exptime = _header_float(header, "EXPTIME")
-    magzp = _header_float(header, "MAGZP", "MAGZPT", "MAGZERO")
+    magzp = _header_float(header, *ZERO_POINT_KEYS)
     field = header.get("FIELD") if header is not None else None
     field = int(field) if isinstance(field, (int, np.integer)) and not isinstance(field, bool) else None
     pid = visit * CANDID_CCD + ccd

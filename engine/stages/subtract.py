@@ -19,7 +19,7 @@ from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
 from ..errors import AlgorithmFailure
-from ..records import UNUSABLE, Exposure, MaskBits, StageResult
+from ..records import UNUSABLE, Exposure, MaskBits, StageResult, ZERO_POINT_KEYS
 from .psf import ImagePSF
 
 
@@ -82,10 +82,6 @@ def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
     st, _ = extract_stamps(image, x, y, size=s, fill=0.0)
     p = kpsf.fourier_shift(model.stamps[model.grid.tile_of(x, y)], x - xi, y - yi)
     return (np.asarray(st, np.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
-
-
-#: header keys of the photometric zero point (mag giving 1 e-/s), in order of preference
-ZERO_POINT_KEYS = ("MAGZP", "MAGZPT", "MAGZERO")
 
 
 def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
