@@ -76,3 +76,39 @@ def test_single_triplet_and_bad_input(rng):
     with pytest.raises(ValueError, match="real numbers"):
         preprocess(np.zeros((1, 63, 63, 3), complex))
     assert preprocess(np.zeros((0, 63, 63, 3))).shape == (0, 63, 63, 3)
+
+
+def test_compiled_statistics_match_numpy_oracle(rng):
+    """The Numba medians/MADs equal numpy's nanmedian on random, NaN-holed and even-sized cutouts."""
+    t = _triplets(rng, n=6) * np.float32(13.0) + np.float32(250.0)
+    t[1, :, :31, 0] = np.nan  # an even number of finite pixels left (63 * 32)
+    t[2, 5, 7, 2] = np.inf
+    t[3, :, :, 1] = 2.0
+    t[3, :40, :, 1] = 9.0  # a plateau: MAD 0 -> the standard deviation
+    z, loc, scale = standardize(t)
+    flat = np.moveaxis(np.where(np.isfinite(t), t, np.nan).reshape(6, -1, 3), -1, 1).astype(np.float64)
+    want_loc = np.nanmedian(flat, axis=-1)
+    want_mad = 1.4826 * np.nanmedian(np.abs(flat - want_loc[..., None]), axis=-1)
+    want_scale = np.where(want_mad > 0, want_mad, np.nanstd(flat, axis=-1))
+    np.testing.assert_allclose(loc, want_loc, rtol=1e-6)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-5)
+    np.testing.assert_allclose(scale[3, 1], np.std(t[3, :, :, 1]), rtol=1e-5)
+    want_z = (t - loc[:, None, None, :]) / scale[:, None, None, :]
+    fin = np.isfinite(t)
+    np.testing.assert_allclose(z[fin], want_z[fin], rtol=1e-5, atol=1e-5)
+    assert np.isnan(z[~fin]).all()
+    # preprocess is standardize + compress in one pass
+    np.testing.assert_allclose(preprocess(t), compress(z), atol=1e-6)
+
+
+def test_quickselect_median_on_awkward_inputs(rng):
+    from nightsift.engine.classify.preprocess import _median
+
+    cases = [np.array([3.0]), np.array([2.0, 1.0]), np.full(10, 4.0), np.arange(100.0)[::-1],
+             np.repeat([1.0, 2.0, 3.0], [5, 1, 6]), rng.integers(0, 4, 999).astype(float),
+             rng.normal(size=3969), rng.standard_cauchy(2016)]
+    for a in cases:
+        a = a.astype(np.float32)
+        buf = a.copy()
+        assert _median(buf, len(buf)) == pytest.approx(float(np.median(a)), rel=1e-6), a[:8]
+        np.testing.assert_array_equal(np.sort(buf), np.sort(a))  # a permutation, nothing lost
