@@ -67,6 +67,12 @@ class PSFConfig:
     min_stars: int = 3
     #: most stars stacked per PSF (brightest unsaturated first)
     max_stars: int = 60
+    #: stamp radius in units of the FWHM guess (the stamp is the larger of this and stamp_size)
+    stamp_radius_fwhm: float = 3.0
+    #: replace the stack's noise by the fitted Moffat where the stack is not significantly different
+    denoise: bool = True
+    #: significance (sigma) below which the stack's departure from the Moffat is treated as noise
+    denoise_k: float = 2.0
 
 
 @dataclass(frozen=True)

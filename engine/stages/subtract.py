@@ -148,11 +148,9 @@ def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: Ima
     y = 0.5 * (s["y"] + r["y"])
     fs = psf_fluxes(sci, sci_psf.model, x, y)
     fr = psf_fluxes(ref, ref_psf.model, x, y)
-    # point sources only (second-moment size near the stellar locus of the deeper image): a galaxy
-    # may host a transient, which would bias its ratio
-    size = np.sqrt(r["a"] * r["b"])
-    locus = np.median(size[np.argsort(-r["flux"])[: max(5, len(r) // 3)]])
-    point = (size > 0.8 * locus) & (size < 1.25 * locus)
+    # point sources only (adaptive-moment size on the stellar locus of both images, see
+    # psf.psf_stage): a galaxy may host a transient, which would bias its ratio
+    point = s["point"] & r["point"]
     good = (nbad == 0) & ~crowded & (fs > 0) & (fr > 0)
     if (good & point).sum() >= 5:  # a small CCD may hold too few stars: then use every source
         good &= point

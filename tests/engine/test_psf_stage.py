@@ -1,0 +1,61 @@
+"""PSF stage helpers: the stellar locus among galaxies, the hybrid (denoised) PSF, star selection."""
+import numpy as np
+import pytest
+
+from nightsift.engine.stages.psf import (MIN_PSF_FWHM, SOURCE_DTYPE, _moffat_stamp, hybrid_psf, moffat_fit,
+                                         select_psf_stars, stack_variance, stellar_locus)
+from nightsift.engine.config import PSFConfig
+
+
+def test_stellar_locus_is_the_smallest_cluster_even_when_galaxies_outnumber_stars(rng):
+    stars = 3.40 * (1 + 0.01 * rng.normal(size=4))
+    galaxies = rng.uniform(3.6, 6.0, 16)  # compact galaxies: broader than the PSF, more numerous
+    artefacts = np.array([0.68, 0.70, 0.71, 0.69, np.nan])  # hot pixels / cosmic rays, a failed fit
+    locus = stellar_locus(np.r_[galaxies, stars, artefacts], min_count=3)
+    assert locus == pytest.approx(3.40, rel=0.02)
+    assert MIN_PSF_FWHM > 0.71
+    # the median of the bright sources (what an isophotal locus amounts to) is a galaxy's size
+    assert np.median(np.r_[galaxies, stars]) > 1.1 * locus
+    assert np.isnan(stellar_locus([np.nan, 0.5]))
+
+
+def _moffat(s, fwhm, beta=3.0, dx=0.0, dy=0.0):
+    m = _moffat_stamp([1.0, fwhm, beta, 1.0, 0.0, dx, dy], s)
+    return m / m.sum()
+
+
+def test_hybrid_psf_removes_wing_noise_and_keeps_the_core(rng):
+    s, fwhm = 41, 5.0
+    truth = _moffat(s, fwhm)
+    # three stacked stars of 1e5 e- on a sky of sigma 60 e-: the stack's wings are noise-dominated
+    stars = np.array([truth * 1e5 + rng.normal(0, 60.0, truth.shape) for _ in range(3)])
+    stack = stars.sum(axis=0) / stars.sum()
+    var = stack_variance(stars, np.ones(3), 60.0, stack)
+    hyb = hybrid_psf(stack, var, moffat_fit(stack))
+    yy, xx = np.mgrid[0:s, 0:s] - s // 2
+    wings = np.hypot(xx, yy) > 2.5 * fwhm
+    err_stack = np.sqrt(np.mean((stack - truth)[wings] ** 2))
+    err_hyb = np.sqrt(np.mean((hyb - truth)[wings] ** 2))
+    assert err_hyb < 0.3 * err_stack, (err_hyb, err_stack)
+    assert hyb.sum() == pytest.approx(1.0)
+    core = np.hypot(xx, yy) <= 2 * moffat_fit(stack)["fwhm"]
+    np.testing.assert_allclose(hyb[core] / hyb.sum(), stack[core] / hyb.sum(), rtol=0.05, atol=1e-5)
+    # a real, significant departure from the Moffat in the wings (a diffraction spike) is kept
+    spike = truth.copy()
+    spike[s // 2, s // 2 + 14: s // 2 + 19] += 0.004
+    spike /= spike.sum()
+    quiet = stack_variance(np.array([spike * 1e8]), np.ones(1), 1.0, spike)
+    kept = hybrid_psf(spike, quiet, moffat_fit(spike))
+    assert kept[s // 2, s // 2 + 16] - kept[s // 2 + 16, s // 2] > 0.003
+
+
+def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
+    cat = np.zeros(3, SOURCE_DTYPE)
+    cat["x"], cat["y"] = [100.0, 110.0, 140.0], [100.0, 104.0, 100.0]
+    cat["flux"], cat["peak"] = [1e5, 3e3, 2e3], [8e3, 2.9e3, 5e2]  # a star, a hot pixel, a faint galaxy
+    cat["snr"], cat["a"], cat["b"] = [300, 60, 20], [2.0, 0.6, 3.0], [1.9, 0.6, 2.5]
+    idx = select_psf_stars(cat, (256, 256), mask=np.zeros((256, 256), np.uint16), stamp=31, config=PSFConfig())
+    assert 0 in idx  # the hot pixel 11 px away carries 3 % of the star's flux, yet is no neighbour
+    cat["peak"][1] = 5e2  # the same flux spread like a source: the star is not isolated
+    idx = select_psf_stars(cat, (256, 256), mask=np.zeros((256, 256), np.uint16), stamp=31, config=PSFConfig())
+    assert 0 not in idx
