@@ -110,6 +110,10 @@ class DetectConfig:
     #: noise peaks below the Gaussian rate (x0.1 at 4 sigma with 3) and loses transients near
     #: the threshold
     min_area: int = 1
+    #: move each S_corr peak to the peak of the PSF-flux image it sits on (at most one FWHM of
+    #: P_D) before deduplication: a bright transient's S_corr has a flat or ring-shaped top
+    #: (its own photon noise) that sep splits into several peaks; S has one
+    climb_to_flux_peak: bool = True
     #: peaks closer than this (pixels) are one candidate
     dedup_radius: float = 3.0
     #: radius (pixels) of the box in which bad pixels are counted for ``nbad`` (5x5 as ZTF)
