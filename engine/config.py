@@ -85,6 +85,10 @@ class SubtractConfig:
     tile_size: int = 512
     #: margin added on each side of a tile core before the FFT (kills wrap-around); >= PSF stamp
     tile_margin: int = 32
+    #: relative error of the flux ratio given by the photometric zero points (MAGZP, EXPTIME) of
+    #: both headers; the star-based F_r and the zero-point one are averaged with inverse-variance
+    #: weights (0 = the stars alone whenever they give a value)
+    zero_point_rms: float = 0.02
     #: astrometric noise (RMS, pixels) used in S_corr when alignment does not measure it
     default_astrometric_rms: float = 0.02
     #: masked pixels (bad, saturated, no data) are grown by this many pixels; S_corr is zeroed there

@@ -52,3 +52,18 @@ def test_flux_ratio_falls_back_to_the_zero_points_without_common_stars():
     del hdr["MAGZP"]
     with pytest.raises(AlgorithmFailure, match="MAGZP"):
         subtract(dataclasses.replace(p.science, header=hdr), p.reference, empty_sci, p.ref_psf, config=cfg.subtract)
+
+
+def test_flux_ratio_combines_few_stars_with_the_zero_points():
+    """Many stars decide F_r; a few scattered ones are pulled to the zero points by their weights."""
+    from nightsift.engine.stages.subtract import combine_flux_ratio
+
+    # 40 stars measuring 1.05 +- 0.3 %: the zero points (1.00 +- 2 %) barely move it
+    f, e = combine_flux_ratio(1.05, 0.003, 1.00, 0.02)
+    assert abs(f - 1.05) < 0.002 and e < 0.003
+    # 4 faint stars measuring 0.905 +- 3.5 % on a CCD whose zero points say 1.024 +- 2 %
+    f, e = combine_flux_ratio(0.905, 0.035, 1.024, 0.02)
+    assert abs(f - 1.024) < abs(0.905 - 1.024) / 2 and e < 0.02
+    # equal weights: the midpoint
+    f, _ = combine_flux_ratio(1.0, 0.02, 1.1, 0.02 / 1.1)
+    assert abs(f - 1.05) < 1e-9
