@@ -198,7 +198,7 @@ def cmd_train(args) -> int:
     command = (f"nightsift train --data {args.data} --units {spec.n_units} --size {spec.size} "
                f"--profiles {','.join(spec.profiles)} --data-seed {spec.seed} --epochs {args.epochs} "
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
-               f"--target-fnr {target:g} --out {args.out}")
+               f"--target-fnr {target:g} --kind-balance {args.kind_balance:g} --out {args.out}")
     extra = None
     if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
         from .discover.active import labeled_dataset
@@ -213,7 +213,8 @@ def cmd_train(args) -> int:
     run_training(spec=spec, data_dir=args.data, out_dir=args.out, report_dir=args.report, target_fnr=target,
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
-                 verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra)
+                 verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra,
+                 kind_balance=args.kind_balance)
     return 0
 
 
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--patience", type=int, default=5, help="epochs without a better validation AUCPR")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--kind-balance", type=float, default=0.0,
+                   help="within each class, weight a truth kind of n rows by n**-a (0: as sampled; 1: kinds equal)")
     t.add_argument("--with-labels", metavar="DB", help="add the expert labels of this `nightsift label` database "
                                                       "to the training split")
     t.add_argument("--label-alerts", metavar="PATH", help="alert file or folder the labels were given on")

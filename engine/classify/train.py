@@ -26,7 +26,7 @@ from .preprocess import NORMALIZATION, compress
 
 log = logging.getLogger("nightsift.classify")
 
-__all__ = ["class_weights", "dihedral", "train_model", "predict_keras", "run_training", "cross_domain"]
+__all__ = ["class_weights", "sample_weights", "dihedral", "train_model", "predict_keras", "run_training", "cross_domain"]
 
 
 def class_weights(y) -> dict:
@@ -34,6 +34,39 @@ def class_weights(y) -> dict:
     y = np.asarray(y).astype(int)
     n = len(y)
     return {c: (n / (2.0 * max(int((y == c).sum()), 1))) if (y == c).any() else 1.0 for c in (0, 1)}
+
+
+def sample_weights(y, kinds=None, *, kind_balance: float = 0.0) -> np.ndarray:
+    """Per-sample training weights: balanced classes, and within a class, kinds re-weighted.
+
+    Parameters
+    ----------
+    y : array_like (n,) of 0/1
+    kinds : array_like (n,) of str, optional
+        The truth kind of each row (real: isolated, nuclear, variable; bogus: its cause).
+    kind_balance : float
+        Exponent ``a``: a row of a kind with ``n_k`` rows in its class weighs ``n_k**-a``, rescaled
+        so that each class keeps the total weight of :func:`class_weights`. 0 leaves kinds as they
+        come (saturated-star residuals, a third of the bogus, then outweigh the rarer star
+        residuals the classifier confuses with variable stars); 1 gives every kind equal weight.
+
+    Returns
+    -------
+    ndarray (n,) float32
+    """
+    y = np.asarray(y).astype(int)
+    cw = class_weights(y)
+    w = np.where(y > 0, cw[1], cw[0]).astype(np.float64)
+    if kinds is not None and kind_balance > 0:
+        kinds = np.asarray(kinds)
+        for c in (0, 1):
+            sel = np.flatnonzero(y == c)
+            if sel.size == 0:
+                continue
+            names, inv, counts = np.unique(kinds[sel], return_inverse=True, return_counts=True)
+            f = counts[inv].astype(np.float64) ** -kind_balance
+            w[sel] *= f * sel.size / f.sum()
+    return w.astype(np.float32)
 
 
 def dihedral(x: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -95,7 +128,8 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
 
 
 def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
-                augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None):
+                augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None,
+                kind_balance: float = 0.0):
     """Fit a fresh CNN.
 
     Parameters
@@ -119,6 +153,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Keras' verbosity (0 silent, 1 progress bar, 2 one line per epoch).
     model_kwargs : dict, optional
         Passed to :func:`.model.build_model`.
+    kind_balance : float
+        Within-class re-weighting of the truth kinds (:func:`sample_weights`).
 
     Returns
     -------
@@ -139,7 +175,7 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     tf.config.experimental.enable_op_determinism()
     y = train.labels
     cw = class_weights(y)
-    w = np.where(y > 0.5, cw[1], cw[0]).astype(np.float32)
+    w = sample_weights(y, train.truth["kind"], kind_balance=kind_balance)
     model = build_model(seed=seed, **(model_kwargs or {}))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(curve="PR", name="auc_pr")])
@@ -156,6 +192,7 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     hist["best_epoch"] = int(np.argmax(hist["val_auc_pr"])) + 1 if "val_auc_pr" in hist else hist["epochs_run"]
     hist["wall_s"] = round(time.perf_counter() - t0, 1)
     hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
+    hist["kind_balance"] = float(kind_balance)
     return model, hist
 
 
@@ -179,7 +216,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                  name: str = "nightsift_rb", target_fnr: float = 0.01, epochs: int = 30, batch_size: int = 64,
                  patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
                  workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
-                 progress: bool = True, config=None, extra_train=None) -> dict:
+                 progress: bool = True, config=None, extra_train=None, kind_balance: float = 0.0) -> dict:
     """Build data, train, evaluate, export: what ``nightsift train`` does.
 
     Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
@@ -203,6 +240,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     extra_train : RBData, optional
         Rows added to the training split, e.g. expert labels from the labeling page
         (:func:`nightsift.engine.discover.active.labeled_dataset`, ``nightsift train --with-labels``).
+    kind_balance : float
+        Within-class re-weighting of the truth kinds (:func:`sample_weights`).
 
     Returns
     -------
@@ -230,7 +269,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                          ("z", "loc", "scale", "features", "truth", "domain")), train.meta)
         print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
-                              learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose)
+                              learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
+                              kind_balance=kind_balance)
     p_val = predict_keras(model, val.inputs())
     thr = threshold_for_fnr(val.labels, p_val, target_fnr)
     p_test = predict_keras(model, test.inputs())
@@ -283,7 +323,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                      "n_extra_train": 0 if extra_train is None else len(extra_train),
                      "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
                      "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-                     "class_weight": hist["class_weight"], "train_wall_s": hist["wall_s"],
+                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0), "train_wall_s": hist["wall_s"],
                      "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
     }
     write_json(out / f"{name}.json", meta)

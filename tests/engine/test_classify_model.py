@@ -14,7 +14,7 @@ from nightsift.engine.classify.model import (  # noqa: E402
     EMBEDDING_LAYER, build_model, configure_tensorflow, embedding_model, load_keras_model, save_keras_model,
 )
 from nightsift.engine.classify.preprocess import standardize  # noqa: E402
-from nightsift.engine.classify.train import class_weights, dihedral, predict_keras, train_model  # noqa: E402
+from nightsift.engine.classify.train import class_weights, dihedral, predict_keras, sample_weights, train_model  # noqa: E402
 
 TINY = {"filters": (4, 8), "dense": 16}
 
@@ -129,3 +129,19 @@ def test_safe_mode_round_trip_and_embedding(tiny_trained, tmp_path):
     assert e.shape == (16, 16) and np.all(e >= 0)  # ReLU features
     with pytest.raises(FileNotFoundError, match="not found"):
         load_keras_model(tmp_path / "none.keras")
+
+
+def test_sample_weights_balance_kinds_within_each_class():
+    y = np.array([0] * 90 + [0] * 10 + [1] * 60 + [1] * 40)
+    kinds = np.array(["saturated"] * 90 + ["star"] * 10 + ["isolated"] * 60 + ["variable"] * 40)
+    cw = class_weights(y)
+    w0 = sample_weights(y, kinds, kind_balance=0.0)
+    np.testing.assert_allclose(w0, np.where(y > 0, cw[1], cw[0]))
+    w1 = sample_weights(y, kinds, kind_balance=1.0)
+    # each class keeps its total weight; with a = 1 every kind of a class carries the same weight
+    for c in (0, 1):
+        assert w1[y == c].sum() == pytest.approx(w0[y == c].sum())
+    assert w1[kinds == "star"].sum() == pytest.approx(w1[kinds == "saturated"].sum())
+    assert w1[kinds == "variable"].sum() == pytest.approx(w1[kinds == "isolated"].sum())
+    wh = sample_weights(y, kinds, kind_balance=0.5)  # in between: a star row weighs 3x a saturated one
+    assert wh[90] / wh[0] == pytest.approx(3.0)
