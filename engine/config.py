@@ -118,6 +118,9 @@ class DetectConfig:
     #: P_D) before deduplication: a bright transient's S_corr has a flat or ring-shaped top
     #: (its own photon noise) that sep splits into several peaks; S has one
     climb_to_flux_peak: bool = True
+    #: peaks of one sign around one excluded patch of at most this many pixels (a few masked
+    #: pixels, grown by subtract.mask_grow) are one candidate; 0 = off
+    hole_merge_area: int = 121
     #: peaks closer than this (pixels) are one candidate
     dedup_radius: float = 3.0
     #: radius (pixels) of the box in which bad pixels are counted for ``nbad`` (5x5 as ZTF)

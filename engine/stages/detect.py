@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import sep
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from nightsift.kernels import psf as kpsf
@@ -128,6 +129,55 @@ def climb_to_flux_peak(flux: np.ndarray, x, y, sign, *, max_steps, blocked=None)
     return np.clip(xi + dx, 0, nx - 1), np.clip(yi + dy, 0, ny - 1)
 
 
+def merge_around_holes(x, y, value, sign, excluded, *, max_area: int, reach: int = 2):
+    """Peaks of one sign that hug the same small excluded patch are one source.
+
+    A hot pixel or a cosmic ray on a transient is masked and grown, and S_corr is zeroed there:
+    the transient's signal survives only as a ring around the hole, which sep finds as 2-4 peaks
+    (seen: a variable star at S/N 50 under a hot pixel came out as four candidates 2.5 px from
+    it, none matching it). Peaks within ``reach`` pixels of one excluded patch of at most
+    ``max_area`` pixels are merged: the strongest is kept, moved to the mean position of the
+    group (the ring's centre). Larger patches (bleed trails, CCD edges) are left alone: many
+    sources may border them.
+
+    Parameters
+    ----------
+    x, y, value, sign : ndarray (n,)
+        Peaks (sub-pixel positions, S_corr value, +-1).
+    excluded : ndarray (ny, nx) bool
+        Pixels where S_corr was zeroed.
+    max_area : int
+        Largest patch (pixels) treated as a hole in one source.
+    reach : int
+        How far (pixels) from the patch a peak may be.
+
+    Returns
+    -------
+    keep : ndarray (m,) int, indices of the peaks kept
+    x, y : ndarray (n,) positions, moved for the kept peak of each merged group
+    """
+    x, y = np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
+    if len(x) == 0 or excluded is None or not np.any(excluded):
+        return np.arange(len(x)), x, y
+    lab, n = ndimage.label(excluded)
+    area = np.bincount(lab.ravel())
+    area[0] = max_area + 1
+    near = ndimage.maximum_filter(lab, size=2 * reach + 1)
+    ny, nx = excluded.shape
+    comp = near[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)]
+    small = area[comp] <= max_area
+    keep = np.ones(len(x), bool)
+    for key in set(zip(comp[small].tolist(), np.asarray(sign)[small].tolist())):
+        members = np.flatnonzero(small & (comp == key[0]) & (np.asarray(sign) == key[1]))
+        if members.size < 2:
+            continue
+        best = members[np.argmax(np.abs(np.asarray(value)[members]))]
+        x[best], y[best] = x[members].mean(), y[members].mean()
+        keep[members] = False
+        keep[best] = True
+    return np.flatnonzero(keep), x, y
+
+
 def deduplicate(x, y, value, sign, *, radius: float) -> np.ndarray:
     """Indices kept after suppressing, within each sign, peaks closer than ``radius`` to a
     stronger one. Deterministic: ties broken by position."""
@@ -178,6 +228,9 @@ def detect(sub: Subtraction, *, wcs, header, sky, ref_catalog=None, visit: int =
     if config.climb_to_flux_peak and len(x):
         steps = np.ceil(fwhm_pd[sub.grid.tile_of(x, y)]).astype(int)
         x, y = climb_to_flux_peak(sub.flux, x, y, sign, max_steps=steps, blocked=sub.excluded)
+    if config.hole_merge_area > 0:
+        keep, x, y = merge_around_holes(x, y, val, sign, sub.excluded, max_area=config.hole_merge_area)
+        x, y, val, sign = x[keep], y[keep], val[keep], sign[keep]
     keep = deduplicate(x, y, val, sign, radius=config.dedup_radius)
     x, y, val, sign = x[keep], y[keep], val[keep], sign[keep]
     n = len(x)

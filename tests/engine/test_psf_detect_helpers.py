@@ -1,4 +1,5 @@
-"""PSF stage helpers: the stellar locus among galaxies, the hybrid (denoised) PSF, star selection."""
+"""PSF and detection stage helpers: the stellar locus among galaxies, the hybrid (denoised) PSF, star
+selection, peaks around masked holes."""
 import numpy as np
 import pytest
 
@@ -59,3 +60,22 @@ def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
     cat["peak"][1] = 5e2  # the same flux spread like a source: the star is not isolated
     idx = select_psf_stars(cat, (256, 256), mask=np.zeros((256, 256), np.uint16), stamp=31, config=PSFConfig())
     assert 0 not in idx
+
+
+def test_peaks_around_a_small_masked_hole_are_one_candidate():
+    from nightsift.engine.stages.detect import merge_around_holes
+
+    excluded = np.zeros((64, 64), bool)
+    excluded[29:34, 29:34] = True  # a masked pixel grown into a 5x5 hole at (31, 31)
+    excluded[:, :4] = True  # the CCD edge: a large patch, left alone
+    x = np.array([28.0, 34.0, 31.2, 31.0, 5.0, 5.0, 31.0])
+    y = np.array([31.0, 31.0, 28.0, 34.2, 10.0, 20.0, 40.0])
+    value = np.array([-9.0, -11.0, -8.0, -7.5, 6.0, 6.5, -6.0])
+    sign = np.sign(value)
+    keep, xx, yy = merge_around_holes(x, y, value, sign, excluded, max_area=121)
+    assert sorted(keep.tolist()) == [1, 4, 5, 6]  # the ring -> its strongest peak; edge peaks and a far one stay
+    assert abs(xx[1] - 31.05) < 1e-9 and abs(yy[1] - 31.05) < 1e-9  # moved to the ring's centre
+    # a peak of the other sign at the hole is another source
+    keep2, _, _ = merge_around_holes(np.r_[x, 34.0], np.r_[y, 33.0], np.r_[value, 7.0], np.r_[sign, 1.0], excluded,
+                                     max_area=121)
+    assert 7 in keep2
