@@ -17,7 +17,7 @@ from nightsift.kernels import psf as kpsf
 from nightsift.kernels.stamps import extract_stamps
 
 from ..config import DetectConfig
-from ..records import CANDIDATE_DTYPE, UNUSABLE, ZERO_POINT_KEYS, StageResult, empty_candidates, make_candid
+from ..records import UNUSABLE, ZERO_POINT_KEYS, StageResult, empty_candidates, make_candid
 from .subtract import Subtraction
 
 def zero_point(header) -> float:

@@ -14,12 +14,12 @@ from scipy import ndimage
 
 from nightsift.kernels import psf as kpsf
 from nightsift.kernels import tiles as ktiles
-from nightsift.kernels.background import background, robust_sigma
+from nightsift.kernels.background import robust_sigma
 from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
 from ..errors import AlgorithmFailure
-from ..records import UNUSABLE, Exposure, MaskBits, StageResult, ZERO_POINT_KEYS
+from ..records import UNUSABLE, Exposure, StageResult, ZERO_POINT_KEYS
 from .psf import ImagePSF
 
 
