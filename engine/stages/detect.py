@@ -58,16 +58,19 @@ def find_peaks(S_corr: np.ndarray, *, threshold: float, min_area: int, excluded=
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(vs), np.concatenate(sg)
 
 
-def _quadratic_offset(img, xi, yi):
+def _quadratic_offset(img, xi, yi, sign=1.0):
+    """Sub-pixel offset of the maximum of ``sign * img`` around integer peaks (3-point parabolas
+    along x and y; neighbours past the edge repeat the edge pixel)."""
     ny, nx = img.shape
     xl, xr = np.clip(xi - 1, 0, nx - 1), np.clip(xi + 1, 0, nx - 1)
     yl, yr = np.clip(yi - 1, 0, ny - 1), np.clip(yi + 1, 0, ny - 1)
-    c = img[yi, xi]
-    ax = img[yi, xl] - 2 * c + img[yi, xr]
-    ay = img[yl, xi] - 2 * c + img[yr, xi]
+    c = sign * img[yi, xi]
+    left, right, down, up = sign * img[yi, xl], sign * img[yi, xr], sign * img[yl, xi], sign * img[yr, xi]
+    ax = left - 2 * c + right
+    ay = down - 2 * c + up
     with np.errstate(divide="ignore", invalid="ignore"):
-        dx = np.where(ax < 0, 0.5 * (img[yi, xl] - img[yi, xr]) / ax, 0.0)
-        dy = np.where(ay < 0, 0.5 * (img[yl, xi] - img[yr, xi]) / ay, 0.0)
+        dx = np.where(ax < 0, 0.5 * (left - right) / ax, 0.0)
+        dy = np.where(ay < 0, 0.5 * (down - up) / ay, 0.0)
     return np.clip(np.nan_to_num(dx), -0.5, 0.5), np.clip(np.nan_to_num(dy), -0.5, 0.5)
 
 
@@ -105,27 +108,27 @@ def climb_to_flux_peak(flux: np.ndarray, x, y, sign, *, max_steps, blocked=None)
     if len(xi) == 0:
         return np.zeros(0), np.zeros(0)
     sg = np.asarray(sign, np.float64)
-    pad = np.pad(np.asarray(flux, np.float64), 1, constant_values=np.nan)
-    if blocked is not None:
-        pad[1:-1, 1:-1][np.asarray(blocked, bool)] = np.nan
+    img = np.asarray(flux)
+    blk = None if blocked is None else np.asarray(blocked, bool)
     steps = np.broadcast_to(np.asarray(max_steps), xi.shape)
     oy, ox = np.divmod(np.arange(9), 3)
     oy, ox = oy - 1, ox - 1
-    for k in range(int(steps.max())):
-        v = sg[:, None] * pad[yi[:, None] + 1 + oy[None], xi[:, None] + 1 + ox[None]]
-        v = np.where(np.isfinite(v), v, -np.inf)
+    for k in range(int(steps.max())):  # only the 3x3 neighbourhoods are read: no full-image copy
+        yy, xx = yi[:, None] + oy[None], xi[:, None] + ox[None]
+        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+        v = sg[:, None] * img[yy, xx].astype(np.float64)
+        ok &= np.isfinite(v)
+        if blk is not None:
+            ok &= ~blk[yy, xx]
+        v = np.where(ok, v, -np.inf)
         best = np.argmax(v, axis=1)
         move = (v[np.arange(len(xi)), best] > v[:, 4]) & (k < steps)
         if not move.any():
             break
         xi = np.where(move, xi + ox[best], xi)
         yi = np.where(move, yi + oy[best], yi)
-    fx = np.nan_to_num(np.asarray(flux, np.float64))
-    dx, dy = np.zeros(len(xi)), np.zeros(len(xi))
-    for s in (1, -1):
-        m = sg == s
-        if m.any():
-            dx[m], dy[m] = _quadratic_offset(s * fx, xi[m], yi[m])
+    dx, dy = _quadratic_offset(img, xi, yi, sg)
     return np.clip(xi + dx, 0, nx - 1), np.clip(yi + dy, 0, ny - 1)
 
 

@@ -144,7 +144,12 @@ def adaptive_fwhm(image, x, y, *, size: int, sigma: float) -> np.ndarray:
     if len(x) == 0:
         return np.zeros(0)
     st, _ = extract_stamps(image, x, y, size=size, fill=0.0)
-    _, _, mxx, myy, mxy = kpsf.moments(np.asarray(st, np.float64), sigma=max(sigma, 0.8))
+    return stamp_fwhm(np.asarray(st, np.float64), sigma=sigma)
+
+
+def stamp_fwhm(stamps: np.ndarray, *, sigma: float) -> np.ndarray:
+    """Adaptive-moment FWHM (px) of each stamp ``(n, s, s)``, the moments started at ``sigma`` px."""
+    _, _, mxx, myy, mxy = kpsf.moments(stamps, sigma=max(sigma, 0.8))
     fwhm, _ = kpsf.shape_from_moments(mxx, myy, mxy)
     return np.asarray(fwhm, dtype=np.float64)
 
@@ -234,7 +239,7 @@ def moffat_fit(psf: np.ndarray) -> dict:
     if not np.isfinite(apcorr) or abs(apcorr - 1) > 0.1 or fwhm < 2.5:
         apcorr = 1.0
     return {"fwhm": float(fwhm), "beta": float(beta), "pedestal": float(res.x[7]), "apcorr": apcorr,
-            "model": _moffat_stamp(res.x, s) + res.x[7], "params": res.x}
+            "model": _moffat_stamp(res.x, s) + res.x[7]}
 
 
 def stack_variance(stamps: np.ndarray, weights: np.ndarray, sky_sigma: float, psf: np.ndarray) -> np.ndarray:
@@ -369,8 +374,7 @@ def measure_psf(image, *, mask, sky_sigma: float, grid: TileGrid, config: PSFCon
     cdx, cdy = np.where(far, dx0, cdx), np.where(far, dy0, cdy)
     # PSFEx-style cleaning: compact galaxies and blends are wider in adaptive moments than the
     # stellar locus; they would broaden the stack.
-    _, _, mxx, myy, mxy = kpsf.moments(st, sigma=max(fwhm_guess / 2.3548, 0.8))
-    size, _ = kpsf.shape_from_moments(mxx, myy, mxy)
+    size = stamp_fwhm(st, sigma=fwhm_guess / 2.3548)
     if not np.isfinite(locus):
         locus = float(np.nanmedian(size[: max(config.min_stars, min(10, size.size))]))
     clean = np.isfinite(size) & (np.abs(size / locus - 1) < locus_tolerance(stars["snr"])) & ~far

@@ -79,3 +79,27 @@ def test_peaks_around_a_small_masked_hole_are_one_candidate():
     keep2, _, _ = merge_around_holes(np.r_[x, 34.0], np.r_[y, 33.0], np.r_[value, 7.0], np.r_[sign, 1.0], excluded,
                                      max_area=121)
     assert 7 in keep2
+
+
+def test_peaks_climb_to_the_flux_peak_they_sit_on():
+    from nightsift.engine.stages.detect import climb_to_flux_peak
+
+    yy, xx = np.mgrid[0:40, 0:40]
+    flux = 100 * np.exp(-((xx - 20.3) ** 2 + (yy - 19.8) ** 2) / (2 * 2.0**2))  # one source
+    flux -= 60 * np.exp(-((xx - 8.0) ** 2 + (yy - 30.0) ** 2) / (2 * 2.0**2))  # a negative one
+    # four ring peaks of S_corr around the positive source, one on the negative, one on flat sky
+    x = np.array([17.0, 23.0, 20.0, 20.0, 9.0, 35.0])
+    y = np.array([20.0, 20.0, 17.0, 23.0, 31.0, 5.0])
+    sign = np.array([1, 1, 1, 1, -1, 1])
+    cx, cy = climb_to_flux_peak(flux, x, y, sign, max_steps=4)
+    np.testing.assert_allclose(cx[:4], 20.3, atol=0.15)
+    np.testing.assert_allclose(cy[:4], 19.8, atol=0.15)
+    assert abs(cx[4] - 8.0) < 0.15 and abs(cy[4] - 30.0) < 0.15
+    assert abs(cx[5] - 35.0) <= 4 and abs(cy[5] - 5.0) <= 4  # at most max_steps pixels away
+    # a peak never moves onto a blocked pixel, and never more than max_steps
+    blocked = np.zeros_like(flux, bool)
+    blocked[19:22, 19:22] = True
+    bx, by = climb_to_flux_peak(flux, x[:1], y[:1], sign[:1], max_steps=4, blocked=blocked)
+    assert not blocked[int(round(by[0])), int(round(bx[0]))]
+    sx, _ = climb_to_flux_peak(flux, x[:1], y[:1], sign[:1], max_steps=1)
+    assert abs(sx[0] - 17.0) <= 1.5
