@@ -63,7 +63,7 @@ def sample_weights(y, kinds=None, *, kind_balance: float = 0.0) -> np.ndarray:
             sel = np.flatnonzero(y == c)
             if sel.size == 0:
                 continue
-            names, inv, counts = np.unique(kinds[sel], return_inverse=True, return_counts=True)
+            _, inv, counts = np.unique(kinds[sel], return_inverse=True, return_counts=True)
             f = counts[inv].astype(np.float64) ** -kind_balance
             w[sel] *= f * sel.size / f.sum()
     return w.astype(np.float32)

@@ -160,9 +160,10 @@ def merge_around_holes(x, y, value, sign, excluded, *, max_area: int, reach: int
     x, y : ndarray (n,) positions, moved for the kept peak of each merged group
     """
     x, y = np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
+    sign, value = np.asarray(sign), np.asarray(value)
     if len(x) == 0 or excluded is None or not np.any(excluded):
         return np.arange(len(x)), x, y
-    lab, n = ndimage.label(excluded)
+    lab, _ = ndimage.label(excluded)
     area = np.bincount(lab.ravel())
     area[0] = max_area + 1
     near = ndimage.maximum_filter(lab, size=2 * reach + 1)
@@ -170,11 +171,11 @@ def merge_around_holes(x, y, value, sign, excluded, *, max_area: int, reach: int
     comp = near[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)]
     small = area[comp] <= max_area
     keep = np.ones(len(x), bool)
-    for key in set(zip(comp[small].tolist(), np.asarray(sign)[small].tolist())):
-        members = np.flatnonzero(small & (comp == key[0]) & (np.asarray(sign) == key[1]))
+    for patch, sg in set(zip(comp[small].tolist(), sign[small].tolist())):
+        members = np.flatnonzero(small & (comp == patch) & (sign == sg))
         if members.size < 2:
             continue
-        best = members[np.argmax(np.abs(np.asarray(value)[members]))]
+        best = members[np.argmax(np.abs(value[members]))]
         x[best], y[best] = x[members].mean(), y[members].mean()
         keep[members] = False
         keep[best] = True

@@ -456,7 +456,7 @@ def psf_stage(exposure, *, grid: TileGrid, config: PSFConfig, prefix: str = "") 
         raise AlgorithmFailure(where + str(e), stage="psf", qa={prefix + k: v for k, v in e.qa.items()}) from None
     cat["psf_star"][res.value.star_index] = True  # our own fresh catalogue
     # point sources (S/N >= 20, unflagged): adaptive-moment size on the stellar locus; what the
-    # flux ratio and alignment may trust as stars
+    # flux ratio (subtract.flux_ratio) trusts as stars
     model = res.value
     bright = np.flatnonzero((cat["snr"] >= 20) & (cat["flag"] == 0))
     if np.isfinite(model.locus) and bright.size:

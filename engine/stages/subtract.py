@@ -108,9 +108,14 @@ def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
     return float(10 ** (0.4 * (zr - zs)) * tr / ts)
 
 
+#: relative distance from the zero-point F_r within which star ratios are trusted; a star-based F_r
+#: farther than this from it is replaced by it
+PRIOR_WINDOW = 0.3
+
+
 def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: ImagePSF, *, unusable,
                min_snr: float = 20.0, match_radius: float = 1.0, prior: float | None = None,
-               prior_window: float = 0.3, star_rms: float = 0.03):
+               prior_window: float = PRIOR_WINDOW, star_rms: float = 0.03):
     """F_r / F_n from isolated stars found in both background-subtracted images on one grid.
 
     Each star's flux is a PSF fit with its own image's PSF (so the ratio carries exactly the PSF
@@ -250,7 +255,7 @@ def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf:
     F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable, prior=prior)
     qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err, "F_r_zero_points": prior}
     if prior is not None:
-        if not np.isfinite(F_r) or n_flux == 0 or abs(F_r / prior - 1) > 0.3:
+        if not np.isfinite(F_r) or n_flux == 0 or abs(F_r / prior - 1) > PRIOR_WINDOW:
             # no usable common star (a small or sparse CCD), or only changed ones: both images are
             # photometrically calibrated, so use the zero points (they miss this CCD's flat and
             # aperture terms, a few %)
