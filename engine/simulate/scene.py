@@ -296,28 +296,3 @@ def render_galaxies(image, psf: PSFField, x, y, flux, g11, g12, g22, n, bn):
             scale = flux[chunk] / conv.sum(axis=(1, 2))
             _render.add_stamps(image, conv, ix[chunk] - h, iy[chunk] - h, np.ascontiguousarray(scale))
     return image
-    y = np.asarray(y, float)
-    re_major, _, _ = shape_params(g11, g12, g22)
-    fw = psf.fwhm(x, y)
-    need = np.ceil(4.0 * re_major + 4.0 * fw)
-    sizes = np.array([16, 24, 32, 48, 64, 96, 128])
-    half = sizes[np.minimum(np.searchsorted(sizes, need), sizes.size - 1)]
-    ix = np.floor(x + 0.5).astype(np.int64)
-    iy = np.floor(y + 0.5).astype(np.int64)
-    ny, nx = image.shape
-    visible = (ix + half >= 0) & (iy + half >= 0) & (ix - half < nx) & (iy - half < ny)
-    for h in np.unique(half[visible]):
-        sel = np.flatnonzero(visible & (half == h))
-        S = 2 * int(h) + 1
-        for chunk in np.array_split(sel, max(1, int(math.ceil(sel.size * S * S / 4e6)))):
-            gal = np.empty((chunk.size, S, S))
-            _render.sersic_stamps(gal, h + x[chunk] - ix[chunk], h + y[chunk] - iy[chunk],
-                                  g11[chunk], g12[chunk], g22[chunk], n[chunk], bn[chunk], 16.0, 3)
-            P = min(S, 2 * int(math.ceil(4.0 * float(fw[chunk].max()))) + 1)
-            ker = psf.stamps(x[chunk], y[chunk], P)
-            conv = fftconvolve(gal, ker, mode="same", axes=(1, 2))
-            np.maximum(conv, 0.0, out=conv)
-            scale = flux[chunk] / conv.sum(axis=(1, 2))
-            _render.add_stamps(image, np.ascontiguousarray(conv), ix[chunk] - h, iy[chunk] - h,
-                               np.ascontiguousarray(scale))
-    return image
