@@ -195,10 +195,12 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     spec = _dataset_spec(args)
     target = args.target_fnr if args.target_fnr is not None else cfg.classify.target_fnr
+    conf = _threshold_confidence(args, cfg)
     command = (f"nightsift train --data {args.data} --units {spec.n_units} --size {spec.size} "
                f"--profiles {','.join(spec.profiles)} --data-seed {spec.seed} --epochs {args.epochs} "
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
-               f"--target-fnr {target:g} --kind-balance {args.kind_balance:g} --out {args.out}")
+               f"--target-fnr {target:g} --threshold-confidence {conf:g} --kind-balance {args.kind_balance:g} --ema {args.ema:g} "
+               f"--out {args.out}")
     extra = None
     if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
         from .discover.active import labeled_dataset
@@ -214,7 +216,7 @@ def cmd_train(args) -> int:
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
                  verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra,
-                 kind_balance=args.kind_balance)
+                 kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf)
     return 0
 
 
@@ -226,8 +228,17 @@ def cmd_evaluate(args) -> int:
     run_evaluation(model=args.model, spec=_dataset_spec(args), data_dir=args.data, out_dir=args.out, split=args.split,
                    target_fnr=target, workers=args.workers, rebuild=args.rebuild, cross=args.cross_domain,
                    source=args.source, epochs=args.epochs, seed=args.seed, threads=args.threads,
-                   progress=not args.quiet, config=cfg)
+                   progress=not args.quiet, config=cfg, threshold_confidence=_threshold_confidence(args, cfg))
     return 0
+
+
+def _threshold_confidence(args, cfg) -> float:
+    c = args.threshold_confidence if args.threshold_confidence is not None else cfg.classify.threshold_confidence
+    if not 0 <= c < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--threshold-confidence must be in [0, 1), got {c}")
+    return float(c)
 
 
 def _add_dataset_args(a) -> None:
@@ -239,6 +250,9 @@ def _add_dataset_args(a) -> None:
     a.add_argument("--workers", type=int, default=1, help="processes simulating CCDs (the data do not depend on it)")
     a.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it is cached")
     a.add_argument("--target-fnr", type=float, help="FNR the threshold is chosen for (default classify.target_fnr)")
+    a.add_argument("--threshold-confidence", type=float,
+                   help="confidence that the target FNR holds on new data (Clopper-Pearson bound on the validation "
+                        "FNR; 0 = point estimate; default classify.threshold_confidence)")
     a.add_argument("--threads", type=int, help="TensorFlow / LiteRT CPU threads (default all cores)")
     a.add_argument("--seed", type=int, default=0, help="training seed")
     a.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping on validation AUCPR)")
@@ -302,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     t.add_argument("--kind-balance", type=float, default=0.0,
                    help="within each class, weight a truth kind of n rows by n**-a (0: as sampled; 1: kinds equal)")
+    t.add_argument("--ema", type=float, default=0.0,
+                   help="momentum of an exponential moving average of the weights used for validation and "
+                        "the saved model (0: off; 0.998 averages ~500 steps)")
     t.add_argument("--with-labels", metavar="DB", help="add the expert labels of this `nightsift label` database "
                                                       "to the training split")
     t.add_argument("--label-alerts", metavar="PATH", help="alert file or folder the labels were given on")

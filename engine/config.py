@@ -159,6 +159,10 @@ class ClassifyConfig:
     #: false-negative rate the operating threshold is chosen for (missed transients cost more
     #: than false alarms)
     target_fnr: float = 0.01
+    #: confidence that the target FNR holds on new data: the threshold is the highest whose
+    #: one-sided Clopper-Pearson upper bound on the validation FNR is <= target_fnr (0: the
+    #: point estimate, which lands above the target on new data about half the time)
+    threshold_confidence: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,7 @@ def validate(cfg: Config) -> None:
     _check(c.classify.batch_size >= 1, "classify.batch_size", "must be >= 1")
     _check(c.classify.threshold < 1, "classify.threshold", "must be < 1 (< 0: the model's own)")
     _check(0 < c.classify.target_fnr < 0.5, "classify.target_fnr", "must be in (0, 0.5)")
+    _check(0 <= c.classify.threshold_confidence < 1, "classify.threshold_confidence", "must be in [0, 1)")
     _check(c.simulate.ny >= 0 and c.simulate.nx >= 0, "simulate.ny/nx", "must be >= 0")
     _check(c.simulate.n_visits >= 1 and c.simulate.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
     _check(c.run.backend in ("numpy", "cupy", "auto"), "run.backend", "must be numpy, cupy or auto")

@@ -129,7 +129,7 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
 
 def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
                 augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None,
-                kind_balance: float = 0.0):
+                kind_balance: float = 0.0, ema: float = 0.0):
     """Fit a fresh CNN.
 
     Parameters
@@ -155,6 +155,10 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Passed to :func:`.model.build_model`.
     kind_balance : float
         Within-class re-weighting of the truth kinds (:func:`sample_weights`).
+    ema : float
+        If > 0, the momentum of an exponential moving average of the weights (Polyak averaging,
+        e.g. 0.998: an average over the last ~500 steps). Validation, early stopping and the
+        returned model then use the averaged weights: a cheap ensemble over the training path.
 
     Returns
     -------
@@ -177,15 +181,22 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     cw = class_weights(y)
     w = sample_weights(y, train.truth["kind"], kind_balance=kind_balance)
     model = build_model(seed=seed, **(model_kwargs or {}))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    opt = (keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema)) if ema > 0
+           else keras.optimizers.Adam(learning_rate))
+    model.compile(optimizer=opt, loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(curve="PR", name="auc_pr")])
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
     stop = keras.callbacks.EarlyStopping(monitor="val_auc_pr", mode="max", patience=patience,
                                          restore_best_weights=True)
     slow = keras.callbacks.ReduceLROnPlateau(monitor="val_auc_pr", mode="max", factor=0.3,
                                              patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
+    # with EMA the averaged weights are swapped in before the epoch's end callbacks, so early stopping
+    # scores and keeps them (the swap back happens at the next epoch's start)
+    callbacks = ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema > 0 else []) + [stop, slow]
     t0 = time.perf_counter()
-    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=[stop, slow],
+    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=callbacks,
                   verbose=verbose)
     hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     hist["epochs_run"] = len(hist.get("loss", []))
@@ -193,6 +204,7 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     hist["wall_s"] = round(time.perf_counter() - t0, 1)
     hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
     hist["kind_balance"] = float(kind_balance)
+    hist["ema"] = float(ema)
     return model, hist
 
 
@@ -216,7 +228,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                  name: str = "nightsift_rb", target_fnr: float = 0.01, epochs: int = 30, batch_size: int = 64,
                  patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
                  workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
-                 progress: bool = True, config=None, extra_train=None, kind_balance: float = 0.0) -> dict:
+                 progress: bool = True, config=None, extra_train=None, kind_balance: float = 0.0,
+                 ema: float = 0.0, threshold_confidence: float = 0.0) -> dict:
     """Build data, train, evaluate, export: what ``nightsift train`` does.
 
     Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
@@ -235,6 +248,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         ``nightsift-train-report``.
     target_fnr : float
         FNR the operating threshold is chosen for on the validation split.
+    threshold_confidence : float
+        Confidence that the target FNR holds on new data (:func:`.evaluate.threshold_for_fnr`).
     command : str
         The command line recorded in the metadata.
     extra_train : RBData, optional
@@ -242,6 +257,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         (:func:`nightsift.engine.discover.active.labeled_dataset`, ``nightsift train --with-labels``).
     kind_balance : float
         Within-class re-weighting of the truth kinds (:func:`sample_weights`).
+    ema : float
+        Weight averaging momentum (:func:`train_model`; 0 off).
 
     Returns
     -------
@@ -270,9 +287,9 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
-                              kind_balance=kind_balance)
+                              kind_balance=kind_balance, ema=ema)
     p_val = predict_keras(model, val.inputs())
-    thr = threshold_for_fnr(val.labels, p_val, target_fnr)
+    thr = threshold_for_fnr(val.labels, p_val, target_fnr, threshold_confidence)
     p_test = predict_keras(model, test.inputs())
     rep_f = report(test.labels, p_test, thr, domain=test.domain, truth=test.truth)
     print("float model, test split:\n" + format_report(rep_f))
@@ -284,7 +301,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                                                                                   replace=False)),
                            out / f"{name}_int8.tflite", seed=seed)
     q_val = predict_int8(tfl_path, val.inputs(), threads=threads)
-    thr8 = threshold_for_fnr(val.labels, q_val, target_fnr)
+    thr8 = threshold_for_fnr(val.labels, q_val, target_fnr, threshold_confidence)
     q_test = predict_int8(tfl_path, test.inputs(), threads=threads)
     rep_q = report(test.labels, q_test, thr8, domain=test.domain, truth=test.truth)
     print("int8 model, test split:\n" + format_report(rep_q, keys=()))
@@ -301,6 +318,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                   "preprocess": "nightsift.engine.classify.preprocess.preprocess"},
         "files": {"keras": keras_path.name, "tflite_int8": tfl_path.name},
         "target_fnr": target_fnr,
+        "threshold_confidence": threshold_confidence,
         "threshold": thr,
         "threshold_int8": thr8,
         "int8": {"input_scale": info["input"]["quantization"][0], "input_zero_point": info["input"]["quantization"][1],
@@ -323,7 +341,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                      "n_extra_train": 0 if extra_train is None else len(extra_train),
                      "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
                      "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0), "train_wall_s": hist["wall_s"],
+                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0), "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
                      "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
     }
     write_json(out / f"{name}.json", meta)
@@ -337,6 +355,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
 
 
 def cross_domain(data, *, source: str = "decam", n_train: int | None = None, target_fnr: float = 0.01,
+                 threshold_confidence: float = 0.0,
                  epochs: int = 30, batch_size: int = 64, patience: int = 5, seed: int = 0, threads: int | None = None,
                  verbose: int = 0) -> dict:
     """Domain-shift experiment: three models trained on equally many triplets, tested everywhere.
@@ -379,7 +398,7 @@ def cross_domain(data, *, source: str = "decam", n_train: int | None = None, tar
         va = data.select(dom & is_val)
         model, hist = train_model(data.select(tr_idx), va, epochs=epochs, batch_size=batch_size, patience=patience,
                                   seed=seed, threads=threads, verbose=verbose)
-        thr = threshold_for_fnr(va.labels, predict_keras(model, va.inputs()), target_fnr)
+        thr = threshold_for_fnr(va.labels, predict_keras(model, va.inputs()), target_fnr, threshold_confidence)
         res = {"n_train": n, "epochs_run": hist["epochs_run"], "threshold": thr, "test": {}}
         for prof in profiles:
             te = data.select((inst == prof) & is_test)

@@ -16,9 +16,12 @@ def test_train_then_evaluate(tmp_path, capsys):
     data, out, rep, ev = tmp_path / "data", tmp_path / "model", tmp_path / "report", tmp_path / "eval"
     common = ["--data", str(data), "--units", "3", "--profiles", "decam", "--size", "448", "--data-seed", "21",
               "--epochs", "1", "--threads", "2", "--quiet"]
-    assert main(["train", *common, "--out", str(out), "--report", str(rep), "--batch-size", "32"]) == 0
+    assert main(["train", *common, "--out", str(out), "--report", str(rep), "--batch-size", "32", "--ema", "0.99"]) == 0
     meta = json.loads((out / "nightsift_rb.json").read_text())
     assert meta["training"]["command"].startswith("nightsift train --data")
+    assert "--ema 0.99" in meta["training"]["command"] and meta["training"]["ema"] == 0.99
+    # the threshold rule comes from the configuration unless given: 90% confidence on the target FNR
+    assert "--threshold-confidence 0.9" in meta["training"]["command"] and meta["threshold_confidence"] == 0.9
     assert "--units 3" in meta["training"]["command"] and "--profiles decam" in meta["training"]["command"]
     assert (out / meta["files"]["keras"]).exists() and (out / meta["files"]["tflite_int8"]).exists()
     assert meta["int8"]["edgetpu_problems"] == []
@@ -29,7 +32,7 @@ def test_train_then_evaluate(tmp_path, capsys):
 
     assert main(["evaluate", *common, "--model", str(out / "nightsift_rb.json"), "--out", str(ev)]) == 0
     res = json.loads((ev / "evaluation.json").read_text())
-    assert set(res["models"]) == {"float", "int8"}
+    assert set(res["models"]) == {"float", "int8"} and res["threshold_confidence"] == 0.9
     r = res["models"]["float"]
     assert {"overall", "per_instrument", "per_ccd", "per_seeing_bin", "per_filter", "per_kind",
             "at_stored_threshold"} <= set(r)

@@ -70,6 +70,30 @@ def test_threshold_for_fnr_is_the_highest_meeting_the_target(rng, target):
         threshold_for_fnr(np.zeros(5), np.arange(5.0), 0.01)
 
 
+def test_threshold_confidence_bounds_the_fnr_on_new_data(rng):
+    """Real scores uniform on [0, 1] make the true FNR of a threshold t equal to t. The point rule
+    (confidence 0) lands above a 1% target about half the time; the Clopper-Pearson rule at 90%
+    keeps it at or below the target in >= 90% of draws, and is the highest threshold that does."""
+    from scipy.stats import beta
+
+    n, target = 2000, 0.01
+    draws = [rng.uniform(size=n) for _ in range(400)]
+    ones = np.ones(n, bool)
+    point = np.array([threshold_for_fnr(ones, p, target) for p in draws])
+    safe = np.array([threshold_for_fnr(ones, p, target, confidence=0.9) for p in draws])
+    assert 0.3 < np.mean(point <= target) < 0.7
+    assert np.mean(safe <= target) >= 0.88
+    assert np.all(safe <= point)
+    p = draws[0]
+    t = threshold_for_fnr(ones, p, target, confidence=0.9)
+    m = int(np.sum(p < t))  # misses at the threshold, and one more just above it
+    assert beta.ppf(0.9, m + 1, n - m) <= target < beta.ppf(0.9, m + 2, n - m - 1)
+    # too few real examples for any bound under the target: the lowest real score
+    assert threshold_for_fnr(np.ones(20, bool), np.arange(20.0), target, confidence=0.9) == 0.0
+    with pytest.raises(ValueError, match="confidence"):
+        threshold_for_fnr(ones, p, target, confidence=1.0)
+
+
 def test_operating_point_counts(rng):
     y, p = _scores(rng)
     op = operating_point(y, p, 0.5)

@@ -145,3 +145,24 @@ def test_sample_weights_balance_kinds_within_each_class():
     assert w1[kinds == "variable"].sum() == pytest.approx(w1[kinds == "isolated"].sum())
     wh = sample_weights(y, kinds, kind_balance=0.5)  # in between: a star row weighs 3x a saturated one
     assert wh[90] / wh[0] == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_weight_averaging_keeps_the_validated_weights():
+    """With ``ema`` validation scores the averaged weights (the same seeded run without it follows the
+    same raw path but validates other numbers), and the model returned is the averaged one early
+    stopping kept: evaluating it gives back the best epoch's validation AUCPR."""
+    configure_tensorflow(2)
+    rng = np.random.default_rng(11)
+    tr = as_data(*separable_triplets(rng, 256), "train")
+    va = as_data(*separable_triplets(rng, 96), "val")
+    kw = dict(epochs=3, batch_size=32, patience=3, seed=5, verbose=0, model_kwargs=TINY, learning_rate=3e-3)
+    _, raw = train_model(tr, va, **kw)
+    model, hist = train_model(tr, va, ema=0.9, **kw)
+    assert hist["ema"] == 0.9 and raw["ema"] == 0.0
+    assert not np.allclose(hist["val_loss"], raw["val_loss"], rtol=1e-4)
+    assert np.allclose(hist["loss"], raw["loss"], rtol=1e-4)  # the same raw training path
+    got = model.evaluate(va.inputs(), va.labels, verbose=0, return_dict=True)
+    assert got["loss"] == pytest.approx(hist["val_loss"][hist["best_epoch"] - 1], rel=1e-5)
+    with pytest.raises(ValueError, match="ema"):
+        train_model(tr, va, epochs=1, verbose=0, model_kwargs=TINY, ema=1.0)

@@ -20,6 +20,7 @@ def test_defaults_and_toml_override(tmp_path):
     ("[cutout]\nsize = 64\n", "cutout.size"),
     ("[run]\nbackend = 'tpu'\n", "run.backend"),
     ("[subtract]\ntile_size = 'big'\n", "subtract.tile_size"),
+    ("[classify]\nthreshold_confidence = 1.0\n", "classify.threshold_confidence"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     p = tmp_path / "bad.toml"
