@@ -255,7 +255,7 @@ def _add_dataset_args(a) -> None:
                         "FNR; 0 = point estimate; default classify.threshold_confidence)")
     a.add_argument("--threads", type=int, help="TensorFlow / LiteRT CPU threads (default all cores)")
     a.add_argument("--seed", type=int, default=0, help="training seed")
-    a.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping on validation AUCPR)")
+    a.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping on the validation FPR at the target FNR)")
     a.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the model files (engine/classify/models replaces the shipped model)")
     t.add_argument("--report", help="folder for the evaluation JSON and PNGs (default beside the model)")
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--patience", type=int, default=5, help="epochs without a better validation AUCPR")
+    t.add_argument("--patience", type=int, default=5, help="epochs without a better validation FPR at the target FNR")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     t.add_argument("--kind-balance", type=float, default=0.0,
                    help="within each class, weight a truth kind of n rows by n**-a (0: as sampled; 1: kinds equal)")

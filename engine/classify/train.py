@@ -3,8 +3,9 @@
 :func:`train_model` fits :func:`.model.build_model` on a dataset's training rows: Adam, binary
 cross-entropy with balanced class weights (as sample weights), random dihedral augmentation of
 every triplet (the 8 combinations of 90-degree rotations and flips, drawn per example and epoch),
-early stopping on the validation AUCPR with the best weights restored (the learning rate drops on
-a plateau first); seeded (Keras, TensorFlow
+early stopping on the validation specificity at the target sensitivity (1 - FPR where the FNR is
+the target: the operating point the model is used at) with the best weights restored (the
+learning rate drops on a plateau first); seeded (Keras, TensorFlow
 op determinism, the batch order and the augmentation), so a rerun on the same machine repeats.
 
 :func:`run_training` is ``nightsift train``: build (or reuse) the dataset, train, choose the
@@ -129,7 +130,7 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
 
 def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
                 augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None,
-                kind_balance: float = 0.0, ema: float = 0.0):
+                kind_balance: float = 0.0, ema: float = 0.0, target_fnr: float = 0.01):
     """Fit a fresh CNN.
 
     Parameters
@@ -140,8 +141,11 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Upper bound on epochs.
     batch_size : int
     patience : int
-        Epochs without a better validation AUCPR before stopping (best weights restored); the
-        learning rate drops by 0.3 after ``patience // 2`` such epochs.
+        Epochs without a better validation ``tnr_at_target`` before stopping (best weights
+        restored); the learning rate drops by 0.3 after ``patience // 2`` such epochs.
+        ``tnr_at_target`` is the specificity (1 - FPR) at a sensitivity of ``1 - target_fnr``:
+        AUCPR, near 1, is set by the few most confident bogus rows (label noise among them) and
+        can fall while the operating point improves.
     learning_rate : float
         Adam's step size.
     augment : bool
@@ -155,6 +159,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Passed to :func:`.model.build_model`.
     kind_balance : float
         Within-class re-weighting of the truth kinds (:func:`sample_weights`).
+    target_fnr : float
+        The operating FNR early stopping judges the model at.
     ema : float
         If > 0, the momentum of an exponential moving average of the weights (Polyak averaging,
         e.g. 0.998: an average over the last ~500 steps). Validation, early stopping and the
@@ -165,7 +171,7 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     model : keras.Model
         With the best validation weights.
     history : dict
-        Per-epoch ``loss``, ``val_loss``, ``val_auc_pr`` ..., plus ``best_epoch``, ``epochs_run``,
+        Per-epoch ``loss``, ``val_loss``, ``val_auc_pr``, ``val_tnr_at_target`` ..., plus ``best_epoch``, ``epochs_run``,
         ``wall_s``, ``class_weight``.
     """
     from .model import build_model, configure_tensorflow
@@ -186,11 +192,13 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     opt = (keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema)) if ema > 0
            else keras.optimizers.Adam(learning_rate))
     model.compile(optimizer=opt, loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr")])
+                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr"),
+                           keras.metrics.SpecificityAtSensitivity(1.0 - target_fnr, num_thresholds=1000,
+                                                                  name="tnr_at_target")])
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
-    stop = keras.callbacks.EarlyStopping(monitor="val_auc_pr", mode="max", patience=patience,
+    stop = keras.callbacks.EarlyStopping(monitor="val_tnr_at_target", mode="max", patience=patience,
                                          restore_best_weights=True)
-    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_auc_pr", mode="max", factor=0.3,
+    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_tnr_at_target", mode="max", factor=0.3,
                                              patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
     # with EMA the averaged weights are swapped in before the epoch's end callbacks, so early stopping
     # scores and keeps them (the swap back happens at the next epoch's start)
@@ -200,7 +208,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
                   verbose=verbose)
     hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     hist["epochs_run"] = len(hist.get("loss", []))
-    hist["best_epoch"] = int(np.argmax(hist["val_auc_pr"])) + 1 if "val_auc_pr" in hist else hist["epochs_run"]
+    hist["best_epoch"] = (int(np.argmax(hist["val_tnr_at_target"])) + 1 if "val_tnr_at_target" in hist
+                          else hist["epochs_run"])
     hist["wall_s"] = round(time.perf_counter() - t0, 1)
     hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
     hist["kind_balance"] = float(kind_balance)
@@ -287,7 +296,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
-                              kind_balance=kind_balance, ema=ema)
+                              kind_balance=kind_balance, ema=ema, target_fnr=target_fnr)
     p_val = predict_keras(model, val.inputs())
     thr = threshold_for_fnr(val.labels, p_val, target_fnr, threshold_confidence)
     p_test = predict_keras(model, test.inputs())
@@ -397,7 +406,7 @@ def cross_domain(data, *, source: str = "decam", n_train: int | None = None, tar
         tr_idx = np.sort(rng.choice(np.flatnonzero(dom & is_train), n, replace=False))
         va = data.select(dom & is_val)
         model, hist = train_model(data.select(tr_idx), va, epochs=epochs, batch_size=batch_size, patience=patience,
-                                  seed=seed, threads=threads, verbose=verbose)
+                                  seed=seed, threads=threads, verbose=verbose, target_fnr=target_fnr)
         thr = threshold_for_fnr(va.labels, predict_keras(model, va.inputs()), target_fnr, threshold_confidence)
         res = {"n_train": n, "epochs_run": hist["epochs_run"], "threshold": thr, "test": {}}
         for prof in profiles:
