@@ -192,15 +192,15 @@ def _dataset_spec(args):
 def cmd_train(args) -> int:
     from .classify.train import run_training
 
-    cfg = _config(args)
+    cfg = _config(args, classify=_threshold_override(args))
     spec = _dataset_spec(args)
     target = args.target_fnr if args.target_fnr is not None else cfg.classify.target_fnr
-    conf = _threshold_confidence(args, cfg)
+    conf = cfg.classify.threshold_confidence
     command = (f"nightsift train --data {args.data} --units {spec.n_units} --size {spec.size} "
                f"--profiles {','.join(spec.profiles)} --data-seed {spec.seed} --epochs {args.epochs} "
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
-               f"--target-fnr {target:g} --threshold-confidence {conf:g} --kind-balance {args.kind_balance:g} --ema {args.ema:g} "
-               f"--out {args.out}")
+               f"--target-fnr {target:g} --threshold-confidence {conf:g} --kind-balance {args.kind_balance:g} "
+               f"--ema {args.ema:g} --out {args.out}")
     extra = None
     if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
         from .discover.active import labeled_dataset
@@ -223,22 +223,21 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .classify.evaluate import run_evaluation
 
-    cfg = _config(args)
+    cfg = _config(args, classify=_threshold_override(args))
     target = args.target_fnr if args.target_fnr is not None else cfg.classify.target_fnr
     run_evaluation(model=args.model, spec=_dataset_spec(args), data_dir=args.data, out_dir=args.out, split=args.split,
                    target_fnr=target, workers=args.workers, rebuild=args.rebuild, cross=args.cross_domain,
                    source=args.source, epochs=args.epochs, seed=args.seed, threads=args.threads,
-                   progress=not args.quiet, config=cfg, threshold_confidence=_threshold_confidence(args, cfg))
+                   progress=not args.quiet, config=cfg, threshold_confidence=cfg.classify.threshold_confidence)
     return 0
 
 
-def _threshold_confidence(args, cfg) -> float:
-    c = args.threshold_confidence if args.threshold_confidence is not None else cfg.classify.threshold_confidence
-    if not 0 <= c < 1:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--threshold-confidence must be in [0, 1), got {c}")
-    return float(c)
+def _threshold_override(args):
+    """``--threshold-confidence`` as a [classify] override (checked with the configuration, before
+    any simulation or training)."""
+    if args.threshold_confidence is None:
+        return None
+    return {"threshold_confidence": args.threshold_confidence}
 
 
 def _add_dataset_args(a) -> None:

@@ -69,8 +69,8 @@ def threshold_for_fnr(y, p, target_fnr: float = 0.01, confidence: float = 0.0) -
     at 1%). With ``confidence = c > 0`` the threshold is the highest whose one-sided Clopper-Pearson
     upper bound on the FNR, at level ``c``, is ``<= target_fnr``: the target then holds on new data
     with probability ``>= c`` (candidates taken as independent), at the cost of a lower threshold
-    (more false positives). If even no missed real example gives a bound above the target (too few
-    real examples), the threshold is the lowest real score.
+    (more false positives). If the bound exceeds the target even with no real example missed (too
+    few real examples), the threshold is the lowest real score.
 
     Parameters
     ----------

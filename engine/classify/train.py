@@ -171,8 +171,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     model : keras.Model
         With the best validation weights.
     history : dict
-        Per-epoch ``loss``, ``val_loss``, ``val_auc_pr``, ``val_tnr_at_target`` ..., plus ``best_epoch``, ``epochs_run``,
-        ``wall_s``, ``class_weight``.
+        Per-epoch ``loss``, ``val_loss``, ``val_auc_pr``, ``val_tnr_at_target`` ..., plus
+        ``best_epoch``, ``epochs_run``, ``wall_s``, ``class_weight``, ``kind_balance``, ``ema``.
     """
     from .model import build_model, configure_tensorflow
 
@@ -350,7 +350,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                      "n_extra_train": 0 if extra_train is None else len(extra_train),
                      "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
                      "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0), "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
+                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0),
+                     "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
                      "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
     }
     write_json(out / f"{name}.json", meta)

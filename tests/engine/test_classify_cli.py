@@ -39,3 +39,9 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert r["overall"]["n"] == res["dataset"]["summary"]["per_split"]["test"]["n"]
     assert (ev / "int8_score_hist.png").exists()
     assert "AUCPR" in capsys.readouterr().out
+
+
+def test_bad_threshold_confidence_is_refused_before_any_work(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "data"), "--units", "3", "--threshold-confidence", "1.5"])
+    assert rc != 0 and "classify.threshold_confidence" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # nothing simulated
