@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import array_namespace, is_cupy
+from ._xp import array_namespace, is_cupy, to_host
 from .stamps import extract_stamps
 
 __all__ = ["gather_triplets"]
@@ -81,7 +81,7 @@ def gather_triplets(science, reference, difference, image, x, y, *, size: int = 
     shape = (n, size, size, 3) if channels_last else (n, 3, size, size)
     out = xp.empty(shape, dtype=xp.float32)
     padded = xp.zeros(n, dtype=bool)
-    img_h = np.asarray(img.get() if is_cupy(xp) else img)
+    img_h = to_host(img, label="triplet_index")
     for b in np.unique(img_h):
         sel = xp.asarray(np.flatnonzero(img_h == b))
         for c, plane in enumerate((sci[b], ref[b], dif[b])):

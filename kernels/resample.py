@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from ._xp import array_namespace, is_cupy
+from ._xp import array_namespace, is_cupy, is_host
 
 try:  # numba is a hard dependency of nightsift, but keep the reference usable without it
     import numba as _numba
@@ -100,10 +100,10 @@ def _use_numba(xp, method: str) -> bool:
     if method in ("reference", "cuda"):
         return False
     if method == "numba":
-        if is_cupy(xp) or _numba is None:
+        if not is_host(xp) or _numba is None:
             raise ValueError("method='numba' needs numpy arrays and numba installed; use 'reference'")
         return True
-    return (not is_cupy(xp)) and _numba is not None
+    return is_host(xp) and _numba is not None
 
 
 # --------------------------------------------------------------------------------------------
