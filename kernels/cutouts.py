@@ -1,8 +1,9 @@
 """Science/reference/difference cutout triplets for all candidates of a batch of CCD pairs.
 
 The batched form of :func:`nightsift.kernels.stamps.extract_triplets`: candidates carry the index
-of their image in the batch, and one call returns every triplet. The ``xp`` reference calls
-``extract_stamps`` once per image of the batch (the oracle); on cupy arrays the Numba CUDA kernel
+of their image in the batch, and one call returns every triplet. The ``xp`` reference is one
+gather per plane over the whole batch (:func:`nightsift.kernels.stamps.gather_stamps`, the
+oracle); on cupy arrays the Numba CUDA kernel
 (:mod:`nightsift.kernels._cuda.stamps`) gathers them all in one launch. Both give identical arrays
 (same NaN padding, same half-to-even rounding of the centres).
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import array_namespace, is_cupy, to_host
-from .stamps import extract_stamps
+from ._xp import array_namespace, is_cupy, is_host, to_device
+from .stamps import gather_stamps
 
 __all__ = ["gather_triplets"]
 
@@ -60,36 +61,28 @@ def gather_triplets(science, reference, difference, image, x, y, *, size: int = 
     xp = array_namespace(science, reference, difference)
     sci, ref, dif = (a[None] if a.ndim == 2 else a for a in (science, reference, difference))
     B = sci.shape[0]
-    x = xp.asarray(x, dtype=xp.float64).reshape(-1)
-    y = xp.asarray(y, dtype=xp.float64).reshape(-1)
+    x = to_device(x, xp, dtype=np.float64, label="stamp_centres").reshape(-1)
+    y = to_device(y, xp, dtype=np.float64, label="stamp_centres").reshape(-1)
     n = x.shape[0]
     img = xp.zeros(n, dtype=xp.int64) if (image is None or science.ndim == 2) else \
-        xp.asarray(image, dtype=xp.int64).reshape(-1)
+        to_device(image, xp, dtype=np.int64, label="stamp_centres").reshape(-1)
     if y.shape[0] != n or img.shape[0] != n:
         raise ValueError(f"gather_triplets: x, y and image must have one length, got {n}, {y.shape[0]}, "
                          f"{img.shape[0]}")
-    if n and not bool(xp.all(xp.isfinite(x)) & xp.all(xp.isfinite(y))):
-        raise ValueError("gather_triplets: stamp centres x and y must be finite (got NaN or inf)")
-    if n and not bool(xp.all((img >= 0) & (img < B))):
-        raise ValueError(f"gather_triplets: image indices must lie in 0..{B - 1} (the batch size is {B})")
+    if is_host(xp) and n:  # on a device these checks would each synchronise; the chain's values are valid
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            raise ValueError("gather_triplets: stamp centres x and y must be finite (got NaN or inf)")
+        if not np.all((img >= 0) & (img < B)):
+            raise ValueError(f"gather_triplets: image indices must lie in 0..{B - 1} (the batch size is {B})")
     size = int(size)
     if method == "cuda" or (method == "auto" and is_cupy(xp)):
         from ._cuda.stamps import gather_triplets_cuda
 
         return gather_triplets_cuda(sci, ref, dif, img, x, y, size=size, channels_last=channels_last)
 
-    shape = (n, size, size, 3) if channels_last else (n, 3, size, size)
-    out = xp.empty(shape, dtype=xp.float32)
-    padded = xp.zeros(n, dtype=bool)
-    img_h = to_host(img, label="triplet_index")
-    for b in np.unique(img_h):
-        sel = xp.asarray(np.flatnonzero(img_h == b))
-        for c, plane in enumerate((sci[b], ref[b], dif[b])):
-            st, pad = extract_stamps(plane, x[sel], y[sel], size=size, fill=float("nan"))
-            st = st.astype(xp.float32, copy=False)
-            if channels_last:
-                out[sel, :, :, c] = st
-            else:
-                out[sel, c] = st
-        padded[sel] = pad
+    chans = []
+    for plane in (sci, ref, dif):  # one gather per plane for every candidate of the batch
+        st, padded = gather_stamps(plane, img, x, y, size=size, fill=float("nan"))
+        chans.append(st.astype(xp.float32, copy=False))
+    out = xp.stack(chans, axis=-1 if channels_last else 1)
     return out, padded

@@ -5,7 +5,9 @@ All functions take stacks ``(n, s, s)`` of odd-sized stamps whose centre pixel i
 """
 from __future__ import annotations
 
-from ._xp import array_namespace, fft_module
+import numpy as np
+
+from ._xp import array_namespace, fft_module, to_device
 
 
 def _freq_grid(xp, ny, nx, dtype):
@@ -33,8 +35,8 @@ def fourier_shift(stamps, dx, dy):
     single = stamps.ndim == 2
     st = stamps[None] if single else stamps
     n, ny, nx = st.shape
-    dx = xp.asarray(dx, dtype=xp.float64).reshape(-1, 1, 1)
-    dy = xp.asarray(dy, dtype=xp.float64).reshape(-1, 1, 1)
+    dx = to_device(dx, xp, dtype=np.float64, label="shifts").reshape(-1, 1, 1)
+    dy = to_device(dy, xp, dtype=np.float64, label="shifts").reshape(-1, 1, 1)
     fy, fx = _freq_grid(xp, ny, nx, xp.float64)
     ramp = xp.exp(-2j * xp.pi * (fx[None] * dx + fy[None] * dy))
     if nx % 2 == 0:  # the Nyquist column of an even size has no defined phase: keep it real
@@ -74,47 +76,56 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None):
 
     Parameters
     ----------
-    stamps : ndarray (n, s, s)
+    stamps : ndarray (n, s, s), or (T, K, s, s) for T stacks at once
         Background-subtracted stamps of isolated, unsaturated stars, centre pixel ``s // 2``.
-    dx, dy : ndarray (n,)
+    dx, dy : ndarray (n,) or (T, K)
         Sub-pixel position of each star relative to the centre pixel.
     clip : float
         Pixels deviating from the median stack by more than ``clip`` robust sigmas (e.g. a
         neighbour or a cosmic ray in one stamp) are left out of the mean.
-    weights : ndarray (n,), optional
-        Weight of each star in the mean (e.g. S/N^2); equal weights if None.
+    weights : ndarray (n,) or (T, K), optional
+        Weight of each star in the mean (e.g. S/N^2; 0 leaves a star out: the padding of a
+        batch of stacks); equal weights if None.
 
     Returns
     -------
-    psf : ndarray (s, s), float64
-        Normalised to unit sum, centroid at the centre pixel.
+    psf : ndarray (s, s), or (T, s, s), float64
+        Normalised to unit sum, centroid at the centre pixel. A stack with no usable star
+        (no positive flux, or zero weights) is all NaN.
     """
-    xp = array_namespace(stamps)
-    shifted = fourier_shift(stamps.astype(xp.float64), -xp.asarray(dx), -xp.asarray(dy))
-    flux = shifted.sum(axis=(1, 2))
-    good = flux > 0
-    shifted = shifted[good] / flux[good][:, None, None]
-    w = xp.ones(int(good.sum())) if weights is None else xp.asarray(weights, dtype=xp.float64)[good]
-    if shifted.shape[0] == 0:
-        raise ValueError("stack_psf: no star stamp with positive flux")
-    med = xp.median(shifted, axis=0)
-    mad = xp.median(xp.abs(shifted - med[None]), axis=0) * 1.4826
-    floor = 1e-6 * float(med.max())
-    keep = xp.abs(shifted - med[None]) <= clip * xp.maximum(mad, floor)[None]
-    wk = keep * w[:, None, None]
-    num = (shifted * wk).sum(axis=0)
-    den = wk.sum(axis=0)
-    psf = xp.where(den > 0, num / xp.where(den > 0, den, 1), med)
-    return recenter(psf / psf.sum())
+    xp = array_namespace(stamps, dx, dy, weights)
+    single = stamps.ndim == 3
+    st = stamps[None] if single else stamps
+    T, K, s, _ = st.shape
+    shifted = fourier_shift(st.reshape(T * K, s, s).astype(xp.float64), -dx.reshape(-1), -dy.reshape(-1))
+    shifted = shifted.reshape(T, K, s, s)
+    flux = shifted.sum(axis=(2, 3))
+    w = xp.ones((T, K)) if weights is None else weights.reshape(T, K).astype(xp.float64)
+    use = (flux > 0) & (w > 0)
+    norm = shifted / xp.where(use, flux, 1.0)[..., None, None]
+    norm = xp.where(use[..., None, None], norm, xp.nan)
+    med = xp.nanmedian(norm, axis=1)
+    mad = xp.nanmedian(xp.abs(norm - med[:, None]), axis=1) * 1.4826
+    floor = 1e-6 * xp.max(xp.nan_to_num(med), axis=(1, 2))
+    keep = xp.abs(norm - med[:, None]) <= clip * xp.maximum(mad, floor[:, None, None])[:, None]
+    wk = xp.where(keep, w[..., None, None], 0.0)
+    num = (xp.nan_to_num(norm) * wk).sum(axis=1)
+    den = wk.sum(axis=1)
+    psf = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), med)
+    psf = recenter(psf / psf.sum(axis=(1, 2), keepdims=True))
+    return psf[0] if single else psf
 
 
 def recenter(psf):
-    """Shift a PSF stamp so its (windowed) centroid is exactly the centre pixel; unit sum."""
-    xp = array_namespace(psf)
-    s = psf.shape[-1]
-    dx, dy = centroid(psf, sigma=max(1.0, s / 12.0))
-    out = fourier_shift(psf, -dx[0], -dy[0])
-    return out / out.sum()
+    """Shift PSF stamps ``(s, s)`` or ``(T, s, s)`` so their windowed centroids are exactly the
+    centre pixel; unit sum."""
+    single = psf.ndim == 2
+    p = psf[None] if single else psf
+    s = p.shape[-1]
+    dx, dy = centroid(p, sigma=max(1.0, s / 12.0))
+    out = fourier_shift(p, -dx, -dy)
+    out = out / out.sum(axis=(1, 2), keepdims=True)
+    return out[0] if single else out
 
 
 def embed_psf(psfs, shape):
@@ -144,31 +155,34 @@ def crop_embedded(full, size: int):
 
 
 def upsample(stamp, factor: int):
-    """Band-limited (Fourier zero-padding) upsampling of an odd ``(s, s)`` stamp by an odd integer
-    ``factor``: output ``(s * factor, s * factor)`` samples of the same surface brightness, the centre
-    pixel mapped to the output centre."""
+    """Band-limited (Fourier zero-padding) upsampling of odd ``(s, s)`` stamps (or ``(n, s, s)``) by
+    an odd integer ``factor``: output ``(..., s * factor, s * factor)`` samples of the same surface
+    brightness, the centre pixel mapped to the output centre."""
     xp = array_namespace(stamp)
     fft = fft_module(xp)
     s = stamp.shape[-1]
-    f = fft.fftshift(fft.fft2(fft.ifftshift(stamp.astype(xp.complex128))))
+    ax = (-2, -1)
+    f = fft.fftshift(fft.fft2(fft.ifftshift(stamp.astype(xp.complex128), axes=ax), axes=ax), axes=ax)
     big = s * factor
     pad = (big - s) // 2
-    fb = xp.zeros((big, big), dtype=xp.complex128)
-    fb[pad : pad + s, pad : pad + s] = f
-    return fft.fftshift(fft.ifft2(fft.ifftshift(fb))).real * factor**2
+    fb = xp.zeros(stamp.shape[:-2] + (big, big), dtype=xp.complex128)
+    fb[..., pad : pad + s, pad : pad + s] = f
+    return fft.fftshift(fft.ifft2(fft.ifftshift(fb, axes=ax), axes=ax), axes=ax).real * factor**2
 
 
 def half_max_fwhm(psf, *, factor: int = 5):
-    """FWHM (pixels) of a PSF stamp from the area above half maximum: ``2 sqrt(A / pi)``.
+    """FWHM (pixels) of PSF stamps from the area above half maximum: ``2 sqrt(A / pi)``.
 
     Measured on a band-limited ``factor``-times upsampled stamp, so it is exact to a few 0.1 %
     for well-sampled PSFs; for an elliptical PSF it is the geometric mean of the two FWHMs.
+    ``psf`` ``(s, s)`` gives a 0-d array, ``(n, s, s)`` an ``(n,)`` array (float64, on the
+    device of ``psf``; no host synchronisation).
     """
     xp = array_namespace(psf)
     up = upsample(psf, factor)
-    peak = up.max()
-    area = float((up >= 0.5 * peak).sum()) / factor**2
-    return 2.0 * (area / xp.pi) ** 0.5
+    peak = up.max(axis=(-2, -1), keepdims=True)
+    area = (up >= 0.5 * peak).sum(axis=(-2, -1)).astype(xp.float64) / factor**2
+    return 2.0 * xp.sqrt(area / np.pi)
 
 
 def moments(stamps, *, sigma, iterations: int = 8):

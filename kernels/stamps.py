@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import array_namespace
+from ._xp import array_namespace, is_host, to_device
 
-__all__ = ["extract_stamps", "extract_triplets"]
+__all__ = ["extract_stamps", "extract_triplets", "gather_stamps"]
 
 
 def _check_size(size: int) -> int:
@@ -69,30 +69,60 @@ def extract_stamps(image, x, y, *, size: int = 63, fill: float = float("nan")):
     xp = array_namespace(image)
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D (ny, nx), got shape {tuple(image.shape)}")
-    x = xp.asarray(x, dtype=xp.float64).reshape(-1)
-    y = xp.asarray(y, dtype=xp.float64).reshape(-1)
+    x = to_device(x, xp, dtype=np.float64, label="stamp_centres").reshape(-1)
+    y = to_device(y, xp, dtype=np.float64, label="stamp_centres").reshape(-1)
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
-    out_dtype = np.result_type(image.dtype, fill)
+    _check_finite(xp, x, y)
+    return gather_stamps(image[None], None, x, y, size=size, fill=fill)
+
+
+def _check_finite(xp, x, y):
+    """Finite centres: checked on the host (numpy); on a device the check would be a
+    synchronisation per call, and the chain's own centres are finite by construction."""
+    if is_host(xp) and not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("stamp centres x and y must be finite (got NaN or inf)")
+
+
+def gather_stamps(images, image, x, y, *, size: int = 63, fill: float = float("nan")):
+    """Stamps from a batch of images in one gather: stamp ``k`` is cut from ``images[image[k]]``.
+
+    Parameters
+    ----------
+    images : ndarray (B, ny, nx)
+    image : ndarray (n,) int, or None (all from image 0)
+    x, y : ndarray (n,) float
+        Centres (rounded half to even), finite.
+    size : int
+        Odd side.
+    fill : float
+        Value outside the image.
+
+    Returns
+    -------
+    stamps : ndarray (n, size, size), dtype of ``images`` promoted with ``fill``
+    padded : ndarray (n,) bool
+    """
+    size = _check_size(size)
+    xp = array_namespace(images, x, y)
+    B, ny, nx = images.shape
+    out_dtype = np.result_type(images.dtype, fill)
     n = x.shape[0]
     if n == 0:
         return xp.empty((0, size, size), dtype=out_dtype), xp.zeros(0, dtype=bool)
-    if not bool(xp.all(xp.isfinite(x)) & xp.all(xp.isfinite(y))):
-        raise ValueError("stamp centres x and y must be finite (got NaN or inf)")
-
-    ny, nx = image.shape
     half = size // 2
     offsets = xp.arange(-half, half + 1, dtype=xp.int64)
     rows = xp.rint(y).astype(xp.int64)[:, None] + offsets  # (n, size)
     cols = xp.rint(x).astype(xp.int64)[:, None] + offsets  # (n, size)
     row_in = (rows >= 0) & (rows < ny)
     col_in = (cols >= 0) & (cols < nx)
+    b = xp.zeros((n, 1, 1), dtype=xp.int64) if image is None else image.astype(xp.int64).reshape(n, 1, 1)
     # one gather for all stamps, with indices clipped into the image ...
-    stamps = image[xp.clip(rows, 0, ny - 1)[:, :, None], xp.clip(cols, 0, nx - 1)[:, None, :]]
+    stamps = images[b, xp.clip(rows, 0, ny - 1)[:, :, None], xp.clip(cols, 0, nx - 1)[:, None, :]]
     stamps = stamps.astype(out_dtype, copy=False)
     # ... then the clipped (outside) pixels are overwritten with the fill value
     inside = row_in[:, :, None] & col_in[:, None, :]
-    stamps = xp.where(inside, stamps, xp.asarray(fill, dtype=out_dtype))
+    stamps = xp.where(inside, stamps, out_dtype.type(fill))
     padded = ~(xp.all(row_in, axis=1) & xp.all(col_in, axis=1))
     return stamps, padded
 
@@ -136,7 +166,7 @@ def extract_triplets(science, reference, difference, x, y, *, size: int = 63, di
         for img in (science, reference, difference)
     ]
     if difference_sign is not None:
-        sign = xp.asarray(difference_sign, dtype=xp.float32).reshape(-1)
+        sign = to_device(difference_sign, xp, dtype=np.float32, label="difference_sign").reshape(-1)
         if sign.shape[0] != chans[2].shape[0]:
             raise ValueError(f"difference_sign has {sign.shape[0]} values for {chans[2].shape[0]} stamps")
         chans[2] = chans[2] * sign[:, None, None]

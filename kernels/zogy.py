@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._xp import array_namespace, fft_kwargs, fft_module
 
 
@@ -60,9 +62,15 @@ class ZogyResult:
 
 
 def _col(xp, v, n, dtype):
-    a = xp.asarray(v, dtype=dtype)
+    """Per-tile values as a (T, 1, 1) column: Python numbers are built on the device (no upload),
+    host arrays are uploaded through the one door, device arrays cast."""
+    from ._xp import to_device
+
+    if np.isscalar(v):
+        return xp.full((n, 1, 1), v, dtype=dtype)
+    a = to_device(v, xp, dtype=dtype, label="zogy_parameters")
     if a.ndim == 0:
-        a = xp.full((n,), a, dtype=dtype)
+        a = xp.full((n,), 1, dtype=dtype) * a
     return a.reshape(-1, 1, 1)
 
 
