@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import array_namespace, fft_module, to_device
+from ._xp import array_namespace, fft_module, is_host, to_device
 
 
 def _freq_grid(xp, ny, nx, dtype):
@@ -190,9 +190,10 @@ def moments(stamps, *, sigma, iterations: int = 8):
 
     Returns ``(dx, dy, mxx, myy, mxy)`` arrays ``(n,)``; for a Gaussian source the moments converge
     to its covariance. Sources whose moments do not converge to a positive-definite matrix get NaN.
+    ``sigma`` (px), the starting window: a number, or an array (n,) / 0-d on the stamps' device.
     """
     xp = array_namespace(stamps)
-    if xp.__name__ == "numpy":  # non-converging sources are expected (dipole lobes, noise): NaN, quietly
+    if is_host(xp):  # non-converging sources are expected (dipole lobes, noise): NaN, quietly
         with xp.errstate(all="ignore"):
             return _moments(xp, stamps, sigma, iterations)
     return _moments(xp, stamps, sigma, iterations)
@@ -203,9 +204,11 @@ def _moments(xp, stamps, sigma, iterations):
     n, s, _ = st.shape
     c = s // 2
     yy, xx = xp.mgrid[0:s, 0:s].astype(xp.float64) - c
-    sig2 = float(sigma) ** 2
-    mxx = xp.full(n, sig2)
-    myy = xp.full(n, sig2)
+    if np.isscalar(sigma):
+        mxx = xp.full(n, float(sigma) ** 2)
+    else:  # one starting sigma per stamp (or a device 0-d), no host read
+        mxx = xp.zeros(n) + sigma.astype(xp.float64) ** 2
+    myy = mxx.copy()
     mxy = xp.zeros(n)
     dx = xp.zeros(n)
     dy = xp.zeros(n)

@@ -321,9 +321,25 @@ def test_suppress_equals_greedy_loop(xp, rng, kind):
         assert (o & beaten).sum() > 10
 
 
-def test_suppress_equals_detect_deduplicate(rng):
-    """The oracle of the chain: engine.stages.detect.deduplicate (cKDTree, sequential)."""
-    from nightsift.engine.stages.detect import deduplicate
+def _kdtree_deduplicate(x, y, value, sign, *, radius):
+    """The chain's former deduplication (cKDTree, sequential greedy), kept here as an oracle."""
+    order = np.lexsort((x, y, -np.abs(value)))
+    rank = np.empty(len(x), int)
+    rank[order] = np.arange(len(x))
+    keep = np.ones(len(x), bool)
+    tree = cKDTree(np.c_[x, y])
+    for i in order:
+        if not keep[i]:
+            continue
+        for j in tree.query_ball_point([x[i], y[i]], r=radius):
+            if rank[j] > rank[i] and sign[j] == sign[i]:
+                keep[j] = False
+    return np.flatnonzero(keep)
+
+
+def test_suppress_equals_the_former_kdtree_deduplication(rng):
+    """The chain's former deduplication (cKDTree, sequential) as the oracle."""
+    deduplicate = _kdtree_deduplicate
 
     c = rng.uniform(0, 500, (80, 2))
     pick = rng.integers(0, 80, 1500)
