@@ -1,8 +1,11 @@
 """Signed local maxima of a score image (S_corr), with a deterministic deduplication.
 
-One definition, two implementations that give identical tables: a vectorised ``xp`` reference
-(numpy or cupy, whole-array operations; the oracle) and a Numba CUDA kernel
-(:mod:`nightsift.kernels._cuda.peaks`, one thread per pixel, compacted through an atomic counter).
+One definition, three implementations that give identical tables: a vectorised ``xp`` reference
+(numpy, cupy or any array-API namespace, whole-array operations; the oracle), a Numba CPU kernel
+for numpy arrays (rows in parallel, two passes: count, then fill at prefix-sum offsets) and a
+Numba CUDA kernel for cupy arrays (:mod:`nightsift.kernels._cuda.peaks`, one thread per pixel,
+compacted through an atomic counter). Both Numba kernels call the same per-pixel test,
+:func:`nightsift.kernels._peakbody.peak_sign`, written once.
 
 Definition
 ----------
@@ -11,7 +14,8 @@ their linear index ``(b * ny + y) * nx + x``. Non-finite pixels count as 0. With
 (positive peaks) or ``s = -1`` (negative peaks, i.e. minima), a pixel ``p`` is a **peak of sign
 s** when
 
-1. ``s * v[p] > threshold`` and ``p`` is not ``excluded``;
+1. ``s * v[p] > threshold`` and ``p`` is not ``excluded`` (the threshold is compared in the image's
+   dtype, as numpy compares a float32 array with a Python float: ``float32(threshold)``);
 2. for each of its 8 neighbours ``q`` inside the image (neighbours never cross images of a batch):
    ``s * v[p] > s * v[q]`` if ``q`` comes before ``p`` in raster order (the row above, or the
    pixel to the left), ``s * v[p] >= s * v[q]`` otherwise. A flat top thus yields its first
@@ -39,11 +43,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._xp import array_namespace, is_cupy
+from ._peakbody import find_peaks_rows
+from ._xp import array_namespace, is_cupy, is_host
 
 __all__ = ["Peaks", "find_peaks", "refine_peaks", "disc_offsets"]
 
-_METHODS = ("auto", "reference", "cuda")
+_METHODS = ("auto", "numba", "reference", "cuda")
 
 
 @dataclass(frozen=True)
@@ -111,12 +116,14 @@ def find_peaks(scores, *, threshold: float, radius: float = 0.0, excluded=None, 
         Deduplication radius (pixels); 0 keeps every local maximum.
     excluded : ndarray of bool, same shape as ``scores``, optional
         Pixels that may not be peaks (masked); they still count as neighbours.
-    method : {"auto", "reference", "cuda"}, keyword-only
-        ``"auto"``: the CUDA kernel for cupy arrays, the ``xp`` reference for numpy arrays.
-        ``"cuda"`` also runs under the CUDA simulator on numpy arrays (tests).
+    method : {"auto", "numba", "reference", "cuda"}, keyword-only
+        ``"auto"``: the Numba CPU kernel for numpy arrays, the CUDA kernel for cupy arrays, the
+        ``xp`` reference for any other array namespace. ``"numba"`` (numpy only) and ``"cuda"``
+        force a kernel (``"cuda"`` also runs under the CUDA simulator on numpy arrays: tests);
+        ``"reference"`` forces the vectorised ``xp`` oracle. All give the same table.
     max_peaks : int, keyword-only
         Initial capacity of the CUDA kernel's output; more peaks trigger one relaunch with the
-        exact size (the result does not depend on it).
+        exact size (the result does not depend on it; the other methods ignore it).
 
     Returns
     -------
@@ -126,18 +133,44 @@ def find_peaks(scores, *, threshold: float, radius: float = 0.0, excluded=None, 
     Raises
     ------
     ValueError
-        Bad shapes, a negative or non-finite threshold or radius, an unknown method.
+        Bad shapes, a negative or non-finite threshold or radius, an unknown method, ``"numba"``
+        for non-numpy arrays.
     """
     _check(scores, threshold, radius, excluded, method, max_peaks)
     xp = array_namespace(scores, excluded)
     if scores.dtype.kind != "f":
         scores = scores.astype(xp.float64)
+    if method == "numba" and not is_host(xp):
+        raise ValueError("find_peaks: method='numba' needs numpy arrays; use 'reference' (or 'cuda' for cupy arrays)")
+    v = scores[None] if scores.ndim == 2 else scores
     if method == "cuda" or (method == "auto" and is_cupy(xp)):
         from ._cuda.peaks import find_peaks_cuda
 
-        return find_peaks_cuda(scores, threshold=float(threshold), radius=float(radius), excluded=excluded,
-                               max_peaks=int(max_peaks))
+        lin, val, sgn = find_peaks_cuda(v, threshold=float(threshold), radius=float(radius), excluded=excluded,
+                                        max_peaks=int(max_peaks))
+        return _table(lin, val, sgn, v.shape)
+    if method == "numba" or (method == "auto" and is_host(xp)):
+        v = np.ascontiguousarray(v)
+        if excluded is not None:
+            ex = np.ascontiguousarray(excluded, dtype=bool).reshape(v.shape).view(np.uint8)
+        else:
+            ex = np.zeros((1, 1, 1), dtype=np.uint8)
+        # the threshold in the image's dtype: the comparisons of the reference (float32 images
+        # compare with a float32 threshold)
+        lin, val, sgn = find_peaks_rows(v, ex, excluded is not None, v.dtype.type(threshold),
+                                        int(math.floor(radius)), float(radius) * float(radius))
+        return _table(lin, val, sgn, v.shape)
     return _find_peaks_reference(scores, float(threshold), float(radius), excluded)
+
+
+def _table(lin, val, sgn, shape):
+    """The :class:`Peaks` table of a kernel's ``(linear index, value, sign)`` arrays, sorted by
+    linear index, for a (B, ny, nx) stack."""
+    _, ny, nx = shape
+    b = lin // (ny * nx)
+    rem = lin - b * (ny * nx)
+    y = rem // nx
+    return Peaks(image=b, y=y, x=rem - y * nx, value=val, sign=sgn)
 
 
 def _local_max(xp, v, fill):

@@ -25,23 +25,31 @@ Conventions
   second plane of a stack, ``lanczos_resample(xp.stack([image, variance]), ...)``, to share
   the weights.
 
-Two implementations give the same answer: a vectorised ``xp`` reference (numpy or cupy; loops
-over the ``2a x 2a`` offsets with whole-array operations) and a Numba ``@njit(parallel=True)``
-CPU fast path used automatically for numpy inputs (``method="auto"``). They agree to ~1e-12
-relative in float64 (the test requires < 1e-6).
+Batches
+-------
+Every path takes a batch of pairs, each with its own geometry: sources ``(B, k, ny, nx)`` (or
+``(B, ny, nx)``, one plane each; masks ``(B, ny, nx)``) with maps ``(B, ny_out, nx_out)``. The
+rank of the maps decides: 2-D maps mean one geometry for a ``(ny, nx)`` image or a ``(k, ny, nx)``
+stack of planes. One call resamples B CCD-visits, or a stack of small PSF stamps ``(n, s, s)``
+each through its own map ``(n, s, s)`` (the PSF stage): on numpy the Numba kernel runs ``prange``
+over all ``n * s`` output rows at once, so n stamps cost one call, not n.
+
+Implementations
+---------------
+Three give the same answer: a vectorised ``xp`` reference (numpy, cupy or any array-API namespace;
+loops over the ``2a x 2a`` offsets with whole-array operations, and over the pairs of a batch:
+the slow oracle), a Numba ``@njit(parallel=True)`` CPU kernel used for numpy arrays
+(``method="auto"``), and a Numba CUDA kernel (:mod:`nightsift.kernels._cuda.resample`) used for
+cupy arrays. The two Numba kernels are thin entry points around the same per-pixel bodies,
+written once in :mod:`nightsift.kernels._lanczos` and compiled for each target. They agree with
+the reference to ~1e-12 relative in float64 (the tests require < 1e-6).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from ._lanczos import batched_layout, mask_rows, resample_rows
 from ._xp import array_namespace, is_cupy, is_host
-
-try:  # numba is a hard dependency of nightsift, but keep the reference usable without it
-    import numba as _numba
-except Exception:  # pragma: no cover - depends on the environment
-    _numba = None
 
 __all__ = [
     "lanczos_kernel",
@@ -77,18 +85,11 @@ def lanczos_kernel(t, a: int = 3):
     return xp.where(xp.abs(t) < a, xp.sinc(t) * xp.sinc(t / a), 0.0)
 
 
-def _check_args(image, x_src, y_src, a, method, name):
-    if x_src.shape != y_src.shape or x_src.ndim != 2:
-        raise ValueError(
-            f"{name}: x_src and y_src must be 2-D arrays of the same shape (ny_out, nx_out); "
-            f"got {x_src.shape} and {y_src.shape}"
-        )
+def _check_options(a, method, name):
     if not (isinstance(a, (int, np.integer)) and 1 <= a <= 8):
         raise ValueError(f"{name}: Lanczos order a must be an integer in 1..8, got {a!r}")
     if method not in _METHODS:
         raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}")
-    if image.ndim not in (2, 3) or min(image.shape[-2:]) < 1:
-        raise ValueError(f"{name}: source must be (ny, nx) or (k, ny, nx), got shape {image.shape}")
 
 
 def _use_cuda(xp, method: str) -> bool:
@@ -97,13 +98,12 @@ def _use_cuda(xp, method: str) -> bool:
 
 
 def _use_numba(xp, method: str) -> bool:
-    if method in ("reference", "cuda"):
-        return False
+    """The Numba CPU kernel: ``numba``, or ``auto`` on numpy arrays."""
     if method == "numba":
-        if not is_host(xp) or _numba is None:
-            raise ValueError("method='numba' needs numpy arrays and numba installed; use 'reference'")
+        if not is_host(xp):
+            raise ValueError("method='numba' needs numpy arrays; use 'reference' (or 'cuda' for cupy arrays)")
         return True
-    return is_host(xp) and _numba is not None
+    return method == "auto" and is_host(xp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,127 +169,6 @@ def _resample_mask_reference(mask, x_src, y_src, a, no_data_bit, threshold):
 
 
 # --------------------------------------------------------------------------------------------
-# numba fast path (numpy only)
-# --------------------------------------------------------------------------------------------
-if _numba is not None:
-
-    @_numba.njit(cache=True, inline="always")
-    def _taps(x, x0, a, w):  # pragma: no cover - compiled
-        """w[k] = L(x - (x0 + k)), k < 2a, with 3 trig calls instead of 4a (angle recurrences:
-        sin(pi (t0 - k)) = (-1)^k sin(pi t0); sin((t0 - k) pi/a) by angle subtraction)."""
-        t0 = x - x0
-        s_pi = math.sin(math.pi * t0)
-        th = math.pi * t0 / a
-        s_th = math.sin(th)
-        c_th = math.cos(th)
-        phi = math.pi / a
-        c_phi = math.cos(phi)
-        s_phi = math.sin(phi)
-        s_k = s_th  # sin(th - k phi)
-        c_k = c_th  # cos(th - k phi)
-        sign = 1.0
-        for k in range(2 * a):
-            t = t0 - k
-            at = abs(t)
-            if at >= a:
-                w[k] = 0.0
-            elif at < 1e-12:
-                w[k] = 1.0
-            else:
-                pt = math.pi * t
-                w[k] = a * sign * s_pi * s_k / (pt * pt)
-            s_k, c_k = s_k * c_phi - c_k * s_phi, c_k * c_phi + s_k * s_phi
-            sign = -sign
-
-    @_numba.njit(parallel=True, cache=True)
-    def _resample_numba(img3, xs, ys, a, fill, out):  # pragma: no cover - compiled
-        nplane, ny, nx = img3.shape
-        nyo, nxo = xs.shape
-        n = 2 * a
-        for j in _numba.prange(nyo):
-            wx = np.empty(n)
-            wy = np.empty(n)
-            acc = np.empty(nplane)
-            for i in range(nxo):
-                x = xs[j, i]
-                y = ys[j, i]
-                if not (x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5):
-                    for p in range(nplane):  # also catches NaN (comparisons are False)
-                        out[p, j, i] = fill
-                    continue
-                x0 = int(math.floor(x)) - (a - 1)
-                y0 = int(math.floor(y)) - (a - 1)
-                _taps(x, x0, a, wx)
-                _taps(y, y0, a, wy)
-                for k in range(n):
-                    if x0 + k < 0 or x0 + k >= nx:
-                        wx[k] = 0.0
-                    if y0 + k < 0 or y0 + k >= ny:
-                        wy[k] = 0.0
-                for p in range(nplane):
-                    acc[p] = 0.0
-                den = 0.0
-                for ky in range(n):
-                    w_y = wy[ky]
-                    if w_y == 0.0:
-                        continue
-                    iy = y0 + ky
-                    for kx in range(n):
-                        w = w_y * wx[kx]
-                        if w == 0.0:
-                            continue
-                        ix = x0 + kx
-                        den += w
-                        for p in range(nplane):
-                            acc[p] += w * img3[p, iy, ix]
-                if abs(den) > 1e-12:
-                    for p in range(nplane):
-                        out[p, j, i] = acc[p] / den
-                else:
-                    for p in range(nplane):
-                        out[p, j, i] = fill
-
-    @_numba.njit(parallel=True, cache=True)
-    def _resample_mask_numba(mask, xs, ys, a, no_data_bit, threshold, out):  # pragma: no cover
-        ny, nx = mask.shape
-        nyo, nxo = xs.shape
-        n = 2 * a
-        for j in _numba.prange(nyo):
-            wx = np.empty(n)
-            wy = np.empty(n)
-            for i in range(nxo):
-                x = xs[j, i]
-                y = ys[j, i]
-                if not (x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5):
-                    out[j, i] = no_data_bit
-                    continue
-                x0 = int(math.floor(x)) - (a - 1)
-                y0 = int(math.floor(y)) - (a - 1)
-                # fast exit (no trig): a footprint inside the image with no bit set anywhere
-                if x0 >= 0 and y0 >= 0 and x0 + n <= nx and y0 + n <= ny:
-                    any_bits = 0
-                    for ky in range(n):
-                        for kx in range(n):
-                            any_bits |= mask[y0 + ky, x0 + kx]
-                    if any_bits == 0:
-                        out[j, i] = 0
-                        continue
-                _taps(x, x0, a, wx)
-                _taps(y, y0, a, wy)
-                bits = 0
-                for ky in range(n):
-                    iy = y0 + ky
-                    for kx in range(n):
-                        if abs(wy[ky] * wx[kx]) > threshold:
-                            ix = x0 + kx
-                            if iy >= 0 and iy < ny and ix >= 0 and ix < nx:
-                                bits |= mask[iy, ix]
-                            else:
-                                bits |= no_data_bit
-                out[j, i] = bits
-
-
-# --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
 def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("nan"), method: str = "auto"):
@@ -297,46 +176,61 @@ def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("na
 
     Parameters
     ----------
-    image : ndarray (ny_in, nx_in) or (k, ny_in, nx_in), float
-        Source image, or a stack of planes sharing one geometry (e.g. ``[image, variance]``;
-        see the module notes on why a variance is resampled with the plain weights). Must be
-        finite inside the footprint of the output (replace masked pixels first).
-    x_src, y_src : ndarray (ny_out, nx_out), float
-        0-based source column/row of every output pixel centre. NaN marks "no source".
+    image : ndarray, float
+        With 2-D maps: ``(ny_in, nx_in)``, or ``(k, ny_in, nx_in)`` planes sharing one geometry
+        (e.g. ``[image, variance]``; see the module notes on why a variance is resampled with the
+        plain weights). With 3-D maps, a batch: ``(B, k, ny_in, nx_in)``, or ``(B, ny_in, nx_in)``
+        (one plane per pair, e.g. a stack of PSF stamps). Must be finite inside the footprint of
+        the output (replace masked pixels first).
+    x_src, y_src : ndarray (ny_out, nx_out) or (B, ny_out, nx_out), float
+        0-based source column/row of every output pixel centre (pair ``b`` uses ``x_src[b]``).
+        NaN marks "no source".
     a : int, keyword-only
-        Lanczos order (half-width in pixels, 2..5 in practice).
+        Lanczos order (half-width in pixels, 2..5 in practice; 1..8 accepted).
     fill : float, keyword-only
         Value of output pixels whose source position is NaN or outside the source image.
     method : {"auto", "numba", "cuda", "reference"}, keyword-only
-        ``"auto"`` uses the Numba CPU kernel for numpy arrays and the Numba CUDA kernel
-        (:mod:`nightsift.kernels._cuda.resample`) for cupy arrays; ``"cuda"`` forces the CUDA
-        kernel (numpy arrays under ``NUMBA_ENABLE_CUDASIM=1``); ``"reference"`` forces the
-        vectorised ``xp`` version (the oracle).
+        ``"auto"`` uses the Numba CPU kernel for numpy arrays, the Numba CUDA kernel
+        (:mod:`nightsift.kernels._cuda.resample`) for cupy arrays and the reference elsewhere;
+        ``"cuda"`` forces the CUDA kernel (numpy arrays under ``NUMBA_ENABLE_CUDASIM=1``);
+        ``"reference"`` forces the vectorised ``xp`` version (the oracle).
 
     Returns
     -------
-    ndarray (ny_out, nx_out) or (k, ny_out, nx_out)
-        float64 if ``image`` is float64, else float32; same array module as ``image``.
+    ndarray
+        The image's form with the maps' output shape: ``(ny_out, nx_out)``,
+        ``(k, ny_out, nx_out)``, ``(B, ny_out, nx_out)`` or ``(B, k, ny_out, nx_out)``; float64 if
+        ``image`` is float64, else float32; same array module as ``image``.
+
+    Raises
+    ------
+    ValueError
+        Maps of different shapes, a source whose rank does not fit the maps', batch sizes that
+        differ, an order outside 1..8, an unknown method.
     """
     xp = array_namespace(image, x_src, y_src)
-    _check_args(image, x_src, y_src, a, method, "lanczos_resample")
+    _check_options(a, method, "lanczos_resample")
+    src, xs, ys, unbatch = batched_layout("lanczos_resample", image, x_src, y_src, planes=True)
     out_dtype = xp.float64 if image.dtype == xp.float64 else xp.float32
-    img3 = image[None] if image.ndim == 2 else image
     if _use_numba(xp, method):
-        img3 = np.ascontiguousarray(img3)
-        if img3.dtype not in (np.float32, np.float64):
-            img3 = img3.astype(np.float64)
-        xs = np.ascontiguousarray(x_src, dtype=np.float64)
-        ys = np.ascontiguousarray(y_src, dtype=np.float64)
-        out = np.empty((img3.shape[0],) + xs.shape, dtype=out_dtype)
-        _resample_numba(img3, xs, ys, int(a), float(fill), out)
+        src = np.ascontiguousarray(src)
+        if src.dtype not in (np.float32, np.float64):
+            src = src.astype(np.float64)
+        xs = np.ascontiguousarray(xs, dtype=np.float64)
+        ys = np.ascontiguousarray(ys, dtype=np.float64)
+        out = np.empty(src.shape[:2] + xs.shape[1:], dtype=out_dtype)
+        resample_rows(src, xs, ys, int(a), float(fill), out)
     elif _use_cuda(xp, method):
         from ._cuda.resample import lanczos_resample_cuda
 
-        out = lanczos_resample_cuda(img3, x_src, y_src, a=int(a), fill=fill)
-    else:
-        out = _resample_reference(img3, x_src, y_src, int(a), fill, out_dtype)
-    return out[0] if image.ndim == 2 else out
+        return lanczos_resample_cuda(image, x_src, y_src, a=int(a), fill=fill)
+    else:  # the oracle: one vectorised call per pair of the batch
+        B, k = src.shape[:2]
+        if B == 0:
+            out = xp.zeros((0, k) + tuple(xs.shape[1:]), dtype=out_dtype)
+        else:
+            out = xp.stack([_resample_reference(src[b], xs[b], ys[b], int(a), fill, out_dtype) for b in range(B)])
+    return unbatch(out)
 
 
 def resample_mask(
@@ -359,8 +253,9 @@ def resample_mask(
 
     Parameters
     ----------
-    mask : ndarray (ny_in, nx_in), unsigned integer (e.g. uint16 bit flags)
-    x_src, y_src : ndarray (ny_out, nx_out), float
+    mask : ndarray (ny_in, nx_in) with 2-D maps or (B, ny_in, nx_in) with 3-D maps, integer
+        Bit flags (e.g. uint16).
+    x_src, y_src : ndarray (ny_out, nx_out) or (B, ny_out, nx_out), float
         As for :func:`lanczos_resample`.
     a : int, keyword-only
         Lanczos order.
@@ -374,25 +269,29 @@ def resample_mask(
 
     Returns
     -------
-    ndarray (ny_out, nx_out), same dtype as ``mask``
+    ndarray with the maps' shape, same dtype as ``mask``
     """
     xp = array_namespace(mask, x_src, y_src)
-    _check_args(mask, x_src, y_src, a, method, "resample_mask")
-    if mask.ndim != 2 or mask.dtype.kind not in "ui":
-        raise ValueError(f"resample_mask: mask must be a 2-D integer array, got {mask.dtype} {mask.shape}")
+    _check_options(a, method, "resample_mask")
+    if mask.dtype.kind not in "ui":
+        raise ValueError(f"resample_mask: mask must be an integer array, got {mask.dtype} {tuple(mask.shape)}")
+    m, xs, ys, unbatch = batched_layout("resample_mask", mask, x_src, y_src, planes=False)
     if _use_numba(xp, method):
-        m = np.ascontiguousarray(mask)
-        xs = np.ascontiguousarray(x_src, dtype=np.float64)
-        ys = np.ascontiguousarray(y_src, dtype=np.float64)
+        m = np.ascontiguousarray(m)
+        xs = np.ascontiguousarray(xs, dtype=np.float64)
+        ys = np.ascontiguousarray(ys, dtype=np.float64)
         out = np.empty(xs.shape, dtype=m.dtype)
-        _resample_mask_numba(m, xs, ys, int(a), m.dtype.type(no_data_bit), float(weight_threshold), out)
-        return out
+        mask_rows(m, xs, ys, int(a), m.dtype.type(no_data_bit), float(weight_threshold), out)
+        return unbatch(out)
     if _use_cuda(xp, method):
         from ._cuda.resample import resample_mask_cuda
 
         return resample_mask_cuda(mask, x_src, y_src, a=int(a), no_data_bit=no_data_bit,
                                   weight_threshold=float(weight_threshold))
-    return _resample_mask_reference(mask, x_src, y_src, int(a), no_data_bit, float(weight_threshold))
+    if m.shape[0] == 0:
+        return unbatch(xp.zeros(tuple(xs.shape), dtype=m.dtype))
+    return unbatch(xp.stack([_resample_mask_reference(m[b], xs[b], ys[b], int(a), no_data_bit, float(weight_threshold))
+                             for b in range(m.shape[0])]))
 
 
 def _spline_matrix(n_nodes: int, step: float, n_out: int) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Numba CUDA peak finder: the definition of :mod:`nightsift.kernels.peaks`, one thread per pixel.
 
-A thread whose pixel is below ``threshold`` in ``|v|`` returns at once (almost all of them on an
-S_corr image). The rest test the 8-neighbour maximum with the raster-order tie rule, then scan
-the deduplication disc for a stronger same-sign peak (each candidate re-tests that neighbour's
-peak condition: reads only, no second pass or grid sync). Survivors take a slot from an atomic
-counter and write their linear index, value and sign. The slots come back in a scheduling-
-dependent order, so the wrapper sorts them by linear index: the table is then identical to the
-``xp`` reference's, run after run.
+The kernel is a thin entry point around :func:`nightsift.kernels._peakbody.peak_sign`, the same
+per-pixel test the Numba CPU kernel calls: a thread whose pixel is below ``threshold`` in ``|v|``
+returns at once (almost all of them on an S_corr image); the rest test the 8-neighbour maximum
+with the raster-order tie rule, then scan the deduplication disc for a stronger same-sign peak.
+Survivors take a slot from an atomic counter and write their linear index, value and sign. The
+slots come back in a scheduling-dependent order, so the wrapper sorts them by linear index: the
+table (built by :func:`nightsift.kernels.peaks.find_peaks`) is then identical to the ``xp``
+reference's, run after run.
 """
 from __future__ import annotations
 
@@ -14,35 +15,11 @@ import math
 
 from numba import cuda
 
+from .._peakbody import peak_sign
+from .._xp import host_scalar
 from . import check_cuda_arrays, current_stream
 
 __all__ = ["find_peaks_cuda"]
-
-
-@cuda.jit(device=True, inline=True)
-def _val(v, b, y, x):
-    a = v[b, y, x]
-    return a if math.isfinite(a) else 0.0
-
-
-@cuda.jit(device=True)
-def _is_local_max(v, b, y, x, s, ny, nx):
-    c = s * _val(v, b, y, x)
-    for dy in range(-1, 2):
-        yy = y + dy
-        if yy < 0 or yy >= ny:
-            continue
-        for dx in range(-1, 2):
-            xx = x + dx
-            if (dy == 0 and dx == 0) or xx < 0 or xx >= nx:
-                continue
-            w = s * _val(v, b, yy, xx)
-            if dy < 0 or (dy == 0 and dx < 0):
-                if not c > w:
-                    return False
-            elif not c >= w:
-                return False
-    return True
 
 
 @cuda.jit
@@ -54,50 +31,38 @@ def _peak_kernel(v, excl, has_excl, threshold, r, r2, counter, out_lin, out_val,
         return
     b = row // ny
     y = row - b * ny
-    a = _val(v, b, y, x)
-    if a > threshold:
-        s = 1.0
-    elif -a > threshold:
-        s = -1.0
-    else:
+    s = peak_sign(v, excl, has_excl, b, y, x, threshold, r, r2)
+    if s == 0:
         return
-    if has_excl and excl[b, y, x] != 0:
-        return
-    if not _is_local_max(v, b, y, x, s, ny, nx):
-        return
-    av = s * a
-    for dy in range(-r, r + 1):
-        qy = y + dy
-        if qy < 0 or qy >= ny:
-            continue
-        for dx in range(-r, r + 1):
-            qx = x + dx
-            if qx < 0 or qx >= nx or (dy == 0 and dx == 0) or dy * dy + dx * dx > r2:
-                continue
-            aq = s * _val(v, b, qy, qx)  # a same-sign peak stronger than p has s * v[q] >= |v[p]|
-            if aq > av or (aq == av and (dy < 0 or (dy == 0 and dx < 0))):
-                if has_excl and excl[b, qy, qx] != 0:
-                    continue
-                if _is_local_max(v, b, qy, qx, s, ny, nx):
-                    return
     k = cuda.atomic.add(counter, 0, 1)
     if k < out_lin.shape[0]:
         out_lin[k] = (b * ny + y) * nx + x
-        out_val[k] = a
-        out_sign[k] = 1 if s > 0 else -1
+        out_val[k] = v[b, y, x]
+        out_sign[k] = s
 
 
 def find_peaks_cuda(scores, *, threshold: float, radius: float = 0.0, excluded=None, max_peaks: int = 65536):
-    """CUDA twin of :func:`nightsift.kernels.peaks.find_peaks` (same arguments and result).
+    """CUDA kernel of :func:`nightsift.kernels.peaks.find_peaks` (same arguments); returns the raw table.
 
-    ``scores`` and ``excluded`` are cupy arrays on a GPU, numpy arrays under the simulator.
-    Returns a :class:`~nightsift.kernels.peaks.Peaks` on the same device.
+    Parameters
+    ----------
+    scores : ndarray (ny, nx) or (B, ny, nx), float32/float64
+        Cupy arrays on a GPU, numpy arrays under the simulator (as ``excluded``).
+    threshold, radius, excluded, max_peaks
+        As :func:`nightsift.kernels.peaks.find_peaks`.
+
+    Returns
+    -------
+    lin : ndarray (n,) int64
+        Linear index ``(b * ny + y) * nx + x`` of every peak, sorted.
+    value : ndarray (n,), dtype of ``scores``
+    sign : ndarray (n,) int8
+
+    On the device of ``scores``; :func:`nightsift.kernels.peaks.find_peaks` turns them into a
+    :class:`~nightsift.kernels.peaks.Peaks` table.
     """
-    from ..peaks import Peaks
-
     xp = check_cuda_arrays("find_peaks_cuda", scores, excluded)
-    single = scores.ndim == 2
-    v = scores[None] if single else scores
+    v = scores[None] if scores.ndim == 2 else scores
     v = xp.ascontiguousarray(v)
     B, ny, nx = v.shape
     if excluded is not None:
@@ -108,6 +73,7 @@ def find_peaks_cuda(scores, *, threshold: float, radius: float = 0.0, excluded=N
         has_ex = False
     r = int(math.floor(radius))
     r2 = float(radius) * float(radius)
+    thr = v.dtype.type(threshold)  # compared in the image's dtype, as the xp reference does
     threads = (32, 8)
     blocks = (max(1, -(-nx // threads[0])), max(1, -(-(B * ny) // threads[1])))
     stream = current_stream(xp)
@@ -117,16 +83,10 @@ def find_peaks_cuda(scores, *, threshold: float, radius: float = 0.0, excluded=N
         lin = xp.empty(capacity, dtype=xp.int64)
         val = xp.empty(capacity, dtype=v.dtype)
         sgn = xp.empty(capacity, dtype=xp.int8)
-        _peak_kernel[blocks, threads, stream](v, ex, has_ex, float(threshold), r, r2, counter, lin, val, sgn)
-        n = int(counter[0])  # one 8-byte device-to-host copy (synchronises the stream)
+        _peak_kernel[blocks, threads, stream](v, ex, has_ex, thr, r, r2, counter, lin, val, sgn)
+        n = host_scalar(counter[0])  # one 8-byte device-to-host read (synchronises the stream)
         if n <= capacity:
             break
         capacity = n  # rare: relaunch once with the exact size
     order = xp.argsort(lin[:n])
-    lin, val, sgn = lin[:n][order], val[:n][order], sgn[:n][order]
-    b = lin // (ny * nx)
-    rem = lin - b * (ny * nx)
-    y = rem // nx
-    x = rem - y * nx
-    return Peaks(image=b, y=y, x=x, value=val, sign=sgn)
-
+    return lin[:n][order], val[:n][order], sgn[:n][order]

@@ -157,3 +157,152 @@ def test_bad_arguments():
         lanczos_resample(img, np.zeros((5, 5)), np.zeros((5, 5)), method="fast")
     with pytest.raises(ValueError, match="integer"):
         resample_mask(img, np.zeros((5, 5)), np.zeros((5, 5)))
+
+
+# ------------------------------------------------------------------------------------------
+# batches: one geometry per pair, on every path
+# ------------------------------------------------------------------------------------------
+def _pair_maps(B, shape_out):
+    """B different warped maps (shifts, a small rotation), one NaN position in the first."""
+    maps = []
+    for b in range(B):
+        xs, ys = _warped_map(shape_out, nan_at=(3, 4) if b == 0 else None)
+        th = 0.01 * b
+        maps.append((np.cos(th) * xs - np.sin(th) * ys + 0.37 * b, np.sin(th) * xs + np.cos(th) * ys - 0.61 * b))
+    return np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batched_equals_per_pair_calls_and_reference(rng, dtype):
+    B = 3
+    imgs = rng.normal(100.0, 10.0, (B, 2, 70, 80)).astype(dtype)
+    xs, ys = _pair_maps(B, (60, 70))
+    got = lanczos_resample(imgs, xs, ys)
+    assert got.shape == (B, 2, 60, 70) and got.dtype == dtype
+    ref = lanczos_resample(imgs, xs, ys, method="reference")
+    assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.isnan(got[0, :, 3, 4]).all()
+    ok = ~np.isnan(ref)
+    assert 0.6 < ok.mean() < 1
+    assert (np.abs(got[ok] - ref[ok]) / np.abs(ref[ok]).max()).max() < 1e-6
+    for b in range(B):  # the same kernel per pair: bit-identical
+        np.testing.assert_array_equal(got[b], lanczos_resample(imgs[b], xs[b], ys[b]))
+        np.testing.assert_array_equal(ref[b], lanczos_resample(imgs[b], xs[b], ys[b], method="reference"))
+    # a (B, ny, nx) source with 3-D maps is B single planes
+    one = lanczos_resample(imgs[:, 1], xs, ys, fill=-1.0)
+    assert one.shape == (B, 60, 70)
+    np.testing.assert_array_equal(one, lanczos_resample(imgs[:, 1:2], xs, ys, fill=-1.0)[:, 0])
+    # masks
+    m = np.zeros((B, 70, 80), np.uint16)
+    m[rng.integers(0, B, 60), rng.integers(0, 70, 60), rng.integers(0, 80, 60)] = rng.choice([1, 2, 8], 60)
+    mb = resample_mask(m, xs, ys, no_data_bit=NO_DATA)
+    assert mb.shape == (B, 60, 70) and mb.dtype == np.uint16
+    np.testing.assert_array_equal(mb, resample_mask(m, xs, ys, no_data_bit=NO_DATA, method="reference"))
+    for b in range(B):
+        np.testing.assert_array_equal(mb[b], resample_mask(m[b], xs[b], ys[b], no_data_bit=NO_DATA))
+    assert (mb & 1).any() and (mb & NO_DATA).any() and (mb == 0).any()
+
+
+def test_psf_stamp_stack_through_per_stamp_maps(rng):
+    """The PSF stage's case: n small stamps (n, s, s), each through its own sub-pixel map (n, s, s),
+    in one call: equal to n separate calls and to the reference, and a shifted Gaussian stamp
+    comes out where the map puts it."""
+    n, s = 40, 21
+    c = (s - 1) / 2
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
+    dx, dy = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    sig = rng.uniform(1.8, 2.6, n)[:, None, None]
+    stamps = np.exp(-((xx - c) ** 2 + (yy - c) ** 2) / (2 * sig**2)).astype(np.float32)
+    xs = xx[None] + dx[:, None, None]  # output pixel (j, i) samples the stamp at (i + dx, j + dy)
+    ys = yy[None] + dy[:, None, None]
+    out = lanczos_resample(stamps, xs, ys, fill=0.0)
+    assert out.shape == (n, s, s) and out.dtype == np.float32
+    for k in range(0, n, 7):
+        np.testing.assert_array_equal(out[k], lanczos_resample(stamps[k], xs[k], ys[k], fill=0.0))
+    ref = lanczos_resample(stamps, xs, ys, fill=0.0, method="reference")
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+    truth = np.exp(-((xx[None] + dx[:, None, None] - c) ** 2 + (yy[None] + dy[:, None, None] - c) ** 2) / (2 * sig**2))
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    assert np.abs(out[inner] - truth[inner]).max() < 1e-2  # Lanczos-3 on a 1.8-2.6 px Gaussian: measured 5e-3
+    # and the stamps' centroids moved by (dx, dy)
+    tot = out.sum(axis=(1, 2), dtype=np.float64)
+    cx = (out * xx).sum(axis=(1, 2)) / tot - c
+    np.testing.assert_allclose(cx, -dx, atol=0.02)
+
+
+def test_batch_shape_errors_and_empty_batches():
+    img = np.zeros((2, 3, 10, 10))
+    xs = np.zeros((3, 5, 5))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        lanczos_resample(img, xs, xs)
+    with pytest.raises(ValueError, match=r"need a \(B, ny, nx\) or \(B, k, ny, nx\) source"):
+        lanczos_resample(img[0, 0], xs, xs)
+    with pytest.raises(ValueError, match=r"need a \(ny, nx\) or \(k, ny, nx\) source"):
+        lanczos_resample(img, xs[0], xs[0])
+    with pytest.raises(ValueError, match=r"need a \(B, ny, nx\) source"):
+        resample_mask(np.zeros((10, 10), np.uint16), xs, xs)
+    for method in ("auto", "reference"):
+        e = lanczos_resample(np.zeros((0, 2, 10, 10)), np.zeros((0, 5, 5)), np.zeros((0, 5, 5)), method=method)
+        assert e.shape == (0, 2, 5, 5)
+        m = resample_mask(np.zeros((0, 10, 10), np.uint16), np.zeros((0, 5, 5)), np.zeros((0, 5, 5)), method=method)
+        assert m.shape == (0, 5, 5) and m.dtype == np.uint16
+    assert lanczos_resample(np.ones((10, 10)), np.zeros((0, 7)), np.zeros((0, 7))).shape == (0, 7)
+    from tests.strict_device import strict_namespace
+
+    strict = strict_namespace()
+    with pytest.raises(ValueError, match="needs numpy arrays"):
+        lanczos_resample(strict.asarray(img[0]), strict.asarray(xs[0]), strict.asarray(xs[0]), method="numba")
+
+
+# ------------------------------------------------------------------------------------------
+# written once, compiled twice
+# ------------------------------------------------------------------------------------------
+def _py(kernel):
+    """The Python function behind a Numba dispatcher (CPU, CUDA, or the CUDA simulator's)."""
+    return getattr(kernel, "py_func", None) or kernel.fn
+
+
+def test_cpu_and_cuda_kernels_share_one_body():
+    """Both Numba kernels are entry points around the bodies of kernels._lanczos: they call the
+    same function objects and compute no trig themselves; the Lanczos taps exist once."""
+    import inspect
+
+    from nightsift.kernels import _lanczos
+    from nightsift.kernels import resample as kresample
+    from nightsift.kernels._cuda import resample as cresample
+
+    pairs = [(_lanczos.resample_rows, "resample_pixel"), (cresample._lanczos_kernel, "resample_pixel"),
+             (_lanczos.mask_rows, "mask_pixel"), (cresample._mask_kernel, "mask_pixel")]
+    for kernel, body in pairs:
+        f = _py(kernel)
+        assert body in f.__code__.co_names, (f.__name__, body)
+        assert f.__globals__[body] is getattr(_lanczos, body)
+        assert not {"sin", "cos", "lanczos_taps"} & set(f.__code__.co_names), f.__name__
+    for body in (_lanczos.resample_pixel, _lanczos.mask_pixel):
+        assert "lanczos_taps" in body.__code__.co_names
+    # no other function of the resampling modules evaluates a sine (the taps live in one place)
+    for mod in (kresample, cresample):
+        for name, obj in vars(mod).items():
+            f = _py(obj) if hasattr(obj, "py_func") or hasattr(obj, "fn") else obj
+            if inspect.isfunction(f) and f.__module__ == mod.__name__:
+                assert "sin" not in f.__code__.co_names, f"{mod.__name__}.{name}"
+
+
+def test_runs_on_the_strict_device(rng):
+    from tests.strict_device import strict_namespace
+
+    from nightsift.kernels import count_transfers
+
+    strict = strict_namespace()
+    imgs = rng.normal(size=(2, 2, 40, 44))
+    xs, ys = _pair_maps(2, (30, 32))
+    m = (rng.random((2, 40, 44)) < 0.02).astype(np.uint16)
+    d = [strict.asarray(a) for a in (imgs, xs, ys, m)]
+    strict.reset_stats()
+    with count_transfers() as led:
+        out = lanczos_resample(d[0], d[1], d[2])
+        mo = resample_mask(d[3], d[1], d[2], no_data_bit=NO_DATA)
+    assert type(out).__name__ == "StrictArray" and out.shape == (2, 2, 30, 32)
+    assert strict.stats.d2h_count == strict.stats.h2d_count == 0 and led.h2d_count == led.d2h_count == 0
+    want = lanczos_resample(imgs, xs, ys)
+    np.testing.assert_allclose(out.get(), want, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(mo.get(), resample_mask(m, xs, ys, no_data_bit=NO_DATA))
