@@ -53,15 +53,26 @@ class AlignConfig:
     refine_offset: bool = True
     #: fewest matched stars for refine_offset to act
     refine_min_stars: int = 3
+    #: fewest matched stars for their measured registration RMS to set ZOGY's astrometric noise
+    #: (else subtract.default_astrometric_rms)
+    min_astrometric_stars: int = 5
+    #: floor (px) on that measured RMS: a handful of stars can agree by chance to ~0
+    astrometric_rms_floor: float = 0.001
+    #: a star measures the registration only if no other source lies within this many FWHM
+    isolation_fwhm: float = 3.0
 
 
 @dataclass(frozen=True)
 class PSFConfig:
     #: side of the PSF stamp in pixels (odd); widened automatically to >= 6 x FWHM
     stamp_size: int = 31
-    #: minimum S/N of a PSF star
-    min_snr: float = 50.0
-    #: stars within this many stamp radii of a brighter neighbour are not isolated
+    #: minimum S/N of a PSF star (aperture S/N within 2 FWHM; sep's isophotal S/N, which the former
+    #: value 50 was set on, reads 1.2-1.4x higher for the same star)
+    min_snr: float = 35.0
+    #: a PSF-star candidate with a neighbour (of more than isolation_flux of its flux) within this many
+    #: stamp half-sides is not isolated. 1 = inside the stamp's inscribed circle: the catalogue is
+    #: a matched-filter one, ~1.5 mag deeper than the isophotal (sep) catalogue the previous
+    #: sqrt(2) (the stamp's corners) was chosen with, which left 2 stars on sparse 256^2 CCDs
     isolation_radius: float = 1.0
     #: fewest stars needed for one PSF model; fewer raises AlgorithmFailure
     min_stars: int = 3
@@ -73,6 +84,22 @@ class PSFConfig:
     denoise: bool = True
     #: significance (sigma) below which the stack's departure from the Moffat is treated as noise
     denoise_k: float = 2.0
+    #: a PSF-star candidate is not isolated when a neighbour within the isolation radius has more
+    #: than this fraction of its flux (a 1 % neighbour biases the stack's wings by ~1 %)
+    isolation_flux: float = 0.01
+    #: candidates with windowed minor/major axis ratio below this are not stars (an edge-on
+    #: galaxy, a blend); the stellar locus in adaptive moments does the finer cleaning
+    max_axis_ratio: float = 0.6
+    #: stars are weighted by S/N^2 in the stack, the S/N capped here (a saturated-core star just
+    #: below the saturation flag would otherwise set the PSF alone)
+    max_weight_snr: float = 1000.0
+    #: FWHM (px) assumed for detection when the header gives neither FWHM nor SEEING/PIXSCALE
+    default_fwhm: float = 3.0
+    #: background mesh side (px): larger than the largest galaxies, smaller than sky gradients
+    background_box: int = 64
+    #: source-catalogue threshold, in sigma of the matched-filtered image (the catalogue feeds
+    #: PSF stars, flux-ratio stars, isolation, the blank-sky mask and distnr)
+    detect_threshold: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,11 @@ class DetectConfig:
     #: peaks of one sign around one excluded patch of at most this many pixels (a few masked
     #: pixels, grown by subtract.mask_grow) are one candidate; 0 = off
     hole_merge_area: int = 121
+    #: ... and so are peaks around a compact patch of any area whose bounding box fits in this many
+    #: pixels: a saturated star's masked core, whose residual ring the peak finder sees as several
+    #: peaks (8 on an LSST-like CCD); bleed trails and CCD edges are elongated and are left alone;
+    #: 0 = off
+    hole_merge_extent: int = 41
     #: peaks closer than this (pixels) are one candidate
     dedup_radius: float = 3.0
     #: radius (pixels) of the box in which bad pixels are counted for ``nbad`` (5x5 as ZTF)
@@ -213,6 +245,9 @@ class RunConfig:
     max_resident_ccds: int = 0
     #: object store of a local Ray, MiB; 0 = Ray's default (30% of memory)
     object_store_mb: int = 0
+    #: synchronise the device after every stage so the ``t_<stage>`` QA times are the stages'
+    #: own (profiling, bench/gpu.py); off in production, where a GPU runs ahead of the host
+    sync_stage_times: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,8 @@ class InputError(AlgorithmFailure, ValueError):
 
 class BackendError(NightsiftError, RuntimeError):
     """The requested array backend cannot be used (e.g. cupy asked for and no GPU exists)."""
+
+
+class TransientFailure(NightsiftError, RuntimeError):
+    """Infrastructure, not data: a CCD-visit could not finish because a service it depends on (the
+    inference pool) was unavailable. Night engines retry it; the data is not to blame."""

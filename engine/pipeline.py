@@ -1,40 +1,130 @@
-"""The chain for one CCD, top to bottom: FITS/raw frame -> calibrate -> align -> PSF -> ZOGY ->
-detect -> cutouts -> alert packets.
+"""The chain, top to bottom, for a batch of CCD-visits on the device their data live on.
 
-:func:`process_ccd` starts from a raw frame and its master calibration; :func:`process_pair` from
-a calibrated science exposure (what ``nightsift subtract`` reads). Each link is one stage call;
-every stage's QA numbers are merged into one flat dict. A stage that raises
-:class:`~nightsift.engine.errors.SkipCCD` or :class:`~nightsift.engine.errors.AlgorithmFailure`
-stops this CCD only; the caller (a night) records it and goes on.
+::
+
+    raw frames (host)  --upload-->  calibrate -> measure (background, sources) -> align (reference
+    resampled, its catalogue carried, registration measured) -> PSF (science stars; the reference's
+    PSF carried) -> flux ratio -> ZOGY (all tiles of all CCDs at once) -> detect -> cutouts
+    --download-->  candidate tables, triplets, QA (host)  ->  classify -> package (Avro)
+
+:func:`process_visit` runs ``B`` CCD-visits at once; every stage takes and returns arrays of the
+module the CCDs' statics live on (numpy on a CPU, cupy on a GPU): the array module comes from
+the arrays, never from a flag. The host sees the raw frames going in and the candidate tables,
+triplets and QA coming out; every crossing goes through :mod:`nightsift.kernels._xp` and is
+counted in the QA (``xfer_*``). Work that is the same for every visit of a CCD -- its master
+calibration, and its reference's background, catalogue and PSF measured in the reference's own
+frame -- is done once by :func:`prepare_statics` and kept on the device.
+
+:func:`process_ccd` (a raw frame, B = 1) and :func:`process_pair` (a calibrated science
+exposure and a reference, what ``nightsift subtract`` reads) are the same chain. A CCD whose
+data fail a stage (:class:`~nightsift.engine.errors.SkipCCD`,
+:class:`~nightsift.engine.errors.AlgorithmFailure`) is recorded as such and leaves the batch;
+the others go on.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
+from nightsift.kernels._xp import array_namespace, count_transfers, host_scalars, is_cupy, to_device, to_host
 from nightsift.kernels.tiles import make_grid
 
-from .backend import get_backend
 from .config import Config
+from .errors import AlgorithmFailure, InputError, NightsiftError, SkipCCD
 from .io.avro import alert_path, write_alerts
-from .records import Exposure, RawFrame, difference_sign
-from .stages.align import align
-from .stages.calibrate import MasterCalibration, calibrate
-from .stages.detect import detect
-from .stages.package import build_alerts
-from .stages.psf import ImagePSF, psf_stage
-from .stages.subtract import Subtraction, subtract
+from .io.fits import celestial_wcs, check_same_shape, replace_wcs
+from .records import (UNUSABLE, Exposure, ImagePSF, MaskBits, RawFrame, ReferenceModel, SourceCatalog,
+                      StageResult, Subtraction)
+from .stages.align import AlignedReference, align_reference, astrometric_stars, coarse_map
+from .stages.calibrate import (MasterCalibration, calibrate_frames, calibrated_header, frame_params, master_on)
+from .stages.cutouts import cut_triplets
+from .stages.detect import DETECTION_COLUMNS, candidate_tables, detect, pixel_scale_arcsec
+from .stages.measure import fwhm_guess, measure_images
+from .stages.package import _julian_date, build_alerts
+from .stages.psf import carry_psf, measure_psf, unusable_integral
+from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point_flux_ratio
+
+__all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
+           "process_ccd", "process_pair", "align_exposures", "STAGES"]
+
+#: the stages whose wall times (``t_<stage>``, s) every CCD-visit's QA carries
+STAGES = ("upload", "calibrate", "measure", "align", "psf", "flux_ratio", "subtract", "detect", "cutouts",
+          "download", "classify", "package", "write")
+
+
+# ------------------------------------------------------------------------------------------------
+# what goes in and what comes out
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CCDStatics:
+    """What a worker keeps resident for one CCD between visits (on its device).
+
+    Attributes
+    ----------
+    ccd : int
+    reference : ReferenceModel
+        The reference measured once in its own frame (:func:`prepare_statics`).
+    master : MasterCalibration or None
+        Master calibration (float32 planes, uint16 mask) for raw frames; None for a CCD whose
+        science frames arrive calibrated.
+    """
+
+    ccd: int
+    reference: ReferenceModel
+    master: MasterCalibration | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the resident planes."""
+        n = 0
+        r = self.reference
+        for a in (r.image, r.variance, r.mask) + ((r.psf.stamps,) if r.psf is not None else ()):
+            n += int(a.nbytes)
+        if self.master is not None:
+            for a in (self.master.bias, self.master.dark_rate, self.master.flat, self.master.bad_pixel_mask):
+                n += int(a.nbytes)
+        return n
+
+
+@dataclass(frozen=True)
+class VisitFrame:
+    """One CCD of one visit going into :func:`process_visit`: a raw frame, or a calibrated exposure.
+
+    Attributes
+    ----------
+    visit, ccd : int
+        Identify the CCD-visit: they name the alert file (a rerun replaces it) and the candids.
+    raw : RawFrame, optional
+        Raw science frame (ADU, host) -- calibrated with the CCD's master.
+    science : Exposure, optional
+        Calibrated science exposure (e-), instead of ``raw``.
+    truth : structured ndarray, optional
+        Injected transients (``x``, ``y`` 0-based px, ``flux`` e-) of a simulated frame: the
+        chain reports their expected S/N (:attr:`CCDResult.truth_snr`).
+    """
+
+    visit: int
+    ccd: int
+    raw: RawFrame | None = None
+    science: Exposure | None = None
+    truth: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> str | None:
+        src = self.raw if self.raw is not None else self.science
+        return getattr(src, "path", None)
 
 
 @dataclass(frozen=True)
 class CCDProducts:
-    """The images behind a CCD's alerts (kept only when asked: they are large)."""
+    """The images behind a CCD's alerts, on the host (kept only when asked: they are large)."""
 
     science: Exposure
-    reference: Exposure  #: aligned onto the science grid
+    reference: Exposure  #: aligned onto the science grid (background-subtracted)
     subtraction: Subtraction
     sci_psf: ImagePSF
     ref_psf: ImagePSF
@@ -47,55 +137,631 @@ class CCDResult:
     Attributes
     ----------
     visit, ccd : int
-    candidates : CANDIDATE_DTYPE array
+    status : str
+        ``"done"``, ``"skipped"`` (SkipCCD) or ``"failed"`` (AlgorithmFailure / InputError).
+    candidates : CANDIDATE_DTYPE array (empty unless done)
+    triplets : ndarray (n, s, s, 3) float32
+        The cutouts the scorer saw and the packets carry.
+    scores : dict of str to ndarray (n,)
+        Classifier outputs (empty without a scorer).
     alerts_path : Path or None
-        The Avro file written (``None`` when ``write=False``).
+        The Avro file written (``None`` when ``write=False`` or not done).
     n_alerts : int
     qa : dict
-        Every stage's QA numbers plus ``t_<stage>`` wall times (s).
+        Every stage's QA numbers, ``t_<stage>`` wall times (s) and the crossings (``xfer_*``).
     products : CCDProducts or None
+    error : NightsiftError or None
+        Why the CCD-visit was skipped or failed.
+    truth_snr : ndarray or None
+        For a frame with injected truth: each transient's expected S/N, ``|flux|`` over the PSF-flux
+        error at its position (what :func:`nightsift.engine.truth.expected_snr` computes from the
+        error map, without bringing the map to the host).
     """
 
     visit: int
     ccd: int
-    candidates: np.ndarray
-    alerts_path: Path | None
-    n_alerts: int
+    status: str = "done"
+    candidates: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    triplets: np.ndarray | None = None
+    scores: dict = field(default_factory=dict)
+    alerts_path: Path | None = None
+    n_alerts: int = 0
     qa: dict = field(default_factory=dict)
     products: CCDProducts | None = None
+    error: NightsiftError | None = None
+    truth_snr: np.ndarray | None = None
 
 
-class _Timer:
-    def __init__(self, qa: dict):
-        self.qa = qa
+# ------------------------------------------------------------------------------------------------
+# statics: once per CCD
+# ------------------------------------------------------------------------------------------------
+def _grid(shape, config: Config):
+    return make_grid(shape, core=config.subtract.tile_size, margin=config.subtract.tile_margin)
 
-    def __call__(self, name: str, result):
-        """Merge a StageResult's QA, record the time since the last call, return its value."""
-        now = time.perf_counter()
-        self.qa[f"t_{name}"] = round(now - self.t0, 4)
-        self.t0 = now
-        self.qa.update(result.qa)
-        return result.value
 
-    def start(self):
+def prepare_statics(reference: Exposure, master: MasterCalibration | None = None, *, config: Config, xp=np,
+                    ccd: int = 0, subtract_sky: bool = True, with_psf: bool = True) -> CCDStatics:
+    """Measure a CCD's reference once, in its own frame, and put its statics on ``xp``'s device.
+
+    Parameters
+    ----------
+    reference : Exposure
+        Calibrated reference (e-, e-^2, mask, WCS); host arrays.
+    master : MasterCalibration, optional
+        The CCD's master calibration (host), for raw science frames.
+    config : Config
+    xp : numpy or cupy
+        Where the CCD's work will run (``nightsift.engine.backend.get_backend``).
+    ccd : int
+    subtract_sky : bool
+        Keep the reference background-subtracted (the chain's references always are).
+    with_psf : bool
+        Measure the reference's PSF (the chain needs it; alignment alone does not).
+
+    Returns
+    -------
+    CCDStatics
+
+    Raises
+    ------
+    AlgorithmFailure
+        The reference has too few PSF stars (naming the file).
+    InputError
+        Its planes differ in shape.
+    """
+    for name in ("variance", "mask"):
+        check_same_shape(np.shape(reference.image), np.shape(getattr(reference, name)),
+                         (f"{reference.path}[IMAGE]", f"{reference.path}[{name.upper()}]"))
+    image = to_device(reference.image, xp, dtype=np.float32, label="statics")[None]
+    variance = to_device(reference.variance, xp, dtype=np.float32, label="statics")
+    mask = to_device(reference.mask, xp, dtype=np.uint16, label="statics")
+    guess = fwhm_guess(reference.header, config.psf.default_fwhm)
+    meas = measure_images(image, mask[None], fwhm=[guess], config=config.psf, prefix="ref_").value
+    model, catalog = None, meas.catalogs[0]
+    if with_psf:
+        grid = _grid(reference.shape, config)
+        res = measure_psf(meas.image, mask[None], meas.catalogs, [meas.sky_sigma[0]], grid, config=config.psf,
+                          fwhm_guess=[guess], paths=[reference.path], prefix="ref_")
+        out = res.value[0]
+        if isinstance(out, AlgorithmFailure):
+            raise out
+        model, catalog = out
+    locus = model.locus if model is not None and np.isfinite(model.locus) else guess
+    astro = astrometric_stars(catalog, radius=config.align.isolation_fwhm * locus)
+    if model is not None:  # point sources only: a galaxy core's centroid moves with a transient on it
+        astro = astro & catalog.point
+    # reference planes ready for resampling: flagged-bad / no-data / non-finite pixels get a
+    # neutral value (0 on a background-subtracted image; the median variance) so they cannot ring
+    img = image[0] - meas.sky[0] if subtract_sky else image[0]
+    junk = ((mask & (MaskBits.BAD | MaskBits.NO_DATA)) != 0) | ~xp.isfinite(img) | ~xp.isfinite(variance)
+    sub = (slice(None, None, 4), slice(None, None, 4))
+    typical_img = xp.nanmedian(xp.where(junk[sub], xp.nan, img[sub]))
+    typical_var = xp.nanmedian(xp.where(junk[sub], xp.nan, variance[sub]))
+    img = xp.where(junk, xp.nan_to_num(typical_img).astype(xp.float32), img).astype(xp.float32)
+    var = xp.where(junk, xp.nan_to_num(typical_var, nan=1.0).astype(xp.float32), variance).astype(xp.float32)
+    sigma = host_scalars(meas.sky_sigma[0])[0]
+    ref = ReferenceModel(image=img, variance=var, mask=mask, wcs=reference.wcs, header=reference.header,
+                         path=reference.path, sky_sigma=sigma, catalog=catalog, astro=astro, psf=model,
+                         sky_subtracted=subtract_sky)
+    return CCDStatics(ccd=ccd, reference=ref, master=None if master is None else master_on(master, xp))
+
+
+# ------------------------------------------------------------------------------------------------
+# the visit chain
+# ------------------------------------------------------------------------------------------------
+class _Batch:
+    """The CCD-visits of one call: per-CCD host state, the alive ones, QA collected lazily."""
+
+    def __init__(self, frames, statics):
+        self.frames = list(frames)
+        self.statics = list(statics)
+        self.alive = list(range(len(self.frames)))
+        self.errors: dict[int, NightsiftError] = {}
+        self.qa_entries: list[tuple[list[int], dict]] = []
+        self.times = {i: {} for i in range(len(self.frames))}
+
+    def fail(self, i: int, exc: NightsiftError) -> None:
+        self.errors[i] = exc
+        self.qa_entries.append(([i], {k: [v] for k, v in getattr(exc, "qa", {}).items()}))
+
+    def qa(self, qa: dict, members: list[int] | None = None) -> None:
+        """Record a stage's QA for ``members`` (default: the alive CCDs), values per member."""
+        self.qa_entries.append((list(self.alive if members is None else members), qa))
+
+    def time(self, name: str, seconds: float, members=None) -> None:
+        for i in (self.alive if members is None else members):
+            self.times[i][f"t_{name}"] = round(seconds, 4)
+
+    def resolve_qa(self) -> list[dict]:
+        """Per-CCD QA dicts with every device value read back in one copy."""
+        out = [dict() for _ in self.frames]
+        dev = []  # (ccd, key, device array element)
+        for members, qa in self.qa_entries:
+            for k, v in qa.items():
+                for j, i in enumerate(members):
+                    val = _pick(v, j, len(members))
+                    if _is_device(val):
+                        dev.append((i, k, val))
+                    else:
+                        out[i][k] = _plain(val)
+        if dev:
+            xp = array_namespace(*(v for _, _, v in dev))
+            flat = to_host(xp.stack([xp.reshape(v, ()).astype(xp.float64) for _, _, v in dev]), label="qa")
+            for (i, k, v), h in zip(dev, flat.tolist()):
+                out[i][k] = int(h) if v.dtype.kind in "iub" and np.isfinite(h) else float(h)
+        for i in range(len(out)):
+            out[i].update(self.times[i])
+        return out
+
+
+def _is_device(v) -> bool:
+    """A device array (cupy, the strict stand-in): array-like, not numpy."""
+    return hasattr(v, "shape") and hasattr(v, "dtype") and not isinstance(v, (np.ndarray, np.generic))
+
+
+def _pick(v, j: int, n: int):
+    """Member ``j``'s value of a QA entry: a per-member list/array, or one value for all."""
+    if isinstance(v, (list, tuple)):
+        return v[j]
+    if _is_device(v) or isinstance(v, np.ndarray):
+        if v.ndim == 0:
+            return v
+        return v[j]
+    return v
+
+
+def _plain(v):
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return v.item()
+    return v
+
+
+class _Clock:
+    def __init__(self, xp, sync: bool):
+        self.xp, self.sync = xp, sync
         self.t0 = time.perf_counter()
-        return self
+
+    def lap(self) -> float:
+        if self.sync and is_cupy(self.xp):
+            self.xp.cuda.get_current_stream().synchronize()
+        now = time.perf_counter()
+        dt, self.t0 = now - self.t0, now
+        return dt
 
 
-def process_ccd(raw: RawFrame, master: MasterCalibration, reference: Exposure, *, config: Config,
-                visit: int = 0, ccd: int = 0, write: bool = True, keep_products: bool = False,
-                scorer=None) -> CCDResult:
-    """Raw science frame -> alerts. See :func:`process_pair` for the arguments after ``master``."""
-    qa: dict = {}
-    step = _Timer(qa).start()
-    science = step("calibrate", calibrate(raw, master, config=config.calibrate))
-    return process_pair(science, reference, config=config, visit=visit, ccd=ccd, write=write,
-                        keep_products=keep_products, scorer=scorer, _qa=qa)
+def _take(arrays: dict, idx: list[int], xp) -> dict:
+    """Keep batch rows ``idx`` of every (B, ...) array (one gather each; only after a failure)."""
+    sel = to_device(np.asarray(idx, np.int64), xp, label="batch_index")
+    return {k: v[sel] for k, v in arrays.items()}
+
+
+def process_visit(frames: Sequence[VisitFrame], statics: Sequence[CCDStatics], *, config: Config, scorer=None,
+                  write: bool = True, keep_products: bool = False) -> list[CCDResult]:
+    """Run the chain on a batch of CCD-visits.
+
+    Parameters
+    ----------
+    frames : sequence of B VisitFrame
+        Raw frames (with ``statics[i].master``) or calibrated exposures; one image shape.
+    statics : sequence of B CCDStatics
+        Each frame's CCD statics (:func:`prepare_statics`), all on one device: the chain runs there.
+    config : Config
+    scorer : callable, optional
+        ``scorer(triplets (n, 63, 63, 3)) -> dict[str, ndarray (n,)]`` (e.g. real/bogus), stored in
+        the packets; its ``versions`` attribute, when present, fills ``rbversion``/``drbversion``
+        (see :func:`nightsift.engine.classify.runtime.pipeline_scorer`).
+    write : bool
+        Write each CCD-visit's Avro alert file to ``config.package.output_dir``.
+    keep_products : bool
+        Bring the images (science, aligned reference, D, S_corr, ...) back to the host in the
+        results (large: for tools and tests, not for a night).
+
+    Returns
+    -------
+    list of B CCDResult, in the order of ``frames``; a CCD that failed a stage has its status and
+    ``error`` (the others are unaffected).
+    """
+    if len(frames) != len(statics):
+        raise ValueError(f"process_visit: {len(frames)} frames for {len(statics)} statics")
+    if not frames:
+        return []
+    xp = array_namespace(*(s.reference.image for s in statics))
+    batch = _Batch(frames, statics)
+    with count_transfers() as ledger:
+        arrays = _run(batch, xp, config=config, keep_products=keep_products)
+        results = _finish(batch, arrays, xp, config=config, scorer=scorer, write=write)
+    B = len(frames)
+    xq = ledger.as_qa()
+    for r in results:  # the batch's crossings, shared out per CCD-visit
+        r.qa.update({k: v / B if "bytes" in k else v for k, v in xq.items()})
+        r.qa["batch_size"] = B
+    return results
+
+
+def _host_checks(batch: _Batch, config: Config):
+    """Per-frame host work before anything is uploaded: header numbers, WCS, shapes, time."""
+    prepared = {}
+    for i in list(batch.alive):
+        f, st = batch.frames[i], batch.statics[i]
+        try:
+            if (f.raw is None) == (f.science is None):
+                raise InputError("a visit frame needs exactly one of raw or science", path=f.path)
+            src = f.raw if f.raw is not None else f.science
+            header = src.header
+            shape = tuple(np.shape(src.data if f.raw is not None else src.image))
+            if f.raw is not None:
+                if st.master is None:
+                    raise InputError("raw frame but no master calibration for its CCD", path=f.path)
+                params = frame_params(f.raw, st.master)
+                data = f.raw.data
+                if np.asarray(data).dtype.kind == "f" and not np.isfinite(data).any():  # host memory: cheap
+                    raise InputError("raw frame has no finite pixel; drop it", path=f.path)
+                wcs = celestial_wcs(header, shape, path=f.path)
+                header = calibrated_header(header, params.read_noise)
+            else:
+                params = None
+                wcs = f.science.wcs
+            _julian_date(header)  # a packet needs its time: fail now, not after the chain ran
+            prepared[i] = dict(params=params, wcs=wcs, header=header, shape=shape,
+                               guess=fwhm_guess(header, config.psf.default_fwhm))
+        except NightsiftError as e:
+            batch.fail(i, e)
+    batch.alive = [i for i in batch.alive if i in prepared]
+    shapes = {prepared[i]["shape"] for i in batch.alive}
+    if len(shapes) > 1:
+        raise ValueError(f"process_visit: one batch must share one image shape, got {sorted(shapes)}; "
+                         "group CCD-visits by shape")
+    return prepared
+
+
+def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
+    """The device half of the chain; returns the per-batch arrays and per-CCD objects."""
+    clock = _Clock(xp, config.run.sync_stage_times)
+    prep = _host_checks(batch, config)
+    if not batch.alive:
+        return {}
+    alive = batch.alive
+    B = len(alive)
+    ny, nx = prep[alive[0]]["shape"]
+
+    # upload: the raw frames (or calibrated planes)
+    raw_mode = batch.frames[alive[0]].raw is not None
+    if any((batch.frames[i].raw is not None) != raw_mode for i in alive):
+        raise ValueError("process_visit: a batch is either raw frames or calibrated exposures, not both")
+    if raw_mode:
+        data = xp.empty((B, ny, nx), dtype=np.result_type(*(batch.frames[i].raw.data.dtype for i in alive)))
+        for j, i in enumerate(alive):
+            data[j] = to_device(batch.frames[i].raw.data, xp, label="raw")
+        batch.time("upload", clock.lap())
+        res = calibrate_frames(data, [batch.statics[i].master for i in alive], [prep[i]["params"] for i in alive],
+                               config=config.calibrate)
+        image, variance, mask = res.value
+        batch.qa(res.qa)
+        del data
+    else:
+        image = xp.empty((B, ny, nx), xp.float32)
+        variance = xp.empty((B, ny, nx), xp.float32)
+        mask = xp.empty((B, ny, nx), xp.uint16)
+        for j, i in enumerate(alive):
+            e = batch.frames[i].science
+            image[j] = to_device(e.image, xp, dtype=np.float32, label="science")
+            variance[j] = to_device(e.variance, xp, dtype=np.float32, label="science")
+            mask[j] = to_device(e.mask, xp, dtype=np.uint16, label="science")
+        batch.time("upload", clock.lap())
+    batch.time("calibrate", clock.lap())
+
+    # measure: background, noise, sources of the science images
+    res = measure_images(image, mask, fwhm=[prep[i]["guess"] for i in alive], config=config.psf, prefix="sci_")
+    meas = res.value
+    batch.qa(res.qa)
+    batch.time("measure", clock.lap())
+
+    # align: each CCD's reference onto its science grid, its catalogue carried, registration measured
+    grid = _grid((ny, nx), config)
+    aligned: dict[int, AlignedReference] = {}
+    for j, i in enumerate(alive):
+        st = batch.statics[i]
+        try:
+            cm = coarse_map(prep[i]["wcs"], st.reference.wcs, (ny, nx), step=config.align.map_step)
+            cat = meas.catalogs[j]
+            astro = astrometric_stars(cat, radius=config.align.isolation_fwhm * prep[i]["guess"])
+            r = align_reference(st.reference, cm, sci_catalog=cat, sci_astro=astro, tile_centres=grid.visible_centres(),
+                                science_path=batch.frames[i].path, config=config.align)
+            aligned[i] = r.value
+            batch.qa(r.qa, [i])
+        except NightsiftError as e:
+            batch.fail(i, e)
+    batch.time("align", clock.lap())
+    arrays = dict(image=image, variance=variance, mask=mask, N=meas.image, sky=meas.sky, sigma=meas.sky_sigma)
+    keep = [j for j, i in enumerate(alive) if i in aligned]
+    cats = [meas.catalogs[j] for j in keep]
+    if len(keep) < B:
+        arrays = _take(arrays, keep, xp)
+        batch.alive = alive = [alive[j] for j in keep]
+        B = len(alive)
+    if not alive:
+        return {}
+    R = xp.stack([aligned[i].image for i in alive])
+    V_R = xp.stack([aligned[i].variance for i in alive])
+    mask_R = xp.stack([aligned[i].mask for i in alive])
+
+    # PSF: science stars per tile; the reference's PSF carried onto the same tiles
+    res = measure_psf(arrays["N"], arrays["mask"], cats, [arrays["sigma"][j] for j in range(B)], grid,
+                      config=config.psf, fwhm_guess=[prep[i]["guess"] for i in alive],
+                      paths=[batch.frames[i].path for i in alive], prefix="sci_")
+    batch.qa(res.qa)
+    sci_psf, ref_psf, sci_cats, ref_cats, ok = [], [], [], [], []
+    for j, (i, out) in enumerate(zip(alive, res.value)):
+        if isinstance(out, AlgorithmFailure):
+            batch.fail(i, out)
+            continue
+        model, cat = out
+        al = aligned[i]
+        rp = carry_psf(batch.statics[i].reference.psf, al.tile_centres, al.tile_jacobian, grid,
+                       lanczos_order=config.align.lanczos_order)
+        sci_psf.append(model)
+        sci_cats.append(cat)
+        ref_psf.append(rp)
+        ref_cats.append(al.catalog)
+        ok.append(j)
+        batch.qa({"ref_psf_fwhm": xp.median(rp.fwhm), "ref_psf_fwhm_min": rp.fwhm.min(),
+                  "ref_psf_fwhm_max": rp.fwhm.max(), "ref_psf_apcorr": xp.median(rp.apcorr)}, [i])
+    batch.time("psf", clock.lap())
+    if len(ok) < B:
+        arrays = _take(arrays, ok, xp)
+        R, V_R, mask_R = (_take({"a": a}, ok, xp)["a"] for a in (R, V_R, mask_R))
+        batch.alive = alive = [alive[j] for j in ok]
+        B = len(alive)
+    if not alive:
+        return {}
+
+    # flux ratio: stars common to both images (one read for the batch), the zero points as prior
+    integral = unusable_integral(arrays["mask"] | mask_R)
+    priors, fr_dev = [], []
+    for j, i in enumerate(alive):
+        try:
+            prior = zero_point_flux_ratio(prep[i]["header"], batch.statics[i].reference.header)
+        except NightsiftError as e:
+            prior = e
+        priors.append(prior)
+        fr_dev.extend(flux_ratio(arrays["N"][j], R[j], sci_psf[j], ref_psf[j], sci_cats[j], ref_cats[j], integral, j,
+                                 prior=None if isinstance(prior, Exception) else prior))
+    fr_host = host_scalars(*fr_dev)
+    F_r, ok = [], []
+    for j, i in enumerate(alive):
+        try:
+            if isinstance(priors[j], Exception):
+                raise priors[j]
+            f, qa = decide_flux_ratio(fr_host[3 * j], int(fr_host[3 * j + 1]), fr_host[3 * j + 2], priors[j],
+                                      config=config.subtract, path=batch.frames[i].path)
+            batch.qa({k: [v] for k, v in qa.items()}, [i])
+            F_r.append(f)
+            ok.append(j)
+        except NightsiftError as e:
+            batch.fail(i, e)
+    batch.time("flux_ratio", clock.lap())
+    if len(ok) < B:
+        arrays = _take(arrays, ok, xp)
+        R, V_R, mask_R = (_take({"a": a}, ok, xp)["a"] for a in (R, V_R, mask_R))
+        sci_psf, ref_psf = [sci_psf[j] for j in ok], [ref_psf[j] for j in ok]
+        sci_cats, ref_cats = [sci_cats[j] for j in ok], [ref_cats[j] for j in ok]
+        batch.alive = alive = [alive[j] for j in ok]
+        B = len(alive)
+    if not alive:
+        return {}
+
+    # ZOGY on every tile of every CCD at once
+    ast = [aligned[i].astrometric_rms or (config.subtract.default_astrometric_rms,) * 2 for i in alive]
+    res = subtract(arrays["N"], R, arrays["variance"], V_R, arrays["mask"], mask_R, sci_psf, ref_psf, sci_cats,
+                   ref_cats, F_r=F_r, astrometric_rms=ast, config=config.subtract)
+    sub = res.value
+    batch.qa(res.qa)
+    batch.time("subtract", clock.lap())
+    truth_err = {}  # simulated frames: the PSF-flux error at each injected transient
+    for j, i in enumerate(alive):
+        t = batch.frames[i].truth
+        if t is not None and len(t):
+            xi = np.clip(np.rint(t["x"]).astype(np.int64), 0, nx - 1)
+            yi = np.clip(np.rint(t["y"]).astype(np.int64), 0, ny - 1)
+            idx = to_device(np.stack([yi, xi]), xp, label="truth")
+            truth_err[i] = sub.flux_err[j][idx[0], idx[1]]
+
+    # detect, then the cutouts of every candidate of the batch
+    radius = [config.detect.distnr_max_arcsec / pixel_scale_arcsec(prep[i]["wcs"]) for i in alive]
+    res = detect(sub, sky=arrays["sky"], ref_cats=ref_cats, distnr_radius=radius, config=config.detect,
+                 cutout_size=config.cutout.size)
+    det = res.value
+    batch.qa(res.qa)
+    batch.time("detect", clock.lap())
+    c = det.columns
+    res = cut_triplets(arrays["image"], arrays["sky"], R, sub.difference, c["image"], c["x"], c["y"], c["sign"],
+                       config=config.cutout)
+    batch.qa(res.qa)
+    batch.time("cutouts", clock.lap())
+    out = dict(alive=list(alive), prep=prep, det=det, triplets=res.value, shape=(ny, nx), F_r=F_r, clock=clock,
+               truth_err=truth_err)
+    if keep_products:
+        out["products"] = _products(batch, arrays, R, V_R, mask_R, sub, sci_psf, ref_psf, sci_cats, ref_cats, prep)
+    return out
+
+
+def _finish(batch: _Batch, run: dict, xp, *, config: Config, scorer, write: bool) -> list[CCDResult]:
+    """The host half: one download of the candidates, triplets and QA; tables, scores, packets."""
+    results: list[CCDResult | None] = [None] * len(batch.frames)
+    if run:
+        clock = run["clock"]
+        alive, prep = run["alive"], run["prep"]
+        det = run["det"]
+        n = len(det)
+        if n:
+            stack = xp.stack([det.columns[k].astype(xp.float64) for k in DETECTION_COLUMNS])
+            host = dict(zip(DETECTION_COLUMNS, to_host(stack, label="candidates")))
+            trip = to_host(run["triplets"], label="triplets")
+        else:
+            host = {k: np.zeros(0) for k in DETECTION_COLUMNS}
+            trip = np.zeros((0, config.cutout.size, config.cutout.size, 3), np.float32)
+        te = run["truth_err"]
+        if te:
+            keys = list(te)
+            flat = to_host(xp.concatenate([te[i].astype(xp.float64) for i in keys]), label="truth")
+            edges = np.cumsum([0] + [int(te[i].shape[0]) for i in keys])
+            te = {i: flat[edges[k]:edges[k + 1]] for k, i in enumerate(keys)}
+        batch.time("download", clock.lap(), alive)
+        tables = candidate_tables(host, batch=len(alive), wcs=[prep[i]["wcs"] for i in alive],
+                                  headers=[prep[i]["header"] for i in alive],
+                                  visits=[batch.frames[i].visit for i in alive],
+                                  ccds=[batch.frames[i].ccd for i in alive], F_r=run["F_r"], shape=run["shape"],
+                                  cutout_size=config.cutout.size)
+        img = host["image"].astype(np.int64)
+        scores_all = {}
+        if scorer is not None and n:
+            scores_all = {k: np.asarray(v) for k, v in scorer(trip).items()}
+        batch.time("classify", clock.lap(), alive)
+        per_ccd = {}
+        for j, i in enumerate(alive):
+            sel = img == j
+            cands = tables[j]
+            t = trip[sel]
+            scores = {k: v[sel] for k, v in scores_all.items()}
+            per_ccd[i] = (cands, t, scores)
+        for j, i in enumerate(alive):
+            f = batch.frames[i]
+            cands, t, scores = per_ccd[i]
+            try:
+                res = build_alerts(cands, triplets=t, shape=run["shape"], header=prep[i]["header"], visit=f.visit,
+                                   ccd=f.ccd, scores=scores, score_versions=getattr(scorer, "versions", None),
+                                   survey=config.package.survey)
+            except NightsiftError as e:
+                batch.fail(i, e)
+                continue
+            batch.qa(res.qa, [i])
+            results[i] = CCDResult(visit=f.visit, ccd=f.ccd, status="done", candidates=cands, triplets=t,
+                                   scores=scores, n_alerts=len(res.value))
+            per_ccd[i] = res.value
+        batch.time("package", clock.lap(), alive)
+        for i in alive:
+            if results[i] is None:
+                continue
+            path = None
+            if write:
+                path = write_alerts(alert_path(config.package.output_dir, batch.frames[i].visit, batch.frames[i].ccd),
+                                    per_ccd[i])
+            snr = None
+            if i in te:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    err = te[i]
+                    snr = np.where(err > 0, np.abs(batch.frames[i].truth["flux"]) / err, 0.0)
+            results[i] = replace(results[i], alerts_path=path, products=run.get("products", {}).get(i),
+                                 truth_snr=snr)
+        batch.time("write", clock.lap(), alive)
+    qas = batch.resolve_qa()
+    out = []
+    for i, f in enumerate(batch.frames):
+        if i in batch.errors:
+            e = batch.errors[i]
+            status = "skipped" if isinstance(e, SkipCCD) else "failed"
+            out.append(CCDResult(visit=f.visit, ccd=f.ccd, status=status, candidates=np.zeros(0), qa=qas[i], error=e))
+        else:
+            out.append(replace(results[i], qa=qas[i]))
+    return out
+
+
+def _products(batch, arrays, R, V_R, mask_R, sub, sci_psf, ref_psf, sci_cats, ref_cats, prep) -> dict:
+    """Host copies of the images behind each CCD's alerts (explicit downloads, labelled products)."""
+    out = {}
+    for j, i in enumerate(batch.alive):
+        h = lambda a: to_host(a, label="products")  # noqa: E731
+        f = batch.frames[i]
+        ref = batch.statics[i].reference
+        sci = Exposure(image=h(arrays["image"][j]), variance=h(arrays["variance"][j]), mask=h(arrays["mask"][j]),
+                       wcs=prep[i]["wcs"], header=prep[i]["header"], path=f.path)
+        header = replace_wcs(ref.header, prep[i]["wcs"])
+        header["ALIGNTO"] = (str(f.path or ""), "science image whose grid this is")
+        refe = Exposure(image=h(R[j]), variance=h(V_R[j]), mask=h(mask_R[j]), wcs=prep[i]["wcs"], header=header,
+                        path=ref.path)
+        s = sub.ccd(j)
+        s = Subtraction(**{k: (h(v) if _is_device(v) or isinstance(v, np.ndarray) else v)
+                           for k, v in vars(s).items()})
+        sp = _host_psf(h(arrays["sky"][j]), float(h(arrays["sigma"][j])), sci_cats[j], sci_psf[j], h)
+        rp = _host_psf(np.zeros(s.D.shape, np.float32), ref.sky_sigma, ref_cats[j], ref_psf[j], h)
+        out[i] = CCDProducts(science=sci, reference=refe, subtraction=s, sci_psf=sp, ref_psf=rp)
+    return out
+
+
+def _host_psf(sky, sigma: float, cat: SourceCatalog, model, h) -> ImagePSF:
+    from .records import PSFModel
+
+    m = PSFModel(stamps=h(model.stamps), fwhm=h(model.fwhm), apcorr=h(model.apcorr), n_stars=h(model.n_stars),
+                 grid=model.grid, locus=model.locus)
+    cat_h = SourceCatalog(**{k: h(getattr(cat, k)) for k in ("x", "y", "flux", "fluxerr", "snr", "a", "b", "peak",
+                                                              "flag", "size", "point", "psf_star")})
+    return ImagePSF(sky=sky, sky_sigma=sigma, catalog=cat_h, model=m)
+
+
+def align_exposures(science: Exposure, reference: Exposure, *, config) -> StageResult:
+    """Resample a reference exposure onto a science exposure's grid, as the chain does (a tool).
+
+    The reference is measured in its own frame (background, catalogue; no PSF) and aligned with
+    :func:`nightsift.engine.stages.align.align_reference`, the registration measured from the
+    science catalogue; the returned image keeps the reference's background (unlike the chain's,
+    which subtracts it before resampling).
+
+    Parameters
+    ----------
+    science, reference : Exposure
+    config : Config or AlignConfig
+
+    Returns
+    -------
+    StageResult(Exposure on the science grid (host arrays), qa)
+    """
+    from .config import AlignConfig
+
+    cfg = Config().replace(align=vars(config)) if isinstance(config, AlignConfig) else config
+    xp = np
+    st = prepare_statics(reference, None, config=cfg, xp=xp, subtract_sky=False, with_psf=False)
+    guess = fwhm_guess(science.header, cfg.psf.default_fwhm)
+    img = to_device(science.image, xp, dtype=np.float32)[None]
+    msk = to_device(science.mask, xp, dtype=np.uint16)[None]
+    cat = measure_images(img, msk, fwhm=[guess], config=cfg.psf).value.catalogs[0]
+    astro = astrometric_stars(cat, radius=cfg.align.isolation_fwhm * guess)
+    cm = coarse_map(science.wcs, reference.wcs, science.shape, step=cfg.align.map_step)
+    res = align_reference(st.reference, cm, sci_catalog=cat, sci_astro=astro, science_path=science.path,
+                          config=cfg.align)
+    al = res.value
+    header = replace_wcs(reference.header, science.wcs)
+    header["ALIGNTO"] = (str(science.path or ""), "science image whose grid this is")
+    out = Exposure(image=to_host(al.image), variance=to_host(al.variance), mask=to_host(al.mask), wcs=science.wcs,
+                   header=header, path=reference.path)
+    qa = {k: (host_scalars(v)[0] if _is_device(v) else _plain(v)) for k, v in res.qa.items()}
+    return StageResult(out, qa)
+
+
+# ------------------------------------------------------------------------------------------------
+# one CCD (B = 1)
+# ------------------------------------------------------------------------------------------------
+def _single(result: CCDResult) -> CCDResult:
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def process_ccd(raw: RawFrame, master: MasterCalibration, reference: Exposure, *, config: Config, visit: int = 0,
+                ccd: int = 0, write: bool = True, keep_products: bool = False, scorer=None, xp=None) -> CCDResult:
+    """Raw science frame -> alerts for one CCD: :func:`prepare_statics` then :func:`process_visit`.
+
+    ``xp`` (default: ``config.run.backend``) is where it runs. Raises the CCD's
+    :class:`~nightsift.engine.errors.SkipCCD` / :class:`~nightsift.engine.errors.AlgorithmFailure`.
+    """
+    xp = _backend(config) if xp is None else xp
+    statics = prepare_statics(reference, master, config=config, xp=xp, ccd=ccd)
+    return _single(process_visit([VisitFrame(visit, ccd, raw=raw)], [statics], config=config, scorer=scorer,
+                                 write=write, keep_products=keep_products)[0])
 
 
 def process_pair(science: Exposure, reference: Exposure, *, config: Config, visit: int = 0, ccd: int = 0,
-                 write: bool = True, keep_products: bool = False, scorer=None, _qa: dict | None = None) -> CCDResult:
-    """Calibrated science exposure + reference -> candidates and alert packets.
+                 write: bool = True, keep_products: bool = False, scorer=None, xp=None) -> CCDResult:
+    """Calibrated science exposure + reference -> candidates and alert packets (one CCD).
 
     Parameters
     ----------
@@ -109,48 +775,19 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
     write : bool
         Write the Avro alert file to ``config.package.output_dir``.
     keep_products : bool
-        Keep the images (science, aligned reference, D, S_corr) in the result.
+        Keep the images (science, aligned reference, D, S_corr) in the result (host copies).
     scorer : callable, optional
-        ``scorer(triplets (n, 63, 63, 3)) -> dict[str, ndarray (n,)]`` (e.g. real/bogus), stored
-        in the packets; its ``versions`` attribute, when present, fills ``rbversion``/``drbversion``
-        (see :func:`nightsift.engine.classify.runtime.pipeline_scorer`).
+        See :func:`process_visit`.
+    xp : module, optional
+        Where to run (default: ``config.run.backend``).
     """
-    qa: dict = {} if _qa is None else _qa
-    step = _Timer(qa).start()
-    xp = get_backend(config.run.backend)  # numpy, or cupy for the ZOGY kernel on a GPU; fails fast
-    aligned = step("align", align(science, reference, config=config.align))
-    grid = make_grid(science.shape, core=config.subtract.tile_size, margin=config.subtract.tile_margin)
-    sci_psf = step("psf_sci", psf_stage(science, grid=grid, config=config.psf, prefix="sci_"))
-    ref_psf = step("psf_ref", psf_stage(aligned, grid=grid, config=config.psf, prefix="ref_"))
-    ast = None
-    if qa.get("n_astrometric_stars", 0) >= 5:
-        ast = (max(qa["astrometric_rms_x"], 1e-3), max(qa["astrometric_rms_y"], 1e-3))
-    sub = step("subtract", subtract(science, aligned, sci_psf, ref_psf, config=config.subtract, astrometric_rms=ast,
-                                    xp=xp))
-    cands = step("detect", detect(sub, wcs=science.wcs, header=science.header, sky=sci_psf.sky,
-                                  ref_catalog=ref_psf.catalog, visit=visit, ccd=ccd, config=config.detect,
-                                  cutout_size=config.cutout.size))
-    sky_sub = np.asarray(science.image, dtype=np.float32) - sci_psf.sky
-    ref_sub = np.asarray(aligned.image, dtype=np.float32) - ref_psf.sky
-    scores = None
-    if scorer is not None and len(cands):
-        from nightsift.kernels.stamps import extract_triplets
-
-        scores = scorer(extract_triplets(sky_sub, ref_sub, sub.difference, cands["xpos"], cands["ypos"],
-                                         size=config.cutout.size, difference_sign=difference_sign(cands)))
-        step("classify", _Done())
-    alerts = step("package", build_alerts(cands, science=sky_sub, reference=ref_sub, difference=sub.difference,
-                                          header=science.header, visit=visit, ccd=ccd, config=config.cutout,
-                                          scores=scores, score_versions=getattr(scorer, "versions", None)))
-    path = None
-    if write:
-        path = write_alerts(alert_path(config.package.output_dir, visit, ccd), alerts)
-        step("write", _Done())
-    products = CCDProducts(science, aligned, sub, sci_psf, ref_psf) if keep_products else None
-    return CCDResult(visit=visit, ccd=ccd, candidates=cands, alerts_path=path, n_alerts=len(alerts), qa=qa,
-                     products=products)
+    xp = _backend(config) if xp is None else xp
+    statics = prepare_statics(reference, None, config=config, xp=xp, ccd=ccd)
+    return _single(process_visit([VisitFrame(visit, ccd, science=science)], [statics], config=config, scorer=scorer,
+                                 write=write, keep_products=keep_products)[0])
 
 
-class _Done:
-    value = None
-    qa: dict = {}
+def _backend(config: Config):
+    from .backend import get_backend
+
+    return get_backend(config.run.backend)

@@ -118,8 +118,9 @@ def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold
 
     On blank sky ``S = D (x) P_D`` (cross-correlation) with ``D`` white, so its power spectrum
     is ``|P_D^|^2``. This draws ``n_realisations`` such unit-variance fields on the CCD's shape,
-    runs the same peak finder and deduplication as :func:`~nightsift.engine.stages.detect.detect`
-    with the same excluded pixels, and returns the mean count. Unlike the continuous-field
+    runs the same peak definition and deduplication as :func:`~nightsift.engine.stages.detect.detect`
+    (:func:`nightsift.kernels.peaks.find_peaks`, ``detect.min_area``, greedy suppression) with the
+    same excluded pixels, and returns the mean count. Unlike the continuous-field
     Euler-characteristic formula it includes the pixel-lattice sampling, which matters for an
     undersampled PSF (FWHM ~2 px): there the continuous formula over-predicts by ~1.5x.
 
@@ -132,9 +133,9 @@ def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold
     threshold : float
         Detection threshold in sigma.
     """
+    from nightsift.kernels.neighbours import suppress
+    from nightsift.kernels.peaks import find_peaks, refine_peaks
     from nightsift.kernels.psf import embed_psf
-
-    from .stages.detect import deduplicate, find_peaks
 
     P = np.asarray(P_D, float)
     if P.ndim == 3:
@@ -145,7 +146,15 @@ def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold
     rng = np.random.default_rng(seed)
     counts = []
     for _ in range(n_realisations):
-        field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((ny, nx))) * K, s=(ny, nx))
-        x, y, v, sg = find_peaks(field.astype(np.float32), threshold=threshold, min_area=min_area, excluded=excluded)
-        counts.append(len(deduplicate(x, y, v, sg, radius=dedup_radius)))
+        field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((ny, nx))) * K, s=(ny, nx)).astype(np.float32)
+        pk = find_peaks(field, threshold=threshold, excluded=excluded)
+        if min_area > 1 and len(pk):
+            yy = np.clip(pk.y[:, None] + np.repeat(np.arange(-1, 2), 3), 0, ny - 1)
+            xx = np.clip(pk.x[:, None] + np.tile(np.arange(-1, 2), 3), 0, nx - 1)
+            ok = ((pk.sign[:, None] * field[yy, xx]) > threshold).sum(axis=1) >= min_area
+            pk = type(pk)(image=pk.image[ok], y=pk.y[ok], x=pk.x[ok], value=pk.value[ok], sign=pk.sign[ok])
+        x, y = refine_peaks(field, pk)
+        keep = suppress(x, y, np.abs(pk.value.astype(np.float64)), radius=dedup_radius,
+                        group=pk.sign.astype(np.int64))
+        counts.append(int(keep.sum()))
     return float(np.mean(counts))

@@ -58,6 +58,15 @@ class TileGrid:
         o = np.asarray(self.origins, dtype=np.float64).reshape(-1, 2)
         return np.stack([o[:, 1] + self.core / 2 - 0.5, o[:, 0] + self.core / 2 - 0.5], axis=1)
 
+    def visible_centres(self) -> np.ndarray:
+        """``(T, 2)`` centres ``(x, y)`` of the part of each core inside the image (a partial last
+        row/column of cores has its nominal centre near or past the edge)."""
+        o = np.asarray(self.origins, dtype=np.float64).reshape(-1, 2)
+        ny, nx = self.shape
+        w = np.minimum(self.core, nx - o[:, 1])
+        h = np.minimum(self.core, ny - o[:, 0])
+        return np.stack([o[:, 1] + w / 2 - 0.5, o[:, 0] + h / 2 - 0.5], axis=1)
+
     def tile_of(self, x, y):
         """Index of the tile whose core contains pixel ``(x, y)`` (host values; see
         :func:`tile_index` for device arrays)."""

@@ -92,8 +92,9 @@ def zogy(N, R, P_n, P_r, V_N, V_R, *, sigma_n, sigma_r, F_r, F_n=1.0,
         Background noise per pixel (e-) used in the optimal filter.
     F_r, F_n : float or ndarray (T,)
         Flux zero points (F_n = 1: fluxes in units of the new image).
-    astrometric_rms : (float, float)
-        RMS registration error (pixels) in x and y; 0 disables the astrometric term.
+    astrometric_rms : (float, float), or two (T,) arrays
+        RMS registration error (pixels) in x and y, for all tiles or per tile (a batch of
+        CCDs); Python zeros disable the astrometric term.
     dtype : numpy dtype, optional
         Real dtype of the computation (float64 default; float32 halves memory and time).
 
@@ -144,8 +145,9 @@ def zogy(N, R, P_n, P_r, V_N, V_R, *, sigma_n, sigma_r, F_r, F_n=1.0,
     V_S = irfft2(rfft2(k_n * k_n) * rfft2(V_N) + rfft2(k_r * k_r) * rfft2(V_R))
     V_S = xp.maximum(V_S, 0)
 
-    sx, sy = float(astrometric_rms[0]), float(astrometric_rms[1])
-    if sx > 0 or sy > 0:
+    sx, sy = astrometric_rms
+    if not (np.isscalar(sx) and np.isscalar(sy) and float(sx) == 0 and float(sy) == 0):
+        sx, sy = _col(xp, sx, T, dtype), _col(xp, sy, T, dtype)
         fy = xp.fft.fftfreq(ny).astype(dtype)[:, None]
         fx = xp.fft.rfftfreq(nx).astype(dtype)[None, :]
         ikx, iky = 2j * xp.pi * fx, 2j * xp.pi * fy

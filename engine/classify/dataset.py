@@ -3,11 +3,12 @@
 A *unit* is one simulated CCD-visit (:class:`UnitSpec`): an instrument profile, a CCD, a seeing, a
 sky level, a filter and a number of injected transients. :func:`plan_units` draws a representative
 set of units from one seed (round-robin over the instrument profiles; seeing, sky, filter and CCD
-drawn across their whole range). :func:`simulate_unit` runs the chain on one unit exactly as
-:func:`nightsift.engine.pipeline.process_ccd` does and cuts each candidate's triplet exactly as
-:func:`~nightsift.engine.pipeline.process_pair` passes it to a scorer (science minus its sky, aligned
-reference minus its sky, the ZOGY difference times ``records.difference_sign``: ZTF's convention,
-in which a negative candidate's difference stamp is reference minus science). Labels come from the truth:
+drawn across their whole range). :func:`simulate_unit` runs the chain on one unit with
+:func:`nightsift.engine.pipeline.process_ccd` and keeps each candidate's triplet as the chain's
+cutouts stage made it (:mod:`nightsift.engine.stages.cutouts`: science minus its sky, aligned
+reference minus its sky, the ZOGY difference times the candidate's sign -- ZTF's convention, in
+which a negative candidate's difference stamp is reference minus science): exactly what the
+chain's scorer sees and its packets carry. Labels come from the truth:
 
 * **real** (1): the candidate is matched (right sign, within max(2 px, 1 FWHM): an off-centre detection
   of a transient is still an alert about it) to an injected transient -- isolated,
@@ -295,12 +296,9 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     A chain failure (SkipCCD, AlgorithmFailure, or any other exception: a bug) gives an empty unit
     with its status and error: a dataset build never stops for one CCD.
     """
-    from nightsift.kernels.stamps import extract_triplets
-
     from ..config import Config
     from ..errors import AlgorithmFailure, SkipCCD
     from ..pipeline import process_ccd
-    from ..records import difference_sign
     from ..simulate import simulate_ccd_pair
     from ..stages.calibrate import make_master
     from ..truth import match_candidates
@@ -315,7 +313,7 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
                                 sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge)
         master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg.calibrate)
         res = process_ccd(sim.science_raw, master, sim.reference, config=cfg, visit=unit.visit, ccd=unit.ccd,
-                          write=False, keep_products=True)
+                          write=False)
     except (SkipCCD, AlgorithmFailure) as e:
         out.update(status="skipped" if isinstance(e, SkipCCD) else "failed", error=f"{type(e).__name__}: {e}",
                    wall_s=time.perf_counter() - t0)
@@ -328,7 +326,6 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
                    wall_s=time.perf_counter() - t0)
         return out
     c = res.candidates
-    p = res.products
     fwhm = float(sim.science_raw.header.get("FWHM", sim.meta["seeing_sci"] / sim.profile.pixel_scale))
     m = match_candidates(c, sim.transients, radius=max(MATCH_RADIUS, fwhm))
     out["n_truth"], out["n_found"] = len(sim.transients), int(m.found.sum())
@@ -338,12 +335,9 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     if len(st):  # what ZOGY's F_r should be: reference/science flux of the static stars
         out["qa"]["true_F_r"] = float(np.median(st["flux_ref"] / st["flux_sci"]))
     if len(c):
-        # exactly what pipeline.process_pair hands a scorer (ZTF's sign convention for the difference)
-        sky_sub = np.asarray(p.science.image, dtype=np.float32) - p.sci_psf.sky
-        ref_sub = np.asarray(p.reference.image, dtype=np.float32) - p.ref_psf.sky
-        trip = extract_triplets(sky_sub, ref_sub, p.subtraction.difference, c["xpos"], c["ypos"], size=size,
-                                difference_sign=difference_sign(c))
-        z, loc, scale = standardize(trip)
+        # the chain's own triplets: exactly what its scorer saw and its packets carry (the cutouts
+        # stage is their one owner: no train/serve skew)
+        z, loc, scale = standardize(res.triplets)
         real = m.truth_index >= 0
         truth = np.zeros(len(c), TRUTH_DTYPE)
         truth["label"] = real

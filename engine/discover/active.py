@@ -147,6 +147,14 @@ def _evaluate(model, val, test, target_fnr: float) -> dict:
     return {k: s[k] for k in ("aucpr", "roc_auc", "fnr", "fpr", "threshold")}
 
 
+def _nanmean(v) -> float:
+    """Mean of the finite values; NaN (quietly) when there is none (a metric undefined on a split
+    without one of the classes)."""
+    v = np.asarray(v, float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def run_active_learning(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-active", initial_fraction=0.3,
                         batch_size: int = 200, seeds=(0, 1, 2), weight: float = 0.5, epochs: int = 10,
                         patience: int = 3, model_kwargs=None, target_fnr: float = 0.01, threads: int | None = None,
@@ -224,11 +232,12 @@ def run_active_learning(*, spec=None, data_dir="nightsift-data", out_dir="nights
     for m in metrics:
         d_rand = np.array([r["initial+queue"][m] - r["initial+random"][m] for r in runs], float)
         d_init = np.array([r["initial+queue"][m] - r["initial"][m] for r in runs], float)
-        gain[m] = {"queue_minus_random_mean": float(np.nanmean(d_rand)),
-                   "queue_minus_random_sd": float(np.nanstd(d_rand, ddof=1)) if len(runs) > 1 else float("nan"),
-                   "queue_minus_initial_mean": float(np.nanmean(d_init)),
-                   "random_minus_initial_mean": float(np.nanmean(
-                       [r["initial+random"][m] - r["initial"][m] for r in runs]))}
+        d_ri = np.array([r["initial+random"][m] - r["initial"][m] for r in runs], float)
+        gain[m] = {"queue_minus_random_mean": _nanmean(d_rand),
+                   "queue_minus_random_sd": float(np.nanstd(d_rand, ddof=1))
+                   if np.isfinite(d_rand).sum() > 1 else float("nan"),
+                   "queue_minus_initial_mean": _nanmean(d_init),
+                   "random_minus_initial_mean": _nanmean(d_ri)}
     rep = {"batch_size": batch_size, "initial_fraction": initial_fraction, "weight": weight, "seeds": list(seeds),
            "n_train_split": len(train_all), "n_val": len(val), "n_test": len(test), "target_fnr": target_fnr,
            "runs": runs, "gain": gain, "wall_s": round(time.perf_counter() - t0, 1)}

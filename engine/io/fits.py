@@ -40,6 +40,8 @@ __all__ = [
     "celestial_wcs",
     "estimate_variance",
     "replace_wcs",
+    "header_float",
+    "header_zero_point",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,48 @@ def celestial_wcs(header: fits.Header, shape: tuple[int, int], *, path: str | No
     if not np.all(np.isfinite(world)):
         raise InputError(f"has a WCS that maps the image centre to non-finite coordinates; {fix}", path=path)
     return wcs
+
+
+def header_float(header, key: str, *, path: str | None = None, default: float | None = None) -> float:
+    """A finite number from ``header[key]``: the one reader of numeric header values.
+
+    Returns ``default`` when the key is absent and a default is given.
+
+    Raises
+    ------
+    InputError
+        The key is missing (and no default), not a number, or not finite; the message names the
+        file and the key.
+    """
+    if header is None or key not in header:
+        if default is not None:
+            return float(default)
+        raise InputError(f"header has no {key}; add it (see nightsift.engine.io.fits.read_raw)", path=path)
+    try:
+        value = float(header[key])
+    except (TypeError, ValueError):
+        raise InputError(f"header {key} = {header[key]!r} is not a number", path=path) from None
+    if not np.isfinite(value):
+        raise InputError(f"header {key} = {header[key]!r} is not finite", path=path)
+    return value
+
+
+def header_zero_point(header, *, keys=None, path: str | None = None) -> float | None:
+    """The first of ``keys`` (default: the photometric zero point, MAGZP / MAGZPT / MAGZERO, mag
+    giving 1 e-/s) present in ``header``, as a float; ``None`` when none is present.
+
+    Raises
+    ------
+    InputError
+        A present key whose value is not a finite number (naming the file and the key): a broken
+        zero point must not silently become "no zero point".
+    """
+    from ..records import ZERO_POINT_KEYS
+
+    for key in (ZERO_POINT_KEYS if keys is None else keys):
+        if header is not None and key in header:
+            return header_float(header, key, path=path)
+    return None
 
 
 def _positive_key(header: fits.Header, key: str, path: str, fix: str, *, allow_zero: bool = False) -> float:

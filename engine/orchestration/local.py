@@ -1,91 +1,58 @@
 """Run a night on this machine: a process pool over (visit, CCD) tasks, a progress bar, a ledger.
 
-One bad CCD never stops the night: its error kind and message are recorded in the ledger and the
-other CCDs go on. Outputs are idempotent per (visit, CCD): alert files and records are replaced
-on a rerun, never appended. (The Ray engine for clusters and GPUs builds on the same task
-function.)
+Each task is :func:`~nightsift.engine.orchestration.task.run_ccd_visits` -- the task every night
+engine runs (the Ray engine's subtraction actors too) -- and each worker process keeps the statics
+of the CCDs it has served (:class:`~nightsift.engine.orchestration.task.StaticsCache`: the
+reference is measured once per CCD and process, not once per visit). One bad CCD never stops the
+night: its error kind and message are recorded in the ledger and the other CCDs go on. Outputs
+are idempotent per (visit, CCD): alert files and records are replaced on a rerun, never appended.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
-
-import numpy as np
 
 from ..config import Config, from_dict, to_dict
-from ..errors import AlgorithmFailure, SkipCCD
 from .ledger import write_record
+from .task import TRUTH_KEYS, NightSummary, StaticsCache, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.night")
 
+__all__ = ["NightSummary", "simulated_ccd_task", "run_simulated_night"]
 
-@dataclass(frozen=True)
-class NightSummary:
-    """Totals of a night. ``per_ccd`` holds one dict per CCD-visit (status, counts, QA)."""
+#: this process's statics (one night configuration at a time)
+_CACHE: dict[str, StaticsCache] = {}
 
-    n_tasks: int
-    n_done: int
-    n_failed: int
-    n_skipped: int
-    n_alerts: int
-    n_truth: int
-    n_found: int
-    n_truth_snr7: int
-    n_found_snr7: int
-    n_matched_candidates: int
-    wall_s: float
-    per_ccd: list
 
-    @property
-    def completeness(self) -> float:
-        return self.n_found / self.n_truth if self.n_truth else float("nan")
+def _worker_cache(config: Config, config_dict: dict) -> StaticsCache:
+    from ..backend import get_backend
+    from .sources import SimulatedNight
 
-    @property
-    def completeness_snr7(self) -> float:
-        return self.n_found_snr7 / self.n_truth_snr7 if self.n_truth_snr7 else float("nan")
-
-    @property
-    def purity(self) -> float:
-        return self.n_matched_candidates / self.n_alerts if self.n_alerts else float("nan")
+    key = json.dumps(config_dict, sort_keys=True, default=str)
+    cache = _CACHE.get(key)
+    if cache is None:
+        _CACHE.clear()
+        cache = StaticsCache(SimulatedNight(config.simulate, config.calibrate), config=config,
+                             xp=get_backend(config.run.backend), max_resident=config.run.max_resident_ccds)
+        _CACHE[key] = cache
+    return cache
 
 
 def simulated_ccd_task(config_dict: dict, visit: int, ccd: int) -> dict:
-    """Simulate one CCD-visit, run the chain, write its alerts and ledger record, score against
-    the truth. Never raises for a stage failure: the outcome is in the returned dict."""
+    """Simulate and process one CCD-visit, write its alerts and ledger record, score it against
+    the truth. Never raises for a stage failure: the outcome is in the returned record."""
     from ..classify.runtime import pipeline_scorer
-    from ..pipeline import process_ccd
-    from ..simulate import simulate_visit_ccd
-    from ..stages.calibrate import make_master
-    from ..truth import expected_snr, match_candidates
 
     config = from_dict(config_dict)
-    out_dir = config.package.output_dir
-    t0 = time.perf_counter()
-    rec = {"visit": visit, "ccd": ccd}
-    try:
-        sim = simulate_visit_ccd(config.simulate, visit=visit, ccd=ccd)
-        master = make_master(sim.calibration, header=sim.science_raw.header, config=config.calibrate)
-        res = process_ccd(sim.science_raw, master, sim.reference, config=config, visit=visit, ccd=ccd,
-                          keep_products=True, scorer=pipeline_scorer(config.classify))  # loaded once per process
-        m = match_candidates(res.candidates, sim.transients)
-        snr = expected_snr(sim.transients, res.products.subtraction.flux_err)
-        rec.update(status="done", n_alerts=res.n_alerts, n_truth=len(sim.transients), n_found=int(m.found.sum()),
-                   n_truth_snr7=int((snr >= 7).sum()), n_found_snr7=int(m.found[snr >= 7].sum()),
-                   n_matched=int((m.truth_index >= 0).sum()), qa=res.qa)
-        write_record(out_dir, visit, ccd, status="done", n_alerts=res.n_alerts, alerts_path=str(res.alerts_path),
-                     qa=res.qa, extra={k: rec[k] for k in ("n_truth", "n_found", "n_truth_snr7", "n_found_snr7")})
-    except (SkipCCD, AlgorithmFailure) as e:
-        status = "skipped" if isinstance(e, SkipCCD) else "failed"
-        rec.update(status=status, error=f"{type(e).__name__}: {e}", qa=getattr(e, "qa", {}))
-        write_record(out_dir, visit, ccd, status=status, error=rec["error"], qa=rec["qa"])
-    except Exception as e:  # a bug or an unforeseen input: record it with its traceback, go on
-        rec.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
-        write_record(out_dir, visit, ccd, status="failed", error=rec["error"])
-    rec["wall_s"] = time.perf_counter() - t0
+    cache = _worker_cache(config, config_dict)
+    rec = run_ccd_visits(cache.source, [(visit, ccd)], config=config, cache=cache,
+                         scorer=pipeline_scorer(config.classify))[0]  # the scorer is loaded once per process
+    write_record(config.package.output_dir, visit, ccd, status=rec["status"], error=rec.get("error"),
+                 n_alerts=rec["n_alerts"], alerts_path=rec.get("alerts_path"), qa=rec.get("qa"),
+                 extra={k: rec[k] for k in TRUTH_KEYS[:-1] if k in rec})
     return rec
 
 
@@ -123,14 +90,7 @@ def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = Tr
                 bar.set_postfix(alerts=n_alerts, failed=sum(x["status"] != "done" for x in results))
                 bar.update()
     bar.close()
-    results.sort(key=lambda r: (r["visit"], r["ccd"]))
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["visit"], r["ccd"])):
         if r["status"] != "done":
-            log.warning("visit %d ccd %d %s: %s", r["visit"], r["ccd"], r["status"], r.get("error", "").splitlines()[0])
-    g = lambda k: int(np.sum([r.get(k, 0) for r in results]))  # noqa: E731
-    return NightSummary(n_tasks=len(tasks), n_done=sum(r["status"] == "done" for r in results),
-                        n_failed=sum(r["status"] == "failed" for r in results),
-                        n_skipped=sum(r["status"] == "skipped" for r in results), n_alerts=g("n_alerts"),
-                        n_truth=g("n_truth"), n_found=g("n_found"), n_truth_snr7=g("n_truth_snr7"),
-                        n_found_snr7=g("n_found_snr7"), n_matched_candidates=g("n_matched"),
-                        wall_s=time.perf_counter() - t0, per_ccd=results)
+            log.warning("visit %d ccd %d %s: %s", r["visit"], r["ccd"], r["status"], (r.get("error") or "").splitlines()[0])
+    return summarize(results, wall_s=time.perf_counter() - t0)

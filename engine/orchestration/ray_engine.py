@@ -6,7 +6,7 @@
     --------------------                 ---------------------------------------------
     visits arrive -> per-actor queues -> SubtractionWorker.process(visit, ccd)      ccd % n_actors
       (bounded: queue_depth per actor)     reference + master calibration resident per CCD
-                                           process_ccd(...)  -- the whole chain, unchanged
+                                           run_ccd_visits -> process_visit (the chain)
                                              scorer = InferenceClient: cutout batches ->
                                                InferenceWorker.score (object store, bounded
                                                in flight with ray.wait: a slow classifier
@@ -43,8 +43,7 @@ import shutil
 import socket
 import tempfile
 import time
-import traceback
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -52,11 +51,11 @@ import numpy as np
 
 from ..config import ClassifyConfig, Config, from_dict, to_dict
 from ..io.atomic import atomic_write
-from ..errors import AlgorithmFailure, ConfigError, NightsiftError, SkipCCD
+from ..errors import ConfigError, NightsiftError, TransientFailure
 from ..io.avro import alert_path
 from .ledger import write_record
-from .local import NightSummary
 from .sources import CCDSource, SimulatedNight
+from .task import NightSummary, StaticsCache, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.ray")
 
@@ -74,11 +73,6 @@ def ray_available() -> bool:
     except Exception:
         return False
     return True
-
-
-class TransientFailure(NightsiftError, RuntimeError):
-    """Infrastructure, not data: a CCD-visit could not finish because an actor it depends on (the
-    inference pool) was unavailable. The driver retries it; the data is not to blame."""
 
 
 def _retryable():
@@ -153,7 +147,7 @@ class InferenceWorker:
 
 
 class InferenceClient:
-    """The ``scorer`` handed to :func:`~nightsift.engine.pipeline.process_ccd` inside a
+    """The ``scorer`` handed to :func:`~nightsift.engine.pipeline.process_visit` inside a
     subtraction actor: splits the cutout triplets into batches, puts each in the object store and
     sends it to the inference actors round robin, with at most ``max_in_flight`` batches
     outstanding (``ray.wait``). Scores come back in the order of the triplets.
@@ -239,8 +233,6 @@ class SubtractionWorker:
         self.config = from_dict(config)
         self.source = source
         self.slot = slot
-        self.max_resident = int(max_resident)
-        self._resident: OrderedDict[int, Any] = OrderedDict()
         self._staging = tempfile.mkdtemp(prefix=f"nightsift-stage{slot}-")
         self._stage_config = self.config.replace(package={"output_dir": self._staging})
         self.scorer = None
@@ -250,14 +242,13 @@ class SubtractionWorker:
             self.scorer = InferenceClient([ray.get_actor(n) for n in inference], batch_size=self.config.classify.batch_size,
                                           max_in_flight=inference_in_flight, versions=score_versions)
         self.n_processed = 0
-        self.gpu = self._setup_gpu()
+        self.gpu, xp = self._setup_gpu()
+        self.statics = StaticsCache(source, config=self._stage_config, xp=xp, max_resident=max_resident)
 
-    def _setup_gpu(self) -> str | None:
+    def _setup_gpu(self):
         """When Ray gave this actor a GPU (it sees it as device 0): bound CuPy's memory pool and
-        size its cuFFT plan cache for this CCD size (:mod:`nightsift.engine.backend`).
-
-        The chain (:func:`~nightsift.engine.pipeline.process_ccd`) still takes host arrays; it
-        runs its numerics on the device once it follows ``run.backend`` itself."""
+        size its cuFFT plan cache for this CCD size (:mod:`nightsift.engine.backend`); the
+        chain then runs there (its statics live there). Returns ``(device name or None, xp)``."""
         ids = []
         try:
             import ray
@@ -267,73 +258,41 @@ class SubtractionWorker:
         except Exception:  # noqa: BLE001 -- not inside Ray
             ids = []
         if not ids or self.config.run.backend == "numpy":
-            return None
+            return None, np
         from ..backend import configure_fft_plan_cache, configure_memory_pool, fft_plans_needed, get_backend
 
         try:
             xp = get_backend(self.config.run.backend)
         except NightsiftError as e:
             log.warning("subtraction actor %d: GPU %s assigned but unusable (%s)", self.slot, ids, e)
-            return None
+            return None, np
         if xp is np:
-            return None
+            return None, np
         t = self.config.subtract.tile_size or max(self.config.simulate.ny, self.config.simulate.nx)
         side = t + 2 * self.config.subtract.tile_margin
         configure_memory_pool(xp, fraction=0.9)
         configure_fft_plan_cache(xp, n_plans=fft_plans_needed([(side, side)]) + 8)
-        return f"cuda:{ids[0]}"
+        return f"cuda:{ids[0]}", xp
 
     def info(self) -> dict:
         """Health probe and state: pid, node, resident CCDs, resident bytes, GPU."""
         return {"slot": self.slot, "pid": os.getpid(), "node": socket.gethostname(), "gpu": self.gpu,
-                "resident_ccds": list(self._resident), "n_processed": self.n_processed,
-                "resident_bytes": int(sum(s.nbytes for s in self._resident.values()))}
-
-    def _static(self, visit: int, ccd: int):
-        st = self._resident.get(ccd)
-        if st is None:
-            st = self.source.load_static(visit, ccd)
-            self._resident[ccd] = st
-            if self.max_resident and len(self._resident) > self.max_resident:
-                self._resident.popitem(last=False)
-        else:
-            self._resident.move_to_end(ccd)
-        return st
+                "resident_ccds": self.statics.ccds(), "n_processed": self.n_processed,
+                "resident_bytes": self.statics.nbytes}
 
     def process(self, visit: int, ccd: int) -> tuple[dict, bytes | None]:
         """Run one CCD-visit. Returns ``(meta, avro_bytes)``; ``avro_bytes`` is ``None`` unless
         ``meta["status"] == "done"``. Raises only :class:`TransientFailure` (retry me)."""
-        from ..pipeline import process_ccd
-        from ..truth import expected_snr, match_candidates
-
-        t0 = time.perf_counter()
-        meta: dict = {"visit": int(visit), "ccd": int(ccd), "slot": self.slot, "pid": os.getpid()}
+        meta = run_ccd_visits(self.source, [(visit, ccd)], config=self._stage_config, cache=self.statics,
+                              scorer=self.scorer)[0]
         payload = None
-        try:
-            static = self._static(visit, ccd)
-            frame = self.source.load_frame(visit, ccd, static)
-            t_load = time.perf_counter() - t0
-            res = process_ccd(frame.raw, static.master, static.reference, config=self._stage_config, visit=visit,
-                              ccd=ccd, keep_products=frame.truth is not None, scorer=self.scorer)
-            with open(res.alerts_path, "rb") as fh:
+        if meta["status"] == "done":
+            with open(meta["alerts_path"], "rb") as fh:
                 payload = fh.read()
-            os.unlink(res.alerts_path)
-            meta.update(status="done", n_alerts=res.n_alerts, qa=dict(res.qa, t_load=round(t_load, 4)))
-            if frame.truth is not None:
-                truth = frame.truth
-                m = match_candidates(res.candidates, truth)
-                snr = expected_snr(truth, res.products.subtraction.flux_err)
-                meta.update(n_truth=len(truth), n_found=int(m.found.sum()), n_truth_snr7=int((snr >= 7).sum()),
-                            n_found_snr7=int(m.found[snr >= 7].sum()), n_matched=int((m.truth_index >= 0).sum()))
-        except TransientFailure:
-            raise
-        except (SkipCCD, AlgorithmFailure) as e:
-            status = "skipped" if isinstance(e, SkipCCD) else "failed"
-            meta.update(status=status, error=f"{type(e).__name__}: {e}", qa=getattr(e, "qa", {}))
-        except Exception as e:  # a bug or an unforeseen input: recorded with its traceback, night goes on
-            meta.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
+            os.unlink(meta["alerts_path"])
+        meta.pop("alerts_path", None)
+        meta.update(slot=self.slot, pid=os.getpid())
         self.n_processed += 1
-        meta["wall_s"] = round(time.perf_counter() - t0, 4)
         return meta, payload
 
     def __del__(self):
@@ -831,13 +790,7 @@ class RayNight:
             if r["status"] != "done":
                 log.warning("visit %d ccd %d %s: %s", r["visit"], r["ccd"], r["status"],
                             (r.get("error") or "").splitlines()[0])
-        g = lambda k: int(np.sum([r.get(k, 0) for r in per_ccd]))  # noqa: E731
-        summary = NightSummary(n_tasks=n_tasks, n_done=sum(r["status"] == "done" for r in per_ccd),
-                               n_failed=sum(r["status"] == "failed" for r in per_ccd),
-                               n_skipped=sum(r["status"] == "skipped" for r in per_ccd), n_alerts=g("n_alerts"),
-                               n_truth=g("n_truth"), n_found=g("n_found"), n_truth_snr7=g("n_truth_snr7"),
-                               n_found_snr7=g("n_found_snr7"), n_matched_candidates=g("n_matched"),
-                               wall_s=wall, per_ccd=per_ccd)
+        summary = summarize(per_ccd, wall_s=wall)
         return NightReport(summary=summary, visits=[visits[v] for v in sorted(visits)],
                            n_retries=self.n_retries - n_retries0, n_restarts=self.n_restarts - n_restarts0,
                            n_replaced=self.n_replaced - n_replaced0, n_subtraction_actors=self.n_subtraction,

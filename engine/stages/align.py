@@ -1,50 +1,60 @@
 """Alignment: resample the reference onto the science pixel grid through both WCSs.
 
 For every science pixel ``(x, y)`` the position in the reference is
-``ref_wcs.world2pix(sci_wcs.pix2world(x, y))``. astropy evaluates that map exactly on a coarse
-grid (every ``config.map_step`` px, plus half-pixel offsets for the Jacobian) and a tensor cubic
-spline (:func:`nightsift.kernels.resample.interpolate_coarse_grid`) fills in every pixel; the
-spline error is reported in the QA (``map_interp_error``, px, measured at cell centres).
+``ref_wcs.world2pix(sci_wcs.pix2world(x, y))``. astropy evaluates that map on the host on a coarse
+grid (every ``config.map_step`` px: :func:`coarse_map`); on the device a tensor cubic spline
+(:func:`nightsift.kernels.geometry.coarse_to_full`) fills in every pixel. The spline error is
+reported in the QA (``map_interp_error``, px, measured at cell centres on the host). The pixel-area
+ratio ``|det J|`` (``J = d(ref pix)/d(sci pix)``) comes from the spline's derivatives at the
+nodes, interpolated the same way.
 
-The reference image and variance are resampled with a normalised Lanczos-a kernel
-(:func:`nightsift.kernels.resample.lanczos_resample`, variance with the plain weights: see that
-module) and made flux-conserving: a science pixel covers ``|det J|`` reference pixels
-(``J = d(ref pix)/d(sci pix)``), so the image is multiplied by ``|det J|`` and the variance by
-``|det J|**2``. The mask is carried with :func:`~nightsift.kernels.resample.resample_mask`
-(a flagged reference pixel flags its whole Lanczos footprint). Science pixels the reference does
-not cover are ``NO_DATA``, filled with the median aligned sky (image) and median variance so
-FFTs downstream see no NaN.
+The reference planes (image with its background already subtracted, and variance: see
+:class:`~nightsift.engine.records.ReferenceModel`) are resampled with a normalised Lanczos-a
+kernel (:func:`nightsift.kernels.resample.lanczos_resample`, variance with the plain weights: see
+that module) and made flux-conserving (image x ``|det J|``, variance x ``|det J|**2``). The mask
+is carried with :func:`~nightsift.kernels.resample.resample_mask` (a flagged reference pixel flags
+its whole Lanczos footprint). Science pixels the reference does not cover are ``NO_DATA``, filled
+with a typical value so FFTs downstream see no NaN.
 
-Optionally (``config.refine_offset``, off by default) a significant residual offset measured on
-the matched stars -- a zero-point error between the two WCSs -- is removed by resampling once
-more with the map shifted by it (``astrometric_correction_x/y`` in the QA; the residual QA is
-then measured again). On the DECam cutouts of ../shared/data (identical WCS headers, stars
-~0.55 px apart between the epochs) this halves the number of dipole candidates.
+The reference catalogue (measured once, in the reference's own frame) is carried onto the
+science grid through the same map (:func:`nightsift.kernels.geometry.invert_map`), and the
+residual registration is measured *before* resampling, from bright isolated stars of the
+science catalogue matched to it: ``n_astrometric_stars``, ``astrometric_offset_x/y`` (median
+ref - sci, px) and ``astrometric_rms_x/y`` (1.4826 MAD, px; NaN with fewer than 3 stars). With
+``config.refine_offset`` (the default) a significant offset -- a zero-point error between the
+two WCSs -- is removed from the map (``astrometric_correction_x/y``; the offsets reported are
+then those that remain), so the reference is resampled once. On the DECam cutouts of
+../shared/data (identical WCS headers, stars ~0.55 px apart between the epochs) this halves the
+number of dipole candidates.
 
 QA: ``overlap_fraction``, ``nodata_fraction``, ``pixel_area_ratio`` (median ``|det J|``),
-``map_interp_error`` (px), and the residual astrometry measured on bright isolated stars matched
-between the science image and the aligned reference: ``n_astrometric_stars``,
-``astrometric_offset_x/y`` (median ref - sci, px) and ``astrometric_rms_x/y`` (robust,
-1.4826 MAD, px; NaN with fewer than 3 stars).
+``map_interp_error`` (px) and the astrometric numbers above.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.wcs import WCS
 
-from ...kernels.resample import interpolate_coarse_grid, lanczos_resample, resample_mask
+from nightsift.kernels._xp import array_namespace, host_scalars, to_device
+from nightsift.kernels.background import mad_sigma
+from nightsift.kernels.geometry import coarse_to_full, invert_map, sample_bilinear, spline_matrix
+from nightsift.kernels.neighbours import count_within, nearest
+from nightsift.kernels.resample import lanczos_resample, resample_mask
+
 from ..config import AlignConfig
-from ..errors import InputError, SkipCCD
-from ..io.fits import replace_wcs
-from ..records import UNUSABLE, Exposure, MaskBits, StageResult
+from ..errors import SkipCCD
+from ..records import UNUSABLE, MaskBits, ReferenceModel, SourceCatalog, StageResult
 
-__all__ = ["align", "science_to_reference_map", "astrometric_residuals"]
-
-_H = 0.5  # half-step (px) of the central differences for the Jacobian
+__all__ = ["CoarseMap", "AlignedReference", "coarse_map", "align_reference", "astrometric_stars",
+           "science_to_reference_map"]
 
 
+# ------------------------------------------------------------------------------------------------
+# host: the WCS map on a coarse grid
+# ------------------------------------------------------------------------------------------------
 def _map_points(sci_wcs: WCS, ref_wcs: WCS, x: np.ndarray, y: np.ndarray):
     """Exact science pixel -> reference pixel (0-based) for arbitrary points; NaN where undefined."""
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -57,10 +67,48 @@ def _map_points(sci_wcs: WCS, ref_wcs: WCS, x: np.ndarray, y: np.ndarray):
     return np.asarray(xr, float).reshape(x.shape), np.asarray(yr, float).reshape(x.shape)
 
 
-def science_to_reference_map(
-    sci_wcs: WCS, ref_wcs: WCS, shape: tuple[int, int], *, step: int = 32, sci_offset: tuple[float, float] = (0.0, 0.0)
-):
-    """Reference pixel position and pixel-area ratio of every science pixel.
+def _spline_derivative(n_nodes: int, step: float) -> np.ndarray:
+    """(n_nodes, n_nodes) matrix: derivative (per pixel) of the node spline at the nodes."""
+    from scipy.interpolate import CubicSpline
+
+    if n_nodes == 1:
+        return np.zeros((1, 1))
+    nodes = np.arange(n_nodes, dtype=np.float64) * step
+    return CubicSpline(nodes, np.eye(n_nodes), axis=0).derivative()(nodes)
+
+
+@dataclass(frozen=True)
+class CoarseMap:
+    """The science -> reference pixel map on a coarse grid (host arrays).
+
+    Attributes
+    ----------
+    step : int
+        Node spacing (px); nodes at ``(j * step, i * step)``, the last node at or past the edge.
+    shape : (ny, nx)
+        Science image shape.
+    nodes : ndarray (3, ncy, ncx) float64 or None
+        Reference x, y and the area ratio ``|det J|`` at the nodes; ``None`` when part of the
+        grid has no defined mapping, in which case ``full`` holds the exact per-pixel map.
+    full : ndarray (3, ny, nx) float64 or None
+        Exact map at every pixel (rare fallback: fields far apart, a projection edge).
+    jacobian, offset : ndarray (2, 2), (2,)
+        Affine least-squares fit ``ref ~ offset + J sci`` of the nodes (host numbers).
+    max_error : float
+        Largest difference (px) between the spline and the exact map at up to 400 cell centres.
+    """
+
+    step: int
+    shape: tuple[int, int]
+    nodes: np.ndarray | None
+    full: np.ndarray | None
+    jacobian: np.ndarray
+    offset: np.ndarray
+    max_error: float
+
+
+def coarse_map(sci_wcs: WCS, ref_wcs: WCS, shape: tuple[int, int], *, step: int = 32) -> CoarseMap:
+    """Evaluate the science -> reference map with astropy on a coarse grid (host work).
 
     Parameters
     ----------
@@ -69,321 +117,268 @@ def science_to_reference_map(
     shape : (ny, nx)
         Shape of the science image.
     step : int, keyword-only
-        Spacing (px) of the coarse grid on which the map is evaluated exactly.
-    sci_offset : (dx, dy), keyword-only
-        Science pixel ``(x, y)`` is mapped as if it were ``(x + dx, y + dy)``: moves the aligned
-        image by ``(-dx, -dy)`` science pixels (used to remove a measured residual offset).
-
-    Returns
-    -------
-    x_ref, y_ref : ndarray (ny, nx) float64
-        0-based reference column/row of each science pixel centre (NaN where undefined).
-    area_ratio : ndarray (ny, nx) float64
-        ``|det d(ref pix)/d(sci pix)|``: reference pixels per science pixel.
-    max_error : float
-        Largest difference (px) between the interpolated and the exact map at up to 400 coarse
-        cell centres (0 when the map was evaluated exactly everywhere).
+        Spacing (px) of the coarse grid.
     """
     ny, nx = int(shape[0]), int(shape[1])
     ncy = int(np.ceil((ny - 1) / step)) + 1
     ncx = int(np.ceil((nx - 1) / step)) + 1
     gy, gx = np.mgrid[0:ncy, 0:ncx].astype(np.float64) * step
-    gx += sci_offset[0]
-    gy += sci_offset[1]
-    offsets = [(0, 0), (_H, 0), (-_H, 0), (0, _H), (0, -_H)]
-    X = np.stack([gx + dx for dx, dy in offsets])
-    Y = np.stack([gy + dy for dx, dy in offsets])
-    xr, yr = _map_points(sci_wcs, ref_wcs, X, Y)
-
+    xr, yr = _map_points(sci_wcs, ref_wcs, gx, gy)
     if np.all(np.isfinite(xr) & np.isfinite(yr)):
-        det = (xr[1] - xr[2]) * (yr[3] - yr[4]) - (xr[3] - xr[4]) * (yr[1] - yr[2])
-        area = np.abs(det) / (2 * _H) ** 2
-        x_ref = interpolate_coarse_grid(xr[0], step, (ny, nx))
-        y_ref = interpolate_coarse_grid(yr[0], step, (ny, nx))
-        area_ratio = interpolate_coarse_grid(area, step, (ny, nx))
-        # check the interpolation at cell centres (where a spline is least constrained)
-        cy = (np.arange(ncy - 1) * step + step // 2).clip(0, ny - 1)
-        cx = (np.arange(ncx - 1) * step + step // 2).clip(0, nx - 1)
-        if cy.size and cx.size:
+        dy, dx = _spline_derivative(ncy, step), _spline_derivative(ncx, step)
+        jxx, jxy = xr @ dx.T, dy @ xr  # d(xr)/dx, d(xr)/dy at the nodes
+        jyx, jyy = yr @ dx.T, dy @ yr
+        area = np.abs(jxx * jyy - jxy * jyx)
+        nodes = np.stack([xr, yr, area])
+        A = np.column_stack([np.ones(gx.size), gx.ravel(), gy.ravel()])
+        cx, *_ = np.linalg.lstsq(A, xr.ravel(), rcond=None)
+        cy, *_ = np.linalg.lstsq(A, yr.ravel(), rcond=None)
+        jac = np.array([[cx[1], cx[2]], [cy[1], cy[2]]])
+        off = np.array([cx[0], cy[0]])
+        max_error = 0.0
+        cyc = (np.arange(ncy - 1) * step + step // 2).clip(0, ny - 1)
+        cxc = (np.arange(ncx - 1) * step + step // 2).clip(0, nx - 1)
+        if cyc.size and cxc.size:  # the spline at cell centres, where it is least constrained
             rs = np.random.default_rng(0)
-            pick_y = rs.choice(cy, size=min(400, cy.size * cx.size))
-            pick_x = rs.choice(cx, size=pick_y.size)
-            ex, ey = _map_points(sci_wcs, ref_wcs, pick_x + sci_offset[0], pick_y + sci_offset[1])
-            err = np.hypot(x_ref[pick_y, pick_x] - ex, y_ref[pick_y, pick_x] - ey)
+            py = rs.choice(cyc, size=min(400, cyc.size * cxc.size))
+            px = rs.choice(cxc, size=py.size)
+            ex, ey = _map_points(sci_wcs, ref_wcs, px.astype(float), py.astype(float))
+            wy, wx = spline_matrix(ncy, step, ny)[py], spline_matrix(ncx, step, nx)[px]
+            sx = np.einsum("ij,nj,ni->n", xr, wx, wy)
+            sy = np.einsum("ij,nj,ni->n", yr, wx, wy)
+            err = np.hypot(sx - ex, sy - ey)
             max_error = float(np.nanmax(err)) if np.isfinite(err).any() else 0.0
-        else:
-            max_error = 0.0
-        return x_ref, y_ref, area_ratio, max_error
+        return CoarseMap(step=step, shape=(ny, nx), nodes=nodes, full=None, jacobian=jac, offset=off,
+                         max_error=max_error)
 
-    # Part of the grid has no defined mapping (fields far apart, projection edge): evaluate every
-    # pixel exactly, rows in blocks to bound memory. Rare, and slower (seconds per 4k CCD).
-    x_ref = np.empty((ny, nx))
-    y_ref = np.empty((ny, nx))
-    area_ratio = np.empty((ny, nx))
-    cols = np.arange(nx, dtype=np.float64) + sci_offset[0]
+    # Part of the grid has no defined mapping: evaluate every pixel exactly, rows in blocks.
+    # Rare and slow (seconds per 4k CCD, and the whole map crosses to the device).
+    full = np.empty((3, ny, nx))
+    offsets = [(0, 0), (0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)]
+    cols = np.arange(nx, dtype=np.float64)
     for y0 in range(0, ny, 256):
-        rows = np.arange(y0, min(ny, y0 + 256), dtype=np.float64) + sci_offset[1]
+        rows = np.arange(y0, min(ny, y0 + 256), dtype=np.float64)
         yy, xx = np.meshgrid(rows, cols, indexing="ij")
-        bx, by = _map_points(sci_wcs, ref_wcs, np.stack([xx + dx for dx, dy in offsets]),
-                             np.stack([yy + dy for dx, dy in offsets]))
+        bx, by = _map_points(sci_wcs, ref_wcs, np.stack([xx + a for a, b in offsets]),
+                             np.stack([yy + b for a, b in offsets]))
         det = (bx[1] - bx[2]) * (by[3] - by[4]) - (bx[3] - bx[4]) * (by[1] - by[2])
-        x_ref[y0:y0 + rows.size] = bx[0]
-        y_ref[y0:y0 + rows.size] = by[0]
-        area_ratio[y0:y0 + rows.size] = np.abs(det) / (2 * _H) ** 2
-    return x_ref, y_ref, area_ratio, 0.0
-
-
-def _detect_stars(image: np.ndarray, bad: np.ndarray, *, thresh: float = 10.0, max_stars: int = 500):
-    """Bright, isolated, unflagged stars: (x, y) arrays with windowed centroids (sep)."""
-    import sep
-
-    data = np.ascontiguousarray(image, dtype=np.float64)
-    badm = np.ascontiguousarray(bad, dtype=bool)
-    ny, nx = data.shape
-    bw = min(64, max(8, nx // 4))
-    bh = min(64, max(8, ny // 4))
-    bkg = sep.Background(data, mask=badm, bw=bw, bh=bh)
-    sub = data - bkg.back()
-    try:
-        objs = sep.extract(sub, thresh, err=bkg.globalrms, mask=badm, minarea=5)
-    except Exception:  # sep's pixel-stack overflow on extremely crowded frames
-        return np.empty(0), np.empty(0)
-    if objs.size == 0:
-        return np.empty(0), np.empty(0)
-    good = (objs["flag"] == 0) & (objs["a"] > 0) & np.isfinite(objs["x"]) & np.isfinite(objs["y"])
-    objs = objs[good]
-    if objs.size == 0:
-        return np.empty(0), np.empty(0)
-    sigma = float(np.median(np.sqrt(0.5 * (objs["a"] ** 2 + objs["b"] ** 2))))
-    sigma = min(max(sigma, 0.8), 10.0)
-    # isolated: no other detection within 6 sigma (~2.5 FWHM), far from the edge
-    from scipy.spatial import cKDTree
-
-    pos = np.column_stack([objs["x"], objs["y"]])
-    if len(pos) > 1:
-        d, _ = cKDTree(pos).query(pos, k=2)
-        iso = d[:, 1] > 6 * sigma
+        full[0, y0:y0 + rows.size], full[1, y0:y0 + rows.size] = bx[0], by[0]
+        full[2, y0:y0 + rows.size] = np.abs(det)
+    ok = np.isfinite(full[0]) & np.isfinite(full[1])
+    if ok.sum() >= 3:
+        yy, xx = np.nonzero(ok)
+        sel = slice(None, None, max(1, ok.sum() // 20000))
+        A = np.column_stack([np.ones(xx[sel].size), xx[sel], yy[sel]])
+        cx, *_ = np.linalg.lstsq(A, full[0][ok][sel], rcond=None)
+        cy, *_ = np.linalg.lstsq(A, full[1][ok][sel], rcond=None)
+        jac, off = np.array([[cx[1], cx[2]], [cy[1], cy[2]]]), np.array([cx[0], cy[0]])
     else:
-        iso = np.ones(len(pos), bool)
-    edge = 4 * sigma
-    inside = (pos[:, 0] > edge) & (pos[:, 0] < nx - 1 - edge) & (pos[:, 1] > edge) & (pos[:, 1] < ny - 1 - edge)
-    objs = objs[iso & inside]
-    objs = objs[np.argsort(objs["flux"])[::-1][:max_stars]]
-    if objs.size == 0:
-        return np.empty(0), np.empty(0)
-    x, y, flag = sep.winpos(sub, objs["x"], objs["y"], np.full(objs.size, sigma), mask=badm)
-    ok = (flag == 0) & np.isfinite(x) & np.isfinite(y)
-    return np.asarray(x[ok]), np.asarray(y[ok])
+        jac, off = np.eye(2), np.zeros(2)
+    return CoarseMap(step=step, shape=(ny, nx), nodes=None, full=full, jacobian=jac, offset=off, max_error=0.0)
 
 
-def _typical(values: np.ndarray, sel: np.ndarray, fallback: float) -> float:
-    """Median of ``values[sel]`` from a 1-in-16 subsample (a fill value, not a measurement)."""
-    v = values[::4, ::4][sel[::4, ::4]]
-    if v.size == 0:
-        v = values[sel]
-    return float(np.median(v)) if v.size else fallback
+def science_to_reference_map(sci_wcs: WCS, ref_wcs: WCS, shape, *, step: int = 32):
+    """Host convenience (tests, tools): ``x_ref, y_ref, area_ratio, max_error`` at every pixel,
+    through the same coarse map and spline as the chain."""
+    cm = coarse_map(sci_wcs, ref_wcs, shape, step=step)
+    full = cm.full if cm.nodes is None else coarse_to_full(cm.nodes, cm.step, cm.shape)
+    return full[0], full[1], full[2], cm.max_error
 
 
-def _qa_windows(shape: tuple[int, int], max_pixels: int = 2048 * 2048):
-    """Slices in which stars are detected: the whole image, or for bigger CCDs the central half
-    (in each axis) of every cell of a 4x4 grid -- a quarter of the area, spread over the whole
-    field so distortion residuals near the edges are still seen -- to bound the cost."""
-    ny, nx = shape
-    if ny * nx <= max_pixels:
-        return [(slice(0, ny), slice(0, nx))]
-    out = []
-    for j in range(4):
-        for i in range(4):
-            cy, cx = (2 * j + 1) * ny // 8, (2 * i + 1) * nx // 8
-            hy, hx = ny // 16, nx // 16
-            out.append((slice(cy - hy, cy + hy), slice(cx - hx, cx + hx)))
-    return out
+# ------------------------------------------------------------------------------------------------
+# device: carry the catalogue, measure the residual registration, resample
+# ------------------------------------------------------------------------------------------------
+def astrometric_stars(catalog: SourceCatalog, *, radius: float, min_snr: float = 20.0):
+    """Bright (``snr >= min_snr``), unflagged, isolated sources (no other catalogue source within
+    ``radius`` px): the stars whose centroids measure a registration. Device bool ``(n,)``."""
+    xp = array_namespace(catalog.x)
+    n = len(catalog)
+    bright = (catalog.snr >= min_snr) & (catalog.flag == 0)
+    if n == 0:
+        return bright
+    self_index = xp.arange(n, dtype=xp.int64)
+    crowd = count_within(catalog.x, catalog.y, catalog.x, catalog.y, radius=radius, self_index=self_index)
+    return bright & (crowd == 0)
 
 
-def astrometric_residuals(
-    sci_image: np.ndarray,
-    sci_bad: np.ndarray,
-    ref_image: np.ndarray,
-    ref_bad: np.ndarray,
-    *,
-    match_radius: float = 1.5,
-    max_stars: int = 500,
-) -> dict[str, float | int]:
-    """Residual offset between two images on one pixel grid, from matched bright isolated stars.
+def _residuals(xs, ys, xr, yr, *, match_radius: float):
+    """Matched pairs (one-to-one) within ``match_radius``: ``(n, median dx, median dy, rms x, rms y)``
+    as device 0-d arrays (dx = ref - sci)."""
+    xp = array_namespace(xs, xr)
+    if xs.shape[0] == 0 or xr.shape[0] == 0:
+        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
+    j, d = nearest(xs, ys, xr, yr, radius=match_radius)
+    hit = j >= 0
+    jj = xp.where(hit, j, 0)
+    # one-to-one: a reference star claimed by two science stars matches neither
+    claims = xp.bincount(jj, weights=hit.astype(xp.float64), minlength=max(int(xr.shape[0]), 1))
+    single = hit & (claims[jj] == 1)
+    dx = xp.where(single, xr[jj] - xs, xp.nan)
+    dy = xp.where(single, yr[jj] - ys, xp.nan)
+    n = single.sum()
+    with warnings.catch_warnings():  # all-NaN slices give NaN (fewer than one star): expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ox, oy = xp.nanmedian(dx), xp.nanmedian(dy)
+    return n, ox, oy, mad_sigma(dx), mad_sigma(dy)
 
-    Parameters
+
+@dataclass(frozen=True)
+class AlignedReference:
+    """The reference on the science grid (device arrays).
+
+    Attributes
     ----------
-    sci_image, ref_image : ndarray (ny, nx) float, e-
-    sci_bad, ref_bad : ndarray (ny, nx) bool
-        Pixels to ignore (flagged or not covered).
-    match_radius : float, keyword-only
-        Largest separation (px) of a match.
-    max_stars : int, keyword-only
-        At most this many of the brightest isolated stars are used (per image).
-
-    Returns
-    -------
-    dict
-        ``n_astrometric_stars``; ``astrometric_offset_x/y`` (median ref - sci, px);
-        ``astrometric_rms_x/y`` (1.4826 MAD, px). NaN where fewer than 3 stars match.
+    image : (ny, nx) float32, e-
+        Resampled reference (background-subtracted when the model's image is), x pixel-area ratio.
+    variance : (ny, nx) float32, e-^2
+    mask : (ny, nx) uint16
+    catalog : SourceCatalog
+        The reference catalogue at its science-grid positions (sources off the grid dropped).
+    tile_centres : (T, 2) float64
+        Reference-grid position ``(x, y)`` of each science tile centre (after the correction).
+    tile_jacobian : (T, 2, 2) float64
+        ``d(ref)/d(sci)`` at each science tile centre.
+    astrometric_rms : (float, float)
+        The registration RMS (px) for ZOGY's astrometric noise, or ``None`` when too few stars
+        measured it.
     """
-    from scipy.spatial import cKDTree
 
-    parts_s, parts_r = [], []
-    windows = _qa_windows(np.shape(sci_image))
-    per_window = max(20, max_stars // len(windows))
-    for sl in windows:
-        oy, ox = sl[0].start, sl[1].start
-        x, y = _detect_stars(sci_image[sl], sci_bad[sl], max_stars=per_window)
-        parts_s.append((x + ox, y + oy))
-        x, y = _detect_stars(ref_image[sl], ref_bad[sl], max_stars=per_window)
-        parts_r.append((x + ox, y + oy))
-    xs = np.concatenate([p[0] for p in parts_s])
-    ys = np.concatenate([p[1] for p in parts_s])
-    xr = np.concatenate([p[0] for p in parts_r])
-    yr = np.concatenate([p[1] for p in parts_r])
-    out: dict[str, float | int] = {
-        "n_astrometric_stars": 0,
-        "astrometric_offset_x": float("nan"),
-        "astrometric_offset_y": float("nan"),
-        "astrometric_rms_x": float("nan"),
-        "astrometric_rms_y": float("nan"),
-    }
-    if xs.size == 0 or xr.size == 0:
-        return out
-    d, j = cKDTree(np.column_stack([xr, yr])).query(np.column_stack([xs, ys]), distance_upper_bound=match_radius)
-    hit = np.isfinite(d)
-    # keep one-to-one matches only
-    jj = j[hit]
-    uniq, counts = np.unique(jj, return_counts=True)
-    single = np.isin(jj, uniq[counts == 1])
-    idx_s = np.nonzero(hit)[0][single]
-    idx_r = jj[single]
-    dx = xr[idx_r] - xs[idx_s]
-    dy = yr[idx_r] - ys[idx_s]
-    out["n_astrometric_stars"] = int(dx.size)
-    if dx.size >= 3:
-        out["astrometric_offset_x"] = float(np.median(dx))
-        out["astrometric_offset_y"] = float(np.median(dy))
-        out["astrometric_rms_x"] = float(1.4826 * np.median(np.abs(dx - np.median(dx))))
-        out["astrometric_rms_y"] = float(1.4826 * np.median(np.abs(dy - np.median(dy))))
-    return out
+    image: object
+    variance: object
+    mask: object
+    catalog: SourceCatalog
+    tile_centres: object
+    tile_jacobian: object
+    astrometric_rms: tuple | None
 
 
-def _significant_offset(astro: dict, min_stars: int) -> bool:
+def _significant(n: int, ox: float, oy: float, rx: float, ry: float, min_stars: int) -> bool:
     """Enough stars, and a median offset > 0.01 px and > 3x its own error (1.25 rms / sqrt(n))."""
-    n = astro["n_astrometric_stars"]
     if n < max(min_stars, 3):
         return False
-    off = np.hypot(astro["astrometric_offset_x"], astro["astrometric_offset_y"])
-    err = 1.25 * np.hypot(astro["astrometric_rms_x"], astro["astrometric_rms_y"]) / np.sqrt(n)
+    off = np.hypot(ox, oy)
+    err = 1.25 * np.hypot(rx, ry) / np.sqrt(n)
     return bool(np.isfinite(off) and off > 0.01 and off > 3 * err)
 
 
-def _resample_reference(reference: Exposure, x_ref, y_ref, area_ratio, covered, a: int):
-    """Image, variance, mask of the reference on the science grid, and the NO_DATA pixels."""
-    # reference planes; flagged-bad / no-data pixels get a neutral value so they cannot ring
-    rimg = np.asarray(reference.image, dtype=np.float32)
-    rvar = np.asarray(reference.variance, dtype=np.float32)
-    rmask = np.asarray(reference.mask, dtype=np.uint16)
-    junk = (rmask & np.uint16(MaskBits.BAD | MaskBits.NO_DATA)) != 0
-    junk |= ~np.isfinite(rimg) | ~np.isfinite(rvar)
-    if junk.any():
-        ok = ~junk
-        rimg = np.where(junk, _typical(rimg, ok, 0.0), rimg).astype(np.float32)
-        rvar = np.where(junk, _typical(rvar, ok, 1.0), rvar).astype(np.float32)
-
-    planes = lanczos_resample(np.stack([rimg, rvar]), x_ref, y_ref, a=a, fill=np.nan)
-    mask = resample_mask(rmask, x_ref, y_ref, a=a, no_data_bit=int(MaskBits.NO_DATA))
-    image = planes[0] * area_ratio
-    variance = planes[1] * area_ratio**2
-    nodata = ~np.isfinite(image) | ~np.isfinite(variance) | ~covered
-    mask[nodata] |= np.uint16(MaskBits.NO_DATA)
-    live = ~nodata
-    image = np.where(nodata, _typical(image, live, 0.0), image).astype(np.float32)
-    variance = np.where(nodata, _typical(variance, live, 1.0), variance).astype(np.float32)
-
-    return image, variance, mask, nodata
-
-
-def align(science: Exposure, reference: Exposure, *, config: AlignConfig) -> StageResult:
-    """Resample the reference onto the science pixel grid.
+def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: SourceCatalog | None,
+                    sci_astro=None, tile_centres=None, science_path: str | None = None,
+                    config: AlignConfig) -> StageResult:
+    """Resample a reference model onto a science grid and carry its catalogue there.
 
     Parameters
     ----------
-    science : Exposure
-        Defines the output grid (shape, WCS). Its image/mask are used only for the QA.
-    reference : Exposure
-        Calibrated reference (e-, e-^2, mask), any shape/orientation/scale with a celestial WCS.
-    config : AlignConfig, keyword-only
-        ``lanczos_order``, ``min_overlap``, ``map_step``, ``match_radius``, ``refine_offset``,
-        ``refine_min_stars``.
+    reference : ReferenceModel
+        On the device the chain runs on.
+    cmap : CoarseMap
+        :func:`coarse_map` of the science and reference WCSs (host).
+    sci_catalog : SourceCatalog or None
+        Science sources; with ``sci_astro`` (device bool, the bright isolated ones) they measure
+        the residual registration against the carried reference catalogue. ``None``: not measured.
+    tile_centres : ndarray (T, 2), optional
+        Science tile centres ``(x, y)`` (host; the centres of the cores' parts inside the image,
+        :meth:`~nightsift.kernels.tiles.TileGrid.visible_centres`): their reference positions
+        and local Jacobians are returned for carrying the PSF.
+    science_path : str, optional
+        For messages.
+    config : AlignConfig
 
     Returns
     -------
-    StageResult
-        ``value``: :class:`Exposure` on the science grid (image float32 e- per science pixel,
-        variance float32 e-^2, mask uint16 with ``NO_DATA`` where the reference does not cover,
-        ``wcs = science.wcs``, the reference's header with the science WCS, ``path`` of the
-        reference). ``qa``: see the module docstring.
+    StageResult(AlignedReference, qa)
 
     Raises
     ------
     SkipCCD
         If the reference covers less than ``config.min_overlap`` of the science pixels.
-    InputError
-        If an image is not 2-D or its variance/mask shape differs from its image.
     """
-    a = int(config.lanczos_order)
-    for name, e in (("science", science), ("reference", reference)):
-        if np.ndim(e.image) != 2:
-            raise InputError(f"{name} image must be 2-D, got shape {np.shape(e.image)}", path=e.path)
-        if np.shape(e.variance) != np.shape(e.image) or np.shape(e.mask) != np.shape(e.image):
-            raise InputError(f"{name} variance/mask shapes differ from its image {np.shape(e.image)}", path=e.path)
-    shape = science.shape
-    x_ref, y_ref, area_ratio, map_err = science_to_reference_map(
-        science.wcs, reference.wcs, shape, step=config.map_step
-    )
+    xp = array_namespace(reference.image)
+    ny, nx = cmap.shape
     rny, rnx = reference.shape
-    covered = np.isfinite(x_ref) & np.isfinite(y_ref)
+    a = int(config.lanczos_order)
+    if cmap.nodes is not None:
+        maps = coarse_to_full(to_device(cmap.nodes, xp, label="wcs_map"), cmap.step, cmap.shape)
+    else:
+        maps = to_device(cmap.full, xp, label="wcs_map_full")
+    x_ref, y_ref, area = maps[0], maps[1], maps[2]
+    covered = xp.isfinite(x_ref) & xp.isfinite(y_ref)
     covered &= (x_ref >= -0.5) & (x_ref <= rnx - 0.5) & (y_ref >= -0.5) & (y_ref <= rny - 0.5)
-    overlap = float(covered.mean())
-    if overlap < config.min_overlap:
+    overlap = covered.mean()
+
+    # the reference catalogue on the science grid
+    cat = reference.catalog
+    px, py = invert_map(x_ref, y_ref, cat.x, cat.y, jacobian=cmap.jacobian, offset=cmap.offset)
+    stats = (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
+    if sci_catalog is not None and sci_astro is not None and len(sci_catalog) and len(cat):
+        ra = reference.astro & xp.isfinite(px) & xp.isfinite(py)
+        stats = _residuals(sci_catalog.x[sci_astro], sci_catalog.y[sci_astro], px[ra], py[ra],
+                           match_radius=config.match_radius)
+    ov, n, ox, oy, rx, ry = host_scalars(overlap, *stats)
+    if ov < config.min_overlap:
         raise SkipCCD(
-            f"reference {reference.path or '(in memory)'} covers {overlap:.1%} of science "
-            f"{science.path or '(in memory)'} (align.min_overlap = {config.min_overlap:.1%}); "
+            f"reference {reference.path or '(in memory)'} covers {ov:.1%} of science "
+            f"{science_path or '(in memory)'} (align.min_overlap = {config.min_overlap:.1%}); "
             "no difference image for this CCD: check the reference selection for this field/CCD",
-            qa={"overlap_fraction": overlap},
-        )
-
-    image, variance, mask, nodata = _resample_reference(reference, x_ref, y_ref, area_ratio, covered, a)
-    sci_bad = (np.asarray(science.mask) & UNUSABLE) != 0
-    astro = astrometric_residuals(np.asarray(science.image), sci_bad | nodata, image,
-                                  ((mask & UNUSABLE) != 0) | nodata, match_radius=config.match_radius)
+            qa={"overlap_fraction": ov})
     correction = (0.0, 0.0)
-    if config.refine_offset and _significant_offset(astro, config.refine_min_stars):
+    if config.refine_offset and _significant(n, ox, oy, rx, ry, config.refine_min_stars):
         # the aligned stars sit at sci + offset: map each science pixel as if it were pixel + offset
-        correction = (astro["astrometric_offset_x"], astro["astrometric_offset_y"])
-        x_ref, y_ref, area_ratio, map_err = science_to_reference_map(
-            science.wcs, reference.wcs, shape, step=config.map_step, sci_offset=correction
-        )
-        covered = np.isfinite(x_ref) & np.isfinite(y_ref)
+        correction = (ox, oy)
+        (jxx, jxy), (jyx, jyy) = cmap.jacobian
+        x_ref = x_ref + (jxx * ox + jxy * oy)
+        y_ref = y_ref + (jyx * ox + jyy * oy)
+        px, py = px - ox, py - oy
+        covered = xp.isfinite(x_ref) & xp.isfinite(y_ref)
         covered &= (x_ref >= -0.5) & (x_ref <= rnx - 0.5) & (y_ref >= -0.5) & (y_ref <= rny - 0.5)
-        image, variance, mask, nodata = _resample_reference(reference, x_ref, y_ref, area_ratio, covered, a)
-        astro = astrometric_residuals(np.asarray(science.image), sci_bad | nodata, image,
-                                      ((mask & UNUSABLE) != 0) | nodata, match_radius=config.match_radius)
 
-    header = replace_wcs(reference.header, science.wcs)
-    header["ALIGNTO"] = (str(science.path or ""), "science image whose grid this is")
-    aligned = Exposure(image=image, variance=variance, mask=mask, wcs=science.wcs, header=header, path=reference.path)
+    planes = lanczos_resample(xp.stack([reference.image, reference.variance]), x_ref, y_ref, a=a, fill=np.nan)
+    mask = resample_mask(reference.mask, x_ref, y_ref, a=a, no_data_bit=int(MaskBits.NO_DATA))
+    image = planes[0] * area.astype(xp.float32)
+    variance = planes[1] * (area * area).astype(xp.float32)
+    nodata = ~xp.isfinite(image) | ~xp.isfinite(variance) | ~covered
+    mask = mask | xp.where(nodata, xp.uint16(MaskBits.NO_DATA), xp.uint16(0))
+    sub = (slice(None, None, 4), slice(None, None, 4))
+    live = ~nodata[sub]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fill_img = xp.nanmedian(xp.where(live, image[sub], xp.nan))
+        fill_var = xp.nanmedian(xp.where(live, variance[sub], xp.nan))
+        area_med = xp.nanmedian(xp.where(covered[sub], area[sub], xp.nan))
+    image = xp.where(nodata, xp.nan_to_num(fill_img).astype(xp.float32), image).astype(xp.float32)
+    variance = xp.where(nodata, xp.nan_to_num(fill_var, nan=1.0).astype(xp.float32), variance).astype(xp.float32)
 
-    qa: dict[str, float | int | str] = {
-        "overlap_fraction": overlap,
-        "nodata_fraction": float(np.count_nonzero(mask & MaskBits.NO_DATA)) / mask.size,
-        "pixel_area_ratio": _typical(area_ratio, covered, float("nan")),
-        "map_interp_error": map_err,
+    # the carried catalogue: sources that land on the science grid
+    on = xp.isfinite(px) & xp.isfinite(py) & (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
+    scale = xp.sqrt(xp.nan_to_num(sample_bilinear(area, xp.clip(px, 0, nx - 1), xp.clip(py, 0, ny - 1)), nan=1.0))
+    carried = cat.replace(x=px, y=py, a=cat.a / scale, b=cat.b / scale, size=cat.size / scale).take(on)
+
+    centres = jac = None
+    if tile_centres is not None:
+        tc = to_device(np.asarray(tile_centres, np.float64), xp, label="tile_centres")
+        h = 1.0  # central differences need both neighbours inside the map
+        cx = xp.clip(tc[:, 0], h, max(nx - 1 - h, h))
+        cy = xp.clip(tc[:, 1], h, max(ny - 1 - h, h))
+        xs = [sample_bilinear(x_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
+        ys = [sample_bilinear(y_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
+        centres = xp.stack([xs[0], ys[0]], axis=1)
+        jac = xp.stack([xp.stack([(xs[1] - xs[2]) / (2 * h), (xs[3] - xs[4]) / (2 * h)], axis=1),
+                        xp.stack([(ys[1] - ys[2]) / (2 * h), (ys[3] - ys[4]) / (2 * h)], axis=1)], axis=1)
+
+    ast = None
+    if n >= config.min_astrometric_stars and np.isfinite(rx) and np.isfinite(ry):
+        ast = (max(rx, config.astrometric_rms_floor), max(ry, config.astrometric_rms_floor))
+    qa = {
+        "overlap_fraction": ov,
+        "nodata_fraction": nodata.mean(),
+        "pixel_area_ratio": area_med,
+        "map_interp_error": cmap.max_error,
         "astrometric_correction_x": correction[0],
         "astrometric_correction_y": correction[1],
+        "n_astrometric_stars": n,
+        "astrometric_offset_x": ox - correction[0],
+        "astrometric_offset_y": oy - correction[1],
+        "astrometric_rms_x": rx,
+        "astrometric_rms_y": ry,
     }
-    qa.update(astro)
-    return StageResult(aligned, qa)
+    return StageResult(AlignedReference(image=image, variance=variance, mask=mask, catalog=carried,
+                                        tile_centres=centres, tile_jacobian=jac, astrometric_rms=ast), qa)

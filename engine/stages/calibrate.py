@@ -36,12 +36,16 @@ import numpy as np
 import scipy.ndimage as ndi
 from astropy.io import fits
 
+from nightsift.kernels._xp import array_namespace, ndimage_module, to_device
+from nightsift.kernels.background import mad_sigma
+
 from ..config import CalibrateConfig
 from ..errors import InputError
-from ..io.fits import celestial_wcs, check_same_shape
-from ..records import CalibrationFrames, Exposure, MaskBits, RawFrame, StageResult
+from ..io.fits import celestial_wcs, check_same_shape, header_float
+from ..records import CalibrationFrames, Exposure, MaskBits, RawFrame, StageResult, qa_to_host
 
-__all__ = ["MasterCalibration", "make_master", "calibrate"]
+__all__ = ["MasterCalibration", "FrameParams", "make_master", "frame_params", "master_on", "calibrate_frames",
+           "calibrate", "calibrated_header"]
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,6 @@ def _stack(a, name: str) -> np.ndarray:
     if not np.isfinite(arr).any():
         raise InputError(f"calibration {name} frames contain no finite pixel; re-take or re-read them")
     return arr
-
-
-def _robust_std(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
 def _clipped_std(x: np.ndarray, *, nsigma: float = 5.0, iterations: int = 3) -> float:
@@ -234,109 +231,184 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     )
 
 
-def _header_float(header: fits.Header, key: str, path: str | None, *, default=None) -> float:
-    if key not in header:
-        if default is not None:
-            return default
-        raise InputError(f"header has no {key}; add it (see nightsift.engine.io.fits.read_raw)", path=path)
-    try:
-        value = float(header[key])
-    except (TypeError, ValueError):
-        raise InputError(f"header {key} = {header[key]!r} is not a number", path=path) from None
-    if not np.isfinite(value):
-        raise InputError(f"header {key} is not finite", path=path)
-    return value
+@dataclass(frozen=True)
+class FrameParams:
+    """The header numbers one raw frame is calibrated with (read on the host, checked there).
+
+    Attributes
+    ----------
+    gain : float, e-/ADU
+    saturate : float, ADU
+    exptime : float, s
+    read_noise : float, e-
+    path : str or None
+    """
+
+    gain: float
+    saturate: float
+    exptime: float
+    read_noise: float
+    path: str | None = None
 
 
-def calibrate(raw: RawFrame, master: MasterCalibration, *, config: CalibrateConfig) -> StageResult:
-    """Calibrate one raw frame to electrons with its variance and mask.
+def frame_params(raw: RawFrame, master: MasterCalibration) -> FrameParams:
+    """Read and check ``GAIN``, ``SATURATE``, ``EXPTIME`` and ``RDNOISE`` of a raw frame.
+
+    Raises
+    ------
+    InputError
+        A missing or non-numeric key, a non-positive GAIN, or a frame whose shape is not the
+        masters' (naming the file).
+    """
+    path = raw.path
+    check_same_shape(tuple(raw.data.shape), master.shape, (path, "the master calibration"))
+    header = raw.header
+    gain = header_float(header, "GAIN", path=path)
+    if gain <= 0:
+        raise InputError(f"header GAIN = {gain} must be > 0 (e-/ADU)", path=path)
+    rn_default = master.read_noise if np.isfinite(master.read_noise) else 0.0
+    return FrameParams(gain=gain, saturate=header_float(header, "SATURATE", path=path),
+                       exptime=header_float(header, "EXPTIME", path=path),
+                       read_noise=header_float(header, "RDNOISE", path=path, default=rn_default), path=path)
+
+
+def master_on(master: MasterCalibration, xp) -> MasterCalibration:
+    """The master frames in ``xp``'s memory (float32 planes, uint16 mask): a CCD's resident copy
+    for a device worker (uploaded once, labelled ``statics``)."""
+    from dataclasses import replace
+
+    return replace(master, bias=to_device(master.bias, xp, dtype=np.float32, label="statics"),
+                   dark_rate=to_device(master.dark_rate, xp, dtype=np.float32, label="statics"),
+                   flat=to_device(master.flat, xp, dtype=np.float32, label="statics"),
+                   bad_pixel_mask=to_device(master.bad_pixel_mask, xp, dtype=np.uint16, label="statics"))
+
+
+def calibrate_frames(data, masters, params, *, config: CalibrateConfig) -> StageResult:
+    """Calibrate a batch of raw frames to electrons with their variance and mask.
 
     Parameters
     ----------
-    raw : RawFrame
-        ``data`` (ny, nx) ADU; header with ``GAIN`` (e-/ADU), ``SATURATE`` (ADU), ``EXPTIME`` (s),
-        optionally ``RDNOISE`` (e-; else ``master.read_noise``, else 0), and a celestial WCS.
-    master : MasterCalibration
-        From :func:`make_master`; same shape as ``raw.data``.
+    data : ndarray (B, ny, nx), ADU (uint16 or float), on the device the chain runs on
+    masters : sequence of B :class:`MasterCalibration`, on the same device (:func:`master_on`)
+    params : sequence of B :class:`FrameParams` (:func:`frame_params`)
     config : CalibrateConfig, keyword-only
 
     Returns
     -------
     StageResult
-        ``value``: :class:`Exposure` (image float32 e-, variance float32 e-^2, mask uint16, WCS,
-        header with ``BUNIT = 'electron'``). ``qa``: ``sky_median`` (e-), ``sky_noise`` (e-,
-        robust std of unmasked pixels, sources included so a crowded field reads high),
-        ``sky_noise_expected`` (e-, median sqrt(variance)), ``saturated_fraction``,
-        ``bad_fraction``, ``nodata_fraction``, ``read_noise`` (e-).
+        ``value``: ``(image, variance, mask)``, ``(B, ny, nx)`` float32 e-, float32 e-^2,
+        uint16. ``qa``: ``(B,)`` device arrays ``sky_median`` (e-), ``sky_noise`` (robust std of
+        unmasked pixels, sources included), ``sky_noise_expected`` (median sqrt(variance)),
+        ``saturated_fraction``, ``bad_fraction``, ``nodata_fraction``, ``master_noise`` and
+        ``n_usable`` (unmasked pixels), plus host ``read_noise`` values.
+
+    Notes
+    -----
+    Float32 throughout (the masters are float32; the arithmetic of one pixel needs no more).
+    The medians of the QA and of the NO_DATA fill come from a 1-in-16 subsample of the frame.
+    """
+    xp = array_namespace(data, *(m.bias for m in masters))
+    ndi = ndimage_module(xp)
+    B = data.shape[0]
+    f32 = xp.float32
+    raw = data.astype(f32)
+    finite = xp.isfinite(raw)
+    image = xp.empty(raw.shape, f32)
+    variance = xp.empty(raw.shape, f32)
+    mask = xp.empty(raw.shape, xp.uint16)
+    sat = xp.empty(raw.shape, bool)
+    var_master = np.zeros(B)
+    for b, (m, p) in enumerate(zip(masters, params)):  # elementwise work on whole frames, per CCD
+        dark_adu = m.dark_rate * f32(p.exptime)
+        signal_e = (xp.where(finite[b], raw[b], f32(0)) - m.bias - dark_adu) * f32(p.gain)
+        image[b] = signal_e / m.flat
+        ratio = p.exptime / m.dark_exptime if m.dark_exptime > 0 else 0.0
+        var_master[b] = (1.0 - ratio) ** 2 * m.bias_var + ratio**2 * m.dark_var
+        const = f32(p.read_noise**2 + p.gain**2 * var_master[b])
+        dark_e = xp.maximum(dark_adu * f32(p.gain), f32(0))
+        variance[b] = (xp.maximum(signal_e, f32(0)) + dark_e + const) / (m.flat * m.flat)
+        variance[b] += image[b] * image[b] * f32(m.flat_var)
+        mask[b] = m.bad_pixel_mask
+        sat[b] = finite[b] & (raw[b] >= f32(config.saturation_fraction * p.saturate))
+    if config.saturation_grow > 0:
+        sat = ndi.binary_dilation(sat, structure=to_device(np.ones((1, 3, 3), bool), xp, label="constants"),
+                                  iterations=config.saturation_grow)
+    mask |= xp.where(sat, xp.uint16(MaskBits.SAT), xp.uint16(0))
+    mask |= xp.where(finite, xp.uint16(0), xp.uint16(MaskBits.NO_DATA))
+
+    good = mask == 0
+    sub = (slice(None), slice(None, None, 4), slice(None, None, 4))
+    img_s = xp.where(good[sub], image[sub], xp.nan)
+    sky = xp.nanmedian(img_s.reshape(B, -1), axis=1)
+    var_s = xp.where(good[sub], variance[sub], xp.nan)
+    med_var = xp.nanmedian(var_s.reshape(B, -1), axis=1)
+    # NO_DATA pixels (NaN in the raw frame) get the median sky and variance: no NaN downstream
+    image = xp.where(finite, image, sky.astype(f32)[:, None, None])
+    variance = xp.where(finite, variance, med_var.astype(f32)[:, None, None])
+
+    npix = float(raw[0].size)
+    dev = to_device(np.array([[m.flat_var for m in masters], [p.gain for p in params], var_master]), xp,
+                    label="header")
+    flat_var, gain, vm = dev[0], dev[1], dev[2]
+    qa = {
+        "sky_median": sky,
+        "sky_noise": mad_sigma(img_s.reshape(B, -1), axis=-1),
+        "sky_noise_expected": xp.nanmedian(xp.sqrt(var_s).reshape(B, -1), axis=1),
+        "saturated_fraction": ((mask & MaskBits.SAT) != 0).reshape(B, -1).sum(axis=1) / npix,
+        "bad_fraction": ((mask & MaskBits.BAD) != 0).reshape(B, -1).sum(axis=1) / npix,
+        "nodata_fraction": (~finite).reshape(B, -1).sum(axis=1) / npix,
+        "read_noise": [float(p.read_noise) for p in params],
+        "master_noise": xp.sqrt(gain**2 * vm + sky**2 * flat_var),
+        "n_usable": good.reshape(B, -1).sum(axis=1),
+    }
+    return StageResult((image, variance, mask), qa)
+
+
+def calibrate(raw: RawFrame, master: MasterCalibration, *, config: CalibrateConfig) -> StageResult:
+    """Calibrate one raw frame (:func:`calibrate_frames` with B = 1) into an :class:`Exposure`.
+
+    Parameters
+    ----------
+    raw : RawFrame
+        ``data`` (ny, nx) ADU (numpy, or on the device of ``master``); header with ``GAIN``
+        (e-/ADU), ``SATURATE`` (ADU), ``EXPTIME`` (s), optionally ``RDNOISE`` (e-; else
+        ``master.read_noise``, else 0), and a celestial WCS.
+    master : MasterCalibration
+        From :func:`make_master`; same shape as ``raw.data``; numpy or on a device (:func:`master_on`).
+    config : CalibrateConfig, keyword-only
+
+    Returns
+    -------
+    StageResult
+        ``value``: :class:`Exposure` (arrays on the masters' device; header with
+        ``BUNIT = 'electron'``); ``qa``: the numbers of :func:`calibrate_frames` as Python floats.
 
     Raises
     ------
     InputError
-        Shape mismatch between the raw frame and the masters, missing/invalid header keys or WCS.
+        Shape mismatch between the raw frame and the masters, missing/invalid header keys or WCS,
+        no usable pixel.
     """
-    path = raw.path
-    data = np.asarray(raw.data, dtype=np.float64)
-    check_same_shape(data, master.bias, (path, "the master calibration"))
-    header = raw.header
-    gain = _header_float(header, "GAIN", path)
-    if gain <= 0:
-        raise InputError(f"header GAIN = {gain} must be > 0 (e-/ADU)", path=path)
-    saturate = _header_float(header, "SATURATE", path)
-    exptime = _header_float(header, "EXPTIME", path)
-    rn_default = master.read_noise if np.isfinite(master.read_noise) else 0.0
-    read_noise = _header_float(header, "RDNOISE", path, default=rn_default)
-    wcs = celestial_wcs(header, data.shape, path=path)
-
-    finite = np.isfinite(data)
-    if not finite.any():
-        raise InputError("raw frame has no finite pixel; drop it", path=path)
-    flat = master.flat.astype(np.float64)
-    dark_adu = master.dark_rate.astype(np.float64) * exptime
-    signal_e = (np.where(finite, data, 0.0) - master.bias - dark_adu) * gain  # collected e-
-    image = signal_e / flat
-    dark_e = np.clip(dark_adu * gain, 0.0, None)
-    # master noise in ADU: raw - bias - (dark_median - bias) * t/td = raw - (1 - t/td) bias - (t/td) dark_median
-    ratio = exptime / master.dark_exptime if master.dark_exptime > 0 else 0.0
-    var_master = (1.0 - ratio) ** 2 * master.bias_var + ratio**2 * master.dark_var
-    variance = (np.clip(signal_e, 0.0, None) + dark_e + read_noise**2 + gain**2 * var_master) / flat**2
-    variance += image**2 * master.flat_var
-
-    mask = master.bad_pixel_mask.astype(np.uint16).copy()
-    sat = finite & (data >= config.saturation_fraction * saturate)
-    if config.saturation_grow > 0 and sat.any():
-        sat = ndi.binary_dilation(sat, structure=np.ones((3, 3), bool), iterations=config.saturation_grow)
-    mask[sat] |= np.uint16(MaskBits.SAT)
-    if not finite.all():
-        mask[~finite] |= np.uint16(MaskBits.NO_DATA)
-
-    good = mask == 0
-    if good.sum() < 16:
-        raise InputError("fewer than 16 usable pixels after masking; the frame or the masters are broken", path=path)
-    sky = float(np.median(image[good]))
-    if not finite.all():
-        image[~finite] = sky
-        variance[~finite] = float(np.median(variance[good]))
-
-    out_header = header.copy()
-    out_header["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
-    out_header["RDNOISE"] = (read_noise, "read noise (e-) used for the variance")
-    exposure = Exposure(
-        image=image.astype(np.float32),
-        variance=variance.astype(np.float32),
-        mask=mask,
-        wcs=wcs,
-        header=out_header,
-        path=path,
-    )
-    npix = float(mask.size)
-    qa = {
-        "sky_median": sky,
-        "sky_noise": _robust_std(image[good]),
-        "sky_noise_expected": float(np.median(np.sqrt(variance[good]))),
-        "saturated_fraction": float(np.count_nonzero(mask & MaskBits.SAT)) / npix,
-        "bad_fraction": float(np.count_nonzero(mask & MaskBits.BAD)) / npix,
-        "nodata_fraction": float(np.count_nonzero(mask & MaskBits.NO_DATA)) / npix,
-        "read_noise": float(read_noise),
-        "master_noise": float(np.sqrt(gain**2 * var_master + np.median(image[good]) ** 2 * master.flat_var)),
-    }
+    params = frame_params(raw, master)
+    xp = array_namespace(master.bias)
+    wcs = celestial_wcs(raw.header, tuple(raw.data.shape), path=raw.path)
+    data = to_device(raw.data, xp, label="raw")[None]
+    res = calibrate_frames(data, [master], [params], config=config)
+    image, variance, mask = res.value
+    qa = qa_to_host([res.qa], 1)[0]
+    if qa["n_usable"] < 16:
+        raise InputError("fewer than 16 usable pixels after masking; the frame or the masters are broken",
+                         path=raw.path)
+    if qa["nodata_fraction"] >= 1.0:
+        raise InputError("raw frame has no finite pixel; drop it", path=raw.path)
+    exposure = Exposure(image=image[0], variance=variance[0], mask=mask[0], wcs=wcs,
+                        header=calibrated_header(raw.header, params.read_noise), path=raw.path)
     return StageResult(exposure, qa)
+
+
+def calibrated_header(header: fits.Header, read_noise: float) -> fits.Header:
+    """The raw header with ``BUNIT = 'electron'`` and the read noise used for the variance."""
+    out = header.copy()
+    out["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
+    out["RDNOISE"] = (read_noise, "read noise (e-) used for the variance")
+    return out

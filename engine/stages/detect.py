@@ -1,299 +1,473 @@
 """Detection stage: peaks above threshold in S_corr, and the features of each candidate.
 
-Positive and negative candidates are found with sep on ``+S_corr`` and ``-S_corr`` (S_corr already
-is matched-filtered with unit variance, so the threshold is in sigma and no extra filter is used),
-refined to sub-pixel positions with a 3x3 quadratic fit, and deduplicated per sign. Fluxes are PSF
-fits of D with the tile's P_D shifted to the sub-pixel position (identical to ``S / F_S`` evaluated
-between pixels); errors come from the variance of S (background, source and astrometric noise).
+One candidate definition on every backend, for a batch of B CCDs at once:
+
+1. signed local maxima of S_corr above ``detect.threshold`` off the excluded pixels
+   (:func:`nightsift.kernels.peaks.find_peaks`; S_corr already is matched-filtered with unit
+   variance, so the threshold is in sigma and a single pixel is a detection), with at least
+   ``detect.min_area`` pixels of the same sign above threshold in their 3x3 neighbourhood;
+2. sub-pixel positions from a 3x3 quadratic fit (:func:`nightsift.kernels.peaks.refine_peaks`);
+3. each peak climbs to the peak of the PSF-flux image it sits on (:func:`climb_to_flux_peak`);
+4. peaks of one sign ringing one small excluded patch are one candidate (:func:`merge_around_holes`);
+5. greedy suppression of weaker peaks of the same sign within ``detect.dedup_radius``
+   (:func:`nightsift.kernels.neighbours.suppress`).
+
+Features: PSF-fit flux of D with the tile's P_D shifted to the sub-pixel position (identical to
+``S / F_S`` evaluated between pixels), its error from the variance of S (background, source and
+astrometric noise), S/N, the adaptive-moment FWHM and elongation of the candidate in D, bad pixels
+in a box, the sign, the nearest reference source (distance, flux) and the local sky. The device
+columns come back to the host once (:func:`candidate_tables` adds RA/Dec, magnitudes and ids).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-import sep
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from nightsift.kernels import psf as kpsf
-from nightsift.kernels.stamps import extract_stamps
+from nightsift.kernels._xp import array_namespace, host_scalar, ndimage_module, to_device
+from nightsift.kernels.neighbours import nearest, suppress
+from nightsift.kernels.peaks import find_peaks, refine_peaks
+from nightsift.kernels.stamps import gather_stamps
+from nightsift.kernels.tiles import tile_index
 
 from ..config import DetectConfig
-from ..records import UNUSABLE, ZERO_POINT_KEYS, StageResult, empty_candidates, make_candid
-from .subtract import Subtraction
+from ..io.fits import header_zero_point
+from ..records import (CANDID_INDEX, StageResult, SubtractionBatch, empty_candidates, make_candid)
+from .psf import FWHM_PER_SIGMA, box_count, unusable_integral
 
-def zero_point(header) -> float:
-    """Photometric zero point (mag for 1 e-/s) from MAGZP / MAGZPT / MAGZERO, else 25.0."""
-    for key in ZERO_POINT_KEYS:
-        if header is not None and key in header:
-            return float(header[key])
-    return 25.0
+__all__ = ["Detections", "detect", "candidate_tables", "climb_to_flux_peak", "merge_around_holes",
+           "pixel_scale_arcsec", "DETECTION_COLUMNS"]
+
+#: the per-candidate columns computed on the device (one download: :func:`candidate_tables`)
+DETECTION_COLUMNS = ("image", "x", "y", "flux", "fluxerr", "scorr", "fwhm", "elong", "nbad", "sign", "distnr",
+                     "ref_flux", "sky")
 
 
-def find_peaks(S_corr: np.ndarray, *, threshold: float, min_area: int, excluded=None):
-    """Signed peaks of S_corr above ``threshold``: arrays ``(x, y, value, sign)``.
+@dataclass(frozen=True)
+class Detections:
+    """Candidates of a batch, as device columns (one row per candidate, sorted by (image, y, x)).
 
-    ``x, y`` are sub-pixel (3x3 quadratic fit around the peak pixel); one peak per sep object.
+    ``columns`` maps each name of :data:`DETECTION_COLUMNS` to an ``(n,)`` array: ``image`` (index
+    in the batch), ``x, y`` (0-based px), ``flux``, ``fluxerr`` (e-, aperture-corrected),
+    ``scorr`` (signed sigma), ``fwhm`` (px, -999 where the moments diverge), ``elong``, ``nbad``,
+    ``sign`` (+-1), ``distnr`` (px to the nearest reference source, inf when none within the
+    radius), ``ref_flux`` (its flux, NaN when none), ``sky`` (e-).
     """
-    ny, nx = S_corr.shape
-    xs, ys, vs, sg = [], [], [], []
-    m = None if excluded is None else np.ascontiguousarray(excluded, dtype=bool)
-    sep.set_extract_pixstack(max(300000, S_corr.size // 4))
-    for sign in (1, -1):
-        img = np.ascontiguousarray(sign * S_corr, dtype=np.float32)
-        objs = sep.extract(img, threshold, err=None, mask=m, minarea=min_area, filter_kernel=None,
-                           deblend_cont=0.005, clean=False)
-        if len(objs) == 0:
-            continue
-        xi = objs["xpeak"].astype(int)
-        yi = objs["ypeak"].astype(int)
-        val = img[yi, xi]
-        dx, dy = _quadratic_offset(img, xi, yi)
-        # a peak on the last row/column may interpolate past it: keep positions on the grid
-        xs.append(np.clip(xi + dx, 0, nx - 1))
-        ys.append(np.clip(yi + dy, 0, ny - 1))
-        vs.append(sign * val)
-        sg.append(np.full(len(objs), sign))
-    if not xs:
-        z = np.zeros(0)
-        return z, z, z, z.astype(int)
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(vs), np.concatenate(sg)
+
+    columns: dict
+
+    def __len__(self) -> int:
+        return int(self.columns["x"].shape[0])
 
 
-def _quadratic_offset(img, xi, yi, sign=1.0):
-    """Sub-pixel offset of the maximum of ``sign * img`` around integer peaks (3-point parabolas
-    along x and y; neighbours past the edge repeat the edge pixel)."""
-    ny, nx = img.shape
-    xl, xr = np.clip(xi - 1, 0, nx - 1), np.clip(xi + 1, 0, nx - 1)
-    yl, yr = np.clip(yi - 1, 0, ny - 1), np.clip(yi + 1, 0, ny - 1)
-    c = sign * img[yi, xi]
-    left, right, down, up = sign * img[yi, xl], sign * img[yi, xr], sign * img[yl, xi], sign * img[yr, xi]
+def _quadratic_offset(xp, img, b, xi, yi, sign):
+    """Sub-pixel offset of the maximum of ``sign * img[b]`` around integer peaks (3-point
+    parabolas along x and y; neighbours past the edge repeat the edge pixel)."""
+    _, ny, nx = img.shape
+
+    def at(yy, xx):
+        return sign * img[b, xp.clip(yy, 0, ny - 1), xp.clip(xx, 0, nx - 1)].astype(xp.float64)
+
+    c = at(yi, xi)
+    left, right, down, up = at(yi, xi - 1), at(yi, xi + 1), at(yi - 1, xi), at(yi + 1, xi)
     ax = left - 2 * c + right
     ay = down - 2 * c + up
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dx = np.where(ax < 0, 0.5 * (left - right) / ax, 0.0)
-        dy = np.where(ay < 0, 0.5 * (down - up) / ay, 0.0)
-    return np.clip(np.nan_to_num(dx), -0.5, 0.5), np.clip(np.nan_to_num(dy), -0.5, 0.5)
+    dx = xp.where(ax < 0, 0.5 * (left - right) / xp.where(ax < 0, ax, -1.0), 0.0)
+    dy = xp.where(ay < 0, 0.5 * (down - up) / xp.where(ay < 0, ay, -1.0), 0.0)
+    return xp.clip(xp.nan_to_num(dx), -0.5, 0.5), xp.clip(xp.nan_to_num(dy), -0.5, 0.5)
 
 
-def climb_to_flux_peak(flux: np.ndarray, x, y, sign, *, max_steps, blocked=None):
+def climb_to_flux_peak(flux, image, x, y, sign, *, max_steps, blocked=None):
     """Move peaks of S_corr to the peak of the PSF-flux image (``S / F_S``) they sit on.
 
     S_corr divides S by a noise that includes the source's own photon noise, so a bright
-    transient has a flat or ring-shaped top in S_corr: sep then finds several peaks 1-2 FWHM
-    from its centre (seen: four 5-sigma candidates on a square around one ZTF transient, three of
-    them labelled bogus). S itself, the matched filter, has one peak per point source. Each peak
-    climbs ``sign * flux`` by steepest ascent over its 3x3 neighbourhood, at most ``max_steps``
-    pixels, never onto a ``blocked`` pixel, then gets a sub-pixel position from a quadratic fit
-    of ``sign * flux``. On blank sky, where S_corr is S over a locally constant noise, nothing
-    moves.
+    transient has a flat or ring-shaped top in S_corr: the peak finder then sees several peaks
+    1-2 FWHM from its centre (seen: four 5-sigma candidates on a square around one ZTF
+    transient, three of them labelled bogus). S itself, the matched filter, has one peak per
+    point source. Each peak climbs ``sign * flux`` by steepest ascent over its 3x3
+    neighbourhood, at most ``max_steps`` pixels, never onto a ``blocked`` pixel, then gets a
+    sub-pixel position from a quadratic fit of ``sign * flux``. On blank sky, where S_corr is S
+    over a locally constant noise, nothing moves.
 
     Parameters
     ----------
-    flux : ndarray (ny, nx)
-        PSF flux of a point source centred on each pixel (``Subtraction.flux``).
+    flux : ndarray (B, ny, nx)
+        PSF flux of a point source centred on each pixel.
+    image : ndarray (n,) int
+        Image of each peak in the batch.
     x, y : ndarray (n,)
         Peak positions (pixels; rounded to the nearest pixel to start).
     sign : ndarray (n,) of +-1
-    max_steps : int or ndarray (n,)
+    max_steps : ndarray (n,) int
         Most pixels each peak may move (e.g. the FWHM of P_D).
-    blocked : ndarray (ny, nx) bool, optional
-        Pixels a peak may not move onto (S_corr's excluded pixels).
+    blocked : ndarray (B, ny, nx) bool, optional
+        Pixels a peak may not move onto.
 
     Returns
     -------
-    x, y : ndarray (n,) float, the refined sub-pixel positions.
+    x, y : ndarray (n,) float64, the refined sub-pixel positions.
     """
-    ny, nx = flux.shape
-    xi = np.clip(np.rint(x).astype(int), 0, nx - 1)
-    yi = np.clip(np.rint(y).astype(int), 0, ny - 1)
-    if len(xi) == 0:
-        return np.zeros(0), np.zeros(0)
-    sg = np.asarray(sign, np.float64)
-    img = np.asarray(flux)
-    blk = None if blocked is None else np.asarray(blocked, bool)
-    steps = np.broadcast_to(np.asarray(max_steps), xi.shape)
-    oy, ox = np.divmod(np.arange(9), 3)
-    oy, ox = oy - 1, ox - 1
-    for k in range(int(steps.max())):  # only the 3x3 neighbourhoods are read: no full-image copy
+    xp = array_namespace(flux, x, y)
+    _, ny, nx = flux.shape
+    n = x.shape[0]
+    xi = xp.clip(xp.rint(x).astype(xp.int64), 0, nx - 1)
+    yi = xp.clip(xp.rint(y).astype(xp.int64), 0, ny - 1)
+    if n == 0:
+        return xp.zeros(0), xp.zeros(0)
+    sg = sign.astype(xp.float64)
+    oy = to_device(np.repeat(np.arange(-1, 2), 3), xp, dtype=np.int64, label="constants")
+    ox = to_device(np.tile(np.arange(-1, 2), 3), xp, dtype=np.int64, label="constants")
+    rows = xp.arange(n)
+    for k in range(host_scalar(max_steps.max())):  # only the 3x3 neighbourhoods are read
         yy, xx = yi[:, None] + oy[None], xi[:, None] + ox[None]
         ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-        v = sg[:, None] * img[yy, xx].astype(np.float64)
-        ok &= np.isfinite(v)
-        if blk is not None:
-            ok &= ~blk[yy, xx]
-        v = np.where(ok, v, -np.inf)
-        best = np.argmax(v, axis=1)
-        move = (v[np.arange(len(xi)), best] > v[:, 4]) & (k < steps)
-        if not move.any():
-            break
-        xi = np.where(move, xi + ox[best], xi)
-        yi = np.where(move, yi + oy[best], yi)
-    dx, dy = _quadratic_offset(img, xi, yi, sg)
-    return np.clip(xi + dx, 0, nx - 1), np.clip(yi + dy, 0, ny - 1)
+        yy, xx = xp.clip(yy, 0, ny - 1), xp.clip(xx, 0, nx - 1)
+        v = sg[:, None] * flux[image[:, None], yy, xx].astype(xp.float64)
+        ok &= xp.isfinite(v)
+        if blocked is not None:
+            ok &= ~blocked[image[:, None], yy, xx]
+        v = xp.where(ok, v, -xp.inf)
+        best = xp.argmax(v, axis=1)
+        move = (v[rows, best] > v[:, 4]) & (k < max_steps)
+        xi = xp.where(move, xi + ox[best], xi)
+        yi = xp.where(move, yi + oy[best], yi)
+    dx, dy = _quadratic_offset(xp, flux, image, xi, yi, sg)
+    return xp.clip(xi + dx, 0, nx - 1), xp.clip(yi + dy, 0, ny - 1)
 
 
-def merge_around_holes(x, y, value, sign, excluded, *, max_area: int, reach: int = 2):
+def _compact_patches(xp, lab, nlab: int, max_extent: int):
+    """Per label (index 0 = background): True where the patch's bounding box fits in
+    ``max_extent x max_extent`` pixels (a masked star core, not a bleed trail or an edge)."""
+    out = xp.zeros(nlab + 1, bool)
+    _, ny, nx = lab.shape
+    flat = lab.reshape(-1)
+    idx = xp.nonzero(flat)[0]
+    if idx.shape[0] == 0:
+        return out
+    lb = flat[idx]
+    yy = (idx // nx) % ny
+    xx = idx % nx
+    ext = []
+    for c in (yy, xx):
+        order = xp.lexsort(xp.stack([c, lb]))
+        ls, cs = lb[order], c[order]
+        first = xp.concatenate([xp.ones(1, bool), ls[1:] != ls[:-1]])
+        last = xp.concatenate([ls[1:] != ls[:-1], xp.ones(1, bool)])
+        span = xp.zeros(nlab + 1, xp.int64)
+        span[ls[last]] = cs[last] - cs[first]
+        ext.append(span)
+    out = (ext[0] < max_extent) & (ext[1] < max_extent)
+    out[0] = False
+    return out
+
+
+def merge_around_holes(image, x, y, value, sign, excluded, *, max_area: int, max_extent: int = 0, reach: int = 2):
     """Peaks of one sign that hug the same small excluded patch are one source.
 
     A hot pixel or a cosmic ray on a transient is masked and grown, and S_corr is zeroed there:
-    the transient's signal survives only as a ring around the hole, which sep finds as 2-4 peaks
-    (seen: a variable star at S/N 50 under a hot pixel came out as four candidates 2.5 px from
-    it, none matching it). Peaks within ``reach`` pixels of one excluded patch of at most
-    ``max_area`` pixels are merged: the strongest is kept, moved to the mean position of the
-    group (the ring's centre). Larger patches (bleed trails, CCD edges) are left alone: many
-    sources may border them.
+    the transient's signal survives only as a ring around the hole, which the peak finder sees as
+    2-4 peaks (seen: a variable star at S/N 50 under a hot pixel came out as four candidates
+    2.5 px from it, none matching it). Peaks within ``reach`` pixels of one excluded patch of at
+    most ``max_area`` pixels, or of any area within a ``max_extent`` square (a saturated star's
+    masked core: its residual ring held 8 peaks), are merged: the strongest is kept, moved to the
+    mean position of the group (the ring's centre). Larger or elongated patches (bleed trails, CCD
+    edges) are left alone: many sources may border them.
 
     Parameters
     ----------
+    image : ndarray (n,) int
     x, y, value, sign : ndarray (n,)
-        Peaks (sub-pixel positions, S_corr value, +-1).
-    excluded : ndarray (ny, nx) bool
-        Pixels where S_corr was zeroed.
+    excluded : ndarray (B, ny, nx) bool
     max_area : int
-        Largest patch (pixels) treated as a hole in one source.
+    max_extent : int
+        Patches whose bounding box fits in ``max_extent`` px (both axes) merge whatever their area.
     reach : int
-        How far (pixels) from the patch a peak may be.
 
     Returns
     -------
-    keep : ndarray (m,) int, indices of the peaks kept
+    keep : ndarray (n,) bool
     x, y : ndarray (n,) positions, moved for the kept peak of each merged group
     """
-    x, y = np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
-    sign, value = np.asarray(sign), np.asarray(value)
-    if len(x) == 0 or excluded is None or not np.any(excluded):
-        return np.arange(len(x)), x, y
-    lab, _ = ndimage.label(excluded)
-    area = np.bincount(lab.ravel())
+    xp = array_namespace(excluded, x, y)
+    n = x.shape[0]
+    keep = xp.ones(n, bool)
+    if n == 0:
+        return keep, x, y
+    ndi = ndimage_module(xp)
+    B, ny, nx = excluded.shape
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    lab, _ = ndi.label(excluded, structure=to_device(cross, xp, label="constants"))  # not across images
+    area = xp.bincount(lab.reshape(-1))
     area[0] = max_area + 1
-    near = ndimage.maximum_filter(lab, size=2 * reach + 1)
-    ny, nx = excluded.shape
-    comp = near[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)]
-    small = area[comp] <= max_area
-    keep = np.ones(len(x), bool)
-    for patch, sg in set(zip(comp[small].tolist(), sign[small].tolist())):
-        members = np.flatnonzero(small & (comp == patch) & (sign == sg))
-        if members.size < 2:
-            continue
-        best = members[np.argmax(np.abs(value[members]))]
-        x[best], y[best] = x[members].mean(), y[members].mean()
-        keep[members] = False
-        keep[best] = True
-    return np.flatnonzero(keep), x, y
+    compact = _compact_patches(xp, lab, area.shape[0] - 1, max_extent) if max_extent > 0 else xp.zeros(area.shape, bool)
+    near = ndi.maximum_filter(lab, size=(1, 2 * reach + 1, 2 * reach + 1))
+    comp = near[image, xp.clip(xp.rint(y).astype(xp.int64), 0, ny - 1),
+                xp.clip(xp.rint(x).astype(xp.int64), 0, nx - 1)]
+    small = (comp > 0) & ((area[comp] <= max_area) | compact[comp])
+    # groups: (patch, sign) of the small ones; strongest first within each group
+    key = xp.where(small, comp * 2 + (sign > 0), -1)
+    order = xp.lexsort(xp.stack([-xp.abs(value), key]))
+    ks = key[order]
+    first = xp.concatenate([xp.ones(1, bool), ks[1:] != ks[:-1]])
+    seg = xp.cumsum(first) - 1
+    counts = xp.bincount(seg)
+    sx = xp.bincount(seg, weights=x[order])
+    sy = xp.bincount(seg, weights=y[order])
+    grouped = (ks >= 0) & (counts[seg] >= 2)
+    keep_sorted = ~grouped | first
+    new_x = xp.where(grouped & first, sx[seg] / counts[seg], x[order])
+    new_y = xp.where(grouped & first, sy[seg] / counts[seg], y[order])
+    keep[order] = keep_sorted
+    x = x.copy()
+    y = y.copy()
+    x[order] = new_x
+    y[order] = new_y
+    return keep, x, y
 
 
-def deduplicate(x, y, value, sign, *, radius: float) -> np.ndarray:
-    """Indices kept after suppressing, within each sign, peaks closer than ``radius`` to a
-    stronger one. Deterministic: ties broken by position."""
-    if len(x) == 0:
-        return np.zeros(0, int)
-    order = np.lexsort((x, y, -np.abs(value)))  # strongest first; ties by (y, x)
-    rank = np.empty(len(x), int)
-    rank[order] = np.arange(len(x))
-    keep = np.ones(len(x), bool)
-    tree = cKDTree(np.c_[x, y])
-    for i in order:
-        if not keep[i]:
-            continue
-        for j in tree.query_ball_point([x[i], y[i]], r=radius):
-            if rank[j] > rank[i] and sign[j] == sign[i]:
-                keep[j] = False
-    idx = np.flatnonzero(keep)
-    return idx[np.lexsort((x[idx], y[idx]))]
+def pixel_scale_arcsec(wcs) -> float:
+    """Mean pixel side (arcsec) of a celestial WCS at its reference point."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
 
 
-def detect(sub: Subtraction, *, wcs, header, sky, ref_catalog=None, visit: int = 0, ccd: int = 0,
-           config: DetectConfig, cutout_size: int = 63) -> StageResult:
+def detect(sub: SubtractionBatch, *, sky, ref_cats, distnr_radius, config: DetectConfig,
+           cutout_size: int = 63) -> StageResult:
     """Candidates (positive and negative) above ``config.threshold`` in S_corr, with features.
 
     Parameters
     ----------
-    sub : Subtraction
-        Output of the subtraction stage.
-    wcs : astropy.wcs.WCS
-        Science WCS (for ra, dec).
-    header : astropy.io.fits.Header
-        Science header (EXPTIME, zero point MAGZP/MAGZPT/MAGZERO).
-    sky : ndarray (ny, nx)
-        Science background map (e-), for the ``sky`` feature.
-    ref_catalog : source table of the aligned reference (x, y, flux), optional
-        For ``distnr`` (pixels) and ``magnr`` (science-equivalent magnitude).
-    visit, ccd : int
-        Used in the deterministic ``candid``.
+    sub : SubtractionBatch
+        Output of the subtraction stage for B CCDs.
+    sky : ndarray (B, ny, nx)
+        Science background maps (e-), for the ``sky`` feature.
+    ref_cats : list of B SourceCatalog
+        Reference sources on the science grid (``distnr``, ``ref_flux``).
+    distnr_radius : sequence of B floats
+        Search radius (px) of the nearest reference source (``detect.distnr_max_arcsec`` over the
+        pixel scale).
+    config : DetectConfig
+    cutout_size : int
+        Side of the cutouts (for the ``edge`` flag).
 
     Returns
     -------
-    StageResult(candidates, qa): a :data:`~nightsift.engine.records.CANDIDATE_DTYPE` table sorted by
-    (ypos, xpos); qa ``n_candidates``, ``n_positive``, ``n_negative``.
+    StageResult(Detections, qa) with qa lists ``n_peaks``, ``n_candidates``, ``n_positive``,
+    ``n_negative`` (device arrays).
     """
-    x, y, val, sign = find_peaks(sub.S_corr, threshold=config.threshold, min_area=config.min_area,
-                                 excluded=sub.excluded)
-    fwhm_pd = np.array([kpsf.half_max_fwhm(sub.P_D[t]) for t in range(len(sub.P_D))])
-    if config.climb_to_flux_peak and len(x):
-        steps = np.ceil(fwhm_pd[sub.grid.tile_of(x, y)]).astype(int)
-        x, y = climb_to_flux_peak(sub.flux, x, y, sign, max_steps=steps, blocked=sub.excluded)
-    if config.hole_merge_area > 0:
-        keep, x, y = merge_around_holes(x, y, val, sign, sub.excluded, max_area=config.hole_merge_area)
-        x, y, val, sign = x[keep], y[keep], val[keep], sign[keep]
-    keep = deduplicate(x, y, val, sign, radius=config.dedup_radius)
-    x, y, val, sign = x[keep], y[keep], val[keep], sign[keep]
-    n = len(x)
-    qa = {"n_peaks": int(len(keep)), "n_candidates": n, "n_positive": int((sign > 0).sum()),
-          "n_negative": int((sign < 0).sum())}
-    if n == 0:
-        return StageResult(empty_candidates(), qa)
+    xp = array_namespace(sub.S_corr)
+    B, ny, nx = sub.S_corr.shape
+    T = len(sub.grid)
+    pk = find_peaks(sub.S_corr, threshold=float(config.threshold), radius=0.0, excluded=sub.excluded)
+    img, val, sign = pk.image, pk.value.astype(xp.float64), pk.sign.astype(xp.float64)
+    if config.min_area > 1 and len(pk):
+        above = sign[:, None] * _neighbourhood(xp, sub.S_corr, img, pk.y, pk.x) > config.threshold
+        ok = above.sum(axis=1) >= config.min_area
+        img, val, sign = img[ok], val[ok], sign[ok]
+        pk = type(pk)(image=img, y=pk.y[ok], x=pk.x[ok], value=pk.value[ok], sign=pk.sign[ok])
+    x, y = refine_peaks(sub.S_corr, pk)
+    fwhm_pd = xp.zeros(B * T)
+    for size, tiles, _ in _stamp_groups(sub, img):  # each CCD's P_D at its own stamp size
+        fwhm_pd[tiles] = kpsf.half_max_fwhm(_crop(sub.P_D[tiles], size))
+    if config.climb_to_flux_peak and x.shape[0]:
+        tile = img * T + tile_index(sub.grid, x, y)
+        steps = xp.ceil(fwhm_pd[tile]).astype(xp.int64)
+        x, y = climb_to_flux_peak(sub.flux, img, x, y, sign, max_steps=steps, blocked=sub.excluded)
+    if config.hole_merge_area > 0 and x.shape[0]:
+        keep, x, y = merge_around_holes(img, x, y, val, sign, sub.excluded, max_area=config.hole_merge_area,
+                                        max_extent=config.hole_merge_extent)
+        img, x, y, val, sign = img[keep], x[keep], y[keep], val[keep], sign[keep]
+    n_peaks = xp.bincount(img, minlength=B)
+    keep = suppress(x, y, xp.abs(val), radius=config.dedup_radius, image=img, group=sign.astype(xp.int64))
+    img, x, y, val, sign = img[keep], x[keep], y[keep], val[keep], sign[keep]
+    order = xp.lexsort(xp.stack([x, y, img]))
+    img, x, y, val, sign = img[order], x[order], y[order], val[order], sign[order]
+    qa = {"n_peaks": n_peaks, "n_candidates": xp.bincount(img, minlength=B),
+          "n_positive": xp.bincount(img[sign > 0], minlength=B),
+          "n_negative": xp.bincount(img[sign < 0], minlength=B)}
+    return StageResult(Detections(_features(sub, sky, ref_cats, distnr_radius, img, x, y, val, sign, fwhm_pd,
+                                            config=config)), qa)
 
-    ny, nx = sub.D.shape
-    tile = sub.grid.tile_of(x, y)
-    s = sub.P_D.shape[-1]
-    xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
-    dx, dy = x - xi, y - yi
-    d_st, _ = extract_stamps(sub.D, x, y, size=s, fill=0.0)
-    d_st = np.asarray(d_st, dtype=np.float64)
-    p = kpsf.fourier_shift(sub.P_D[tile], dx, dy)
-    F_D = sub.F_D[tile]
-    apcorr = np.ones(len(sub.F_D)) if sub.apcorr is None else np.asarray(sub.apcorr)
-    flux = apcorr[tile] * (d_st * p).sum(axis=(1, 2)) / (F_D * (p * p).sum(axis=(1, 2)))
-    fluxerr = sub.flux_err[yi, xi].astype(np.float64)  # aperture-corrected too
 
-    c = empty_candidates(n)
-    c["candid"] = make_candid(visit, ccd, np.arange(n))
-    c["xpos"], c["ypos"] = x, y
-    ra, dec = wcs.all_pix2world(x, y, 0)
-    c["ra"], c["dec"] = ra, dec
-    c["flux"], c["fluxerr"] = flux, fluxerr
-    exptime = float(header.get("EXPTIME", 1.0)) if header is not None else 1.0
-    zp = zero_point(header)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c["magpsf"] = np.where(np.abs(flux) > 0, zp - 2.5 * np.log10(np.abs(flux) / exptime), 99.0)
-        c["snr"] = np.abs(flux) / fluxerr
-        c["sigmapsf"] = 1.0857362 / c["snr"]
-    c["scorr"] = val
-    c["isdiffpos"] = sign > 0
+def _neighbourhood(xp, img, b, y, x):
+    """The 3x3 neighbourhoods ``(n, 9)`` of integer pixels (edges repeat)."""
+    _, ny, nx = img.shape
+    oy = to_device(np.repeat(np.arange(-1, 2), 3), xp, dtype=np.int64, label="constants")
+    ox = to_device(np.tile(np.arange(-1, 2), 3), xp, dtype=np.int64, label="constants")
+    return img[b[:, None], xp.clip(y[:, None] + oy, 0, ny - 1), xp.clip(x[:, None] + ox, 0, nx - 1)]
 
-    # shape of the candidate in D (adaptive moments of sign * D)
-    sig0 = fwhm_pd[tile] / 2.3548
-    _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[:, None, None], sigma=float(np.median(sig0)))
-    fw, el = kpsf.shape_from_moments(mxx, myy, mxy)
-    c["fwhm"] = np.nan_to_num(fw, nan=-999.0)
-    c["elong"] = np.nan_to_num(el, nan=-999.0)
 
-    # unusable pixels in the (2 h + 1)^2 box
-    h = config.nbad_halfwidth
-    bad = ((sub.mask & UNUSABLE) != 0).astype(np.int32)
-    integ = np.pad(np.cumsum(np.cumsum(bad, 0), 1), ((1, 0), (1, 0)))
-    y0, y1 = np.clip(yi - h, 0, ny), np.clip(yi + h + 1, 0, ny)
-    x0, x1 = np.clip(xi - h, 0, nx), np.clip(xi + h + 1, 0, nx)
-    c["nbad"] = integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0]
+def _crop(stamps, size: int):
+    """The central ``size x size`` of ``(n, s, s)`` stamps."""
+    h = (stamps.shape[-1] - size) // 2
+    return stamps[:, h:h + size, h:h + size] if h > 0 else stamps
 
-    c["distnr"], c["magnr"] = -999.0, -999.0
-    if ref_catalog is not None and len(ref_catalog):
-        d, j = cKDTree(np.c_[ref_catalog["x"], ref_catalog["y"]]).query(np.c_[x, y])
-        c["distnr"] = d
-        fr = ref_catalog["flux"][j] / max(sub.F_r, 1e-30)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c["magnr"] = np.where(fr > 0, zp - 2.5 * np.log10(fr / exptime), -999.0)
-    c["sky"] = np.asarray(sky)[yi, xi]
+
+def _stamp_groups(sub: SubtractionBatch, img):
+    """``(size, tiles, members)`` per distinct PSF stamp size of the batch's CCDs: their tile rows
+    (device int) and which candidates (``img``) belong to them (device bool)."""
+    xp = array_namespace(sub.P_D, img)
+    B, T = len(sub), len(sub.grid)
+    sizes = list(sub.stamp) if sub.stamp else [sub.P_D.shape[-1]] * B
+    out = []
+    for size in sorted(set(sizes)):
+        ccds = [b for b in range(B) if sizes[b] == size]
+        tiles = to_device(np.concatenate([np.arange(b * T, (b + 1) * T) for b in ccds]), xp, label="batch_index")
+        cc = to_device(np.asarray(ccds, np.int64), xp, label="batch_index")
+        out.append((size, tiles, xp.isin(img, cc)))
+    return out
+
+
+def _features(sub: SubtractionBatch, sky, ref_cats, distnr_radius, img, x, y, val, sign, fwhm_pd, *,
+              config: DetectConfig) -> dict:
+    xp = array_namespace(sub.D, x)
+    B, ny, nx = sub.D.shape
+    T = len(sub.grid)
+    n = x.shape[0]
+    tile = img * T + tile_index(sub.grid, x, y)
+    xi, yi = xp.rint(x).astype(xp.int64), xp.rint(y).astype(xp.int64)
+    flux = xp.zeros(n)
+    fw = xp.zeros(n)
+    el = xp.zeros(n)
+    # per group of CCDs with one PSF stamp size: PSF-fit flux of D with the tile's P_D shifted onto
+    # the candidate, and the candidate's shape in D (adaptive moments of sign * D, started at the
+    # FWHM of its tile's P_D)
+    for size, _, members in _stamp_groups(sub, img):
+        k = xp.nonzero(members)[0]
+        if k.shape[0] == 0:
+            continue
+        d_st, _ = gather_stamps(sub.D, img[k], x[k], y[k], size=size, fill=0.0)
+        d_st = d_st.astype(xp.float64)
+        p = kpsf.fourier_shift(_crop(sub.P_D[tile[k]], size), x[k] - xi[k], y[k] - yi[k])
+        flux[k] = sub.apcorr[tile[k]] * (d_st * p).sum(axis=(1, 2)) / (sub.F_D[tile[k]] * (p * p).sum(axis=(1, 2)))
+        _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[k][:, None, None], sigma=fwhm_pd[tile[k]] / FWHM_PER_SIGMA)
+        fw[k], el[k] = kpsf.shape_from_moments(mxx, myy, mxy)
+    fluxerr = sub.flux_err[img, yi, xi].astype(xp.float64)  # aperture-corrected too
+    integral = unusable_integral(sub.mask)
+    nbad = box_count(integral, img, x, y, config.nbad_halfwidth)
+    dist = xp.full(n, xp.inf)
+    ref_flux = xp.full(n, xp.nan)
+    rx = [c.x for c in ref_cats]
+    if n and sum(int(c.x.shape[0]) for c in ref_cats):
+        ri = xp.concatenate([xp.full(len(c), b, xp.int64) for b, c in enumerate(ref_cats)])
+        rxx, ryy = xp.concatenate(rx), xp.concatenate([c.y for c in ref_cats])
+        rf = xp.concatenate([c.flux for c in ref_cats])
+        j, dist = nearest(x, y, rxx, ryy, radius=float(max(distnr_radius)), image1=img, image2=ri)
+        lim = to_device(np.asarray(distnr_radius, np.float64), xp, label="detect_parameters")[img]
+        hit = (j >= 0) & (dist <= lim)
+        dist = xp.where(hit, dist, xp.inf)
+        ref_flux = xp.where(hit, rf[xp.where(hit, j, 0)], xp.nan)
+    cols = {"image": img, "x": x, "y": y, "flux": flux, "fluxerr": fluxerr, "scorr": val,
+            "fwhm": xp.nan_to_num(fw, nan=-999.0), "elong": xp.nan_to_num(el, nan=-999.0), "nbad": nbad,
+            "sign": sign, "distnr": dist, "ref_flux": ref_flux, "sky": sky[img, yi, xi].astype(xp.float64)}
+    return cols
+
+
+def candidate_tables(host: dict, *, batch: int, wcs, headers, visits, ccds, F_r, shape,
+                     cutout_size: int = 63) -> list[np.ndarray]:
+    """Per-CCD :data:`~nightsift.engine.records.CANDIDATE_DTYPE` tables from the detection columns
+    brought to the host (RA/Dec from each science WCS, magnitudes from its zero point).
+
+    Parameters
+    ----------
+    host : dict
+        :data:`DETECTION_COLUMNS` as numpy arrays (one download of :class:`Detections`).
+    batch : int
+    wcs, headers, visits, ccds, F_r : sequences of B
+        Science WCS and header, ids, flux ratio of each CCD.
+    shape : (ny, nx)
+
+    Notes
+    -----
+    ``magpsf`` (and ``magnr``) need the science zero point (MAGZP / MAGZPT / MAGZERO): without
+    one they are NaN (null in the packets), never a made-up zero point.
+    """
+    ny, nx = shape
     r = cutout_size // 2
-    c["edge"] = (xi - r < 0) | (yi - r < 0) | (xi + r >= nx) | (yi + r >= ny)
-    return StageResult(c, qa)
+    img = host["image"].astype(np.int64)
+    out = []
+    for b in range(batch):
+        sel = img == b
+        n = int(sel.sum())
+        if n >= CANDID_INDEX:
+            raise ValueError(f"{n} candidates on one CCD: more than a candid can number")
+        c = empty_candidates(n)
+        if n == 0:
+            out.append(c)
+            continue
+        g = {k: v[sel] for k, v in host.items()}
+        x, y = g["x"], g["y"]
+        c["candid"] = make_candid(visits[b], ccds[b], np.arange(n))
+        c["xpos"], c["ypos"] = x, y
+        ra, dec = wcs[b].all_pix2world(x, y, 0)
+        c["ra"], c["dec"] = ra, dec
+        flux, fluxerr = g["flux"], g["fluxerr"]
+        c["flux"], c["fluxerr"] = flux, fluxerr
+        header = headers[b]
+        exptime = header_zero_point(header, keys=("EXPTIME",))
+        zp = header_zero_point(header)
+        scale = exptime if exptime and exptime > 0 else float("nan")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if zp is None or not np.isfinite(scale):
+                c["magpsf"] = np.nan
+            else:
+                c["magpsf"] = np.where(np.abs(flux) > 0, zp - 2.5 * np.log10(np.abs(flux) / scale), 99.0)
+            c["snr"] = np.abs(flux) / fluxerr
+            c["sigmapsf"] = 1.0857362 / c["snr"]
+        c["scorr"] = g["scorr"]
+        c["isdiffpos"] = g["sign"] > 0
+        c["fwhm"], c["elong"] = g["fwhm"], g["elong"]
+        c["nbad"] = g["nbad"]
+        found = np.isfinite(g["distnr"])
+        c["distnr"] = np.where(found, g["distnr"], -999.0)
+        fr = g["ref_flux"] / max(F_r[b], 1e-30)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if zp is None or not np.isfinite(scale):
+                c["magnr"] = np.where(found, np.nan, -999.0)
+            else:
+                c["magnr"] = np.where(found & (fr > 0), zp - 2.5 * np.log10(fr / scale), -999.0)
+        c["sky"] = g["sky"]
+        xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
+        c["edge"] = (xi - r < 0) | (yi - r < 0) | (xi + r >= nx) | (yi + r >= ny)
+        out.append(c)
+    return out
+
+
+def detect_subtraction(sub, *, config: DetectConfig, sky=None, ref_catalog=None, wcs=None, header=None,
+                       visit: int = 0, ccd: int = 0, distnr_radius: float = 30.0) -> np.ndarray:
+    """The candidate table of one CCD's :class:`~nightsift.engine.records.Subtraction` (host or
+    device arrays): :func:`detect` with B = 1 and :func:`candidate_tables`, for tools and tests
+    that re-run the detection (another threshold, say) on a kept subtraction. Without ``wcs`` the
+    RA/Dec are NaN."""
+    from nightsift.kernels._xp import to_host
+
+    from ..records import SubtractionBatch
+
+    xp = array_namespace(sub.S_corr)
+    one = SubtractionBatch(D=sub.D[None], difference=sub.difference[None], S_corr=sub.S_corr[None],
+                           flux=sub.flux[None], flux_err=sub.flux_err[None], mask=sub.mask[None],
+                           excluded=sub.excluded[None], P_D=sub.P_D, F_D=sub.F_D, F_S=sub.F_S,
+                           apcorr=sub.apcorr if sub.apcorr is not None else xp.ones(len(sub.F_D)), grid=sub.grid,
+                           F_r=(sub.F_r,))
+    sky = xp.zeros(sub.D.shape, xp.float32) if sky is None else sky
+    empty = None
+    if ref_catalog is None:
+        from ..records import SourceCatalog
+
+        z = xp.zeros(0)
+        empty = SourceCatalog(x=z, y=z, flux=z, fluxerr=z, snr=z, a=z, b=z, peak=z, flag=xp.zeros(0, xp.int32),
+                              size=z, point=xp.zeros(0, bool), psf_star=xp.zeros(0, bool))
+    det = detect(one, sky=sky[None], ref_cats=[ref_catalog or empty], distnr_radius=[distnr_radius],
+                 config=config).value
+    host = {k: to_host(v) for k, v in det.columns.items()}
+    w = wcs if wcs is not None else _NoWCS()
+    return candidate_tables(host, batch=1, wcs=[w], headers=[header], visits=[visit], ccds=[ccd], F_r=[sub.F_r],
+                            shape=tuple(sub.D.shape))[0]
+
+
+class _NoWCS:
+    def all_pix2world(self, x, y, origin):
+        return np.full(np.shape(x), np.nan), np.full(np.shape(y), np.nan)

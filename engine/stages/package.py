@@ -24,15 +24,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from nightsift.kernels._xp import to_numpy
-from nightsift.kernels.stamps import extract_stamps
+from nightsift.kernels._xp import to_host
 
-from ..config import CutoutConfig
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..records import (
-    CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, ZERO_POINT_KEYS, StageResult, difference_sign, make_candid,
-)
+from ..io.fits import header_zero_point
+from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
 
 __all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
 
@@ -71,18 +68,6 @@ def _julian_date(header) -> float:
                      "add MJD-OBS (start of exposure) to the science frame header")
 
 
-def _header_float(header, *keys) -> float | None:
-    for key in keys:
-        if header is not None and key in header:
-            try:
-                v = float(header[key])
-            except (TypeError, ValueError):
-                continue
-            if np.isfinite(v):
-                return v
-    return None
-
-
 def _opt(v, *, sentinel: float | None = None) -> float | None:
     """NaN (and a sentinel) -> None for nullable fields."""
     v = float(v)
@@ -103,13 +88,11 @@ def _version() -> str:
 def build_alerts(
     candidates: np.ndarray,
     *,
-    science: np.ndarray,
-    reference: np.ndarray,
-    difference: np.ndarray,
+    triplets: np.ndarray,
+    shape: tuple[int, int],
     header,
     visit: int,
     ccd: int,
-    config: CutoutConfig,
     scores: Mapping[str, np.ndarray] | None = None,
     score_versions: Mapping[str, str] | None = None,
     diffmaglim: float | None = None,
@@ -121,19 +104,18 @@ def build_alerts(
     ----------
     candidates : ndarray (n,) of :data:`~nightsift.engine.records.CANDIDATE_DTYPE`
         The detection table; ``n = 0`` gives an empty list.
-    science : ndarray (ny, nx), e-
-        Calibrated science image (numpy; cupy arrays are moved to the host for the cutouts).
-    reference : ndarray (ny, nx)
-        Reference image aligned onto the science grid.
-    difference : ndarray (ny, nx), e-
-        ZOGY difference image D.
+    triplets : ndarray (n, s, s, 3) float32
+        The cutouts of the cutouts stage (:func:`nightsift.engine.stages.cutouts.cut_triplets`):
+        science minus its background, aligned reference, difference times the candidate's sign
+        (ZTF's convention: a negative candidate's difference cutout is reference minus science);
+        NaN outside the CCD. The packets carry exactly what the classifier scored.
+    shape : (ny, nx)
+        CCD shape (for ``mindtoedge``).
     header : astropy.io.fits.Header or mapping
         Science header: ``MJD-OBS`` (or ``DATE-OBS``) required; ``FILTER``, ``EXPTIME``,
         ``MAGZP``/``MAGZPT``/``MAGZERO``, ``FIELD`` used when present.
     visit, ccd : int
         Visit (exposure) number (>= 0) and CCD number (0..999); they make ``pid``/``candid``.
-    config : CutoutConfig
-        ``size`` is the side of the cutouts (63).
     scores : mapping of str to ndarray (n,), optional
         Classifier outputs for the candidate fields ``rb``, ``drb``, ``anomaly_score``
         (:data:`SCORE_FIELDS`); NaN -> null. Fields not given are null.
@@ -148,27 +130,24 @@ def build_alerts(
     -------
     StageResult
         ``value``: list of n alert dicts (schema ``nightsift.alert``), in table order; cutouts are
-        float32 63x63 gzipped FITS, NaN outside the CCD; as in ZTF, the difference cutout of a
-        negative candidate (``isdiffpos = 'f'``) is reference minus science; and ``candidate.edge`` is true for any
-        candidate whose cutouts are padded (or that the table flags). ``qa``: ``n_alerts``,
-        ``n_edge``, ``n_scored``.
+        float32 gzipped FITS; ``candidate.edge`` is true for any candidate whose cutouts cross the
+        CCD edge. ``qa``: ``n_alerts``, ``n_edge``, ``n_scored``.
 
     Raises
     ------
     InputError
-        Wrong table dtype, image shapes that differ, a bad ``scores`` entry, a header without
-        observation time, or ids out of range.
+        Wrong table dtype, triplets that do not match the table, a bad ``scores`` entry, a header
+        without observation time, or ids out of range.
     """
     cand = np.asarray(candidates)
     if cand.dtype != CANDIDATE_DTYPE:
         missing = sorted(set(CANDIDATE_DTYPE.names) - set(cand.dtype.names or ()))
         raise InputError(f"candidates must be a CANDIDATE_DTYPE table; missing fields: {missing or 'dtype differs'}",
                          stage="package")
-    science, reference, difference = (to_numpy(a) for a in (science, reference, difference))
-    if not (science.ndim == 2 and science.shape == reference.shape == difference.shape):
-        raise InputError(
-            "science, reference and difference must be 2-D with one shape, got "
-            f"{science.shape}, {reference.shape}, {difference.shape}", stage="package")
+    triplets = to_host(triplets)
+    if triplets.ndim != 4 or triplets.shape[0] != len(cand) or triplets.shape[-1] != 3:
+        raise InputError(f"triplets of shape {triplets.shape} do not match {len(cand)} candidates (n, s, s, 3)",
+                         stage="package")
     visit, ccd = int(visit), int(ccd)
     if not (0 <= ccd < CANDID_CCD and 0 <= visit <= MAX_VISIT):
         raise InputError(f"visit must be in 0..{MAX_VISIT} and ccd in 0..{CANDID_CCD - 1}, got {visit}, {ccd}",
@@ -182,7 +161,7 @@ def build_alerts(
     if unknown:
         raise InputError(f"unknown score fields {unknown}; known: {sorted(SCORE_FIELDS)}", stage="package")
     for k, v in scores.items():
-        v = np.asarray(to_numpy(v), dtype=np.float64).reshape(-1)
+        v = np.asarray(to_host(v), dtype=np.float64).reshape(-1)
         if v.shape != (n,):
             raise InputError(f"scores[{k!r}] has {v.shape[0]} values for {n} candidates", stage="package")
         scores[k] = v
@@ -194,8 +173,8 @@ def build_alerts(
         return StageResult([], qa)
 
     fid = filter_id(header.get("FILTER") if header is not None else None)
-    exptime = _header_float(header, "EXPTIME")
-    magzp = _header_float(header, *ZERO_POINT_KEYS)
+    exptime = header_zero_point(header, keys=("EXPTIME",))
+    magzp = header_zero_point(header)
     field = header.get("FIELD") if header is not None else None
     field = int(field) if isinstance(field, (int, np.integer)) and not isinstance(field, bool) else None
     pid = visit * CANDID_CCD + ccd
@@ -204,15 +183,12 @@ def build_alerts(
         raise InputError("candidate ids (candid) in the table are not unique", stage="package")
     version = _version()
 
-    size = config.size
+    size = triplets.shape[1]
     x, y = cand["xpos"], cand["ypos"]
-    sci_st, padded = extract_stamps(science, x, y, size=size)
-    ref_st, _ = extract_stamps(reference, x, y, size=size)
-    diff_st, _ = extract_stamps(difference, x, y, size=size)
-    diff_st = diff_st * difference_sign(cand)[:, None, None]  # ZTF convention: positive centre
-    edge = padded | cand["edge"]
+    sci_st, ref_st, diff_st = triplets[..., 0], triplets[..., 1], triplets[..., 2]
+    edge = cand["edge"] | ~np.isfinite(triplets).reshape(n, -1).all(axis=1)
     qa["n_edge"] = int(edge.sum())
-    ny, nx = science.shape
+    ny, nx = shape
     mindtoedge = np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y])
     half = size // 2
 

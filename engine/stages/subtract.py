@@ -1,87 +1,52 @@
-"""Subtraction stage: ZOGY on a science exposure and a reference aligned onto its grid.
+"""Subtraction stage: ZOGY on a batch of science exposures and their aligned references.
 
-Steps: background-subtract both images (from the PSF stage), replace pixels unusable in either
-image by 0 (their variance by the tile's median), measure the flux ratio F_r/F_n from stars
-common to both, cut the CCD into equal padded tiles (one PSF pair per tile), run the batched ZOGY
-kernel on the whole tile stack, stitch the tile cores, and zero S_corr on the grown mask.
+Steps, for B CCDs at once on the device they live on: pixels unusable in either image are set to
+0 (their variance to the image's median); the flux ratio F_r/F_n is measured from point sources
+common to both catalogues (:func:`flux_ratio`, with the photometric zero points as a prior);
+every image is cut into equal padded tiles (one PSF pair per tile) and the batched ZOGY kernel
+runs on all B x T tiles in one call (:func:`nightsift.kernels.zogy.zogy`: float32 FFTs, PSFs
+embedded on the device); the tile cores are stitched; the residual sky offset of D is removed
+per tile (blank sky only); S_corr is zeroed on the grown mask, and divided by its blank-sky
+standard deviation when ``subtract.renormalize_scorr`` (reported as ``scorr_std_raw``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 
 import numpy as np
-from scipy import ndimage
 
 from nightsift.kernels import psf as kpsf
 from nightsift.kernels import tiles as ktiles
+from nightsift.kernels._xp import array_namespace, host_scalars, ndimage_module, to_device
 from nightsift.kernels.background import robust_sigma
+from nightsift.kernels.neighbours import count_within, nearest
+from nightsift.kernels.stamps import gather_stamps
 from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
 from ..errors import AlgorithmFailure
-from ..records import UNUSABLE, Exposure, StageResult, ZERO_POINT_KEYS
-from .psf import ImagePSF
+from ..io.fits import header_zero_point
+from ..records import UNUSABLE, StageResult, SubtractionBatch
+
+__all__ = ["subtract", "flux_ratio", "zero_point_flux_ratio", "combine_flux_ratio", "blank_sky", "paint_discs",
+           "psf_fluxes", "PRIOR_WINDOW"]
+
+#: relative distance from the zero-point F_r within which star ratios are trusted; a star-based F_r
+#: farther than this from it is replaced by it
+PRIOR_WINDOW = 0.3
+#: S/N of the catalogue sources whose PSF fluxes measure F_r
+FLUX_RATIO_MIN_SNR = 20.0
 
 
-@dataclass(frozen=True)
-class Subtraction:
-    """ZOGY products on the science pixel grid.
-
-    Attributes
-    ----------
-    D : ndarray (ny, nx) float32
-        Proper difference image (unit-variance white noise on blank sky), in units of F_D.
-    difference : ndarray (ny, nx) float32
-        ``D / F_D``: the difference in science flux units (e-), what the cutouts show.
-    S_corr : ndarray (ny, nx) float32
-        Corrected score (sigma); 0 on the grown mask.
-    flux : ndarray (ny, nx) float32
-        ``apcorr * S / F_S``: total flux (e-, science units) of a point source centred on each
-        pixel (PSF flux times the science PSF's aperture correction).
-    flux_err : ndarray (ny, nx) float32
-        1-sigma error of ``flux`` (background, source and astrometric noise).
-    P_D : ndarray (T, s, s) float64
-        PSF of D per tile (unit sum, centre pixel s // 2).
-    F_D, F_S : ndarray (T,)
-        Flux zero point of D and the normalisation of S per tile.
-    mask : ndarray (ny, nx) uint16
-        Union of the science and aligned-reference masks.
-    excluded : ndarray (ny, nx) bool
-        Pixels where S_corr was zeroed (unusable pixels grown by ``mask_grow``).
-    grid : TileGrid
-    F_r : float
-        Reference flux zero point relative to the science (F_n = 1).
-    apcorr : ndarray (T,)
-        Aperture correction of the science PSF per tile, applied to ``flux``/``flux_err`` (and
-        to the candidates' fluxes): PSF flux with the unit-sum model -> total flux.
-    """
-
-    D: np.ndarray
-    difference: np.ndarray
-    S_corr: np.ndarray
-    flux: np.ndarray
-    flux_err: np.ndarray
-    P_D: np.ndarray
-    F_D: np.ndarray
-    F_S: np.ndarray
-    mask: np.ndarray
-    excluded: np.ndarray
-    grid: ktiles.TileGrid
-    F_r: float
-    apcorr: np.ndarray | None = None
-
-
-def psf_fluxes(image: np.ndarray, model, x, y) -> np.ndarray:
+def psf_fluxes(image, model, x, y):
     """PSF-fit fluxes of sources at sub-pixel ``(x, y)``: ``sum(P I) / sum(P^2)`` with the tile's
     PSF shifted onto each source. In units where the PSF model sums to 1, i.e. exactly the flux
-    normalisation ZOGY uses."""
-    from nightsift.kernels.stamps import extract_stamps
-
+    normalisation ZOGY uses. ``image`` (ny, nx) and ``model`` (a PSFModel) on one device."""
+    xp = array_namespace(image, x)
     s = model.stamps.shape[-1]
-    xi, yi = np.rint(x), np.rint(y)
-    st, _ = extract_stamps(image, x, y, size=s, fill=0.0)
-    p = kpsf.fourier_shift(model.stamps[model.grid.tile_of(x, y)], x - xi, y - yi)
-    return (np.asarray(st, np.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
+    st, _ = gather_stamps(image[None], None, x, y, size=s, fill=0.0)
+    p = kpsf.fourier_shift(model.stamps[model.tile_of(x, y)], x - xp.rint(x), y - xp.rint(y))
+    return (st.astype(xp.float64) * p).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
 
 
 def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
@@ -91,108 +56,87 @@ def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
     MAGZERO) the magnitude giving 1 e-/s in each image (e- images); None when either header lacks
     a zero point or an exposure time.
     """
-    def get(h, keys):
-        for k in keys:
-            if h is not None and k in h:
-                try:
-                    v = float(h[k])
-                except (TypeError, ValueError):
-                    return None
-                return v if np.isfinite(v) else None
-        return None
-
-    zs, zr = get(sci_header, ZERO_POINT_KEYS), get(ref_header, ZERO_POINT_KEYS)
-    ts, tr = get(sci_header, ("EXPTIME",)), get(ref_header, ("EXPTIME",))
+    zs, zr = header_zero_point(sci_header), header_zero_point(ref_header)
+    ts = header_zero_point(sci_header, keys=("EXPTIME",))
+    tr = header_zero_point(ref_header, keys=("EXPTIME",))
     if None in (zs, zr, ts, tr) or ts <= 0 or tr <= 0:
         return None
     return float(10 ** (0.4 * (zr - zs)) * tr / ts)
 
 
-#: relative distance from the zero-point F_r within which star ratios are trusted; a star-based F_r
-#: farther than this from it is replaced by it
-PRIOR_WINDOW = 0.3
-
-
-def flux_ratio(sci: np.ndarray, ref: np.ndarray, sci_psf: ImagePSF, ref_psf: ImagePSF, *, unusable,
-               min_snr: float = 20.0, match_radius: float = 1.0, prior: float | None = None,
-               prior_window: float = PRIOR_WINDOW, star_rms: float = 0.03):
-    """F_r / F_n from isolated stars found in both background-subtracted images on one grid.
+def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, integral, b: int, *, prior: float | None,
+               match_radius: float = 1.0, prior_window: float = PRIOR_WINDOW, star_rms: float = 0.03,
+               min_point: int = 5):
+    """F_r / F_n from isolated point sources found in both background-subtracted images of CCD ``b``.
 
     Each star's flux is a PSF fit with its own image's PSF (so the ratio carries exactly the PSF
     normalisations ZOGY uses); the ratio is the inverse-variance-weighted mean of the per-star
-    ratios after 3-sigma clipping. Returns ``(ratio, n_stars, error of the ratio)``.
+    ratios after 3-sigma clipping, started from the median (sources that changed between the
+    epochs -- a variable star, a transient on a nucleus -- are high-S/N outliers a weighted mean
+    would follow). ``prior`` (the zero points' F_r) keeps only ratios within ``prior_window`` of
+    it when at least 3 are.
 
-    ``prior`` (e.g. :func:`zero_point_flux_ratio`) guards against a field where most common
-    sources changed (transients on galaxy nuclei, variable stars; a sparse star field): only
-    ratios within ``prior_window`` (relative) of it are used when at least 3 are; the measured
-    value still sets F_r (the zero points need not include this CCD's flat or aperture terms).
-
-    The returned error is at least ``star_rms / sqrt(n)`` of the ratio (PSF-model errors per
-    star) and at least the robust scatter of the kept ratios over ``sqrt(n)``.
+    Returns device 0-d arrays ``(ratio, n_stars, error)``: the error is at least ``star_rms /
+    sqrt(n)`` of the ratio (PSF-model errors per star) and at least the robust scatter of the kept
+    ratios over ``sqrt(n)``. NaN ratio and 0 stars when nothing matches.
     """
-    from scipy.spatial import cKDTree
-
-    sc, rc = sci_psf.catalog, ref_psf.catalog
-    s = sc[(sc["snr"] >= min_snr) & (sc["flag"] == 0)]
-    r = rc[(rc["snr"] >= min_snr) & (rc["flag"] == 0)]
-    if len(s) == 0 or len(r) == 0:
-        return np.nan, 0, np.nan
-    d, j = cKDTree(np.c_[r["x"], r["y"]]).query(np.c_[s["x"], s["y"]], distance_upper_bound=match_radius)
-    ok = np.isfinite(d)
-    s, r = s[ok], r[j[ok]]
-    ny, nx = sci.shape
-    h = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1]) // 2
-    xi, yi = np.rint(s["x"]).astype(int), np.rint(s["y"]).astype(int)
+    xp = array_namespace(N)
+    nan = xp.full((), xp.nan)
+    s_ok = (sci_cat.snr >= FLUX_RATIO_MIN_SNR) & (sci_cat.flag == 0)
+    r_ok = (ref_cat.snr >= FLUX_RATIO_MIN_SNR) & (ref_cat.flag == 0)
+    si = xp.nonzero(s_ok)[0]
+    ri = xp.nonzero(r_ok)[0]
+    if si.shape[0] == 0 or ri.shape[0] == 0:
+        return nan, xp.zeros((), xp.int64), nan
+    j, _ = nearest(sci_cat.x[si], sci_cat.y[si], ref_cat.x[ri], ref_cat.y[ri], radius=match_radius)
+    hit = j >= 0
+    si, rj = si[hit], ri[j[hit]]
+    ny, nx = N.shape
+    h = max(sci_psf.stamps.shape[-1], ref_psf.stamps.shape[-1]) // 2
+    sx, sy = sci_cat.x[si], sci_cat.y[si]
+    xi, yi = xp.rint(sx), xp.rint(sy)
     inside = (xi >= h) & (xi < nx - h) & (yi >= h) & (yi < ny - h)
-    s, r, xi, yi = s[inside], r[inside], xi[inside], yi[inside]
-    if len(s) == 0:
-        return np.nan, 0, np.nan
-    integ = np.pad(np.cumsum(np.cumsum(unusable.astype(np.int64), 0), 1), ((1, 0), (1, 0)))
-    nbad = integ[yi + h + 1, xi + h + 1] - integ[yi - h, xi + h + 1] - integ[yi + h + 1, xi - h] + integ[yi - h, xi - h]
-    # isolated: no other source within the stamp (a neighbour biases both fits differently)
-    tree = cKDTree(np.c_[sc["x"], sc["y"]])
-    crowded = np.array([len(tree.query_ball_point([a, b], r=h)) > 1 for a, b in zip(s["x"], s["y"])], bool)
-    x = 0.5 * (s["x"] + r["x"])
-    y = 0.5 * (s["y"] + r["y"])
-    fs = psf_fluxes(sci, sci_psf.model, x, y)
-    fr = psf_fluxes(ref, ref_psf.model, x, y)
-    # point sources only (adaptive-moment size on the stellar locus of both images, see
-    # psf.psf_stage): a galaxy may host a transient, which would bias its ratio
-    point = s["point"] & r["point"]
-    good = (nbad == 0) & ~crowded & (fs > 0) & (fr > 0)
-    if (good & point).sum() >= 5:  # a small CCD may hold too few stars: then use every source
-        good &= point
-    if good.sum() == 0:
-        return np.nan, 0, np.nan
-    fs, fr = fs[good], fr[good]
-    ratio = fr / fs
-    # error of each ratio from both fluxes' S/N (the catalogue S/N of each image)
-    rel = np.hypot(1 / s["snr"][good], 1 / r["snr"][good])
-    w = 1 / (ratio * rel) ** 2
-    # Start from the median, not the weighted mean: sources that changed between the epochs (a
-    # variable star, a transient on a galaxy nucleus) are outliers with high S/N, and a crowded CCD
-    # can hold dozens; a weighted mean they pull would let the clipping keep them (seen: F_r 0.29
-    # instead of 1.04 with 32 such sources among 48 stars).
-    keep = np.ones(ratio.size, bool)
+    from .psf import box_count
+
+    nbad = box_count(integral, b, sx, sy, h)
+    # isolated: no other science source within the stamp (a neighbour biases both fits differently)
+    crowd = count_within(sx, sy, sci_cat.x, sci_cat.y, radius=float(h), self_index=si)
+    x = 0.5 * (sx + ref_cat.x[rj])
+    y = 0.5 * (sy + ref_cat.y[rj])
+    xc, yc = xp.clip(x, 0, nx - 1), xp.clip(y, 0, ny - 1)
+    fs = psf_fluxes(N, sci_psf, xc, yc)
+    fr = psf_fluxes(R, ref_psf, xc, yc)
+    # point sources only (adaptive size on the stellar locus of both images): a galaxy may host a
+    # transient, which would bias its ratio; a small CCD may hold too few: then every source
+    point = sci_cat.point[si] & ref_cat.point[rj]
+    good = inside & (nbad == 0) & (crowd == 0) & (fs > 0) & (fr > 0)
+    good = xp.where((good & point).sum() >= min_point, good & point, good)
+    ratio = xp.where(good, fr / xp.where(good, fs, 1.0), xp.nan)
+    rel = xp.hypot(1 / sci_cat.snr[si], 1 / ref_cat.snr[rj])
+    w = xp.where(good, 1 / (ratio * rel) ** 2, 0.0)
+    keep = good
     if prior is not None and prior > 0:
-        near = np.abs(ratio / prior - 1) < prior_window
-        if near.sum() >= 3:
-            keep = near
-    mean = float(np.median(ratio[keep]))
-    window = keep.copy()
-    for _ in range(5):
-        resid = (ratio - mean) * np.sqrt(w)
-        scale = max(1.0, 1.4826 * float(np.median(np.abs(resid[keep]))))
-        keep = window & (np.abs(resid) < 3 * scale)
-        mean = float(np.sum(w[keep] * ratio[keep]) / np.sum(w[keep]))
-    n = int(keep.sum())
-    err = scale / np.sqrt(np.sum(w[keep]))
-    # the S/N-based error knows nothing of PSF-model errors, which move single-star ratios by a few
-    # % (seen: 2-4 % scatter among S/N > 100 stars); never claim better than their scatter allows
-    err = max(err, star_rms * mean / np.sqrt(n))
-    if n >= 3:
-        err = max(err, 1.4826 * float(np.median(np.abs(ratio[keep] - mean))) / np.sqrt(n))
-    return float(mean), n, float(err)
+        near = good & (xp.abs(ratio / prior - 1) < prior_window)
+        keep = xp.where(near.sum() >= 3, near, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no usable star: NaN, decided by the caller
+        mean = xp.nanmedian(xp.where(keep, ratio, xp.nan))
+        window = keep
+        scale = xp.ones(())
+        for _ in range(5):
+            resid = (ratio - mean) * xp.sqrt(w)
+            scale = xp.maximum(1.0, 1.4826 * xp.nanmedian(xp.where(keep, xp.abs(resid), xp.nan)))
+            keep = window & (xp.abs(resid) < 3 * scale)
+            mean = (xp.where(keep, w * ratio, 0.0).sum()) / xp.where(keep, w, 0.0).sum()
+        n = keep.sum()
+        err = scale / xp.sqrt(xp.where(keep, w, 0.0).sum())
+        # the S/N-based error knows nothing of PSF-model errors, which move single-star ratios by a
+        # few % (seen: 2-4 % scatter among S/N > 100 stars); never claim better than that
+        err = xp.maximum(err, star_rms * mean / xp.sqrt(n))
+        scatter = 1.4826 * xp.nanmedian(xp.where(keep, xp.abs(ratio - mean), xp.nan)) / xp.sqrt(n)
+        err = xp.where(n >= 3, xp.maximum(err, scatter), err)
+    ok = n > 0
+    return xp.where(ok, mean, xp.nan), n, xp.where(ok, err, xp.nan)
 
 
 def combine_flux_ratio(stars: float, stars_err: float, prior: float, prior_rms: float) -> tuple[float, float]:
@@ -217,208 +161,268 @@ def combine_flux_ratio(stars: float, stars_err: float, prior: float, prior_rms: 
     return float((ws * stars + wp * prior) / (ws + wp)), float(1.0 / np.sqrt(ws + wp))
 
 
-def subtract(science: Exposure, reference: Exposure, sci_psf: ImagePSF, ref_psf: ImagePSF, *,
-             config: SubtractConfig, astrometric_rms: tuple[float, float] | None = None,
-             dtype=None, xp=np) -> StageResult:
-    """ZOGY difference, score and corrected score of a science/aligned-reference pair.
+def decide_flux_ratio(stars: float, n: int, err: float, prior: float | None, *, config: SubtractConfig,
+                      path: str | None = None) -> tuple[float, dict]:
+    """F_r for ZOGY from the stars' value and the zero points' (host numbers), with its QA.
 
-    Parameters
-    ----------
-    science : Exposure
-        Calibrated science exposure (e-).
-    reference : Exposure
-        Reference aligned onto the science grid (same shape), e-.
-    sci_psf, ref_psf : ImagePSF
-        PSF-stage results for both images on the same tile grid.
-    config : SubtractConfig
-    astrometric_rms : (float, float), optional
-        Registration RMS (px) from the alignment; ``config.default_astrometric_rms`` if None.
-    dtype : real dtype of the FFT computation (default ``config.fft_dtype``).
-    xp : numpy or cupy
-        Where the ZOGY kernel runs (inputs are moved there once, results moved back).
-
-    Returns
-    -------
-    StageResult(Subtraction, qa) with qa ``F_r``, ``n_flux_stars``, ``sigma_n``, ``sigma_r``,
-    ``scorr_std`` (robust, on unmasked pixels), ``scorr_mean``, ``excluded_fraction``.
+    Raises
+    ------
+    AlgorithmFailure
+        Fewer than 3 common stars and no photometric zero points in the headers.
     """
-    if science.shape != reference.shape:
-        raise AlgorithmFailure(f"science {science.shape} and aligned reference {reference.shape} differ in shape",
-                               stage="subtract")
-    grid = sci_psf.model.grid
-    N = np.asarray(science.image, dtype=np.float32) - sci_psf.sky
-    R = np.asarray(reference.image, dtype=np.float32) - ref_psf.sky
-    mask = (np.asarray(science.mask) | np.asarray(reference.mask)).astype(np.uint16)
-    unusable = (mask & UNUSABLE) != 0
-    stamp = max(sci_psf.model.stamps.shape[-1], ref_psf.model.stamps.shape[-1])
-    prior = zero_point_flux_ratio(science.header, reference.header)
-    F_r, n_flux, F_r_err = flux_ratio(N, R, sci_psf, ref_psf, unusable=unusable, prior=prior)
-    qa = {"F_r": F_r, "n_flux_stars": n_flux, "F_r_err": F_r_err, "F_r_zero_points": prior}
+    qa = {"F_r": stars, "n_flux_stars": n, "F_r_err": err, "F_r_zero_points": prior, "F_r_source": "stars"}
     if prior is not None:
-        if not np.isfinite(F_r) or n_flux == 0 or abs(F_r / prior - 1) > PRIOR_WINDOW:
+        if not np.isfinite(stars) or n == 0 or abs(stars / prior - 1) > PRIOR_WINDOW:
             # no usable common star (a small or sparse CCD), or only changed ones: both images are
             # photometrically calibrated, so use the zero points (they miss this CCD's flat and
             # aperture terms, a few %)
-            F_r, F_r_err = prior, float("nan")
-            qa.update(F_r=F_r, F_r_err=F_r_err, F_r_source="zero_points")
-        elif config.zero_point_rms > 0:
-            F_r_stars = F_r
-            F_r, F_r_err = combine_flux_ratio(F_r, F_r_err, prior, config.zero_point_rms)
-            qa.update(F_r=F_r, F_r_err=F_r_err, F_r_stars=F_r_stars, F_r_source="stars+zero_points")
-        else:
-            qa["F_r_source"] = "stars"
-    elif not np.isfinite(F_r) or n_flux < 3:
-        raise AlgorithmFailure(f"flux ratio: only {n_flux} stars common to science and reference and no "
+            qa.update(F_r=prior, F_r_err=float("nan"), F_r_source="zero_points")
+            return prior, qa
+        if config.zero_point_rms > 0:
+            f, e = combine_flux_ratio(stars, err, prior, config.zero_point_rms)
+            qa.update(F_r=f, F_r_err=e, F_r_stars=stars, F_r_source="stars+zero_points")
+            return f, qa
+        return stars, qa
+    if not np.isfinite(stars) or n < 3:
+        where = f"{path}: " if path else ""
+        raise AlgorithmFailure(f"{where}flux ratio: only {n} stars common to science and reference and no "
                                "photometric zero points (MAGZP, EXPTIME) in the headers (need 3 stars; check "
                                "the overlap and the reference depth)", stage="subtract", qa=qa)
+    return stars, qa
 
-    V_N = np.asarray(science.variance, dtype=np.float32)
-    V_R = np.asarray(reference.variance, dtype=np.float32)
-    N = np.where(unusable, 0, N)
-    R = np.where(unusable, 0, R)
-    med_vn = float(np.median(V_N[~unusable])) if (~unusable).any() else 1.0
-    med_vr = float(np.median(V_R[~unusable])) if (~unusable).any() else 1.0
-    V_N = np.where(unusable | ~np.isfinite(V_N), med_vn, V_N)
-    V_R = np.where(unusable | ~np.isfinite(V_R), med_vr, V_R)
 
-    # batched tiles: one (T, ty, tx) stack per quantity
+def paint_discs(shape, image, x, y, r, *, buckets=(8, 16, 32, 64)):
+    """Boolean ``(B, ny, nx)`` map True within radius ``r`` of each ``(x, y)`` of image ``image``.
+
+    Sources are painted in radius buckets (one gather-free scatter of their bounding boxes per
+    bucket, radius at most the bucket's), so the cost is the discs' area, not the image's.
+    Radii are capped at the last bucket.
+    """
+    xp = array_namespace(x, y, r)
+    B, ny, nx = shape
+    out = xp.zeros(shape, bool)
+    if x.shape[0] == 0:
+        return out
+    ri = xp.ceil(xp.minimum(r, buckets[-1])).astype(xp.int64)
+    lo = 0
+    for hi in buckets:
+        sel = xp.nonzero((ri > lo) & (ri <= hi))[0]
+        lo = hi
+        if sel.shape[0] == 0:
+            continue
+        off = xp.arange(-hi, hi + 1, dtype=xp.int64)
+        xc, yc = xp.rint(x[sel]).astype(xp.int64), xp.rint(y[sel]).astype(xp.int64)
+        rr = ri[sel]
+        dy = off[None, :, None]
+        dx = off[None, None, :]
+        inside = dx * dx + dy * dy <= (rr * rr)[:, None, None]
+        yy = xp.broadcast_to(yc[:, None, None] + dy, inside.shape)
+        xx = xp.broadcast_to(xc[:, None, None] + dx, inside.shape)
+        inside = inside & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        bb = xp.broadcast_to(image[sel][:, None, None], inside.shape)
+        out[bb[inside], yy[inside], xx[inside]] = True
+    return out
+
+
+def blank_sky(shape, sci_cats, ref_cats, fwhm, excluded):
+    """Pixels of blank sky ``(B, ny, nx)``: usable, and farther than 3 PSF FWHM (or 3 semi-major
+    axes of an extended source, at most 64 px) from every source detected in either image. An
+    image where that leaves less than 10 % of the CCD (a crowded field) uses all usable pixels.
+
+    ``fwhm`` (B,) device: the largest PSF FWHM of the two images of each CCD.
+    """
+    xp = array_namespace(excluded)
+    xs, ys, rs, ims = [], [], [], []
+    for b, (sc, rc) in enumerate(zip(sci_cats, ref_cats)):
+        for cat in (sc, rc):
+            if len(cat) == 0:
+                continue
+            f = fwhm[b]
+            size = xp.maximum(cat.a, xp.nan_to_num(cat.size) / 2.3548200450309493)
+            r = xp.minimum(xp.maximum(3 * f, 3 * size), xp.maximum(3 * f, 64.0))
+            xs.append(cat.x)
+            ys.append(cat.y)
+            rs.append(r)
+            ims.append(xp.full(len(cat), b, xp.int64))
+    if xs:
+        near = paint_discs(excluded.shape, xp.concatenate(ims), xp.concatenate(xs), xp.concatenate(ys),
+                           xp.concatenate(rs))
+    else:
+        near = xp.zeros(excluded.shape, bool)
+    blank = ~excluded & ~near
+    B = excluded.shape[0]
+    frac = blank.reshape(B, -1).mean(axis=1)
+    return xp.where((frac >= 0.1)[:, None, None], blank, ~excluded)
+
+
+def _clipped_mean_rows(v, *, clip: float = 4.0, min_count: int = 1000):
+    """Per row of ``v`` (n, m) (NaN = not used): the mean within +-clip robust sigmas of the
+    median (symmetric, so unbiased for a slightly skewed core); 0 for rows with fewer than
+    ``min_count`` values."""
+    xp = array_namespace(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = xp.nanmedian(v, axis=1, keepdims=True)
+        sig = 1.4826 * xp.nanmedian(xp.abs(v - med), axis=1, keepdims=True)
+        keep = xp.abs(v - med) <= clip * sig
+        n = keep.sum(axis=1)
+        mean = xp.where(keep, v, 0.0).sum(axis=1) / xp.maximum(n, 1)
+    count = xp.isfinite(v).sum(axis=1)
+    return xp.where(count > min_count, mean, 0.0)
+
+
+def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, ref_cats, *, F_r, astrometric_rms,
+             config: SubtractConfig, dtype=None) -> StageResult:
+    """ZOGY difference, score and corrected score of a batch of science/aligned-reference pairs.
+
+    Parameters
+    ----------
+    N, R : ndarray (B, ny, nx) float32, e-
+        Background-subtracted science images and aligned references.
+    V_N, V_R : ndarray (B, ny, nx) float32, e-^2
+        Their variances.
+    mask_sci, mask_ref : ndarray (B, ny, nx) uint16
+    sci_psfs, ref_psfs : list of B PSFModel
+        Per-tile PSFs on one tile grid (the reference's carried onto the science grid).
+    sci_cats, ref_cats : list of B SourceCatalog
+        On the science grid (for the blank-sky mask).
+    F_r : sequence of B floats
+        Flux ratios (:func:`decide_flux_ratio`).
+    astrometric_rms : sequence of B (float, float)
+        Registration RMS (px) per CCD.
+    config : SubtractConfig
+    dtype : real dtype of the FFTs (default ``config.fft_dtype``).
+
+    Returns
+    -------
+    StageResult
+        ``value``: :class:`~nightsift.engine.records.SubtractionBatch` (``.ccd(b)`` gives one
+        CCD's :class:`~nightsift.engine.records.Subtraction`). ``qa``: ``(B,)`` arrays or lists ``sigma_n``, ``sigma_r``, ``F_D``, ``n_tiles``,
+        ``astrometric_rms_x/y``, ``scorr_std_raw``, ``scorr_std``, ``scorr_mean``,
+        ``excluded_fraction``, ``blank_fraction``, ``difference_offset``, ``apcorr``.
+    """
+    xp = array_namespace(N, R, V_N, V_R)
+    ndi = ndimage_module(xp)
+    B, ny, nx = N.shape
+    grid = sci_psfs[0].grid
+    T = len(grid)
+    dtype = np.dtype(dtype or config.fft_dtype)
+    f32 = xp.float32
+    mask = mask_sci | mask_ref
+    unusable = (mask & UNUSABLE) != 0
+    N = xp.where(unusable, f32(0), N)
+    R = xp.where(unusable, f32(0), R)
+    sub = (slice(None), slice(None, None, 4), slice(None, None, 4))
+    usable_s = ~unusable[sub]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fully masked image: NaN -> 1 below
+        med_vn = xp.nan_to_num(xp.nanmedian(xp.where(usable_s, V_N[sub], xp.nan).reshape(B, -1), axis=1), nan=1.0)
+        med_vr = xp.nan_to_num(xp.nanmedian(xp.where(usable_s, V_R[sub], xp.nan).reshape(B, -1), axis=1), nan=1.0)
+    V_N = xp.where(unusable | ~xp.isfinite(V_N), med_vn.astype(f32)[:, None, None], V_N)
+    V_R = xp.where(unusable | ~xp.isfinite(V_R), med_vr.astype(f32)[:, None, None], V_R)
+
+    # batched tiles: one (B * T, s, s) stack per quantity
     tN = ktiles.cut_tiles(N, grid, fill=0.0)
     tR = ktiles.cut_tiles(R, grid, fill=0.0)
-    tVN = ktiles.cut_tiles(V_N, grid, fill=med_vn)
-    tVR = ktiles.cut_tiles(V_R, grid, fill=med_vr)
+    tVN = ktiles.cut_tiles(V_N, grid, fill=np.nan)
+    tVR = ktiles.cut_tiles(V_R, grid, fill=np.nan)
+    ccd = xp.repeat(xp.arange(B), T)
+    tVN = xp.where(xp.isnan(tVN), med_vn.astype(f32)[ccd][:, None, None], tVN)
+    tVR = xp.where(xp.isnan(tVR), med_vr.astype(f32)[ccd][:, None, None], tVR)
+    stamp = max(max(p.stamps.shape[-1] for p in sci_psfs), max(p.stamps.shape[-1] for p in ref_psfs))
+    pn = xp.concatenate([_pad_stamps(p.stamps, stamp) for p in sci_psfs]).astype(f32)
+    pr = xp.concatenate([_pad_stamps(p.stamps, stamp) for p in ref_psfs]).astype(f32)
     ts = grid.tile_shape
-    pn = _pad_stamps(sci_psf.model.stamps, stamp)
-    pr = _pad_stamps(ref_psf.model.stamps, stamp)
     tPn, tPr = kpsf.embed_psf(pn, ts), kpsf.embed_psf(pr, ts)
     # background noise per tile for the optimal filter: the median variance of the tile
-    sig_n = np.sqrt(np.median(tVN.reshape(len(grid), -1), axis=1))
-    sig_r = np.sqrt(np.median(tVR.reshape(len(grid), -1), axis=1))
-    if astrometric_rms is None:
-        astrometric_rms = (config.default_astrometric_rms, config.default_astrometric_rms)
-
-    dev = (lambda a: xp.asarray(a)) if xp is not np else (lambda a: a)  # noqa: E731
-    res = zogy(dev(tN), dev(tR), dev(tPn), dev(tPr), dev(tVN), dev(tVR), sigma_n=dev(sig_n), sigma_r=dev(sig_r),
-               F_r=F_r, astrometric_rms=astrometric_rms, dtype=dtype or np.dtype(config.fft_dtype))
-    host = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a))  # noqa: E731
-    F_S = host(res.F_S)
-    D_tiles = host(res.D)
-    D = ktiles.stitch_tiles(D_tiles.astype(np.float32), grid)
-    difference = ktiles.stitch_tiles((D_tiles / host(res.F_D)[:, None, None]).astype(np.float32), grid)
-    S_corr = ktiles.stitch_tiles(host(res.S_corr).astype(np.float32), grid)
-    fs = F_S[:, None, None]
-    flux = ktiles.stitch_tiles((host(res.S) / fs).astype(np.float32), grid)
-    flux_err = ktiles.stitch_tiles((np.sqrt(host(res.V_S + res.V_ast)) / fs).astype(np.float32), grid)
-    P_D = kpsf.crop_embedded(host(res.P_D), stamp)
+    sig_n = xp.sqrt(xp.median(tVN[:, ::4, ::4].reshape(B * T, -1), axis=1))
+    sig_r = xp.sqrt(xp.median(tVR[:, ::4, ::4].reshape(B * T, -1), axis=1))
+    host = np.array([[F_r[b]] + list(astrometric_rms[b]) for b in range(B)], np.float64)
+    par = to_device(np.repeat(host, T, axis=0), xp, label="zogy_parameters")
+    res = zogy(tN, tR, tPn, tPr, tVN, tVR, sigma_n=sig_n, sigma_r=sig_r, F_r=par[:, 0],
+               astrometric_rms=(par[:, 1], par[:, 2]), dtype=dtype)
+    F_D, F_S = res.F_D.astype(xp.float64), res.F_S.astype(xp.float64)
+    inv = 1.0 / F_S
+    D = ktiles.stitch_tiles(res.D.astype(f32), grid, batch=B)
+    S_corr = ktiles.stitch_tiles(res.S_corr.astype(f32), grid, batch=B)
+    flux = ktiles.stitch_tiles((res.S * inv[:, None, None].astype(res.S.dtype)).astype(f32), grid, batch=B)
+    flux_err = ktiles.stitch_tiles((xp.sqrt(res.V_S + res.V_ast) * inv[:, None, None].astype(res.S.dtype)).astype(f32),
+                                   grid, batch=B)
+    P_D = kpsf.crop_embedded(res.P_D, stamp).astype(xp.float64)
+    del res, tN, tR, tVN, tVR, tPn, tPr
 
     excluded = unusable
-    if config.mask_grow > 0 and unusable.any():
-        excluded = ndimage.binary_dilation(unusable, iterations=config.mask_grow)
+    if config.mask_grow > 0:
+        cross = to_device(np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), xp, label="constants")
+        excluded = ndi.binary_dilation(unusable, structure=cross, iterations=config.mask_grow)
+    fwhm = xp.stack([xp.maximum(sp.fwhm.max(), rp.fwhm.max()) for sp, rp in zip(sci_psfs, ref_psfs)])
+    blank = blank_sky((B, ny, nx), sci_cats, ref_cats, fwhm, excluded)
 
-    # Residual sky: an error in either sky estimate (faint-source confusion biases the sky of the
-    # shallower image by a few % of sigma) leaves a smooth offset B_D in D (unit white noise, so a
-    # mesh median measures it to ~1 % of sigma; the median, since star residuals skew the mean). Remove it from D and, consistently,
-    # from S (offset F_D B_D, P_D has unit sum), S_corr and the flux maps.
-    blank = blank_sky(sci_psf, ref_psf, excluded)
+    # Residual sky: faint-source confusion biases the sky estimate of the shallower image by a few %
+    # of sigma, which leaves an offset B_D in D (unit white noise, seen as a shifted S_corr mean).
+    # Measure it per tile as the symmetric-clipped mean of D on blank sky (not the median: Poisson
+    # noise makes D's pixels slightly skewed, while S_corr, a smoothed D, follows D's mean) and
+    # remove it from D and, consistently, from S (offset F_D B_D: P_D has unit sum), S_corr and
+    # the flux maps.
+    offsets = xp.zeros(B * T)
+    qa = {}
     if config.remove_difference_offset:
-        # Residual sky: faint-source confusion biases the sky estimate of the shallower image by a
-        # few % of sigma, which leaves an offset B in D (seen as a shifted S_corr mean). Measure B
-        # per tile as the symmetric-clipped mean of D on blank sky (not the median: Poisson noise
-        # makes D's pixels slightly skewed, while S_corr, a smoothed D, is Gaussian and follows
-        # D's mean; 1e5-1e6 pixels make it precise to ~0.003 sigma) and
-        # remove it from D and, consistently, from S (offset F_D B: P_D has unit sum), S_corr and
-        # the flux maps.
-        F_D_t, offsets = host(res.F_D), np.zeros(len(grid))
-        for t, (y0, x0) in enumerate(grid.origins):
-            sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
-            b = blank[sl]
-            if b.sum() > 1000:
-                offsets[t] = _clipped_mean(D[sl][b])
-        for t, (y0, x0) in enumerate(grid.origins):
-            sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
-            B = offsets[t]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                S_corr[sl] -= np.where(flux_err[sl] > 0, F_D_t[t] * B / (flux_err[sl] * F_S[t]), 0).astype(np.float32)
-            flux[sl] -= np.float32(F_D_t[t] * B / F_S[t])
-            D[sl] -= np.float32(B)
-            difference[sl] -= np.float32(B / F_D_t[t])
-        qa["difference_offset"] = float(np.median(offsets))
-    S_corr[excluded] = 0.0
-    D[unusable] = 0.0
-    difference[unusable] = 0.0
+        cD = ktiles.core_views(D, grid)[:, ::2, ::2]
+        cb = ktiles.core_views(blank.astype(f32), grid)[:, ::2, ::2]
+        v = xp.where(cb == 1, cD, xp.nan).reshape(B * T, -1)
+        offsets = _clipped_mean_rows(v, min_count=1000 // 4)
+        off_map = ktiles.per_tile(offsets.astype(f32), grid, batch=B)
+        fd_map = ktiles.per_tile(F_D.astype(f32), grid, batch=B)
+        fs_map = ktiles.per_tile(F_S.astype(f32), grid, batch=B)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            S_corr = S_corr - xp.where(flux_err > 0, fd_map * off_map / (flux_err * fs_map), f32(0))
+        flux = flux - fd_map * off_map / fs_map
+        D = D - off_map
+        qa["difference_offset"] = xp.median(offsets.reshape(B, T), axis=1)
+    difference = D / ktiles.per_tile(F_D.astype(f32), grid, batch=B)
+    S_corr = xp.where(excluded, f32(0), S_corr)
+    D = xp.where(unusable, f32(0), D)
+    difference = xp.where(unusable, f32(0), difference)
 
-    live = S_corr[blank]
-    std_raw = robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan")
+    step = max(1, int(np.sqrt(ny * nx / 2_000_000)))
+    blank_s = blank[:, ::step, ::step].reshape(B, -1)
+    live = xp.where(blank_s, S_corr[:, ::step, ::step].reshape(B, -1), xp.nan)
+    std_raw = robust_sigma(live, axis=-1)
     qa["scorr_std_raw"] = std_raw
-    if config.renormalize_scorr and np.isfinite(std_raw) and std_raw > 0:
-        S_corr /= np.float32(std_raw)
-        flux_err *= np.float32(std_raw)
-        live = S_corr[blank]
-    qa.update(sigma_n=float(np.median(sig_n)), sigma_r=float(np.median(sig_r)),
-              F_D=float(np.median(host(res.F_D))), n_tiles=len(grid),
-              astrometric_rms_x=float(astrometric_rms[0]), astrometric_rms_y=float(astrometric_rms[1]),
-              scorr_std=robust_sigma(live[:: max(1, live.size // 2_000_000)]) if live.size else float("nan"),
-              scorr_mean=float(np.median(live)) if live.size else float("nan"),
-              excluded_fraction=float(excluded.mean()), blank_fraction=float(blank.mean()))
-    apcorr = np.asarray(sci_psf.model.apcorr, dtype=np.float64)
-    for t, (y0, x0) in enumerate(grid.origins):
-        sl = (slice(y0, y0 + grid.core), slice(x0, x0 + grid.core))
-        flux[sl] *= np.float32(apcorr[t])
-        flux_err[sl] *= np.float32(apcorr[t])
-    qa["apcorr"] = float(np.median(apcorr))
-    sub = Subtraction(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, P_D=P_D, F_D=host(res.F_D), F_S=F_S,
-                      mask=mask, excluded=excluded, grid=grid, F_r=F_r, apcorr=apcorr)
-    return StageResult(sub, qa)
+    if config.renormalize_scorr:
+        ok = xp.isfinite(std_raw) & (std_raw > 0)
+        fac = xp.where(ok, std_raw, 1.0).astype(f32)[:, None, None]
+        S_corr = S_corr / fac
+        flux_err = flux_err * fac
+        live = live / fac.reshape(B, 1)
+    apcorr = xp.concatenate([p.apcorr for p in sci_psfs]).astype(xp.float64)
+    ap_map = ktiles.per_tile(apcorr.astype(f32), grid, batch=B)
+    flux = flux * ap_map
+    flux_err = flux_err * ap_map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        qa.update(sigma_n=xp.median(sig_n.reshape(B, T), axis=1), sigma_r=xp.median(sig_r.reshape(B, T), axis=1),
+                  F_D=xp.median(F_D.reshape(B, T), axis=1), n_tiles=[T] * B,
+                  astrometric_rms_x=[float(a[0]) for a in astrometric_rms],
+                  astrometric_rms_y=[float(a[1]) for a in astrometric_rms],
+                  scorr_std=robust_sigma(live, axis=-1), scorr_mean=xp.nanmedian(live, axis=1),
+                  excluded_fraction=excluded.reshape(B, -1).mean(axis=1),
+                  blank_fraction=blank.reshape(B, -1).mean(axis=1),
+                  apcorr=xp.median(apcorr.reshape(B, T), axis=1))
+    batch = SubtractionBatch(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, mask=mask,
+                             excluded=excluded, P_D=P_D, F_D=F_D, F_S=F_S, apcorr=apcorr, grid=grid,
+                             F_r=tuple(float(f) for f in F_r),
+                             stamp=tuple(max(a.stamps.shape[-1], b.stamps.shape[-1]) for a, b in zip(sci_psfs, ref_psfs)))
+    return StageResult(batch, qa)
 
 
-def blank_sky(sci_psf: ImagePSF, ref_psf: ImagePSF, excluded: np.ndarray) -> np.ndarray:
-    """Pixels of blank sky: usable, and farther than 3 PSF FWHM (or 3 isophotal semi-major axes,
-    at most 64 px) from every source detected in either image. Falls back to all usable pixels if that leaves
-    less than 10 % of the CCD (a crowded field)."""
-    ny, nx = excluded.shape
-    fwhm = max(float(np.max(sci_psf.model.fwhm)), float(np.max(ref_psf.model.fwhm)))
-    near = np.zeros((ny, nx), bool)
-    for cat in (sci_psf.catalog, ref_psf.catalog):
-        if len(cat) == 0:
-            continue
-        # 3 FWHM, or 3 isophotal semi-major axes for an extended source, capped (a satellite trail
-        # or a huge galaxy would otherwise mask a disc of its whole length)
-        r = np.minimum(np.maximum(3 * fwhm, 3 * cat["a"]), max(3 * fwhm, 64.0))
-        paint_discs(near, cat["x"], cat["y"], r)
-    blank = ~excluded & ~near
-    return blank if blank.mean() >= 0.1 else ~excluded
-
-
-def paint_discs(mask: np.ndarray, x, y, r) -> None:
-    """Set ``mask`` (bool, (ny, nx), in place) True within radius ``r`` of each ``(x, y)``.
-
-    Cost is the discs' area (one bounding box per source), not the image's area per radius as a
-    binary dilation would be: ~0.1 s for 20,000 sources on a 4k x 4k CCD.
-    """
-    ny, nx = mask.shape
-    for xc, yc, rc in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(r, float)):
-        xi, yi = int(round(xc)), int(round(yc))
-        ri = int(np.ceil(rc))
-        y0, y1 = max(yi - ri, 0), min(yi + ri + 1, ny)
-        x0, x1 = max(xi - ri, 0), min(xi + ri + 1, nx)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        dy = (np.arange(y0, y1) - yi)[:, None]
-        dx = (np.arange(x0, x1) - xi)[None, :]
-        mask[y0:y1, x0:x1] |= dx * dx + dy * dy <= ri * ri
-
-
-def _clipped_mean(v: np.ndarray, clip: float = 4.0) -> float:
-    """Mean of ``v`` within +-clip robust sigmas of the median (symmetric, so unbiased for a
-    slightly skewed core)."""
-    med = np.median(v)
-    sig = 1.4826 * np.median(np.abs(v - med))
-    return float(np.mean(v[np.abs(v - med) <= clip * sig]))
-
-
-def _pad_stamps(stamps: np.ndarray, size: int) -> np.ndarray:
+def _pad_stamps(stamps, size: int):
     """Zero-pad centred ``(T, s, s)`` stamps to ``(T, size, size)``."""
+    xp = array_namespace(stamps)
     s = stamps.shape[-1]
     if s == size:
         return stamps
     p = (size - s) // 2
-    return np.pad(stamps, ((0, 0), (p, p), (p, p)))
+    out = xp.zeros(stamps.shape[:-2] + (size, size), dtype=stamps.dtype)
+    out[..., p:p + s, p:p + s] = stamps
+    return out

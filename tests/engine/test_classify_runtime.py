@@ -199,7 +199,6 @@ def test_scores_fill_the_packets(tiny, rng):
     """Scorer output -> build_alerts -> the ZTF fields rb/drb and their versions."""
     from astropy.io import fits
 
-    from nightsift.engine.config import CutoutConfig
     from nightsift.engine.records import CANDIDATE_DTYPE
     from nightsift.engine.stages.package import build_alerts
     from nightsift.kernels.stamps import extract_triplets
@@ -214,8 +213,8 @@ def test_scores_fill_the_packets(tiny, rng):
     hdr = fits.Header({"MJD-OBS": 60000.0, "FILTER": "r"})
     trip = extract_triplets(img, img, img, cands["xpos"], cands["ypos"], size=63)
     scores = s(trip)
-    res = build_alerts(cands, science=img, reference=img, difference=img, header=hdr, visit=1, ccd=2,
-                       config=CutoutConfig(), scores=scores, score_versions=s.versions)
+    res = build_alerts(cands, triplets=trip, shape=img.shape, header=hdr, visit=1, ccd=2, scores=scores,
+                       score_versions=s.versions)
     got = [a["candidate"] for a in res.value]
     np.testing.assert_allclose([c["rb"] for c in got], scores["rb"], rtol=1e-7)
     np.testing.assert_allclose([c["drb"] for c in got], scores["drb"], rtol=1e-7)

@@ -101,9 +101,9 @@ def test_label_store(tmp_path):
 def _write_alerts(path):
     """N_ALERTS packets with cutouts (a star in the science, a residual in the difference),
     real/bogus scores and anomaly scores."""
-    from nightsift.engine.config import CutoutConfig
     from nightsift.engine.io.avro import write_alerts
     from nightsift.engine.records import empty_candidates
+    from nightsift.engine.stages.cutouts import triplets_of
     from nightsift.engine.stages.package import build_alerts
 
     rng = np.random.default_rng(7)
@@ -126,8 +126,8 @@ def _write_alerts(path):
     rb = np.linspace(0.0, 1.0, N_ALERTS)
     anomaly = rng.uniform(0.3, 0.6, N_ALERTS)
     anomaly[0] = 0.95  # a confidently bogus but very odd one
-    alerts = build_alerts(c, science=sci, reference=ref, difference=diff, header={"MJD-OBS": 60000.0},
-                          visit=3, ccd=1, config=CutoutConfig(), scores={"rb": rb, "anomaly_score": anomaly}).value
+    alerts = build_alerts(c, triplets=triplets_of(c, sci, ref, diff), shape=sci.shape, header={"MJD-OBS": 60000.0},
+                          visit=3, ccd=1, scores={"rb": rb, "anomaly_score": anomaly}).value
     write_alerts(path, alerts)
     return alerts
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from nightsift.engine.config import CutoutConfig
 from nightsift.engine.errors import InputError
 from nightsift.engine.io import avro
 from nightsift.engine.records import empty_candidates
 from nightsift.engine.records import make_candid
+from nightsift.engine.stages.cutouts import triplets_of
 from nightsift.engine.stages.package import build_alerts, filter_id
 
 NY, NX = 200, 300
@@ -57,10 +57,14 @@ def _candidates():
 
 def _build(cands=None, **kw):
     sci, ref, diff = _images()
-    args = dict(science=sci, reference=ref, difference=diff, header=_header(), visit=4321, ccd=17,
-                config=CutoutConfig())
+    cands = _candidates() if cands is None else cands
+    args = dict(header=_header(), visit=4321, ccd=17, shape=sci.shape)
+    if cands.dtype.names and "xpos" in cands.dtype.names and "isdiffpos" in cands.dtype.names:
+        args["triplets"] = triplets_of(cands, sci, ref, diff)
+    else:
+        args["triplets"] = np.zeros((len(cands), 63, 63, 3), np.float32)
     args.update(kw)
-    return build_alerts(_candidates() if cands is None else cands, **args), (sci, ref, diff)
+    return build_alerts(cands, **args), (sci, ref, diff)
 
 
 def test_one_alert_per_candidate_with_fields():
@@ -177,9 +181,8 @@ def test_bad_inputs():
         _build(scores={"rb": np.zeros(3)})
     with pytest.raises(InputError, match="CANDIDATE_DTYPE"):
         _build(np.zeros(3, dtype=[("xpos", "f8")]))
-    sci, ref, diff = _images()
-    with pytest.raises(InputError, match="one shape"):
-        _build(reference=ref[:-1])
+    with pytest.raises(InputError, match="do not match 4 candidates"):
+        _build(triplets=np.zeros((3, 63, 63, 3), np.float32))
     with pytest.raises(InputError, match="ccd"):
         _build(ccd=1000)
     c = _candidates()
@@ -192,9 +195,8 @@ def test_inputs_not_modified():
     c = _candidates()
     c_copy = c.copy()
     sci, ref, diff = _images()
-    copies = [a.copy() for a in (sci, ref, diff)]
-    build_alerts(c, science=sci, reference=ref, difference=diff, header=_header(), visit=1, ccd=2,
-                 config=CutoutConfig())
+    trip = triplets_of(c, sci, ref, diff)
+    trip_copy = trip.copy()
+    build_alerts(c, triplets=trip, shape=sci.shape, header=_header(), visit=1, ccd=2)
     assert c.tobytes() == c_copy.tobytes()
-    for a, b in zip((sci, ref, diff), copies):
-        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(trip, trip_copy)

@@ -120,17 +120,17 @@ def test_bad_inputs_give_clear_errors(simulated_files, tmp_path, capsys):
 def test_night_records_a_bad_ccd_and_goes_on(tmp_path, monkeypatch):
     """One CCD-visit with a NaN-only raw frame fails with its reason; the others finish and the
     failed one writes no alert file."""
-    import nightsift.engine.simulate as simulate
+    from nightsift.engine.orchestration.sources import SimulatedNight
 
-    real = simulate.simulate_visit_ccd
+    real = SimulatedNight.load_frame
 
-    def broken(cfg, *, visit, ccd, **kw):
-        sim = real(cfg, visit=visit, ccd=ccd, **kw)
+    def broken(self, visit, ccd, static):
+        frame = real(self, visit, ccd, static)
         if (visit, ccd) == (1, 0):
-            sim.science_raw.data[...] = np.nan
-        return sim
+            frame.raw.data[...] = np.nan
+        return frame
 
-    monkeypatch.setattr(simulate, "simulate_visit_ccd", broken)
+    monkeypatch.setattr(SimulatedNight, "load_frame", broken)
     cfg = Config().replace(simulate={"ny": 512, "nx": 512, "n_visits": 2, "n_ccds": 2, "n_transients": 8},
                            package={"output_dir": str(tmp_path)})
     summary = local.run_simulated_night(cfg, workers=1, progress=False)

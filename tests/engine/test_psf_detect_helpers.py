@@ -3,9 +3,15 @@ selection, peaks around masked holes."""
 import numpy as np
 import pytest
 
-from nightsift.engine.stages.psf import (MIN_PSF_FWHM, SOURCE_DTYPE, _moffat_stamp, hybrid_psf, moffat_fit,
-                                         select_psf_stars, stack_variance, stellar_locus)
 from nightsift.engine.config import PSFConfig
+from nightsift.engine.records import SourceCatalog
+from nightsift.engine.stages.psf import MIN_PSF_FWHM, select_psf_stars, stellar_locus, unusable_integral
+from nightsift.kernels.moffat import fit_moffat, hybrid_psf, moffat_stamps, stack_variance
+
+
+def moffat_fit(psf):
+    f = fit_moffat(psf)
+    return {"fwhm": float(f.fwhm), "model": f.model}
 
 
 def test_stellar_locus_is_the_smallest_cluster_even_when_galaxies_outnumber_stars(rng):
@@ -21,7 +27,7 @@ def test_stellar_locus_is_the_smallest_cluster_even_when_galaxies_outnumber_star
 
 
 def _moffat(s, fwhm, beta=3.0, dx=0.0, dy=0.0):
-    m = _moffat_stamp([1.0, fwhm, beta, 1.0, 0.0, dx, dy], s)
+    m = moffat_stamps(np.array([1.0, fwhm, beta, 1.0, 0.0, dx, dy, 0.0]), s)
     return m / m.sum()
 
 
@@ -31,8 +37,9 @@ def test_hybrid_psf_removes_wing_noise_and_keeps_the_core(rng):
     # three stacked stars of 1e5 e- on a sky of sigma 60 e-: the stack's wings are noise-dominated
     stars = np.array([truth * 1e5 + rng.normal(0, 60.0, truth.shape) for _ in range(3)])
     stack = stars.sum(axis=0) / stars.sum()
-    var = stack_variance(stars, np.ones(3), 60.0, stack)
-    hyb = hybrid_psf(stack, var, moffat_fit(stack))
+    var = stack_variance(stars[None], np.ones((1, 3)), 60.0, stack)
+    fit = moffat_fit(stack)
+    hyb = hybrid_psf(stack, var, fit["model"], fit["fwhm"])
     yy, xx = np.mgrid[0:s, 0:s] - s // 2
     wings = np.hypot(xx, yy) > 2.5 * fwhm
     err_stack = np.sqrt(np.mean((stack - truth)[wings] ** 2))
@@ -45,21 +52,37 @@ def test_hybrid_psf_removes_wing_noise_and_keeps_the_core(rng):
     spike = truth.copy()
     spike[s // 2, s // 2 + 14: s // 2 + 19] += 0.004
     spike /= spike.sum()
-    quiet = stack_variance(np.array([spike * 1e8]), np.ones(1), 1.0, spike)
-    kept = hybrid_psf(spike, quiet, moffat_fit(spike))
+    quiet = stack_variance(np.array([[spike * 1e8]]), np.ones((1, 1)), 1.0, spike)
+    fit = moffat_fit(spike)
+    kept = hybrid_psf(spike, quiet, fit["model"], fit["fwhm"])
     assert kept[s // 2, s // 2 + 16] - kept[s // 2 + 16, s // 2] > 0.003
 
 
+def _catalog(**cols):
+    n = len(cols["x"])
+    full = dict(x=np.zeros(n), y=np.zeros(n), flux=np.zeros(n), fluxerr=np.ones(n), snr=np.zeros(n), a=np.ones(n),
+                b=np.ones(n), peak=np.zeros(n), flag=np.zeros(n, np.int32), size=np.full(n, np.nan),
+                point=np.zeros(n, bool), psf_star=np.zeros(n, bool))
+    full.update({k: np.asarray(v, dtype=full[k].dtype) for k, v in cols.items()})
+    return SourceCatalog(**full)
+
+
 def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
-    cat = np.zeros(3, SOURCE_DTYPE)
-    cat["x"], cat["y"] = [100.0, 110.0, 140.0], [100.0, 104.0, 100.0]
-    cat["flux"], cat["peak"] = [1e5, 3e3, 2e3], [8e3, 2.9e3, 5e2]  # a star, a hot pixel, a faint galaxy
-    cat["snr"], cat["a"], cat["b"] = [300, 60, 20], [2.0, 0.6, 3.0], [1.9, 0.6, 2.5]
-    idx = select_psf_stars(cat, (256, 256), mask=np.zeros((256, 256), np.uint16), stamp=31, config=PSFConfig())
-    assert 0 in idx  # the hot pixel 11 px away carries 3 % of the star's flux, yet is no neighbour
-    cat["peak"][1] = 5e2  # the same flux spread like a source: the star is not isolated
-    idx = select_psf_stars(cat, (256, 256), mask=np.zeros((256, 256), np.uint16), stamp=31, config=PSFConfig())
-    assert 0 not in idx
+    integral = unusable_integral(np.zeros((1, 256, 256), np.uint16))
+    kw = dict(x=[100.0, 110.0, 140.0], y=[100.0, 104.0, 100.0], flux=[1e5, 3e3, 2e3], snr=[300, 60, 20],
+              a=[2.0, 0.6, 3.0], b=[1.9, 0.6, 2.5])
+    # a star, a hot pixel, a faint galaxy
+    cat = _catalog(peak=[8e3, 2.9e3, 5e2], **kw)
+    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, config=PSFConfig())
+    assert ok[0]  # the hot pixel 11 px away carries 3 % of the star's flux, yet is no neighbour
+    cat = _catalog(peak=[8e3, 5e2, 5e2], **kw)  # the same flux spread like a source: not isolated
+    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, config=PSFConfig())
+    assert not ok[0]
+    # a masked pixel inside the star's stamp disqualifies it
+    m = np.zeros((1, 256, 256), np.uint16)
+    m[0, 110, 95] = 1
+    cat = _catalog(peak=[8e3, 2.9e3, 5e2], **kw)
+    assert not select_psf_stars(cat, unusable_integral(m), 0, (256, 256), stamp=31, config=PSFConfig())[0]
 
 
 def test_peaks_around_a_small_masked_hole_are_one_candidate():
@@ -72,13 +95,32 @@ def test_peaks_around_a_small_masked_hole_are_one_candidate():
     y = np.array([31.0, 31.0, 28.0, 34.2, 10.0, 20.0, 40.0])
     value = np.array([-9.0, -11.0, -8.0, -7.5, 6.0, 6.5, -6.0])
     sign = np.sign(value)
-    keep, xx, yy = merge_around_holes(x, y, value, sign, excluded, max_area=121)
-    assert sorted(keep.tolist()) == [1, 4, 5, 6]  # the ring -> its strongest peak; edge peaks and a far one stay
+    img = np.zeros(len(x), np.int64)
+    keep, xx, yy = merge_around_holes(img, x, y, value, sign, excluded[None], max_area=121)
+    assert np.flatnonzero(keep).tolist() == [1, 4, 5, 6]  # the ring -> its strongest; edge and far peaks stay
     assert abs(xx[1] - 31.05) < 1e-9 and abs(yy[1] - 31.05) < 1e-9  # moved to the ring's centre
     # a peak of the other sign at the hole is another source
-    keep2, _, _ = merge_around_holes(np.r_[x, 34.0], np.r_[y, 33.0], np.r_[value, 7.0], np.r_[sign, 1.0], excluded,
-                                     max_area=121)
-    assert 7 in keep2
+    keep2, _, _ = merge_around_holes(np.r_[img, 0], np.r_[x, 34.0], np.r_[y, 33.0], np.r_[value, 7.0],
+                                     np.r_[sign, 1.0], excluded[None], max_area=121)
+    assert keep2[7]
+    # a larger compact patch (a saturated star's masked core, 15x15 = 225 px) merges only with max_extent
+    big = np.zeros((1, 64, 64), bool)
+    big[0, 24:39, 24:39] = True
+    rx = np.array([22.0, 40.0, 31.0, 31.0])
+    ry = np.array([31.0, 31.0, 22.0, 40.0])
+    rv = np.array([7.0, 8.0, 6.5, 9.0])
+    k0, _, _ = merge_around_holes(np.zeros(4, np.int64), rx, ry, rv, np.ones(4), big, max_area=121)
+    assert k0.all()
+    k1, mx, my = merge_around_holes(np.zeros(4, np.int64), rx, ry, rv, np.ones(4), big, max_area=121, max_extent=41)
+    assert np.flatnonzero(k1).tolist() == [3] and abs(mx[3] - 31.0) < 1e-9 and abs(my[3] - 31.0) < 1e-9
+    # an elongated patch of the same area (a bleed trail, 3 x 75) is left alone
+    trail = np.zeros((1, 128, 64), bool)
+    trail[0, 20:95, 30:33] = True
+    tx = np.array([28.0, 35.0, 28.0])
+    ty = np.array([40.0, 40.0, 80.0])
+    kt, _, _ = merge_around_holes(np.zeros(3, np.int64), tx, ty, np.array([6.0, 7.0, 8.0]), np.ones(3), trail,
+                                  max_area=121, max_extent=41)
+    assert kt.all()
 
 
 def test_peaks_climb_to_the_flux_peak_they_sit_on():
@@ -91,7 +133,9 @@ def test_peaks_climb_to_the_flux_peak_they_sit_on():
     x = np.array([17.0, 23.0, 20.0, 20.0, 9.0, 35.0])
     y = np.array([20.0, 20.0, 17.0, 23.0, 31.0, 5.0])
     sign = np.array([1, 1, 1, 1, -1, 1])
-    cx, cy = climb_to_flux_peak(flux, x, y, sign, max_steps=4)
+    img = np.zeros(6, np.int64)
+    steps = np.full(6, 4)
+    cx, cy = climb_to_flux_peak(flux[None], img, x, y, sign, max_steps=steps)
     np.testing.assert_allclose(cx[:4], 20.3, atol=0.15)
     np.testing.assert_allclose(cy[:4], 19.8, atol=0.15)
     assert abs(cx[4] - 8.0) < 0.15 and abs(cy[4] - 30.0) < 0.15
@@ -99,7 +143,8 @@ def test_peaks_climb_to_the_flux_peak_they_sit_on():
     # a peak never moves onto a blocked pixel, and never more than max_steps
     blocked = np.zeros_like(flux, bool)
     blocked[19:22, 19:22] = True
-    bx, by = climb_to_flux_peak(flux, x[:1], y[:1], sign[:1], max_steps=4, blocked=blocked)
+    bx, by = climb_to_flux_peak(flux[None], img[:1], x[:1], y[:1], sign[:1], max_steps=steps[:1],
+                                blocked=blocked[None])
     assert not blocked[int(round(by[0])), int(round(bx[0]))]
-    sx, _ = climb_to_flux_peak(flux, x[:1], y[:1], sign[:1], max_steps=1)
+    sx, _ = climb_to_flux_peak(flux[None], img[:1], x[:1], y[:1], sign[:1], max_steps=np.ones(1, int))
     assert abs(sx[0] - 17.0) <= 1.5

@@ -1,23 +1,24 @@
 """Unit checks of the subtraction stage's helpers (the statistics are in test_chain_truth.py)."""
-from types import SimpleNamespace
-
 import numpy as np
 
-from nightsift.engine.stages.psf import SOURCE_DTYPE
+from nightsift.engine.records import SourceCatalog
 from nightsift.engine.stages.subtract import blank_sky
 
 
-def _psf(cat, fwhm=3.0):
-    return SimpleNamespace(model=SimpleNamespace(fwhm=np.array([fwhm])), catalog=cat)
+def _catalog(x, y, a):
+    n = len(x)
+    z = np.zeros(n)
+    return SourceCatalog(x=np.asarray(x, float), y=np.asarray(y, float), flux=z, fluxerr=z, snr=z,
+                         a=np.asarray(a, float), b=np.asarray(a, float), peak=z, flag=np.zeros(n, np.int32),
+                         size=np.full(n, np.nan), point=np.zeros(n, bool), psf_star=np.zeros(n, bool))
 
 
 def test_blank_sky_masks_around_sources_with_a_capped_radius():
-    cat = np.zeros(3, SOURCE_DTYPE)
-    cat["x"], cat["y"] = [100, 400, 600], [100, 300, 600]
-    cat["a"] = [1.0, 10.0, 5000.0]  # a star, a galaxy, a satellite trail's isophote
-    excluded = np.zeros((1024, 1024), bool)
-    excluded[:, :8] = True
-    blank = blank_sky(_psf(cat), _psf(cat[:0]), excluded)
+    # a star, a galaxy, a satellite trail's isophote
+    cat = _catalog([100, 400, 600], [100, 300, 600], [1.0, 10.0, 5000.0])
+    excluded = np.zeros((1, 1024, 1024), bool)
+    excluded[0, :, :8] = True
+    blank = blank_sky(excluded.shape, [cat], [cat.take(np.zeros(0, int))], np.array([3.0]), excluded)[0]
     assert not blank[:, :8].any()
     assert not blank[100, 100 + 9] and blank[100, 100 + 10]  # 3 FWHM = 9 px around the star
     assert not blank[300, 400 + 30] and blank[300, 400 + 31]  # 3 a = 30 px around the galaxy
@@ -26,32 +27,31 @@ def test_blank_sky_masks_around_sources_with_a_capped_radius():
 
 
 def test_flux_ratio_falls_back_to_the_zero_points_without_common_stars():
-    """No common star (catalogues emptied): with MAGZP/EXPTIME in both headers F_r comes from the
-    zero points; without them the CCD fails with an AlgorithmFailure naming the missing keys."""
-    import dataclasses
-
+    """No common star: with MAGZP/EXPTIME in both headers F_r comes from the zero points; without
+    them the CCD fails with an AlgorithmFailure naming the missing keys and the file."""
     import pytest
 
     from nightsift.engine.config import Config
     from nightsift.engine.errors import AlgorithmFailure
     from nightsift.engine.pipeline import process_pair
     from nightsift.engine.simulate import simulate_ccd_pair
-    from nightsift.engine.stages.subtract import subtract, zero_point_flux_ratio
+    from nightsift.engine.stages.subtract import decide_flux_ratio, zero_point_flux_ratio
 
     sim = simulate_ccd_pair("decam", shape=(512, 512), seed=5, n_transients=5)
     cfg = Config()
-    res = process_pair(sim.science_exposure(), sim.reference, config=cfg, write=False, keep_products=True)
-    p = res.products
-    empty_sci = dataclasses.replace(p.sci_psf, catalog=p.sci_psf.catalog[:0])
-    prior = zero_point_flux_ratio(p.science.header, p.reference.header)
-    assert prior == pytest.approx(10 ** (0.4 * (p.reference.header["MAGZP"] - p.science.header["MAGZP"])), rel=1e-9)
-    out = subtract(p.science, p.reference, empty_sci, p.ref_psf, config=cfg.subtract)
-    assert out.qa["F_r"] == prior and out.qa["F_r_source"] == "zero_points"
+    sci = sim.science_exposure()
+    res = process_pair(sci, sim.reference, config=cfg, write=False)
+    prior = zero_point_flux_ratio(sci.header, sim.reference.header)
+    assert prior == pytest.approx(10 ** (0.4 * (sim.reference.header["MAGZP"] - sci.header["MAGZP"])), rel=1e-9)
     assert abs(res.qa["F_r"] / prior - 1) < 0.1  # the stars' value, close to the zero points'
-    hdr = p.science.header.copy()
-    del hdr["MAGZP"]
-    with pytest.raises(AlgorithmFailure, match="MAGZP"):
-        subtract(dataclasses.replace(p.science, header=hdr), p.reference, empty_sci, p.ref_psf, config=cfg.subtract)
+    assert res.qa["F_r_source"] == "stars+zero_points" and res.qa["n_flux_stars"] >= 5
+    f, qa = decide_flux_ratio(float("nan"), 0, float("nan"), prior, config=cfg.subtract)
+    assert f == prior and qa["F_r_source"] == "zero_points"
+    with pytest.raises(AlgorithmFailure, match=r"sci\.fits: flux ratio.*MAGZP"):
+        decide_flux_ratio(float("nan"), 0, float("nan"), None, config=cfg.subtract, path="sci.fits")
+    # a star-based F_r far from the zero points (only changed sources matched) is replaced by them
+    f, qa = decide_flux_ratio(0.5 * prior, 12, 0.01, prior, config=cfg.subtract)
+    assert f == prior and qa["F_r_source"] == "zero_points"
 
 
 def test_flux_ratio_combines_few_stars_with_the_zero_points():
