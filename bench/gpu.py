@@ -1,715 +1,928 @@
-"""Batched difference-imaging chain on numpy and cupy: ms per CCD pair per stage, pairs/s, peak GPU
-memory, against the plain references (rfft2 of the batch; unfused single-tile ZOGY).
+"""The production chain (``nightsift.engine.pipeline.process_visit``) on numpy and cupy, batched:
+ms per CCD-visit per stage, pairs/s, bytes moved, peak memory, against two references on the same
+batch and device (one ``rfft2``; plain single-tile ZOGY with the true PSFs).
 
-One command on a GPU machine (cupy + numba-cuda installed)::
+One command on a GPU machine (cupy, and NVIDIA's numba-cuda for the Numba CUDA kernels)::
 
-    python bench/gpu.py       # 4096x4096: cupy at batch 1 4 8 16, numpy at batch 1; writes bench/gpu.json
+    python bench/gpu.py                           # 4096^2; cupy at B = 1 4 8 16, numpy at B = 1
+    python bench/gpu.py --batches 1 8             # what bench/gpu_check.sh runs (~5 min)
+    nsys profile -t cuda,nvtx -o gpu python bench/gpu.py --batches 8 --repeat 2 --backends cupy
 
-(``--numpy-batches 1 4 8 16`` times numpy at every batch too: minutes on a CPU), and on a CPU, small,
-to prove the script::
+and on a CPU, small, to prove the script (numpy only)::
 
-    python bench/gpu.py --size 1024 --numpy-batches 1 4 --numpy-repeat 2 --out bench/gpu-cpu-smoke.json
+    python bench/gpu.py --backends numpy --size 1024 --batches 1 2 4 --repeat 1
 
-The kernel chain through the Numba CUDA kernels, checked against the CPU kernels in the CUDA
-simulator (no GPU needed, ~20 s)::
+What is timed is ``process_visit(frames, statics, config=cfg, write=True)`` itself -- the code
+``nightsift run`` runs -- never a copy of a stage. ``cfg`` is the default ``Config`` with
+``run.sync_stage_times = True`` (the device is synchronised after every stage, so the chain's own
+``t_<stage>`` QA times are the stages' times; production leaves it off and may run a little faster)
+and ``package.output_dir`` a temporary folder (the write stage, Avro files, is part of the chain).
+No real/bogus scorer unless ``--scorer`` (the shipped int8 model through
+``engine.classify.runtime.pipeline_scorer``; it runs on the host CPU).
 
-    NUMBA_ENABLE_CUDASIM=1 python bench/gpu.py --sim-check
+Data: ``--distinct`` (default 2) DECam-like CCD pairs from ``nightsift.engine.simulate.
+simulate_ccd_pair`` (raw frame, calibration frames -> ``make_master``, reference), seed ``--seed``,
+``max(30, size // 32)`` transients each (star density x 512/size under 512^2). Simulating a 4096^2
+pair takes ~1 min of CPU, so the pairs are cached under ``--cache`` (``.npz`` planes + ``.json``
+FITS headers, keyed by profile, size, seed, CCD and a hash of the simulator/calibration sources). A
+batch of ``B`` CCD-visits repeats the distinct pairs (member ``b`` of the batch is pair ``b %
+distinct``, with its CCD and statics): the work per CCD does not depend on which CCD it is. The
+statics (``prepare_statics``: master calibration and reference measured once, resident on the
+device) are prepared once per distinct CCD and backend, timed separately (``statics_s``) and reused
+by every batch, as in a night.
 
-What is timed (the kernel chain of one batch of ``B`` same-shape pairs; every stage takes and
-returns device arrays, nothing goes back to the host until the candidate table):
+Per backend and batch ``B``: one warm-up run (JIT compilation, cuFFT plans, pool growth; at B = 1
+it also keeps the products for the numpy-vs-cupy check), then ``--repeat`` timed runs (numpy:
+``--numpy-repeat``, default 1 when cupy also runs). Reported:
 
-``upload``      host -> device copy of the packed raw science / reference / variance / mask planes
-``calibrate``   (raw - bias) / flat * gain, variance, saturation and bad-pixel mask
-``align``       science -> reference coordinate map on a 64 px grid (the WCS stand-in: an affine
-                map), spline-interpolated to every pixel, Lanczos-3 of image + variance and the
-                mask (Numba CUDA kernels on cupy, the Numba CPU kernels on numpy)
-``background``  mesh sky of science and aligned reference (sep on numpy, the xp reference on cupy)
-``psf``         31x31 stamps of known stars in both images, one batched Fourier shift, per-tile
-                mean PSF of every tile of every pair as one matrix product (no Python loop over
-                tiles), flux ratio F_r from the same stamps
-``zogy``        masks, tile cutting (one strided copy), batched float32 ZOGY (D, S, S_corr with
-                source and astrometric noise) over all tiles of all pairs, stitching, grown mask
-``detect``      signed peaks of S_corr above 5 sigma with deduplication (Numba CUDA kernel on cupy,
-                the xp reference on numpy), sub-pixel refinement
-``cutouts``     63x63 science/reference/difference triplets of every candidate (one CUDA launch)
+``wall``            median wall time of ``process_visit`` per CCD-visit (ms) and pairs/s = B / wall
+``t_<stage>``       the chain's stage times (``engine.pipeline.STAGES``; per batch in the QA,
+                    divided by B here), median over the runs
+``xfer``            host<->device bytes per CCD-visit each way, copies and scalar reads per batch
+                    (the chain's ``xfer_*`` QA; **0 on numpy by construction**: nothing crosses)
+``peak device``     cupy: the memory pool's peak of used bytes over the warm-up run (an allocator
+                    hook), its reserved bytes and the device's used memory (``mem_info``) after
+                    the runs; statics included
+``peak RSS``        host high-water mark over this B (``/proc/self/clear_refs``; cached input
+                    pairs included)
+``fft_floor``       one ``rfft2`` of the ``(B, size, size)`` float32 science batch
+``plain_zogy``      ``nightsift.kernels.zogy.zogy`` on the whole ``(B, size, size)`` stacks as
+                    single tiles (science calibrated with the true detector, reference, their
+                    variance maps, the TRUE PSFs of the simulation at the CCD centre embedded with
+                    ``kernels.psf.embed_psf``), float32, astrometric term on; ``x_plain`` =
+                    wall per CCD-visit / plain ZOGY per pair
 
-``compute`` is the sum of the stages after ``upload`` (the upload overlaps compute in a
-pipelined run: see ``pipelined_pairs_per_s``, measured through
-:class:`nightsift.engine.backend.UploadPipeline`). The references: ``fft_floor`` is one
-``rfft2`` of the ``(B, ny, nx)`` float32 batch; ``plain_zogy`` is :func:`nightsift.kernels.zogy.zogy`
-on the whole ``(B, ny, nx)`` stack as single tiles (one PSF per pair, float32, unfused).
+With both backends, the B = 1 runs are compared: S_corr relative L2 ``||cupy - numpy|| / ||numpy||``
+and candidate identity (same count; positions within 0.05 px; any that differ are listed).
 
-With both backends, ``--check`` (on by default) runs the chain once more at batch 1 on each with
-the same background method and compares S_corr (relative L2) and the candidate lists (positions
-within 0.01 px), the GPU acceptance test of issue #5.
-
-Differences from the production stages, on purpose: star positions come from the simulation
-(the PSF stage's star finding and cleaning are not timed), the coordinate map is an affine stand-in
-for the WCS, the PSF is a per-tile mean (no clipping). The simulation is a fast Gaussian-star
-scene (not nightsift.engine.simulate), generated once per shape on the host.
+A batch that fails (e.g. out of device memory at B = 16) is recorded as an error row and the run
+goes on. The JSON (``--out``) is rewritten after every row, so a run cut short keeps what it had.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import multiprocessing
 import os
 import platform
+import re
+import resource
+import shutil
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from nightsift.engine import backend as bk
-from nightsift.engine.config import Config
-from nightsift.engine.records import UNUSABLE, MaskBits
-from nightsift.kernels import fft_module, ndimage_module, is_cupy
-from nightsift.kernels import psf as kpsf
-from nightsift.kernels.background import background
-from nightsift.kernels.cutouts import gather_triplets
-from nightsift.kernels.peaks import find_peaks, refine_peaks
-from nightsift.kernels.resample import interpolate_coordinate_map, lanczos_resample, resample_mask
-from nightsift.kernels.tiles import cut_tiles, make_grid, stitch_tiles
-from nightsift.kernels.zogy import zogy
-
-STAGES = ("upload", "calibrate", "align", "background", "psf", "zogy", "detect", "cutouts")
-GAIN, READ_NOISE_E, SATURATE_ADU, BIAS_ADU = 1.6, 6.0, 60000.0, 500.0
-MAP_STEP = 64
+BENCH = Path(__file__).resolve().parent
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nightsift-bench"
+CACHE_VERSION = 1
+PROFILE = "decam"
+SEED = 2026
+CHECK_TOLERANCE_PX = 0.05
+CHECK_REL_L2 = 1e-3
 
 
-# --------------------------------------------------------------------------------------------
-# simulated pairs (host, numpy)
-# --------------------------------------------------------------------------------------------
-@dataclass
-class HostBatch:
-    """A batch of ``B`` pairs on the host. ``planes`` packs (raw science ADU, reference e-,
-    reference variance e-^2, reference mask as float) as ``(4, B, ny, nx)`` float32, one upload."""
+# ------------------------------------------------------------------------------------------------
+# simulated pairs, cached on disk
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchPair:
+    """One simulated CCD pair as the chain reads it, plus what the references need.
 
-    planes: np.ndarray
-    bias: np.ndarray  # (ny, nx) float32 ADU
-    flat: np.ndarray  # (ny, nx) float32
-    bad: np.ndarray  # (ny, nx) uint16 mask of the science CCD
-    affine: np.ndarray  # (B, 6): x_ref = a0 + a1 x + a2 y, y_ref = a3 + a4 x + a5 y
-    star_x: np.ndarray  # (B, n_psf) science pixel positions of PSF stars
-    star_y: np.ndarray
-    truth: list  # per distinct pair: dict of star x, y, flux and transient x, y (diagnostics)
-
-    @property
-    def batch(self) -> int:
-        return self.planes.shape[1]
-
-
-def _render(img, x, y, flux, sigma, half=10):
-    """Add Gaussian stars (unit-sum pixel-sampled) to ``img`` in place."""
-    ny, nx = img.shape
-    off = np.arange(-half, half + 1)
-    xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
-    gx = np.exp(-((xi[:, None] + off[None] - x[:, None]) ** 2) / (2 * sigma**2))
-    gy = np.exp(-((yi[:, None] + off[None] - y[:, None]) ** 2) / (2 * sigma**2))
-    st = gy[:, :, None] * gx[:, None, :]
-    st *= (flux / st.sum(axis=(1, 2)))[:, None, None]
-    rows = yi[:, None, None] + off[None, :, None] + 0 * off[None, None, :]
-    cols = xi[:, None, None] + 0 * off[None, :, None] + off[None, None, :]
-    ok = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    np.add.at(img, (rows[ok], cols[ok]), st[ok].astype(img.dtype))
-
-
-def simulate_batch(shape, batch, *, seed=1, n_psf=640, n_unique=2) -> HostBatch:
-    """``batch`` pairs (``n_unique`` distinct ones, repeated) of a Gaussian-star scene."""
-    rng = np.random.default_rng(seed)
-    ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
-    bias = (BIAS_ADU + 3 * np.sin(xx / 97.0)).astype(np.float32)
-    flat = (1 + 0.03 * (xx / nx - 0.5) + 0.02 * (yy / ny - 0.5)).astype(np.float32)
-    bad = np.zeros(shape, np.uint16)
-    bad[:, rng.integers(0, nx, 2)] = MaskBits.BAD
-    uniq = []
-    for _ in range(min(batch, n_unique)):
-        n_st = max(50, int(4e-4 * ny * nx))
-        x = rng.uniform(-8, nx + 8, n_st)
-        y = rng.uniform(-8, ny + 8, n_st)
-        flux = 300 * (1 - rng.uniform(0, 0.999, n_st)) ** (-1.2)
-        a = np.array([0.37 + rng.normal(0, 0.2), 1 + 1e-4, -2e-4, -0.21 + rng.normal(0, 0.2), 2e-4, 1 + 1e-4])
-        sci = np.full(shape, 800.0, np.float32)
-        _render(sci, x, y, flux, 1.5)
-        edge = min(40, nx // 4, ny // 4)
-        tx, ty = rng.uniform(edge, nx - edge, 20), rng.uniform(edge, ny - edge, 20)
-        _render(sci, tx, ty, np.full(20, 8000.0), 1.5)  # transients
-        sci += rng.normal(size=shape).astype(np.float32) * np.sqrt(sci + READ_NOISE_E**2)
-        raw = np.minimum(sci / GAIN * flat + bias, SATURATE_ADU).astype(np.float32)
-        raw[bad != 0] = bias[bad != 0]
-        xr, yr = a[0] + a[1] * x + a[2] * y, a[3] + a[4] * x + a[5] * y
-        ref_model = np.full(shape, 3000.0, np.float32)
-        _render(ref_model, xr, yr, 1.3 * flux, 1.15)
-        ref_var = (ref_model / 4 + 2.0).astype(np.float32)  # a 4-epoch coadd
-        ref = (ref_model + rng.normal(size=shape).astype(np.float32) * np.sqrt(ref_var)).astype(np.float32)
-        ref_mask = np.zeros(shape, np.float32)
-        ref_mask[rng.integers(0, ny, 3), :] = MaskBits.BAD
-        # PSF stars: unsaturated, away from the edges and the bad columns, no neighbour above 1 %
-        # of their flux within 20 px (the production PSF stage selects and cleans its stars)
-        inside = (x > 20) & (x < nx - 20) & (y > 20) & (y < ny - 20) & (flux < 6e5)
-        bad_cols = np.flatnonzero(bad[0])
-        if len(bad_cols):
-            inside &= np.abs(x[:, None] - bad_cols[None]).min(axis=1) > 18
-        cand = np.flatnonzero(inside)
-        near = np.hypot(x[cand, None] - x[None], y[cand, None] - y[None]) < 20
-        near &= flux[None] > 0.01 * flux[cand, None]
-        near[np.arange(len(cand)), cand] = False
-        inside[cand[near.any(axis=1)]] = False
-        if (inside & (flux > 2e4)).sum() >= 5:  # bright ones when there are enough (small images)
-            inside &= flux > 2e4
-        if not inside.any():  # tiny images: any star inside, else the centre (the chain still runs)
-            inside = (x > 16) & (x < nx - 16) & (y > 16) & (y < ny - 16)
-        order = np.argsort(-flux[inside])[:n_psf]
-        sx, sy = x[inside][order], y[inside][order]
-        if len(sx) == 0:
-            sx, sy = np.array([nx / 2]), np.array([ny / 2])
-        if len(sx) < n_psf:  # small images: repeat stars to keep the array rectangular
-            k = np.resize(np.arange(len(sx)), n_psf)
-            sx, sy = sx[k], sy[k]
-        uniq.append((np.stack([raw, ref, ref_var, ref_mask]), a, sx, sy,
-                     {"x": x, "y": y, "flux": flux, "tx": tx, "ty": ty}))
-    idx = [b % len(uniq) for b in range(batch)]
-    planes = np.stack([uniq[i][0] for i in idx], axis=1)
-    return HostBatch(planes=planes, bias=bias, flat=flat, bad=bad,
-                     affine=np.stack([uniq[i][1] for i in idx]),
-                     star_x=np.stack([uniq[i][2] for i in idx]), star_y=np.stack([uniq[i][3] for i in idx]),
-                     truth=[u[4] for u in uniq])
-
-
-# --------------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------------
-class StageTimer:
-    """Wall time per stage with the device synchronised at both ends (and NVTX ranges on cupy,
-    for Nsight Systems: ``nsys profile python bench/gpu.py ...``)."""
-
-    def __init__(self, xp):
-        self.xp = xp
-        self.t = {s: 0.0 for s in STAGES}
-        self._nvtx = None
-        if is_cupy(xp):
-            try:
-                from cupy.cuda import nvtx
-
-                self._nvtx = nvtx
-            except Exception:  # pragma: no cover - cupy built without NVTX
-                self._nvtx = None
-
-    def sync(self):
-        if is_cupy(self.xp):
-            self.xp.cuda.get_current_stream().synchronize()
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        self.sync()
-        if self._nvtx:
-            self._nvtx.RangePush(name)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
-            if self._nvtx:
-                self._nvtx.RangePop()
-
-
-# --------------------------------------------------------------------------------------------
-# batched helpers (checked against kernels.tiles in self_check)
-# --------------------------------------------------------------------------------------------
-def cut_tiles_batched(xp, images, grid, fill):
-    """(B, ny, nx) -> (B * T, side, side) tiles of a regular grid in one strided copy; ``fill``
-    outside the images (as kernels.tiles.cut_tiles, per image)."""
-    B, ny, nx = images.shape
-    c, m = grid.core, grid.margin
-    nty, ntx = -(-ny // c), -(-nx // c)
-    side = c + 2 * m
-    pad = xp.full((B, nty * c + 2 * m, ntx * c + 2 * m), fill, dtype=images.dtype)
-    pad[:, m : m + ny, m : m + nx] = images
-    sb, sy, sx = pad.strides
-    view = xp.lib.stride_tricks.as_strided(pad, shape=(B, nty, ntx, side, side),
-                                           strides=(sb, c * sy, c * sx, sy, sx))
-    return xp.ascontiguousarray(view).reshape(B * nty * ntx, side, side)
-
-
-def stitch_batched(xp, tiles, grid, batch):
-    """Inverse of :func:`cut_tiles_batched` for the cores: (B * T, side, side) -> (B, ny, nx)."""
-    ny, nx = grid.shape
-    c, m = grid.core, grid.margin
-    nty, ntx = -(-ny // c), -(-nx // c)
-    cores = tiles.reshape(batch, nty, ntx, c + 2 * m, c + 2 * m)[:, :, :, m : m + c, m : m + c]
-    full = cores.transpose(0, 1, 3, 2, 4).reshape(batch, nty * c, ntx * c)
-    return xp.ascontiguousarray(full[:, :ny, :nx])
-
-
-def _gather_stamps(xp, images, img, x, y, size):
-    """(n, size, size) stamps of ``images[img]`` centred on rint(x, y); edges clipped (stars are
-    chosen away from the edges)."""
-    B, ny, nx = images.shape
-    h = size // 2
-    off = xp.arange(-h, h + 1)
-    rows = xp.clip(xp.rint(y).astype(xp.int64)[:, None] + off, 0, ny - 1)
-    cols = xp.clip(xp.rint(x).astype(xp.int64)[:, None] + off, 0, nx - 1)
-    return images[img[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
-def tile_psfs(xp, images, star_x, star_y, grid, size):
-    """Per-tile mean PSF of every tile of every pair: ``(B * T, size, size)`` float64, unit sum.
-
-    One batched Fourier shift of all star stamps, then a ``(B * T, n) @ (n, size**2)`` product with
-    the star-to-tile membership: the flux-weighted mean of the normalised stars (sum of stamps over
-    sum of fluxes); tiles without stars take their pair's mean PSF. Also returns the
-    stamps' aperture fluxes ``(B, n_psf)`` (for the flux ratio).
+    ``raw``/``master``/``reference`` go into the chain; ``science_image``/``science_variance`` (the
+    raw frame calibrated with the simulator's true detector) and the true PSFs feed plain ZOGY;
+    ``transients`` is the truth for completeness (bench/chain.py).
     """
-    B = images.shape[0]
-    n_psf = star_x.shape[1]
-    T = len(grid)
-    img = xp.repeat(xp.arange(B), n_psf)
-    x, y = star_x.reshape(-1), star_y.reshape(-1)
-    st = _gather_stamps(xp, images, img, x, y, size).astype(xp.float64)
-    dx, dy = x - xp.rint(x), y - xp.rint(y)
-    sh = kpsf.fourier_shift(st, -dx, -dy)
-    flux = sh.sum(axis=(1, 2))
-    good = (flux > 0).astype(xp.float64)
-    c = grid.core
-    ntx = -(-grid.shape[1] // c)
-    tile = (xp.clip(xp.rint(y).astype(xp.int64) // c, 0, -(-grid.shape[0] // c) - 1) * ntx
-            + xp.clip(xp.rint(x).astype(xp.int64) // c, 0, ntx - 1))
-    member = xp.zeros((B * T, B * n_psf))
-    member[img * T + tile, xp.arange(B * n_psf)] = good
-    # flux-weighted mean of the flux-normalised stars = sum of stamps / sum of fluxes (S/N weights)
-    flat_sh = sh.reshape(B * n_psf, -1)
-    psf = (member @ flat_sh).reshape(B * T, size, size)
-    tot = member @ flux
-    pair = member.reshape(B, T, -1).sum(axis=1)
-    pair_mean = (pair @ flat_sh).reshape(B, size, size) / xp.maximum(pair @ flux, 1e-30)[:, None, None]
-    psf = xp.where((tot > 0)[:, None, None], psf / xp.where(tot > 0, tot, 1.0)[:, None, None],
-                   xp.repeat(pair_mean, T, axis=0))
-    # taper the noisy far wings (cos^2 from 7 to 11 px): a bright star times PSF-wing noise is
-    # what leaves residuals in D (the production stage cleans and crops its PSFs likewise)
-    h = size // 2
-    r = xp.hypot(*xp.meshgrid(xp.arange(-h, h + 1.0), xp.arange(-h, h + 1.0)))
-    taper = xp.where(r <= 7, 1.0, xp.where(r >= 11, 0.0, xp.cos(0.5 * xp.pi * (r - 7) / 4) ** 2))
-    psf = psf * taper[None]
-    psf /= psf.sum(axis=(1, 2))[:, None, None]
-    return psf, flux.reshape(B, n_psf)
+
+    ccd: int
+    raw: object  # RawFrame
+    master: object  # MasterCalibration
+    reference: object  # Exposure
+    science_image: np.ndarray
+    science_variance: np.ndarray
+    transients: np.ndarray
+    psf_sci: object  # PSFField
+    psf_ref: object  # PSFField
+    meta: dict
+    simulate_s: float  # seconds the simulation + master took when it was made
+    cached: bool  # loaded from the cache (True) or simulated by this process
 
 
-# --------------------------------------------------------------------------------------------
-# the chain
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ChainOut:
-    S_corr: object  # (B, ny, nx) float32 on the device
-    peaks: object  # kernels.peaks.Peaks
-    x: object
-    y: object
-    triplets: object  # (n, 63, 63, 3) float32
+def n_transients_for(size: int) -> int:
+    return max(30, size // 32)
 
 
-def run_chain(xp, hb: HostBatch, cfg: Config, timer: StageTimer, *, background_method="auto", zogy_chunk=0,
-              dev_planes=None, cuda_kernels=None, cutout_size=None):
-    """One batch through the kernel chain; returns device outputs. ``dev_planes``: already
-    uploaded ``(4, B, ny, nx)`` planes (pipelined runs). ``cuda_kernels``: use the Numba CUDA
-    kernels (default: on cupy; True with numpy arrays runs them in the CUDA simulator).
-    ``cutout_size``: override ``cfg.cutout.size`` (small in the simulator check)."""
-    B = hb.batch
-    cuda_k = is_cupy(xp) if cuda_kernels is None else bool(cuda_kernels)
-    ny, nx = hb.planes.shape[-2:]
-    with timer("upload"):
-        planes = dev_planes if dev_planes is not None else xp.asarray(hb.planes)
-        bias, flat, bad = xp.asarray(hb.bias), xp.asarray(hb.flat), xp.asarray(hb.bad)
-
-    with timer("calibrate"):
-        raw = planes[0]
-        sci = (raw - bias) / flat * np.float32(GAIN)
-        sci_var = xp.maximum(sci, 0) + np.float32(READ_NOISE_E**2)
-        sat = xp.where(raw >= np.float32(SATURATE_ADU), np.uint16(MaskBits.SAT), np.uint16(0))
-        sci_mask = sat | bad[None]
-
-    with timer("align"):
-        ref3 = xp.stack([planes[1], planes[2]], axis=1)  # (B, 2, ny, nx): image + variance share weights
-        ref_mask = planes[3].astype(xp.uint16)
-        ncy, ncx = -(-(ny - 1) // MAP_STEP) + 1, -(-(nx - 1) // MAP_STEP) + 1
-        gy, gx = np.mgrid[0:ncy, 0:ncx].astype(np.float64) * MAP_STEP
-        aligned = xp.empty((B, 2, ny, nx), dtype=xp.float32)
-        al_mask = xp.empty((B, ny, nx), dtype=xp.uint16)
-        for b in range(B):
-            a = hb.affine[b]
-            cx, cy = a[0] + a[1] * gx + a[2] * gy, a[3] + a[4] * gx + a[5] * gy
-            xs, ys = interpolate_coordinate_map(xp.asarray(cx), xp.asarray(cy), MAP_STEP, (ny, nx))
-            if cuda_k:
-                from nightsift.kernels._cuda.resample import lanczos_resample_cuda, resample_mask_cuda
-
-                aligned[b] = lanczos_resample_cuda(ref3[b], xs, ys, a=3, fill=0.0)
-                al_mask[b] = resample_mask_cuda(ref_mask[b], xs, ys, a=3, no_data_bit=int(MaskBits.NO_DATA))
-            else:
-                aligned[b] = lanczos_resample(ref3[b], xs, ys, a=3, fill=0.0)
-                al_mask[b] = resample_mask(ref_mask[b], xs, ys, a=3, no_data_bit=int(MaskBits.NO_DATA))
-            del xs, ys
-        del ref3
-
-    with timer("background"):
-        sky_s = xp.empty_like(sci)
-        sky_r = xp.empty_like(sci)
-        for b in range(B):
-            sky_s[b] = background(sci[b], box=64, mask=(sci_mask[b] & UNUSABLE) != 0, method=background_method)[0]
-            sky_r[b] = background(aligned[b, 0], box=64, mask=(al_mask[b] & UNUSABLE) != 0,
-                                  method=background_method)[0]
-        N = sci - sky_s
-        R = aligned[:, 0] - sky_r
-        del sky_s, sky_r
-
-    grid = make_grid((ny, nx), core=cfg.subtract.tile_size, margin=cfg.subtract.tile_margin)
-    T = len(grid)
-    size = cfg.psf.stamp_size
-    with timer("psf"):
-        sx, sy = xp.asarray(hb.star_x), xp.asarray(hb.star_y)
-        psf_n, flux_n = tile_psfs(xp, N, sx, sy, grid, size)
-        psf_r, flux_r = tile_psfs(xp, R, sx, sy, grid, size)
-        ok = (flux_n > 0) & (flux_r > 0)
-        ratio = xp.where(ok, flux_r / xp.where(ok, flux_n, 1.0), xp.nan)
-        F_r = xp.nanmedian(ratio, axis=1)  # (B,)
-
-    with timer("zogy"):
-        unusable = ((sci_mask | al_mask) & UNUSABLE) != 0
-        N = xp.where(unusable, 0, N)
-        R = xp.where(unusable, 0, R)
-        med_vn = xp.median(sci_var[:, ::8, ::8].reshape(B, -1), axis=1)[:, None, None]
-        med_vr = xp.median(aligned[:, 1, ::8, ::8].reshape(B, -1), axis=1)[:, None, None]
-        V_N = xp.where(unusable | ~xp.isfinite(sci_var), med_vn, sci_var).astype(xp.float32)
-        V_R = xp.where(unusable | ~xp.isfinite(aligned[:, 1]), med_vr, aligned[:, 1]).astype(xp.float32)
-        ts = grid.tile_shape
-        chunk = B if zogy_chunk <= 0 else min(zogy_chunk, B)
-        S_corr = xp.empty((B, ny, nx), dtype=xp.float32)
-        diff = xp.empty((B, ny, nx), dtype=xp.float32)
-        for b0 in range(0, B, chunk):
-            b1 = min(B, b0 + chunk)
-            nb = b1 - b0
-            tN = cut_tiles_batched(xp, N[b0:b1], grid, 0.0)
-            tR = cut_tiles_batched(xp, R[b0:b1], grid, 0.0)
-            tVN = cut_tiles_batched(xp, V_N[b0:b1], grid, 0.0)
-            tVR = cut_tiles_batched(xp, V_R[b0:b1], grid, 0.0)
-            # outside the image: the pair's median variance (as the subtract stage)
-            out_n = cut_tiles_batched(xp, xp.zeros((nb, ny, nx), xp.float32), grid, 1.0) > 0
-            tVN = xp.where(out_n, xp.repeat(med_vn[b0:b1], T, axis=0), tVN)
-            tVR = xp.where(out_n, xp.repeat(med_vr[b0:b1], T, axis=0), tVR)
-            del out_n
-            tPn = kpsf.embed_psf(psf_n[b0 * T : b1 * T].astype(xp.float32), ts)
-            tPr = kpsf.embed_psf(psf_r[b0 * T : b1 * T].astype(xp.float32), ts)
-            sig_n = xp.sqrt(xp.median(tVN.reshape(nb * T, -1), axis=1))
-            sig_r = xp.sqrt(xp.median(tVR.reshape(nb * T, -1), axis=1))
-            res = zogy(tN, tR, tPn, tPr, tVN, tVR, sigma_n=sig_n, sigma_r=sig_r,
-                       F_r=xp.repeat(F_r[b0:b1], T), astrometric_rms=(cfg.subtract.default_astrometric_rms,) * 2,
-                       dtype=np.float32)
-            S_corr[b0:b1] = stitch_batched(xp, res.S_corr, grid, nb)
-            diff[b0:b1] = stitch_batched(xp, res.D / res.F_D[:, None, None], grid, nb)
-            del tN, tR, tVN, tVR, tPn, tPr, res
-        excluded = unusable
-        if cfg.subtract.mask_grow > 0:
-            ndi = ndimage_module(xp)
-            st = xp.zeros((3, 3, 3), dtype=bool)
-            st[1] = True  # grow within each image, never across the batch
-            excluded = ndi.binary_dilation(unusable, structure=st, iterations=cfg.subtract.mask_grow)
-        S_corr[excluded] = 0
-
-    with timer("detect"):
-        peaks = find_peaks(S_corr, threshold=cfg.detect.threshold, radius=cfg.detect.dedup_radius,
-                           excluded=excluded, method="cuda" if cuda_k else "reference")
-        x, y = refine_peaks(S_corr, peaks)
-
-    with timer("cutouts"):
-        trip, _ = gather_triplets(N, R, diff, peaks.image, x, y, size=cutout_size or cfg.cutout.size,
-                                  method="cuda" if cuda_k else "reference")
-    return ChainOut(S_corr=S_corr, peaks=peaks, x=x, y=y, triplets=trip)
+def star_density_for(size: int) -> float:
+    """The simulator's default star density, raised on CCDs under 512^2 (a 256^2 DECam-like
+    reference can hold fewer than the 3 PSF stars the chain needs)."""
+    return 1.0 if size >= 512 else 512.0 / size
 
 
-def plain_zogy(xp, images, psf_n, psf_r):
-    """Unfused single-tile ZOGY of a (B, ny, nx) stack, float32: the reference the chain is read against."""
-    B, ny, nx = images.shape
-    Pn = kpsf.embed_psf(xp.repeat(psf_n[None], B, axis=0), (ny, nx))
-    Pr = kpsf.embed_psf(xp.repeat(psf_r[None], B, axis=0), (ny, nx))
-    V = xp.full_like(images, 900.0)
-    return zogy(images, images, Pn, Pr, V, V, sigma_n=30.0, sigma_r=30.0, F_r=1.0, astrometric_rms=(0.02, 0.02),
+def _source_hash() -> str:
+    """Hash of what the cached data depend on: the simulator and the master calibration code,
+    and the default calibration settings."""
+    import nightsift.engine.simulate as simpkg
+    from nightsift.engine.config import Config
+    from nightsift.engine.stages import calibrate
+
+    h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
+    for p in sorted(Path(simpkg.__file__).parent.glob("*.py")) + [Path(calibrate.__file__)]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(repr(Config().calibrate).encode())
+    return h.hexdigest()[:12]
+
+
+def cache_key(profile: str, size: int, seed: int, ccd: int) -> str:
+    dens = star_density_for(size)
+    d = "" if dens == 1.0 else f"-stars{dens:g}"
+    return f"{profile}-{size}x{size}-seed{seed}-ccd{ccd}-t{n_transients_for(size)}{d}-{_source_hash()}"
+
+
+def _hdr_str(h) -> str:
+    return h.tostring()
+
+
+def _simulate_to_cache(profile: str, size: int, seed: int, ccd: int, cache: str) -> str:
+    """Simulate one pair, make its master, write ``<key>.npz`` + ``<key>.json``; returns the key.
+    (Run in a worker process when several pairs are missing.)"""
+    from nightsift.engine.config import Config
+    from nightsift.engine.simulate import simulate_ccd_pair
+    from nightsift.engine.stages.calibrate import make_master
+
+    key = cache_key(profile, size, seed, ccd)
+    t0 = time.perf_counter()
+    sim = simulate_ccd_pair(profile, shape=(size, size), seed=seed, ccd=ccd, n_transients=n_transients_for(size),
+                            star_density=star_density_for(size))
+    master = make_master(sim.calibration, header=sim.science_raw.header, config=Config().calibrate)
+    sci = sim.science_exposure()
+    dt = time.perf_counter() - t0
+    ref = sim.reference
+    arrays = dict(raw=np.asarray(sim.science_raw.data), ref_image=ref.image, ref_variance=ref.variance,
+                  ref_mask=ref.mask, science_image=sci.image, science_variance=sci.variance,
+                  bias=master.bias, dark_rate=master.dark_rate, flat=master.flat,
+                  bad_pixel_mask=master.bad_pixel_mask, transients=sim.transients)
+    scalars = {f.name: float(getattr(master, f.name)) for f in dataclasses.fields(master)
+               if f.name not in ("bias", "dark_rate", "flat", "bad_pixel_mask")}
+    meta = {"raw_header": _hdr_str(sim.science_raw.header), "ref_header": _hdr_str(ref.header),
+            "ref_wcs": _hdr_str(ref.wcs.to_header(relax=True)), "master": scalars,
+            "psf_sci": dataclasses.asdict(sim.psf_sci), "psf_ref": dataclasses.asdict(sim.psf_ref),
+            "meta": json.loads(json.dumps(sim.meta, default=lambda o: o.item() if hasattr(o, "item") else str(o))),
+            "simulate_s": dt, "profile": profile, "size": size, "seed": seed, "ccd": ccd}
+    d = Path(cache)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.{os.getpid()}"
+    np.savez(f"{tmp}.npz", **arrays)
+    Path(f"{tmp}.json").write_text(json.dumps(meta))
+    os.replace(f"{tmp}.npz", d / f"{key}.npz")
+    os.replace(f"{tmp}.json", d / f"{key}.json")
+    # the same pair made by older simulator/calibration code is stale: remove it
+    prefix, _ = key.rsplit("-", 1)
+    stale = re.compile(re.escape(prefix) + r"-[0-9a-f]{12}\.(npz|json)$")
+    for f in d.iterdir():
+        if stale.match(f.name) and not f.name.startswith(key + "."):
+            f.unlink(missing_ok=True)
+    return key
+
+
+def _psf_field(d: dict):
+    from nightsift.engine.simulate import PSFField
+
+    return PSFField(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def _load_cached(cache: Path, key: str, ccd: int, *, cached: bool) -> BenchPair:
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from nightsift.engine.records import Exposure, RawFrame
+    from nightsift.engine.stages.calibrate import MasterCalibration
+
+    meta = json.loads((cache / f"{key}.json").read_text())
+    with np.load(cache / f"{key}.npz") as z:
+        a = {k: z[k] for k in z.files}
+    raw = RawFrame(data=a["raw"], header=fits.Header.fromstring(meta["raw_header"]))
+    ref = Exposure(image=a["ref_image"], variance=a["ref_variance"], mask=a["ref_mask"],
+                   wcs=WCS(fits.Header.fromstring(meta["ref_wcs"])), header=fits.Header.fromstring(meta["ref_header"]))
+    master = MasterCalibration(bias=a["bias"], dark_rate=a["dark_rate"], flat=a["flat"],
+                               bad_pixel_mask=a["bad_pixel_mask"], **meta["master"])
+    return BenchPair(ccd=ccd, raw=raw, master=master, reference=ref, science_image=a["science_image"],
+                     science_variance=a["science_variance"], transients=a["transients"],
+                     psf_sci=_psf_field(meta["psf_sci"]), psf_ref=_psf_field(meta["psf_ref"]), meta=meta["meta"],
+                     simulate_s=float(meta["simulate_s"]), cached=cached)
+
+
+def load_pairs(size: int, n: int, *, seed: int = SEED, profile: str = PROFILE, cache=DEFAULT_CACHE,
+               jobs: int = 0, log=print) -> list[BenchPair]:
+    """``n`` distinct simulated pairs (CCDs 0..n-1) of ``size``^2, from the cache or simulated into it.
+
+    ``jobs``: worker processes for the missing ones (0: ``min(missing, cpus // 4)``, at least 1).
+    """
+    cache = Path(cache)
+    keys = [cache_key(profile, size, seed, c) for c in range(n)]
+    missing = [c for c, k in enumerate(keys) if not ((cache / f"{k}.npz").exists() and (cache / f"{k}.json").exists())]
+    if missing:
+        jobs = jobs or max(1, min(len(missing), (os.cpu_count() or 1) // 4))
+        log(f"simulating {len(missing)} {profile} pair(s) of {size}^2 into {cache} ({jobs} process(es)) ...")
+        t0 = time.perf_counter()
+        if jobs > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork after Numba threads started
+            with ctx.Pool(jobs) as pool:
+                pool.starmap(_simulate_to_cache, [(profile, size, seed, c, str(cache)) for c in missing])
+        else:
+            for c in missing:
+                _simulate_to_cache(profile, size, seed, c, str(cache))
+        log(f"  done in {time.perf_counter() - t0:.1f} s")
+    return [_load_cached(cache, k, c, cached=c not in missing) for c, k in enumerate(keys)]
+
+
+# ------------------------------------------------------------------------------------------------
+# device helpers
+# ------------------------------------------------------------------------------------------------
+def sync(xp) -> None:
+    from nightsift.kernels._xp import is_cupy
+
+    if is_cupy(xp):
+        xp.cuda.Device().synchronize()
+
+
+@contextlib.contextmanager
+def nvtx_range(xp, name: str):
+    from nightsift.kernels._xp import is_cupy
+
+    rng = None
+    if is_cupy(xp):
+        try:
+            from cupy.cuda import nvtx
+
+            rng = nvtx
+        except Exception:  # pragma: no cover - cupy without NVTX
+            rng = None
+    if rng:
+        rng.RangePush(name)
+    try:
+        yield
+    finally:
+        if rng:
+            rng.RangePop()
+
+
+@contextlib.contextmanager
+def track_device_peak(xp):
+    """Peak of the cupy pool's used bytes over the block (an allocator hook: one Python call per
+    allocation, so only around untimed runs). Yields a dict whose ``peak`` is filled in; numpy: 0."""
+    from nightsift.kernels._xp import is_cupy
+
+    out = {"peak": 0}
+    if not is_cupy(xp):
+        yield out
+        return
+    pool = xp.get_default_memory_pool()
+    out["peak"] = int(pool.used_bytes())
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        used = pool.used_bytes()
+        if used > out["peak"]:
+            out["peak"] = int(used)
+        return mem
+
+    with xp.cuda.using_allocator(malloc):  # thread-local; the default pool allocator after the block
+        yield out
+
+
+def free_device(xp) -> None:
+    from nightsift.kernels._xp import is_cupy
+
+    if is_cupy(xp):
+        sync(xp)
+        xp.fft.config.get_plan_cache().clear()
+        xp.get_default_memory_pool().free_all_blocks()
+        xp.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def device_memory(xp) -> dict:
+    from nightsift.engine.backend import memory_stats
+    from nightsift.kernels._xp import is_cupy
+
+    if not is_cupy(xp):
+        return {}
+    free, total = xp.cuda.Device().mem_info
+    st = memory_stats(xp)
+    return {"pool_reserved_bytes": st["pool_bytes"], "pool_used_bytes": st["used_bytes"],
+            "device_used_bytes": int(total - free), "device_total_bytes": int(total)}
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_average() -> list | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the references: rfft2 floor and plain single-tile ZOGY with the true PSFs
+# ------------------------------------------------------------------------------------------------
+def true_psf_stamp(psf, size: int) -> np.ndarray:
+    """The simulation's true pixelised PSF at the CCD centre, ``(size, size)`` float32, unit sum."""
+    ny, nx = psf.shape
+    st = psf.stamp((nx - 1) / 2.0, (ny - 1) / 2.0, size)
+    return (st / st.sum()).astype(np.float32)
+
+
+def plain_zogy_inputs(pairs: list[BenchPair], B: int, xp, *, stamp_size: int) -> dict:
+    """The ``(B, ny, nx)`` stacks plain ZOGY reads, on ``xp``'s device: science (true calibration)
+    and reference minus their medians, their variance maps, the true centre PSFs embedded, sigma
+    (sqrt of the median variance) and F_r (from the headers' zero points) per image."""
+    from nightsift.kernels.psf import embed_psf
+
+    n = len(pairs)
+    idx = [b % n for b in range(B)]
+    ny, nx = pairs[0].science_image.shape
+    host = {}
+    N = np.empty((B, ny, nx), np.float32)
+    R = np.empty((B, ny, nx), np.float32)
+    VN = np.empty((B, ny, nx), np.float32)
+    VR = np.empty((B, ny, nx), np.float32)
+    sn, sr, fr = np.empty(B), np.empty(B), np.empty(B)
+    for b, i in enumerate(idx):
+        p = pairs[i]
+        sub = (slice(None, None, 4), slice(None, None, 4))
+        N[b] = p.science_image - np.float32(np.nanmedian(p.science_image[sub]))
+        R[b] = p.reference.image - np.float32(np.nanmedian(p.reference.image[sub]))
+        VN[b] = p.science_variance
+        VR[b] = p.reference.variance
+        sn[b] = np.sqrt(np.nanmedian(p.science_variance[sub]))
+        sr[b] = np.sqrt(np.nanmedian(p.reference.variance[sub]))
+        hs, hr = p.raw.header, p.reference.header
+        try:  # e- per unit flux: EXPTIME 10^(0.4 MAGZP); F_r = reference / science
+            fr[b] = (float(hr["EXPTIME"]) * 10 ** (0.4 * float(hr["MAGZP"]))) / \
+                (float(hs["EXPTIME"]) * 10 ** (0.4 * float(hs["MAGZP"])))
+        except (KeyError, ValueError, TypeError):
+            fr[b] = 1.0
+    for name, arr in (("N", N), ("R", R), ("V_N", VN), ("V_R", VR)):
+        host[name] = xp.asarray(arr)
+    del N, R, VN, VR
+    Pn = np.stack([true_psf_stamp(pairs[i].psf_sci, stamp_size) for i in idx])
+    Pr = np.stack([true_psf_stamp(pairs[i].psf_ref, stamp_size) for i in idx])
+    host["P_n"] = embed_psf(xp.asarray(Pn), (ny, nx))
+    host["P_r"] = embed_psf(xp.asarray(Pr), (ny, nx))
+    host["sigma_n"], host["sigma_r"], host["F_r"] = sn, sr, fr
+    return host
+
+
+def run_plain_zogy(inp: dict, *, astrometric_rms: float):
+    from nightsift.kernels.zogy import zogy
+
+    return zogy(inp["N"], inp["R"], inp["P_n"], inp["P_r"], inp["V_N"], inp["V_R"], sigma_n=inp["sigma_n"],
+                sigma_r=inp["sigma_r"], F_r=inp["F_r"], astrometric_rms=(astrometric_rms, astrometric_rms),
                 dtype=np.float32)
 
 
-def _gauss_psf(size, sigma):
-    h = size // 2
-    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    p = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
-    return (p / p.sum()).astype(np.float32)
+def run_fft_floor(inp: dict):
+    from nightsift.kernels._xp import array_namespace, fft_kwargs, fft_module
+
+    xp = array_namespace(inp["N"])
+    return fft_module(xp).rfft2(inp["N"], axes=(-2, -1), **fft_kwargs(xp))
 
 
-def _median_time(fn, xp, repeat):
+def median_time(fn, xp, repeat: int, *, warm: bool) -> float:
+    """Median seconds of ``fn()`` (device synchronised at both ends); ``warm``: one untimed call first."""
+    if warm:
+        out = fn()
+        sync(xp)
+        del out
     ts = []
-    for _ in range(repeat):
-        if is_cupy(xp):
-            xp.cuda.get_current_stream().synchronize()
+    for _ in range(max(1, repeat)):
+        sync(xp)
         t0 = time.perf_counter()
         out = fn()
-        if is_cupy(xp):
-            xp.cuda.get_current_stream().synchronize()
+        sync(xp)
         ts.append(time.perf_counter() - t0)
         del out
     return float(np.median(ts))
 
 
-def self_check(xp, cfg, shape):
-    """The bench's batched tile helpers equal kernels.tiles on a small batch (cheap, every run)."""
-    rng = np.random.default_rng(0)
-    ny, nx = min(shape[0], 300), min(shape[1], 260)
-    grid = make_grid((ny, nx), core=min(cfg.subtract.tile_size, 128), margin=16)
-    imgs = xp.asarray(rng.normal(size=(2, ny, nx)).astype(np.float32))
-    t = cut_tiles_batched(xp, imgs, grid, 0.0)
-    for b in range(2):
-        want = cut_tiles(imgs[b], grid, fill=0.0)
-        assert bool((t[b * len(grid) : (b + 1) * len(grid)] == want).all()), "cut_tiles_batched != cut_tiles"
-        assert bool((stitch_batched(xp, t, grid, 2)[b] == stitch_tiles(want, grid)).all()), "stitch mismatch"
+def time_references(pairs, B, xp, *, cfg, repeat: int) -> dict:
+    """``fft_floor`` and ``plain_zogy`` on the same (B, size, size) batch and device (ms per pair)."""
+    out = {}
+    inp = None
+    try:
+        inp = plain_zogy_inputs(pairs, B, xp, stamp_size=cfg.psf.stamp_size)
+        out["fft_floor_ms_per_pair"] = 1e3 * median_time(lambda: run_fft_floor(inp), xp, max(3, repeat), warm=True) / B
+        ast = cfg.subtract.default_astrometric_rms
+        out["plain_zogy_ms_per_pair"] = 1e3 * median_time(lambda: run_plain_zogy(inp, astrometric_rms=ast), xp,
+                                                          repeat, warm=True) / B
+    except Exception as exc:  # e.g. out of device memory at a large batch
+        out["reference_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        del inp
+        free_device(xp)
+    return out
 
 
-# --------------------------------------------------------------------------------------------
-# driver
-# --------------------------------------------------------------------------------------------
-def bench_backend(name, xp, args, cfg, shape):
+# ------------------------------------------------------------------------------------------------
+# the chain
+# ------------------------------------------------------------------------------------------------
+def bench_config(output_dir: str, *, scorer: bool = False):
+    from nightsift.engine.config import Config
+
+    over = {"run": {"sync_stage_times": True}, "package": {"output_dir": output_dir}}
+    if scorer:
+        over["classify"] = {"backend": "tflite"}
+    return Config().replace(**over)
+
+
+def make_scorer(cfg):
+    from nightsift.engine.classify.runtime import pipeline_scorer
+
+    s = pipeline_scorer(cfg.classify)
+    if s is None:
+        raise SystemExit("--scorer: no scorer could be loaded (classify.backend = tflite)")
+    return s
+
+
+def prepare_all_statics(pairs, cfg, xp) -> tuple[list, list[float]]:
+    """``prepare_statics`` once per distinct CCD on ``xp``'s device; seconds per CCD."""
+    from nightsift.engine.pipeline import prepare_statics
+
+    statics, secs = [], []
+    for p in pairs:
+        sync(xp)
+        t0 = time.perf_counter()
+        statics.append(prepare_statics(p.reference, p.master, config=cfg, xp=xp, ccd=p.ccd))
+        sync(xp)
+        secs.append(time.perf_counter() - t0)
+    return statics, secs
+
+
+def batch_inputs(pairs, statics, B: int, visit: int):
+    """B CCD-visits: member ``b`` is distinct pair ``b % n`` (its CCD, its statics reused) observed
+    at visit ``visit + b // n``, so every (visit, CCD) -- the alert file's name -- is unique."""
+    from nightsift.engine.pipeline import VisitFrame
+
+    n = len(pairs)
+    frames = [VisitFrame(visit=visit + b // n, ccd=pairs[b % n].ccd, raw=pairs[b % n].raw) for b in range(B)]
+    return frames, [statics[b % n] for b in range(B)]
+
+
+def run_visit(frames, statics, xp, cfg, *, scorer=None, keep_products=False, out_dir: str, label=""):
+    """One ``process_visit`` call (alerts written into a fresh ``out_dir``); wall seconds and results."""
+    from nightsift.engine.pipeline import process_visit
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    sync(xp)
+    with nvtx_range(xp, label or f"process_visit B={len(frames)}"):
+        t0 = time.perf_counter()
+        res = process_visit(frames, statics, config=cfg, scorer=scorer, write=True, keep_products=keep_products)
+        sync(xp)
+        wall = time.perf_counter() - t0
+    return wall, res
+
+
+def summarise_run(wall: float, res: list, B: int) -> dict:
+    from nightsift.engine.pipeline import STAGES
+
+    stage = {}
+    for s in STAGES:
+        vals = [r.qa[f"t_{s}"] for r in res if f"t_{s}" in r.qa]
+        stage[s] = float(max(vals)) if vals else float("nan")  # the batch's time (same for every member)
+    qa0 = next((r.qa for r in res if "xfer_h2d_bytes" in r.qa), {})
+    statuses = {}
+    for r in res:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    errors = sorted({f"{type(r.error).__name__}: {str(r.error)[:200]}" for r in res if r.error is not None})
+    return {"wall_s": wall, "stage_s": stage, "n_candidates": int(sum(len(r.candidates) for r in res)),
+            "n_alerts": int(sum(r.n_alerts for r in res)), "statuses": statuses, "errors": errors,
+            "xfer": {k: qa0.get(k) for k in ("xfer_h2d_bytes", "xfer_d2h_bytes", "xfer_h2d_count",
+                                             "xfer_d2h_count", "xfer_scalar_reads")}}
+
+
+def check_products(res: list) -> dict:
+    """What the numpy-vs-cupy check compares, from a B = 1 keep_products run (host arrays)."""
+    r = res[0]
+    if r.products is None:
+        return {"error": f"no products (status {r.status}: {r.error})"}
+    c = r.candidates
+    return {"S_corr": np.asarray(r.products.subtraction.S_corr, np.float64),
+            "x": np.asarray(c["xpos"], float), "y": np.asarray(c["ypos"], float),
+            "sign": np.asarray(c["isdiffpos"], bool), "scorr": np.asarray(c["scorr"], float)}
+
+
+def compare_backends(a: dict, b: dict, *, tol: float = CHECK_TOLERANCE_PX) -> dict:
+    """cupy (``a``) against numpy (``b``): S_corr relative L2 and candidate identity."""
+    if "error" in a or "error" in b:
+        return {"error": a.get("error") or b.get("error"), "pass": False}
+    sa, sb = a["S_corr"], b["S_corr"]
+    fin = np.isfinite(sa) & np.isfinite(sb)
+    rel = float(np.linalg.norm((sa - sb)[fin]) / max(np.linalg.norm(sb[fin]), 1e-300))
+    diffs = []
+    used = np.zeros(len(a["x"]), bool)
+    for i in range(len(b["x"])):
+        if len(a["x"]):
+            d = np.hypot(a["x"] - b["x"][i], a["y"] - b["y"][i])
+            d[used] = np.inf
+            j = int(np.argmin(d))
+            dist = float(d[j])
+        else:
+            j, dist = -1, float("inf")
+        if j >= 0 and dist <= tol and a["sign"][j] == b["sign"][i]:
+            used[j] = True
+            continue
+        diffs.append({"numpy": [round(float(b["x"][i]), 3), round(float(b["y"][i]), 3), bool(b["sign"][i]),
+                                round(float(b["scorr"][i]), 2)],
+                      "nearest_cupy": None if j < 0 else [round(float(a["x"][j]), 3), round(float(a["y"][j]), 3),
+                                                         bool(a["sign"][j]), round(float(a["scorr"][j]), 2)],
+                      "distance_px": None if j < 0 else round(dist, 4)})
+    for j in np.flatnonzero(~used):  # cupy candidates no numpy one claimed
+        diffs.append({"numpy": None, "cupy_only": [round(float(a["x"][j]), 3), round(float(a["y"][j]), 3),
+                                                   bool(a["sign"][j]), round(float(a["scorr"][j]), 2)]})
+    same = len(a["x"]) == len(b["x"])
+    return {"scorr_rel_l2": rel, "n_candidates_numpy": int(len(b["x"])), "n_candidates_cupy": int(len(a["x"])),
+            "same_count": same, "tolerance_px": tol, "differing": diffs, "candidates_identical": same and not diffs,
+            "pass": bool(same and not diffs and rel < CHECK_REL_L2),
+            "pass_rule": f"same candidates (positions within {tol} px, same sign) and S_corr relative L2 "
+                         f"< {CHECK_REL_L2:g}"}
+
+
+def bench_backend(name, xp, pairs, batches, repeat, args, *, on_row, check_store) -> tuple[dict, list]:
+    """Statics once, then every batch size: warm-up + ``repeat`` timed runs + references."""
+    statics_info = {"backend": name}
     rows = []
-    self_check(xp, cfg, shape)
-    for B in args.batches:
-        hb = simulate_batch(shape, B, seed=args.seed)
-        row = {"backend": name, "batch": B, "shape": list(shape)}
+    tmp = tempfile.mkdtemp(prefix=f"nightsift-bench-{name}-")
+    try:
+        cfg = bench_config(tmp, scorer=args.scorer)
+        scorer = make_scorer(cfg) if args.scorer else None
+        pairs = pairs[:max(1, min(len(pairs), max(batches)))]  # the distinct CCDs these batches use
         try:
-            if is_cupy(xp):
-                xp.get_default_memory_pool().free_all_blocks()
-            # warm-up: Numba compilation, cuFFT plans, pool growth
-            run_chain(xp, hb, cfg, StageTimer(xp), zogy_chunk=args.zogy_chunk)
-            times = []
-            for _ in range(args.repeat):
-                tm = StageTimer(xp)
-                out = run_chain(xp, hb, cfg, tm, zogy_chunk=args.zogy_chunk)
-                times.append(tm.t)
-            med = {s: float(np.median([t[s] for t in times])) for s in STAGES}
-            row["stage_ms_per_pair"] = {s: 1e3 * med[s] / B for s in STAGES}
-            compute = sum(med[s] for s in STAGES if s != "upload")
-            row["compute_ms_per_pair"] = 1e3 * compute / B
-            row["total_ms_per_pair"] = 1e3 * (compute + med["upload"]) / B
-            row["pairs_per_s"] = B / (compute + med["upload"])
-            row["candidates_per_pair"] = len(out.peaks) / B
-            del out
-            mem = bk.memory_stats(xp)
-            row["peak_gpu_pool_bytes"] = mem["pool_bytes"] if is_cupy(xp) else None
-            # references on the same batch
-            imgs = xp.asarray(hb.planes[1])
-            fft = fft_module(xp)
-            fft.rfft2(imgs, axes=(-2, -1))  # plan
-            row["fft_floor_ms_per_pair"] = 1e3 * _median_time(lambda: fft.rfft2(imgs, axes=(-2, -1)), xp,
-                                                              max(3, args.repeat)) / B
-            pn, pr = xp.asarray(_gauss_psf(cfg.psf.stamp_size, 1.5)), xp.asarray(_gauss_psf(cfg.psf.stamp_size, 1.15))
-            plain_zogy(xp, imgs, pn, pr)
-            row["plain_zogy_ms_per_pair"] = 1e3 * _median_time(lambda: plain_zogy(xp, imgs, pn, pr), xp,
-                                                                args.repeat) / B
-            del imgs
-            row["ratio_to_plain_zogy"] = row["compute_ms_per_pair"] / row["plain_zogy_ms_per_pair"]
-            row["ratio_to_fft_floor"] = row["compute_ms_per_pair"] / row["fft_floor_ms_per_pair"]
-            if args.pipeline_batches > 0:
-                row["pipelined_pairs_per_s"] = pipelined(xp, hb, cfg, args)
-            if is_cupy(xp):
-                row["peak_gpu_pool_bytes"] = max(row["peak_gpu_pool_bytes"], bk.memory_stats(xp)["pool_bytes"])
-        except Exception as exc:  # e.g. cupy OutOfMemoryError at a large batch: record it and go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-        print(_format_row(row), flush=True)
-        del hb
-    return rows
+            statics, secs = prepare_all_statics(pairs, cfg, xp)
+        except Exception as exc:
+            statics_info["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            traceback.print_exc()
+            rows.append({"backend": name, "batch": None, "error": "statics: " + statics_info["error"]})
+            on_row(rows[-1])
+            return statics_info, rows
+        statics_info.update({"statics_s": float(min(secs)), "statics_s_per_ccd": secs,
+                             "statics_bytes_per_ccd": int(statics[0].nbytes),
+                             "note": "prepare_statics per distinct CCD (the first includes JIT compilation); "
+                                     "statics_s = the fastest"})
+        print(f"[{name}] statics: " + ", ".join(f"{s:.2f}" for s in secs) + " s per CCD", flush=True)
+        visit = 0
+        for B in batches:
+            row = {"backend": name, "batch": B, "size": args.size, "distinct_ccds": len(pairs), "repeat": repeat}
+            try:
+                free_device(xp)
+                rss_reset = reset_peak_rss()
+                visit += B
+                frames, st = batch_inputs(pairs, statics, B, visit)
+                keep = B == 1 and check_store is not None
+                t0 = time.perf_counter()
+                with track_device_peak(xp) as peak:
+                    wall, res = run_visit(frames, st, xp, cfg, scorer=scorer, keep_products=keep,
+                                          out_dir=os.path.join(tmp, "alerts"), label=f"warm-up B={B}")
+                row["warmup_s"] = time.perf_counter() - t0
+                if keep:
+                    check_store[name] = check_products(res)
+                del res
+                runs = []
+                for _ in range(repeat):
+                    visit += B
+                    frames, st = batch_inputs(pairs, statics, B, visit)
+                    wall, res = run_visit(frames, st, xp, cfg, scorer=scorer, out_dir=os.path.join(tmp, "alerts"))
+                    runs.append(summarise_run(wall, res, B))
+                    del res
+                from nightsift.engine.pipeline import STAGES
+
+                walls = [r["wall_s"] for r in runs]
+                med = float(np.median(walls))
+                last = runs[int(np.argsort(walls)[len(walls) // 2])]
+                row["wall_ms_per_visit"] = 1e3 * med / B
+                row["wall_ms_per_visit_runs"] = [1e3 * w / B for w in walls]
+                row["pairs_per_s"] = B / med
+                row["stage_ms_per_visit"] = {s: 1e3 * float(np.median([r["stage_s"][s] for r in runs])) / B
+                                             for s in STAGES}
+                row["stage_sum_ms_per_visit"] = float(sum(v for v in row["stage_ms_per_visit"].values()
+                                                          if np.isfinite(v)))
+                row["candidates_per_pair"] = last["n_candidates"] / B
+                row["alerts_per_pair"] = last["n_alerts"] / B
+                row["statuses"] = last["statuses"]
+                if set(last["statuses"]) != {"done"}:
+                    row["warning"] = f"not every CCD-visit was done: {last['statuses']}"
+                if last["errors"]:
+                    row["ccd_errors"] = last["errors"]
+                x = last["xfer"]
+                row["xfer"] = {"h2d_bytes_per_visit": x["xfer_h2d_bytes"], "d2h_bytes_per_visit": x["xfer_d2h_bytes"],
+                               "h2d_copies_per_batch": x["xfer_h2d_count"], "d2h_copies_per_batch": x["xfer_d2h_count"],
+                               "scalar_reads_per_batch": x["xfer_scalar_reads"],
+                               "scalar_reads_per_visit": (x["xfer_scalar_reads"] or 0) / B}
+                if name == "numpy":
+                    row["xfer"]["note"] = "numpy: nothing crosses a host/device boundary, so 0 by construction"
+                mem = device_memory(xp)
+                if mem:
+                    mem["peak_pool_used_bytes"] = peak["peak"]
+                    mem["note"] = ("peak_pool_used_bytes: the pool's peak over the warm-up run (statics resident "
+                                   "included); the others after the timed runs")
+                row["device_memory"] = mem or None
+                row["peak_host_rss_bytes"] = peak_rss_bytes()
+                row["peak_host_rss_scope"] = "this B (clear_refs)" if rss_reset else "process (ru_maxrss)"
+                row.update(time_references(pairs, B, xp, cfg=cfg, repeat=repeat))
+                if "plain_zogy_ms_per_pair" in row:
+                    row["ratio_to_plain_zogy"] = row["wall_ms_per_visit"] / row["plain_zogy_ms_per_pair"]
+                    row["ratio_to_fft_floor"] = row["wall_ms_per_visit"] / row["fft_floor_ms_per_pair"]
+            except Exception as exc:  # e.g. cupy OutOfMemoryError at B = 16: record it and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc()
+            finally:
+                free_device(xp)
+            rows.append(row)
+            print(format_row(row), flush=True)
+            on_row(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return statics_info, rows
 
 
-def pipelined(xp, hb, cfg, args):
-    """Pairs/s over ``pipeline_batches`` batches streamed through UploadPipeline (upload of batch
-    k+1 overlapping compute of batch k)."""
-    pipe = bk.UploadPipeline(xp, hb.planes.shape, np.float32)
-    t0 = time.perf_counter()
-    n = 0
-    for dev in pipe.run(hb.planes for _ in range(args.pipeline_batches)):
-        with pipe.compute:
-            run_chain(xp, hb, cfg, StageTimer(xp), zogy_chunk=args.zogy_chunk, dev_planes=dev)
-        n += hb.batch
-    pipe.synchronize()
-    return n / (time.perf_counter() - t0)
+# ------------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------------
+def _f(v, fmt=".1f"):
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
 
 
-def check_backends(cfg, shape, seed):
-    """numpy vs cupy on the same pair (batch 1, same background method): S_corr relative L2 and
-    candidate lists (positions within 0.01 px)."""
-    import cupy
-
-    hb = simulate_batch(shape, 1, seed=seed)
-    outs = {}
-    for name, xp in (("numpy", np), ("cupy", cupy)):
-        o = run_chain(xp, hb, cfg, StageTimer(xp), background_method="reference")
-        outs[name] = (bk.to_host(o.S_corr), bk.to_host(o.x), bk.to_host(o.y), bk.to_host(o.peaks.sign))
-    s_np, s_cp = outs["numpy"][0].astype(np.float64), outs["cupy"][0].astype(np.float64)
-    rel_l2 = float(np.linalg.norm(s_cp - s_np) / np.linalg.norm(s_np))
-    same_n = len(outs["numpy"][1]) == len(outs["cupy"][1])
-    max_dpos = float("nan")
-    if same_n and len(outs["numpy"][1]):
-        max_dpos = float(max(np.abs(outs["numpy"][1] - outs["cupy"][1]).max(),
-                             np.abs(outs["numpy"][2] - outs["cupy"][2]).max()))
-    identical = same_n and bool(np.array_equal(outs["numpy"][3], outs["cupy"][3])) and \
-        (len(outs["numpy"][1]) == 0 or max_dpos < 0.01)
-    return {"shape": list(shape), "scorr_rel_l2": rel_l2, "n_candidates_numpy": len(outs["numpy"][1]),
-            "n_candidates_cupy": len(outs["cupy"][1]), "max_position_diff_px": max_dpos,
-            "candidates_identical": identical, "pass": bool(rel_l2 < 1e-4 and identical)}
-
-
-def simulator_check(cfg, seed):
-    """The chain through the Numba CUDA kernels (in the CUDA simulator, numpy arrays) equals the
-    chain through the CPU kernels on a tiny batch: S_corr, candidates and cutouts."""
-    from nightsift.kernels._cuda import cuda_mode
-
-    if cuda_mode() != "simulator":
-        raise SystemExit("--sim-check needs NUMBA_ENABLE_CUDASIM=1 in the environment")
-    hb = simulate_batch((64, 72), 2, seed=seed)
-    t0 = time.perf_counter()
-    a = run_chain(np, hb, cfg, StageTimer(np), cuda_kernels=False, cutout_size=7)
-    b = run_chain(np, hb, cfg, StageTimer(np), cuda_kernels=True, cutout_size=7)
-    res = {"shape": [2, 64, 72], "scorr_max_abs_diff": float(np.abs(a.S_corr - b.S_corr).max()),
-           "n_candidates": [len(a.peaks), len(b.peaks)],
-           "positions_equal": bool(np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)),
-           "cutouts_equal": bool(np.array_equal(a.triplets, b.triplets, equal_nan=True)),
-           "seconds": round(time.perf_counter() - t0, 1)}
-    res["pass"] = bool(res["scorr_max_abs_diff"] < 1e-5 and res["n_candidates"][0] == res["n_candidates"][1]
-                       and res["positions_equal"] and res["cutouts_equal"])
-    print("CUDA-simulator chain vs CPU chain:", json.dumps(res))
-    return res
-
-
-def _format_row(r):
-    head = f"{r['backend']:>6} B={r['batch']:<3}"
+def format_row(r: dict) -> str:
+    head = f"[{r['backend']} B={r['batch']}]"
     if "error" in r:
         return f"{head} ERROR {r['error']}"
-    st = " ".join(f"{s}={r['stage_ms_per_pair'][s]:.2f}" for s in STAGES)
-    mem = "" if r["peak_gpu_pool_bytes"] is None else f" peak_gpu={r['peak_gpu_pool_bytes'] / 2**30:.2f}GiB"
-    pipe = f" pipelined={r['pipelined_pairs_per_s']:.1f}/s" if "pipelined_pairs_per_s" in r else ""
-    return (f"{head} total={r['total_ms_per_pair']:.2f} compute={r['compute_ms_per_pair']:.2f} ms/pair "
-            f"({r['pairs_per_s']:.2f} pairs/s{pipe}) fft_floor={r['fft_floor_ms_per_pair']:.2f} "
-            f"plain_zogy={r['plain_zogy_ms_per_pair']:.2f} x{r['ratio_to_plain_zogy']:.2f} of plain ZOGY; "
-            f"cands/pair={r['candidates_per_pair']:.1f}{mem}\n         [{st}]")
+    st = " ".join(f"{k}={v:.1f}" for k, v in r["stage_ms_per_visit"].items())
+    return (f"{head} {r['wall_ms_per_visit']:.1f} ms/visit ({r['pairs_per_s']:.2f} pairs/s), "
+            f"fft_floor {_f(r.get('fft_floor_ms_per_pair'), '.2f')} ms, plain ZOGY "
+            f"{_f(r.get('plain_zogy_ms_per_pair'))} ms, x{_f(r.get('ratio_to_plain_zogy'), '.2f')}; "
+            f"{r['candidates_per_pair']:.1f} cands/pair\n    [{st}]")
 
 
-def print_table(rows):
-    cols = ["backend", "B"] + list(STAGES) + ["compute", "total", "pairs/s", "fft_floor", "plain_zogy", "x_plain",
-                                             "peak_GiB"]
-    print("\nms per CCD pair (median of repeats)")
-    print(" ".join(f"{c:>10}" for c in cols))
+def markdown(result: dict) -> str:
+    from nightsift.engine.pipeline import STAGES
+
+    rows = result["results"]
+    size = result["config"]["size"]
+    lines = [f"\nproduction chain (process_visit), {size}x{size}, ms per CCD-visit (median of repeats)\n",
+             "| backend | B | wall | pairs/s | cands/pair | H2D MB/visit | D2H MB/visit | copies/batch (h2d/d2h) "
+             "| scalar reads/batch | peak dev GiB | peak RSS GiB | rfft2 floor | plain ZOGY | x plain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            print(f"{r['backend']:>10} {r['batch']:>10}  {r['error']}")
+            lines.append(f"| {r['backend']} | {r['batch']} | ERROR: {r['error'][:120]} |" + " |" * 12)
             continue
-        vals = [r["backend"], r["batch"]] + [f"{r['stage_ms_per_pair'][s]:.2f}" for s in STAGES] + [
-            f"{r['compute_ms_per_pair']:.2f}", f"{r['total_ms_per_pair']:.2f}", f"{r['pairs_per_s']:.2f}",
-            f"{r['fft_floor_ms_per_pair']:.2f}", f"{r['plain_zogy_ms_per_pair']:.2f}",
-            f"{r['ratio_to_plain_zogy']:.2f}",
-            "-" if r["peak_gpu_pool_bytes"] is None else f"{r['peak_gpu_pool_bytes'] / 2**30:.2f}"]
-        print(" ".join(f"{v:>10}" for v in vals))
+        x = r["xfer"]
+        mem = r.get("device_memory") or {}
+        peak = mem.get("peak_pool_used_bytes")
+        lines.append(
+            f"| {r['backend']} | {r['batch']} | {r['wall_ms_per_visit']:.1f} | {r['pairs_per_s']:.2f} | "
+            f"{r['candidates_per_pair']:.1f} | {_f((x['h2d_bytes_per_visit'] or 0) / 1e6, '.1f')} | "
+            f"{_f((x['d2h_bytes_per_visit'] or 0) / 1e6, '.2f')} | "
+            f"{x['h2d_copies_per_batch']}/{x['d2h_copies_per_batch']} | {x['scalar_reads_per_batch']} | "
+            f"{_f(None if peak is None else peak / 2**30, '.2f')} | "
+            f"{r['peak_host_rss_bytes'] / 2**30:.2f} | {_f(r.get('fft_floor_ms_per_pair'), '.2f')} | "
+            f"{_f(r.get('plain_zogy_ms_per_pair'))} | {_f(r.get('ratio_to_plain_zogy'), '.2f')} |")
+    lines += ["", "stage ms per CCD-visit (t_<stage> QA / B, median of repeats)", "",
+              "| backend | B | " + " | ".join(STAGES) + " | sum | wall |",
+              "|---|---:|" + "---:|" * (len(STAGES) + 2)]
+    for r in rows:
+        if "error" in r:
+            continue
+        s = r["stage_ms_per_visit"]
+        lines.append(f"| {r['backend']} | {r['batch']} | " + " | ".join(_f(s[k]) for k in STAGES)
+                     + f" | {r['stage_sum_ms_per_visit']:.1f} | {r['wall_ms_per_visit']:.1f} |")
+    for name, st in result["statics"].items():
+        if "statics_s" in st:
+            lines.append(f"\nstatics ({name}): prepare_statics {st['statics_s']:.2f} s per CCD (warm; per CCD: "
+                         + ", ".join(f"{v:.2f}" for v in st["statics_s_per_ccd"]) + f" s), "
+                         f"{st['statics_bytes_per_ccd'] / 2**20:.0f} MiB resident per CCD")
+    lines.append("\nA batch of B repeats the distinct simulated pairs (member b = pair b % distinct, with its CCD "
+                 "and statics): the work per CCD does not depend on which CCD it is. numpy moves 0 bytes by "
+                 "construction.")
+    chk = result.get("check")
+    if chk:
+        lines.append("\nnumpy vs cupy (B = 1): " + json.dumps({k: v for k, v in chk.items() if k != "differing"}))
+        for d in chk.get("differing", [])[:50]:
+            lines.append(f"  differs: {json.dumps(d)}")
+    return "\n".join(lines)
 
 
-def machine_info(xps):
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "numpy": np.__version__, "numba_threads": os.environ.get("NUMBA_NUM_THREADS", "default")}
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)  # a shared machine inflates wall times
-    try:
-        import numba
+def versions() -> dict:
+    import importlib.metadata as md
 
-        info["numba"] = numba.__version__
-    except Exception:  # pragma: no cover
-        pass
-    for name, xp in xps:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod, dist in (("scipy", "scipy"), ("numba", "numba"), ("cupy", None), ("numba-cuda", "numba-cuda"),
+                      ("astropy", "astropy")):
+        try:
+            if dist is None:
+                import cupy
+
+                out[mod] = cupy.__version__
+            else:
+                out[mod] = md.version(dist)
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def run_env() -> dict:
+    """Environment variables that change the timings (allocator, thread counts)."""
+    keep = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LD_PRELOAD",
+            "CUPY_CACHE_DIR", "NUMBA_ENABLE_CUDASIM", "CUDA_VISIBLE_DEVICES")
+    return {k: v for k, v in sorted(os.environ.items()) if k in keep or k.startswith("MALLOC_")}
+
+
+def machine(xps) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "numba_threads": os.environ.get("NUMBA_NUM_THREADS", "default"), "env": run_env(), "gpu": None}
+    from nightsift.kernels._xp import is_cupy
+
+    for _, xp in xps:
         if is_cupy(xp):
             props = xp.cuda.runtime.getDeviceProperties(0)
-            info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            nm = props["name"]
+            info["gpu"] = nm.decode() if isinstance(nm, bytes) else str(nm)
             info["gpu_memory_bytes"] = int(props["totalGlobalMem"])
-            info["cupy"] = xp.__version__
             info["cuda_runtime"] = int(xp.cuda.runtime.runtimeGetVersion())
+            info["cuda_driver"] = int(xp.cuda.runtime.driverGetVersion())
     return info
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, nargs="+", default=[4096], help="image side (or ny nx), default 4096")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
-    p.add_argument("--backends", nargs="+", default=["numpy", "cupy"], choices=["numpy", "cupy"],
-                   help="cupy is skipped (with a note) where no GPU is present")
-    p.add_argument("--numpy-batches", type=int, nargs="+", default=[1],
-                   help="batches for numpy (default 1: a CPU gains nothing from batching, and a 4096^2 "
-                        "batch of 16 takes minutes per repeat); e.g. --numpy-batches 1 4 8 16")
-    p.add_argument("--numpy-repeat", type=int, default=1, help="timed runs per numpy configuration")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (median)")
-    p.add_argument("--zogy-chunk", type=int, default=0, help="pairs per ZOGY call (0: the whole batch)")
-    p.add_argument("--pipeline-batches", type=int, default=-1,
-                   help="batches streamed through UploadPipeline (default 4 on cupy, 0 on numpy)")
-    p.add_argument("--pool-limit-gib", type=float, default=0.0, help="bound CuPy's memory pool (0: no bound)")
-    p.add_argument("--no-check", action="store_true", help="skip the numpy-vs-cupy correctness check")
-    p.add_argument("--check-size", type=int, default=1024, help="image side of the correctness check")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sim-check", action="store_true",
-                   help="only check the chain through the CUDA kernels against the CPU kernels on a tiny "
-                        "batch, in the CUDA simulator (set NUMBA_ENABLE_CUDASIM=1)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu.json"))
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=4096, help="CCD side in pixels (default 4096)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16],
+                   help="batch sizes B (CCD-visits per process_visit call) for cupy, and for numpy when numpy is "
+                        "the only backend asked for with --backends (default 1 4 8 16)")
+    p.add_argument("--backends", nargs="+", choices=["numpy", "cupy"], default=None,
+                   help="default: cupy if it imports and sees a GPU, plus numpy (at B = 1 only unless "
+                        "--numpy-batches); an explicit 'cupy' without a GPU is recorded as an error")
+    p.add_argument("--numpy-batches", type=int, nargs="+", default=None,
+                   help="batch sizes for numpy (default: 1 when cupy also runs or by default; --batches when "
+                        "--backends numpy alone is given)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per batch after the warm-up (median; default 3)")
+    p.add_argument("--numpy-repeat", type=int, default=None,
+                   help="timed runs per numpy batch (default: 1 when cupy also runs, else --repeat)")
+    p.add_argument("--distinct", type=int, default=2, help="distinct simulated CCD pairs a batch cycles through (2)")
+    p.add_argument("--seed", type=int, default=SEED, help=f"simulation seed (default {SEED})")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of cached simulated pairs (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="processes simulating missing pairs (0: min(missing, cpus // 4), at least 1)")
+    p.add_argument("--scorer", action="store_true",
+                   help="score the triplets with the shipped int8 model (classify.backend = tflite, host CPU)")
+    p.add_argument("--pool-limit-gib", type=float, default=0.0, help="bound CuPy's memory pool (GiB; 0: no bound)")
+    p.add_argument("--no-check", action="store_true", help="skip the numpy-vs-cupy comparison at B = 1")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default bench/gpu.json when cupy ran, else bench/gpu-cpu.json)")
     args = p.parse_args(argv)
-    shape = (args.size[0], args.size[-1])
-    cfg = Config()
-    if args.sim_check:
-        res = simulator_check(cfg, args.seed)
-        raise SystemExit(0 if res["pass"] else 1)
+    for name in ("size", "repeat", "distinct"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.numpy_repeat is not None and args.numpy_repeat < 1:
+        p.error("--numpy-repeat must be >= 1")
+    if min(args.batches + (args.numpy_batches or [1])) < 1:
+        p.error("batch sizes must be >= 1")
+    return args
 
-    xps = []
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from nightsift.engine import backend as bk
+    from nightsift.engine.config import Config
+    from nightsift.engine.pipeline import STAGES
+    from nightsift.kernels.tiles import make_grid
+
     notes = []
-    for name in args.backends:
+    explicit = args.backends is not None
+    wanted = args.backends if explicit else ["cupy", "numpy"]
+    xps, skipped_rows = [], []
+    for name in wanted:
         if name == "numpy":
             xps.append(("numpy", np))
+            continue
+        probe = bk.probe_gpu()
+        if probe.ok:
+            xps.append(("cupy", bk.get_backend("cupy")))
         else:
-            probe = bk.probe_gpu()
-            if probe.ok:
-                xps.append(("cupy", bk.get_backend("cupy")))
-            else:
-                notes.append(f"cupy skipped: {probe.reason}")
-                print(f"note: cupy skipped: {probe.reason}", flush=True)
-    info = machine_info(xps)
-    print(json.dumps(info), flush=True)
-    rows = []
-    user_pipe = args.pipeline_batches
+            msg = f"cupy not run: {probe.reason}"
+            notes.append(msg)
+            print("note:", msg, flush=True)
+            if explicit:
+                skipped_rows.append({"backend": "cupy", "batch": None, "error": msg})
+    # cupy first: its numbers are the point; numpy (slow on a CPU) after
+    xps.sort(key=lambda t: t[0] != "cupy")
+    cupy_ran = any(n == "cupy" for n, _ in xps)
+    out_path = Path(args.out) if args.out else BENCH / ("gpu.json" if cupy_ran else "gpu-cpu.json")
+    numpy_only = explicit and wanted == ["numpy"]
+    np_batches = args.numpy_batches or (args.batches if numpy_only else [1])
+    np_repeat = args.numpy_repeat if args.numpy_repeat is not None else (1 if cupy_ran else args.repeat)
+    if not args.numpy_batches and not numpy_only and any(n == "numpy" for n, _ in xps):
+        notes.append("numpy timed at B = 1 only (default; --numpy-batches for more)")
+
+    cfg = Config()
+    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python bench/gpu.py " + " ".join(argv), "machine": machine(xps), "versions": versions(),
+              "load_average_start": load_average(), "notes": notes, "stages": list(STAGES),
+              "config": {"size": args.size, "batches": args.batches, "numpy_batches": np_batches,
+                         "repeat": args.repeat, "numpy_repeat": np_repeat, "distinct_ccds": args.distinct,
+                         "profile": PROFILE, "seed": args.seed, "n_transients_per_ccd": n_transients_for(args.size),
+                         "star_density": star_density_for(args.size),
+                         "tile_size": cfg.subtract.tile_size, "tile_margin": cfg.subtract.tile_margin,
+                         "fft_dtype": cfg.subtract.fft_dtype, "psf_stamp": cfg.psf.stamp_size,
+                         "scorer": "tflite int8" if args.scorer else None, "write": True,
+                         "sync_stage_times": True},
+              "data": None, "statics": {}, "results": list(skipped_rows), "check": None, "complete": False}
+
+    def dump():
+        result["load_average_end"] = load_average()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+    print(json.dumps({"machine": result["machine"], "versions": result["versions"]}), flush=True)
+    if not xps:
+        dump()
+        print("nothing to run: " + "; ".join(notes))
+        return 1
+    t0 = time.perf_counter()
+    biggest = max([*(args.batches if cupy_ran else []), *(np_batches if any(n == "numpy" for n, _ in xps) else [1])])
+    pairs = load_pairs(args.size, max(1, min(args.distinct, biggest)), seed=args.seed, cache=args.cache, jobs=args.jobs)
+    result["data"] = {"load_s": time.perf_counter() - t0, "cache": str(args.cache),
+                      "from_cache": [p.cached for p in pairs], "simulate_s": [p.simulate_s for p in pairs],
+                      "note": "a batch of B repeats the distinct pairs (member b = pair b % distinct, its CCD and "
+                              "statics, at visit v + b // distinct); the work per "
+                              "CCD does not depend on which CCD it is"}
+    dump()
+
+    check_store = {} if (not args.no_check and cupy_ran and any(n == "numpy" for n, _ in xps)
+                         and 1 in args.batches and 1 in np_batches) else None
     for name, xp in xps:
-        if is_cupy(xp):
+        if name == "cupy":
             if args.pool_limit_gib > 0:
                 bk.configure_memory_pool(xp, limit_bytes=int(args.pool_limit_gib * 2**30))
-            ts = make_grid(shape, core=cfg.subtract.tile_size, margin=cfg.subtract.tile_margin).tile_shape
-            bk.configure_fft_plan_cache(xp, n_plans=bk.fft_plans_needed(
-                [(b, *ts) for b in args.batches] + [(b, *shape) for b in args.batches]) + 8)
-        a = argparse.Namespace(**vars(args))
-        a.pipeline_batches = (4 if is_cupy(xp) else 0) if user_pipe < 0 else user_pipe
-        if name == "numpy":
-            a.batches, a.repeat = args.numpy_batches, args.numpy_repeat
-        rows += bench_backend(name, xp, a, cfg, shape)
-    print_table(rows)
-    check = None
-    if not args.no_check and any(is_cupy(xp) for _, xp in xps):
-        check = check_backends(cfg, (args.check_size, args.check_size), args.seed)
-        print("\nnumpy vs cupy:", json.dumps(check))
-    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-              "machine": info, "notes": notes, "stages": list(STAGES), "results": rows, "check": check,
-              "config": {"tile_size": cfg.subtract.tile_size, "tile_margin": cfg.subtract.tile_margin,
-                         "psf_stamp": cfg.psf.stamp_size, "threshold": cfg.detect.threshold,
-                         "dedup_radius": cfg.detect.dedup_radius, "cutout": cfg.cutout.size,
-                         "repeat": args.repeat, "zogy_chunk": args.zogy_chunk}}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {args.out}")
-    return result
+            g = make_grid((args.size, args.size), core=cfg.subtract.tile_size, margin=cfg.subtract.tile_margin)
+            shapes = [(b * len(g), *g.tile_shape) for b in args.batches] + [(b, args.size, args.size)
+                                                                            for b in args.batches]
+            bk.configure_fft_plan_cache(xp, n_plans=bk.fft_plans_needed(shapes) + 16)
+        batches, repeat = (args.batches, args.repeat) if name == "cupy" else (np_batches, np_repeat)
+        st, rows = bench_backend(name, xp, pairs, batches, repeat, args,
+                                 on_row=lambda r: (result["results"].append(r), dump()), check_store=check_store)
+        result["statics"][name] = st
+        dump()
+    if check_store is not None:
+        if {"numpy", "cupy"} <= set(check_store):
+            result["check"] = compare_backends(check_store["cupy"], check_store["numpy"])
+        else:
+            result["check"] = {"error": "a B = 1 run failed on one backend", "pass": False}
+    elif cupy_ran and not args.no_check:
+        result["check"] = {"error": "not run: needs numpy and cupy both at B = 1", "pass": False}
+    result["complete"] = True
+    dump()
+    print(markdown(result))
+    print(f"\nwrote {out_path}")
+    problems = [f"{r['backend']} B={r['batch']}: {r['error']}" for r in result["results"] if "error" in r]
+    problems += [f"{r['backend']} B={r['batch']}: {r['warning']}" for r in result["results"] if "warning" in r]
+    if result["check"] is not None and not result["check"].get("pass"):
+        problems.append("numpy vs cupy check did not pass: "
+                        + json.dumps({k: v for k, v in result["check"].items() if k != "differing"}))
+    for msg in problems:
+        print("FAIL:", msg)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -99,11 +99,13 @@ def cmd_run(args) -> int:
 def cmd_subtract(args) -> int:
     import numpy as np
 
+    from .backend import retain_host_memory
     from .classify.runtime import pipeline_scorer
     from .io.fits import read_exposure, write_image
     from .pipeline import process_pair
 
     cfg = _config(args, package={"output_dir": args.out})
+    retain_host_memory(cfg.run.retain_host_memory)
     scorer = pipeline_scorer(cfg.classify)
     sci = read_exposure(args.science)
     ref = read_exposure(args.reference)

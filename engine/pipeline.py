@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from .config import Config
 from .errors import AlgorithmFailure, InputError, NightsiftError, SkipCCD
 from .io.avro import alert_path, write_alerts
 from .io.fits import celestial_wcs, check_same_shape, replace_wcs
-from .records import (UNUSABLE, Exposure, ImagePSF, MaskBits, RawFrame, ReferenceModel, SourceCatalog,
+from .records import (Exposure, ImagePSF, MaskBits, RawFrame, ReferenceModel, SourceCatalog,
                       StageResult, Subtraction)
 from .stages.align import AlignedReference, align_reference, astrometric_stars, coarse_map
 from .stages.calibrate import (MasterCalibration, calibrate_frames, calibrated_header, frame_params, master_on)
@@ -45,7 +45,7 @@ from .stages.cutouts import cut_triplets
 from .stages.detect import DETECTION_COLUMNS, candidate_tables, detect, pixel_scale_arcsec
 from .stages.measure import fwhm_guess, measure_images
 from .stages.package import _julian_date, build_alerts
-from .stages.psf import carry_psf, measure_psf, unusable_integral
+from .stages.psf import carry_psf, measure_psf, unusable_of
 from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point_flux_ratio
 
 __all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
@@ -363,6 +363,9 @@ def process_visit(frames: Sequence[VisitFrame], statics: Sequence[CCDStatics], *
     """
     if len(frames) != len(statics):
         raise ValueError(f"process_visit: {len(frames)} frames for {len(statics)} statics")
+    wrong = [(f.ccd, s.ccd) for f, s in zip(frames, statics) if f.ccd != s.ccd]
+    if wrong:  # another CCD's reference would be subtracted: never silently
+        raise ValueError(f"process_visit: frames and statics of different CCDs (frame ccd, statics ccd): {wrong}")
     if not frames:
         return []
     xp = array_namespace(*(s.reference.image for s in statics))
@@ -516,7 +519,7 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
         return {}
 
     # flux ratio: stars common to both images (one read for the batch), the zero points as prior
-    integral = unusable_integral(arrays["mask"] | mask_R)
+    unusable = unusable_of(arrays["mask"] | mask_R)
     priors, fr_dev = [], []
     for j, i in enumerate(alive):
         try:
@@ -524,7 +527,7 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
         except NightsiftError as e:
             prior = e
         priors.append(prior)
-        fr_dev.extend(flux_ratio(arrays["N"][j], R[j], sci_psf[j], ref_psf[j], sci_cats[j], ref_cats[j], integral, j,
+        fr_dev.extend(flux_ratio(arrays["N"][j], R[j], sci_psf[j], ref_psf[j], sci_cats[j], ref_cats[j], unusable[j],
                                  prior=None if isinstance(prior, Exception) else prior))
     fr_host = host_scalars(*fr_dev)
     F_r, ok = [], []

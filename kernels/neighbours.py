@@ -110,7 +110,7 @@ class _Scan:
     def __init__(self, fn, xp, x1, y1, im1, x2, y2, im2, radius, *, use2=None, self_index=None):
         self.xp = xp
         self.x1, self.y1, self.x2, self.y2 = x1, y1, x2, y2
-        self.n1, self.n2 = n1, n2 = x1.shape[0], x2.shape[0]
+        self.n1, self.n2 = x1.shape[0], x2.shape[0]
         self.r2 = radius * radius
         self.self_index = self_index
         inf = math.inf

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._lanczos import batched_layout, mask_rows, resample_rows
+from ._lanczos import batched_layout, lanczos_table, mask_rows, resample_rows
 from ._xp import array_namespace, is_cupy, is_host
 
 __all__ = [
@@ -219,7 +219,7 @@ def lanczos_resample(image, x_src, y_src, *, a: int = 3, fill: float = float("na
         xs = np.ascontiguousarray(xs, dtype=np.float64)
         ys = np.ascontiguousarray(ys, dtype=np.float64)
         out = np.empty(src.shape[:2] + xs.shape[1:], dtype=out_dtype)
-        resample_rows(src, xs, ys, int(a), float(fill), out)
+        resample_rows(src, xs, ys, int(a), lanczos_table(int(a)), float(fill), out)
     elif _use_cuda(xp, method):
         from ._cuda.resample import lanczos_resample_cuda
 
@@ -281,7 +281,7 @@ def resample_mask(
         xs = np.ascontiguousarray(xs, dtype=np.float64)
         ys = np.ascontiguousarray(ys, dtype=np.float64)
         out = np.empty(xs.shape, dtype=m.dtype)
-        mask_rows(m, xs, ys, int(a), m.dtype.type(no_data_bit), float(weight_threshold), out)
+        mask_rows(m, xs, ys, int(a), lanczos_table(int(a)), m.dtype.type(no_data_bit), float(weight_threshold), out)
         return unbatch(out)
     if _use_cuda(xp, method):
         from ._cuda.resample import resample_mask_cuda

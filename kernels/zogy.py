@@ -121,24 +121,30 @@ def zogy(N, R, P_n, P_r, V_N, V_R, *, sigma_n, sigma_r, F_r, F_n=1.0,
     irfft2 = lambda a: fft.irfft2(a, s=s, axes=(-2, -1), **kw)  # noqa: E731
 
     Nh, Rh, Pnh, Prh = rfft2(N), rfft2(R), rfft2(P_n), rfft2(P_r)
-    Pn2, Pr2 = (Pnh * Pnh.conj()).real, (Prh * Prh.conj()).real
-    den = sn**2 * fr**2 * Pr2 + sr**2 * fn**2 * Pn2
+    # real spectra first (no complex temporaries): |P|^2, the denominator and its powers
+    Pn2 = Pnh.real**2 + Pnh.imag**2
+    Pr2 = Prh.real**2 + Prh.imag**2
+    den = (sn**2 * fr**2) * Pr2 + (sr**2 * fn**2) * Pn2
     # frequencies where both PSFs vanish carry no information: keep the ratios finite there
     tiny = xp.finfo(dtype).tiny * 1e6 + den.max(axis=(-2, -1), keepdims=True) * xp.finfo(dtype).eps**2
-    den = den + tiny
-    sqrt_den = xp.sqrt(den)
+    den += tiny
+    inv_sqrt = 1 / xp.sqrt(den)
+    inv_den = inv_sqrt * inv_sqrt
 
     F_D = fr * fn / xp.sqrt(sn**2 * fr**2 + sr**2 * fn**2)
-    Dh = (fr * Prh * Nh - fn * Pnh * Rh) / sqrt_den
-    PDh = fr * fn * Prh * Pnh / (F_D * sqrt_den)
-    kn_h = fn * fr**2 * Pnh.conj() * Pr2 / den
-    kr_h = fr * fn**2 * Prh.conj() * Pn2 / den
+    Dh = (fr * Prh * Nh - fn * Pnh * Rh) * inv_sqrt
+    PDh = Prh * Pnh * ((fr * fn / F_D) * inv_sqrt)
+    kn_h = Pnh.conj() * ((fn * fr**2) * Pr2 * inv_den)
+    kr_h = Prh.conj() * ((fr * fn**2) * Pn2 * inv_den)
+    del Pn2, Pr2, den, inv_sqrt, inv_den
 
     SNh = kn_h * Nh
     SRh = kr_h * Rh
+    del Nh, Rh
     S = irfft2(SNh - SRh)
     D = irfft2(Dh)
     P_D = irfft2(PDh)
+    del Dh, PDh
 
     k_n = irfft2(kn_h)
     k_r = irfft2(kr_h)

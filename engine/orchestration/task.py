@@ -87,6 +87,9 @@ class StaticsCache:
     """
 
     def __init__(self, source, *, config: Config, xp=np, max_resident: int = 0):
+        from ..backend import retain_host_memory
+
+        retain_host_memory(config.run.retain_host_memory)  # a worker's process: see the config field
         self.source, self.config, self.xp = source, config, xp
         self.max_resident = int(max_resident)
         self._items: OrderedDict[int, tuple] = OrderedDict()

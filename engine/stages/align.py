@@ -46,7 +46,7 @@ from nightsift.kernels.resample import lanczos_resample, resample_mask
 
 from ..config import AlignConfig
 from ..errors import SkipCCD
-from ..records import UNUSABLE, MaskBits, ReferenceModel, SourceCatalog, StageResult
+from ..records import MaskBits, ReferenceModel, SourceCatalog, StageResult
 
 __all__ = ["CoarseMap", "AlignedReference", "coarse_map", "align_reference", "astrometric_stars",
            "science_to_reference_map"]

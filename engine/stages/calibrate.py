@@ -36,7 +36,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from astropy.io import fits
 
-from nightsift.kernels._xp import array_namespace, ndimage_module, to_device
+from nightsift.kernels._xp import array_namespace, to_device
+from nightsift.kernels.morphology import dilate
 from nightsift.kernels.background import mad_sigma
 
 from ..config import CalibrateConfig
@@ -308,7 +309,6 @@ def calibrate_frames(data, masters, params, *, config: CalibrateConfig) -> Stage
     The medians of the QA and of the NO_DATA fill come from a 1-in-16 subsample of the frame.
     """
     xp = array_namespace(data, *(m.bias for m in masters))
-    ndi = ndimage_module(xp)
     B = data.shape[0]
     f32 = xp.float32
     raw = data.astype(f32)
@@ -330,9 +330,7 @@ def calibrate_frames(data, masters, params, *, config: CalibrateConfig) -> Stage
         variance[b] += image[b] * image[b] * f32(m.flat_var)
         mask[b] = m.bad_pixel_mask
         sat[b] = finite[b] & (raw[b] >= f32(config.saturation_fraction * p.saturate))
-    if config.saturation_grow > 0:
-        sat = ndi.binary_dilation(sat, structure=to_device(np.ones((1, 3, 3), bool), xp, label="constants"),
-                                  iterations=config.saturation_grow)
+    sat = dilate(sat, iterations=config.saturation_grow, structure="square")
     mask |= xp.where(sat, xp.uint16(MaskBits.SAT), xp.uint16(0))
     mask |= xp.where(finite, xp.uint16(0), xp.uint16(MaskBits.NO_DATA))
 

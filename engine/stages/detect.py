@@ -28,13 +28,13 @@ from nightsift.kernels import psf as kpsf
 from nightsift.kernels._xp import array_namespace, host_scalar, ndimage_module, to_device
 from nightsift.kernels.neighbours import nearest, suppress
 from nightsift.kernels.peaks import find_peaks, refine_peaks
-from nightsift.kernels.stamps import gather_stamps
+from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.tiles import tile_index
 
 from ..config import DetectConfig
 from ..io.fits import header_zero_point
 from ..records import (CANDID_INDEX, StageResult, SubtractionBatch, empty_candidates, make_candid)
-from .psf import FWHM_PER_SIGMA, box_count, unusable_integral
+from .psf import FWHM_PER_SIGMA, unusable_of
 
 __all__ = ["Detections", "detect", "candidate_tables", "climb_to_flux_peak", "merge_around_holes",
            "pixel_scale_arcsec", "DETECTION_COLUMNS"]
@@ -202,9 +202,9 @@ def merge_around_holes(image, x, y, value, sign, excluded, *, max_area: int, max
     area = xp.bincount(lab.reshape(-1))
     area[0] = max_area + 1
     compact = _compact_patches(xp, lab, area.shape[0] - 1, max_extent) if max_extent > 0 else xp.zeros(area.shape, bool)
-    near = ndi.maximum_filter(lab, size=(1, 2 * reach + 1, 2 * reach + 1))
-    comp = near[image, xp.clip(xp.rint(y).astype(xp.int64), 0, ny - 1),
-                xp.clip(xp.rint(x).astype(xp.int64), 0, nx - 1)]
+    # the patch within reach of each peak: the largest label in its (2 reach + 1)^2 box
+    box, _ = gather_stamps(lab, image, x, y, size=2 * reach + 1, fill=0)
+    comp = box.reshape(n, -1).max(axis=1).astype(xp.int64)
     small = (comp > 0) & ((area[comp] <= max_area) | compact[comp])
     # groups: (patch, sign) of the small ones; strongest first within each group
     key = xp.where(small, comp * 2 + (sign > 0), -1)
@@ -346,8 +346,7 @@ def _features(sub: SubtractionBatch, sky, ref_cats, distnr_radius, img, x, y, va
         _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[k][:, None, None], sigma=fwhm_pd[tile[k]] / FWHM_PER_SIGMA)
         fw[k], el[k] = kpsf.shape_from_moments(mxx, myy, mxy)
     fluxerr = sub.flux_err[img, yi, xi].astype(xp.float64)  # aperture-corrected too
-    integral = unusable_integral(sub.mask)
-    nbad = box_count(integral, img, x, y, config.nbad_halfwidth)
+    nbad = count_in_boxes(unusable_of(sub.mask), img, x, y, half=config.nbad_halfwidth)
     dist = xp.full(n, xp.inf)
     ref_flux = xp.full(n, xp.nan)
     rx = [c.x for c in ref_cats]

@@ -41,7 +41,7 @@ from nightsift.kernels._xp import array_namespace, host_scalars, is_host, to_dev
 from nightsift.kernels.moffat import fit_moffat, hybrid_psf, stack_variance
 from nightsift.kernels.neighbours import max_within
 from nightsift.kernels.resample import lanczos_resample
-from nightsift.kernels.stamps import gather_stamps
+from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.tiles import TileGrid, tile_index
 
 from ..config import PSFConfig
@@ -49,7 +49,7 @@ from ..errors import AlgorithmFailure
 from ..records import UNUSABLE, PSFModel, SourceCatalog, StageResult
 
 __all__ = ["measure_psf", "carry_psf", "select_psf_stars", "stellar_locus", "locus_tolerance", "stamp_fwhm",
-           "MIN_PSF_FWHM", "FWHM_PER_SIGMA", "unusable_integral"]
+           "MIN_PSF_FWHM", "FWHM_PER_SIGMA", "unusable_of"]
 
 #: FWHM of a Gaussian per unit sigma, 2 sqrt(2 ln 2)
 FWHM_PER_SIGMA = 2.3548200450309493
@@ -60,29 +60,9 @@ MIN_PSF_FWHM = 1.0
 POINT_MIN_SNR = 20.0
 
 
-def unusable_integral(masks):
-    """Summed-area table ``(B, ny + 1, nx + 1)`` int32 of the unusable pixels of a batch of masks:
-    the unusable pixels of any box are 4 reads (:func:`box_count`)."""
-    xp = array_namespace(masks)
-    bad = ((masks & UNUSABLE) != 0).astype(xp.int32)
-    B, ny, nx = bad.shape
-    out = xp.zeros((B, ny + 1, nx + 1), xp.int32)
-    out[:, 1:, 1:] = xp.cumsum(xp.cumsum(bad, axis=1), axis=2)
-    return out
-
-
-def box_count(integral, image, x, y, half: int):
-    """Unusable pixels in the ``(2 half + 1)^2`` boxes centred on ``round(x), round(y)`` (clipped
-    to the image) of images ``image`` (int index or ``(n,)`` array) of a :func:`unusable_integral`."""
-    xp = array_namespace(integral, x, y)
-    _, ny1, nx1 = integral.shape
-    xi = xp.rint(x).astype(xp.int64)
-    yi = xp.rint(y).astype(xp.int64)
-    y0, y1 = xp.clip(yi - half, 0, ny1 - 1), xp.clip(yi + half + 1, 0, ny1 - 1)
-    x0, x1 = xp.clip(xi - half, 0, nx1 - 1), xp.clip(xi + half + 1, 0, nx1 - 1)
-    g = integral
-    b = image
-    return g[b, y1, x1] - g[b, y0, x1] - g[b, y1, x0] + g[b, y0, x0]
+def unusable_of(masks):
+    """Boolean ``(B, ny, nx)`` map of the unusable pixels of a batch of masks."""
+    return (masks & UNUSABLE) != 0
 
 
 def stamp_fwhm(stamps, *, sigma: float):
@@ -150,8 +130,9 @@ def stellar_locus(fwhm, *, min_count: int = 3, width: float = 0.03):
     return xp.where(m > 0, xp.exp(out), xp.nan)
 
 
-def select_psf_stars(cat: SourceCatalog, integral, image: int, shape, *, stamp: int, config: PSFConfig):
-    """Device bool ``(n,)``: bright, unflagged sources with no unusable pixel in a ``stamp`` box,
+def select_psf_stars(cat: SourceCatalog, unusable, image: int, shape, *, stamp: int, config: PSFConfig):
+    """Device bool ``(n,)``: bright, unflagged sources with no ``unusable`` (``(B, ny, nx)`` bool)
+    pixel in a ``stamp`` box of image ``image``,
     inside the image by half a stamp, isolated (no non-artefact neighbour with more than
     ``psf.isolation_flux`` of the flux within ``psf.isolation_radius`` stamp half-sides),
     and not grossly elongated (b > 0.6 a)."""
@@ -163,7 +144,7 @@ def select_psf_stars(cat: SourceCatalog, integral, image: int, shape, *, stamp: 
     ok &= (cat.x >= h) & (cat.x < nx - h - 1) & (cat.y >= h) & (cat.y < ny - h - 1)
     if n == 0:
         return ok
-    ok &= box_count(integral, image, cat.x, cat.y, h) == 0
+    ok &= count_in_boxes(unusable, image, cat.x, cat.y, half=h) == 0
     # single-pixel artefacts (an unmasked hot pixel, a cosmic ray: the peak holds most of the
     # aperture flux) do not count as neighbours: the stack's clipping removes them
     sharp = cat.peak > 0.6 * xp.maximum(cat.flux, 1e-30)
@@ -246,14 +227,14 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
     xp = array_namespace(images, masks)
     B, ny, nx = images.shape
     paths = list(paths) if paths is not None else [None] * B
-    integral = unusable_integral(masks)
+    unusable = unusable_of(masks)
     max_stamp = 2 * grid.margin + 1  # the tile margin must hold half a PSF (no wrap-around)
 
     # 1-2: candidates at the guessed stamp size, their adaptive sizes, the stellar locus (one read)
     loci = []
     for b, cat in enumerate(catalogs):
         s0 = _stamp_for(config, fwhm_guess[b], max_stamp)
-        first = _brightest(xp, select_psf_stars(cat, integral, b, (ny, nx), stamp=s0, config=config), cat.flux,
+        first = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=s0, config=config), cat.flux,
                            4 * config.max_stars)
         st, _ = gather_stamps(images[b:b + 1], None, cat.x[first], cat.y[first], size=s0, fill=0.0)
         sizes = stamp_fwhm(st.astype(xp.float64), sigma=fwhm_guess[b] / FWHM_PER_SIGMA)
@@ -265,7 +246,7 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
     for b, cat in enumerate(catalogs):
         guess = loci[b] if np.isfinite(loci[b]) else fwhm_guess[b]
         stamp = _stamp_for(config, guess, max_stamp)
-        idx = _brightest(xp, select_psf_stars(cat, integral, b, (ny, nx), stamp=stamp, config=config), cat.flux)
+        idx = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=stamp, config=config), cat.flux)
         x, y = cat.x[idx], cat.y[idx]
         st, _ = gather_stamps(images[b:b + 1], None, x, y, size=stamp, fill=0.0)
         st = st.astype(xp.float64)

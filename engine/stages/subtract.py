@@ -17,10 +17,11 @@ import numpy as np
 
 from nightsift.kernels import psf as kpsf
 from nightsift.kernels import tiles as ktiles
-from nightsift.kernels._xp import array_namespace, host_scalars, ndimage_module, to_device
+from nightsift.kernels._xp import array_namespace, to_device
+from nightsift.kernels.morphology import dilate
 from nightsift.kernels.background import robust_sigma
 from nightsift.kernels.neighbours import count_within, nearest
-from nightsift.kernels.stamps import gather_stamps
+from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
@@ -64,10 +65,11 @@ def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
     return float(10 ** (0.4 * (zr - zs)) * tr / ts)
 
 
-def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, integral, b: int, *, prior: float | None,
+def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: float | None,
                match_radius: float = 1.0, prior_window: float = PRIOR_WINDOW, star_rms: float = 0.03,
                min_point: int = 5):
-    """F_r / F_n from isolated point sources found in both background-subtracted images of CCD ``b``.
+    """F_r / F_n from isolated point sources found in both background-subtracted images of one CCD
+    (``unusable``: its ``(ny, nx)`` bool map of pixels unusable in either).
 
     Each star's flux is a PSF fit with its own image's PSF (so the ratio carries exactly the PSF
     normalisations ZOGY uses); the ratio is the inverse-variance-weighted mean of the per-star
@@ -96,9 +98,7 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, integral, b: int, *, pr
     sx, sy = sci_cat.x[si], sci_cat.y[si]
     xi, yi = xp.rint(sx), xp.rint(sy)
     inside = (xi >= h) & (xi < nx - h) & (yi >= h) & (yi < ny - h)
-    from .psf import box_count
-
-    nbad = box_count(integral, b, sx, sy, h)
+    nbad = count_in_boxes(unusable[None], 0, sx, sy, half=h)
     # isolated: no other science source within the stamp (a neighbour biases both fits differently)
     crowd = count_within(sx, sy, sci_cat.x, sci_cat.y, radius=float(h), self_index=si)
     x = 0.5 * (sx + ref_cat.x[rj])
@@ -302,7 +302,6 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
         ``excluded_fraction``, ``blank_fraction``, ``difference_offset``, ``apcorr``.
     """
     xp = array_namespace(N, R, V_N, V_R)
-    ndi = ndimage_module(xp)
     B, ny, nx = N.shape
     grid = sci_psfs[0].grid
     T = len(grid)
@@ -351,10 +350,7 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
     P_D = kpsf.crop_embedded(res.P_D, stamp).astype(xp.float64)
     del res, tN, tR, tVN, tVR, tPn, tPr
 
-    excluded = unusable
-    if config.mask_grow > 0:
-        cross = to_device(np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), xp, label="constants")
-        excluded = ndi.binary_dilation(unusable, structure=cross, iterations=config.mask_grow)
+    excluded = dilate(unusable, iterations=config.mask_grow, structure="cross")
     fwhm = xp.stack([xp.maximum(sp.fwhm.max(), rp.fwhm.max()) for sp, rp in zip(sci_psfs, ref_psfs)])
     blank = blank_sky((B, ny, nx), sci_cats, ref_cats, fwhm, excluded)
 

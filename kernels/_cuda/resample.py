@@ -5,8 +5,9 @@ kernels here are thin entry points: each thread finds its pair and output pixel 
 ``cuda.grid``, takes its scratch from ``cuda.local.array`` and calls the per-pixel bodies of
 :mod:`nightsift.kernels._lanczos` (:func:`~nightsift.kernels._lanczos.resample_pixel`,
 :func:`~nightsift.kernels._lanczos.mask_pixel`), the very functions the Numba CPU kernels call.
-Weights and sums are float64; each thread computes its ``2 x 2a`` separable weights with three
-trig calls per axis and shares them across all planes of the stack.
+Weights and sums are float64; each thread reads its ``2 x 2a`` separable weights from the kernel's
+lookup table (:func:`~nightsift.kernels._lanczos.lanczos_table`, uploaded once per device) and
+shares them across all planes of the stack.
 
 Batched: sources ``(B, k, ny_in, nx_in)`` or ``(B, ny_in, nx_in)`` (masks ``(B, ny_in, nx_in)``)
 with maps ``(B, ny_out, nx_out)`` (one geometry per pair) resample in one launch; a single
@@ -18,7 +19,7 @@ from __future__ import annotations
 from numba import cuda
 from numba import float64 as float64_t
 
-from .._lanczos import MAX_TAPS, batched_layout, mask_pixel, resample_pixel
+from .._lanczos import MAX_TAPS, batched_layout, lanczos_table, mask_pixel, resample_pixel
 from . import check_cuda_arrays, current_stream
 
 __all__ = ["lanczos_resample_cuda", "resample_mask_cuda"]
@@ -27,7 +28,7 @@ _MAX_PLANES = 8  # planes sharing one geometry (image, variance, ...) per launch
 
 
 @cuda.jit
-def _lanczos_kernel(img, xs, ys, a, fill, out):
+def _lanczos_kernel(img, xs, ys, a, table, fill, out):
     """img (B, k, ny, nx); xs, ys (B, nyo, nxo); out (B, k, nyo, nxo); grid (nxo, B * nyo)."""
     i, row = cuda.grid(2)
     nyo = xs.shape[1]
@@ -38,11 +39,11 @@ def _lanczos_kernel(img, xs, ys, a, fill, out):
     wx = cuda.local.array(MAX_TAPS, dtype=float64_t)
     wy = cuda.local.array(MAX_TAPS, dtype=float64_t)
     acc = cuda.local.array(_MAX_PLANES, dtype=float64_t)
-    resample_pixel(img, b, j, i, xs[b, j, i], ys[b, j, i], a, fill, out, wx, wy, acc)
+    resample_pixel(img, b, j, i, xs[b, j, i], ys[b, j, i], a, table, fill, out, wx, wy, acc)
 
 
 @cuda.jit
-def _mask_kernel(mask, xs, ys, a, no_data_bit, threshold, out):
+def _mask_kernel(mask, xs, ys, a, table, no_data_bit, threshold, out):
     """mask (B, ny, nx) integer; xs, ys, out (B, nyo, nxo); grid (nxo, B * nyo)."""
     i, row = cuda.grid(2)
     nyo = xs.shape[1]
@@ -52,7 +53,27 @@ def _mask_kernel(mask, xs, ys, a, no_data_bit, threshold, out):
     j = row - b * nyo
     wx = cuda.local.array(MAX_TAPS, dtype=float64_t)
     wy = cuda.local.array(MAX_TAPS, dtype=float64_t)
-    out[b, j, i] = mask_pixel(mask, b, xs[b, j, i], ys[b, j, i], a, no_data_bit, threshold, wx, wy)
+    out[b, j, i] = mask_pixel(mask, b, xs[b, j, i], ys[b, j, i], a, table, no_data_bit, threshold, wx, wy)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _table_on(xp, a: int):
+    """:func:`~nightsift.kernels._lanczos.lanczos_table` in ``xp``'s memory (uploaded once per device)."""
+    from .._xp import to_device
+
+    if xp.__name__ == "numpy":
+        return lanczos_table(a)
+    try:
+        dev = int(xp.cuda.Device().id)
+    except Exception:  # pragma: no cover - a namespace without devices
+        dev = 0
+    key = (dev, a)
+    tab = _DEVICE_TABLES.get(key)
+    if tab is None:
+        tab = _DEVICE_TABLES[key] = to_device(lanczos_table(a), xp, label="constants")
+    return tab
 
 
 def _grid(nxo, rows):
@@ -96,7 +117,8 @@ def lanczos_resample_cuda(image, x_src, y_src, *, a: int = 3, fill: float = floa
     out = xp.empty((B, k) + xs.shape[1:], dtype=out_dtype)
     if out.size:
         blocks, threads = _grid(xs.shape[2], B * xs.shape[1])
-        _lanczos_kernel[blocks, threads, current_stream(xp)](img, xs, ys, int(a), float(fill), out)
+        _lanczos_kernel[blocks, threads, current_stream(xp)](img, xs, ys, int(a), _table_on(xp, int(a)), float(fill),
+                                                             out)
     return unbatch(out)
 
 
@@ -125,6 +147,6 @@ def resample_mask_cuda(mask, x_src, y_src, *, a: int = 3, no_data_bit: int = 0, 
     out = xp.empty(xs.shape, dtype=m.dtype)
     if out.size:
         blocks, threads = _grid(xs.shape[2], xs.shape[0] * xs.shape[1])
-        _mask_kernel[blocks, threads, current_stream(xp)](m, xs, ys, int(a), m.dtype.type(no_data_bit),
-                                                         float(weight_threshold), out)
+        _mask_kernel[blocks, threads, current_stream(xp)](m, xs, ys, int(a), _table_on(xp, int(a)),
+                                                         m.dtype.type(no_data_bit), float(weight_threshold), out)
     return unbatch(out)

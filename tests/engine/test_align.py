@@ -129,7 +129,6 @@ def test_astrometric_qa_sees_an_injected_offset(field):
     xb, yb = wb.all_world2pix(ra, dec, 0)
     dx_ref = 0.3  # along the reference x axis, which is rotated by 0.7 deg from the science x axis
     ref = render(SHAPE, xb + dx_ref, yb, field["flux"], SIGMA / SCALE) + rng.normal(0, 0.3, SHAPE)
-    sci = field["res"]  # reuse nothing but the geometry
     sci_img = render(SHAPE, field["xa"], field["ya"], field["flux"], SIGMA) + 200 + rng.normal(0, 14, SHAPE)
     qa = align(exposure(sci_img, wa), exposure(ref, wb), config=AlignConfig(refine_offset=False)).qa
     # ref +0.3 px in ref-x is +0.3/SCALE sci px rotated by the CD rotation: ~(+0.299, -0.004)

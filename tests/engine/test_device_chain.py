@@ -50,10 +50,12 @@ def numpy_batch(pairs, tmp_path_factory):
     return _run(pairs, np, tmp_path_factory.mktemp("np"), batch=True)
 
 
-def _same_candidates(a, b, *, atol=1e-6):
+def _same_candidates(a, b, *, rtol=1e-6):
+    """Same candidates: ids, flags, and the numbers to ``rtol`` (1e-5 where the two runs used the
+    Numba CPU Lanczos kernel, whose kernel table agrees with the exact reference to ~1e-7)."""
     assert len(a) == len(b), (len(a), len(b))
     for k in ("xpos", "ypos", "flux", "fluxerr", "scorr", "fwhm", "ra", "dec"):
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=atol, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6, err_msg=k)
     for k in ("candid", "nbad", "isdiffpos", "edge"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
@@ -65,8 +67,8 @@ def test_the_chain_runs_on_a_device_that_refuses_implicit_copies(pairs, numpy_ba
     assert [r.status for r in res] == ["done", "done"]
     for r, w in zip(res, want):
         assert len(r.candidates) >= 8  # the transients are there
-        _same_candidates(r.candidates, w.candidates)
-        np.testing.assert_allclose(r.triplets, w.triplets, rtol=1e-5, atol=1e-3)
+        _same_candidates(r.candidates, w.candidates, rtol=1e-5)
+        np.testing.assert_allclose(r.triplets, w.triplets, rtol=1e-5, atol=0.02)  # e-, the noise is ~10
         assert r.alerts_path.exists()
 
 

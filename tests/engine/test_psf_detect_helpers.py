@@ -5,7 +5,7 @@ import pytest
 
 from nightsift.engine.config import PSFConfig
 from nightsift.engine.records import SourceCatalog
-from nightsift.engine.stages.psf import MIN_PSF_FWHM, select_psf_stars, stellar_locus, unusable_integral
+from nightsift.engine.stages.psf import MIN_PSF_FWHM, select_psf_stars, stellar_locus, unusable_of
 from nightsift.kernels.moffat import fit_moffat, hybrid_psf, moffat_stamps, stack_variance
 
 
@@ -68,7 +68,7 @@ def _catalog(**cols):
 
 
 def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
-    integral = unusable_integral(np.zeros((1, 256, 256), np.uint16))
+    integral = unusable_of(np.zeros((1, 256, 256), np.uint16))
     kw = dict(x=[100.0, 110.0, 140.0], y=[100.0, 104.0, 100.0], flux=[1e5, 3e3, 2e3], snr=[300, 60, 20],
               a=[2.0, 0.6, 3.0], b=[1.9, 0.6, 2.5])
     # a star, a hot pixel, a faint galaxy
@@ -82,7 +82,7 @@ def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
     m = np.zeros((1, 256, 256), np.uint16)
     m[0, 110, 95] = 1
     cat = _catalog(peak=[8e3, 2.9e3, 5e2], **kw)
-    assert not select_psf_stars(cat, unusable_integral(m), 0, (256, 256), stamp=31, config=PSFConfig())[0]
+    assert not select_psf_stars(cat, unusable_of(m), 0, (256, 256), stamp=31, config=PSFConfig())[0]
 
 
 def test_peaks_around_a_small_masked_hole_are_one_candidate():

@@ -63,7 +63,8 @@ def test_reference_on_xp_matches_numpy_fast_path(xp, rng):
     other = to_numpy(lanczos_resample(xp.asarray(img), xp.asarray(xs), xp.asarray(ys)))
     ok = ~np.isnan(fast)
     assert np.array_equal(ok, ~np.isnan(other))
-    np.testing.assert_allclose(other[ok], fast[ok], rtol=0, atol=1e-9)
+    # the numba kernel reads the kernel from a table (< 3e-8 of its peak): same to ~1e-7 of the data
+    np.testing.assert_allclose(other[ok], fast[ok], rtol=0, atol=1e-6 * np.abs(img).max())
 
 
 def test_constant_and_integer_shift_are_exact(rng):
@@ -303,6 +304,6 @@ def test_runs_on_the_strict_device(rng):
         mo = resample_mask(d[3], d[1], d[2], no_data_bit=NO_DATA)
     assert type(out).__name__ == "StrictArray" and out.shape == (2, 2, 30, 32)
     assert strict.stats.d2h_count == strict.stats.h2d_count == 0 and led.h2d_count == led.d2h_count == 0
-    want = lanczos_resample(imgs, xs, ys)
-    np.testing.assert_allclose(out.get(), want, rtol=0, atol=1e-9)
+    want = lanczos_resample(imgs, xs, ys)  # the numba table kernel vs the exact reference on the device
+    np.testing.assert_allclose(out.get(), want, rtol=0, atol=1e-6 * np.abs(imgs).max())
     np.testing.assert_array_equal(mo.get(), resample_mask(m, xs, ys, no_data_bit=NO_DATA))
