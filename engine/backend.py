@@ -116,35 +116,38 @@ def backend_name(xp) -> str:
 
 
 def _is_cupy(xp) -> bool:
-    return backend_name(xp) == "cupy"
+    from nightsift.kernels._xp import is_cupy
+
+    return is_cupy(xp) or backend_name(xp) == "cupy"
 
 
 def to_device(obj, xp):
     """Move arrays to ``xp``'s device: ndarrays, and dicts/lists/tuples of them (others pass through).
 
-    For numpy this is ``numpy.asarray`` (no copy of numpy input); for cupy one host-to-device
-    copy per array (``cupy.asarray``).
+    Each array goes through :func:`nightsift.kernels._xp.to_device`, the one (counted) door.
     """
+    from nightsift.kernels._xp import to_device as _one
+
     if isinstance(obj, dict):
         return {k: to_device(v, xp) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, xp) for v in obj)
     if obj is None or np.isscalar(obj):
         return obj
-    return xp.asarray(obj)
+    return _one(obj, xp)
 
 
 def to_host(obj):
-    """Move arrays back to numpy (cupy: one device-to-host copy each); containers are walked."""
+    """Move arrays back to numpy (through :func:`nightsift.kernels._xp.to_host`); containers are walked."""
+    from nightsift.kernels._xp import to_host as _one
+
     if isinstance(obj, dict):
         return {k: to_host(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     if obj is None or np.isscalar(obj):
         return obj
-    if hasattr(obj, "__cuda_array_interface__") and hasattr(obj, "get"):
-        return obj.get()
-    return np.asarray(obj)
+    return _one(obj)
 
 
 def configure_memory_pool(xp, *, limit_bytes: int | None = None, fraction: float | None = None):

@@ -529,13 +529,18 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
         priors.append(prior)
         fr_dev.extend(flux_ratio(arrays["N"][j], R[j], sci_psf[j], ref_psf[j], sci_cats[j], ref_cats[j], unusable[j],
                                  prior=None if isinstance(prior, Exception) else prior))
+        # a PSF model must be finite everywhere (a NaN stamp would poison its tile's ZOGY quietly)
+        fr_dev.append(xp.isfinite(sci_psf[j].stamps).all() & xp.isfinite(ref_psf[j].stamps).all())
     fr_host = host_scalars(*fr_dev)
     F_r, ok = [], []
     for j, i in enumerate(alive):
         try:
             if isinstance(priors[j], Exception):
                 raise priors[j]
-            f, qa = decide_flux_ratio(fr_host[3 * j], int(fr_host[3 * j + 1]), fr_host[3 * j + 2], priors[j],
+            if not fr_host[4 * j + 3]:
+                raise AlgorithmFailure(f"{batch.frames[i].path or 'science'}: a PSF model has non-finite values "
+                                       "(a tile without a usable star); check the PSF-star selection", stage="psf")
+            f, qa = decide_flux_ratio(fr_host[4 * j], int(fr_host[4 * j + 1]), fr_host[4 * j + 2], priors[j],
                                       config=config.subtract, path=batch.frames[i].path)
             batch.qa({k: [v] for k, v in qa.items()}, [i])
             F_r.append(f)

@@ -177,11 +177,12 @@ def _tile_members(xp, x, y, flux_order_ok, centres, *, core: int, min_stars: int
     """
     n = x.shape[0]
     d = xp.hypot(x[None, :] - centres[:, 0:1], y[None, :] - centres[:, 1:2])  # (T, n)
+    d = xp.where(flux_order_ok[None, :], d, xp.inf)  # only usable stars count, also for the fallback
     near = d <= core * 0.75 * np.sqrt(2)
     k = min(min_stars, n) - 1
     kth = xp.sort(d, axis=1)[:, k:k + 1]
     few = near.sum(axis=1, keepdims=True) < min_stars
-    elig = xp.where(few, d <= kth, near) & flux_order_ok[None, :]
+    elig = xp.where(few, d <= kth, near) & xp.isfinite(d)
     rank = xp.cumsum(elig, axis=1)
     member = elig & (rank <= max_stars)
     K = min(max_stars, n)

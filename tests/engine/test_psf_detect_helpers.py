@@ -148,3 +148,19 @@ def test_peaks_climb_to_the_flux_peak_they_sit_on():
     assert not blocked[int(round(by[0])), int(round(bx[0]))]
     sx, _ = climb_to_flux_peak(flux[None], img[:1], x[:1], y[:1], sign[:1], max_steps=np.ones(1, int))
     assert abs(sx[0] - 17.0) <= 1.5
+
+
+def test_every_tile_stacks_usable_stars_even_when_its_nearest_are_rejected():
+    """A tile whose nearest candidates were all rejected (compact galaxies, runaway centroids) falls
+    back to the nearest *usable* stars: no tile is left without a star (its PSF would be NaN)."""
+    from nightsift.engine.stages.psf import _tile_members
+    from nightsift.kernels.tiles import make_grid
+
+    grid = make_grid((1024, 1024), core=512, margin=32)
+    centres = grid.centres()
+    x = np.array([100.0, 120.0, 140.0, 900.0, 910.0, 920.0, 930.0])  # three near tile 0, four near tile 1
+    y = np.array([100.0, 110.0, 120.0, 100.0, 110.0, 120.0, 130.0])
+    usable = np.array([False, False, False, True, True, True, True])
+    cols, valid = _tile_members(np, x, y, usable, centres, core=512, min_stars=3, max_stars=60)
+    assert valid.sum(axis=1).min() >= 3  # every tile: at least min_stars usable stars
+    assert not np.any(valid & ~usable[cols])  # and never a rejected one
