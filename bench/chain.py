@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-night", dest="night", action="store_false")
     ap.add_argument("--out", default=str(Path(__file__).with_name("chain.json")))
     args = ap.parse_args(argv)
+    from nightsift.engine.backend import retain_host_memory
+
+    retain_host_memory()  # as a night's worker does (config run.retain_host_memory)
     from nightsift.engine.pipeline import STAGES
 
     info = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(),

@@ -822,6 +822,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    from nightsift.engine.backend import retain_host_memory
+
+    retain_host_memory()  # as a night's worker does (config run.retain_host_memory)
     from nightsift.engine import backend as bk
     from nightsift.engine.config import Config
     from nightsift.engine.pipeline import STAGES

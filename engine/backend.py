@@ -424,8 +424,9 @@ def retain_host_memory(enable: bool = True) -> bool:
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = (mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-          and mallopt(M_TOP_PAD, 1 << 28))
+    # -1 disables trimming altogether (mallopt(3)); a finite threshold (at most 2 GiB, an int)
+    # still returned the top of the heap between visits and the next visit faulted it in again
+    ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, -1) and mallopt(M_TOP_PAD, 1 << 28)
     _RETAINED = bool(ok)
     return _RETAINED
 
