@@ -23,6 +23,7 @@ the others go on.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,9 +50,10 @@ from .stages.psf import carry_psf, measure_psf, unusable_of
 from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point_flux_ratio
 
 __all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
-           "process_ccd", "process_pair", "align_exposures", "STAGES"]
+           "package_results", "process_ccd", "process_pair", "align_exposures", "STAGES"]
 
-#: the stages whose wall times (``t_<stage>``, s) every CCD-visit's QA carries
+#: the stages whose wall times (``t_<stage>``, s) every CCD-visit's QA carries: the wall time of the
+#: stage for the whole batch the CCD-visit ran in (divide by ``batch_size`` for a per-CCD share)
 STAGES = ("upload", "calibrate", "measure", "align", "psf", "flux_ratio", "subtract", "detect", "cutouts",
           "download", "classify", "package", "write")
 
@@ -156,6 +158,10 @@ class CCDResult:
         For a frame with injected truth: each transient's expected S/N, ``|flux|`` over the PSF-flux
         error at its position (what :func:`nightsift.engine.truth.expected_snr` computes from the
         error map, without bringing the map to the host).
+    header : astropy.io.fits.Header or None
+        The science header the packets are made from.
+    shape : (ny, nx)
+        The CCD's shape.
     """
 
     visit: int
@@ -170,6 +176,8 @@ class CCDResult:
     products: CCDProducts | None = None
     error: NightsiftError | None = None
     truth_snr: np.ndarray | None = None
+    header: object = field(default=None, repr=False)
+    shape: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +344,7 @@ def _take(arrays: dict, idx: list[int], xp) -> dict:
 
 
 def process_visit(frames: Sequence[VisitFrame], statics: Sequence[CCDStatics], *, config: Config, scorer=None,
-                  write: bool = True, keep_products: bool = False) -> list[CCDResult]:
+                  write: bool = True, keep_products: bool = False, package: bool = True) -> list[CCDResult]:
     """Run the chain on a batch of CCD-visits.
 
     Parameters
@@ -355,6 +363,10 @@ def process_visit(frames: Sequence[VisitFrame], statics: Sequence[CCDStatics], *
     keep_products : bool
         Bring the images (science, aligned reference, D, S_corr, ...) back to the host in the
         results (large: for tools and tests, not for a night).
+    package : bool
+        Score, package and write here (:func:`package_results`). ``False`` returns as soon as the
+        device work is done (candidates, triplets, QA), for an engine that packages in a CPU pool
+        while the device runs the next batch.
 
     Returns
     -------
@@ -372,12 +384,14 @@ def process_visit(frames: Sequence[VisitFrame], statics: Sequence[CCDStatics], *
     batch = _Batch(frames, statics)
     with count_transfers() as ledger:
         arrays = _run(batch, xp, config=config, keep_products=keep_products)
-        results = _finish(batch, arrays, xp, config=config, scorer=scorer, write=write)
+        results = _finish(batch, arrays, xp, config=config)
     B = len(frames)
     xq = ledger.as_qa()
     for r in results:  # the batch's crossings, shared out per CCD-visit
         r.qa.update({k: v / B if "bytes" in k else v for k, v in xq.items()})
         r.qa["batch_size"] = B
+    if package:
+        results = package_results(results, config=config, scorer=scorer, write=write)
     return results
 
 
@@ -593,9 +607,10 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
     return out
 
 
-def _finish(batch: _Batch, run: dict, xp, *, config: Config, scorer, write: bool) -> list[CCDResult]:
-    """The host half: one download of the candidates, triplets and QA; tables, scores, packets."""
-    results: list[CCDResult | None] = [None] * len(batch.frames)
+def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
+    """End of the device half: one download of the candidate columns, the triplets and the QA; the
+    candidate tables (WCS, magnitudes) on the host. Packaging is :func:`package_results`."""
+    results: dict[int, CCDResult] = {}
     if run:
         clock = run["clock"]
         alive, prep = run["alive"], run["prep"]
@@ -621,47 +636,15 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config, scorer, write: bool
                                   ccds=[batch.frames[i].ccd for i in alive], F_r=run["F_r"], shape=run["shape"],
                                   cutout_size=config.cutout.size)
         img = host["image"].astype(np.int64)
-        scores_all = {}
-        if scorer is not None and n:
-            scores_all = {k: np.asarray(v) for k, v in scorer(trip).items()}
-        batch.time("classify", clock.lap(), alive)
-        per_ccd = {}
-        for j, i in enumerate(alive):
-            sel = img == j
-            cands = tables[j]
-            t = trip[sel]
-            scores = {k: v[sel] for k, v in scores_all.items()}
-            per_ccd[i] = (cands, t, scores)
         for j, i in enumerate(alive):
             f = batch.frames[i]
-            cands, t, scores = per_ccd[i]
-            try:
-                res = build_alerts(cands, triplets=t, shape=run["shape"], header=prep[i]["header"], visit=f.visit,
-                                   ccd=f.ccd, scores=scores, score_versions=getattr(scorer, "versions", None),
-                                   survey=config.package.survey)
-            except NightsiftError as e:
-                batch.fail(i, e)
-                continue
-            batch.qa(res.qa, [i])
-            results[i] = CCDResult(visit=f.visit, ccd=f.ccd, status="done", candidates=cands, triplets=t,
-                                   scores=scores, n_alerts=len(res.value))
-            per_ccd[i] = res.value
-        batch.time("package", clock.lap(), alive)
-        for i in alive:
-            if results[i] is None:
-                continue
-            path = None
-            if write:
-                path = write_alerts(alert_path(config.package.output_dir, batch.frames[i].visit, batch.frames[i].ccd),
-                                    per_ccd[i])
             snr = None
             if i in te:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    err = te[i]
-                    snr = np.where(err > 0, np.abs(batch.frames[i].truth["flux"]) / err, 0.0)
-            results[i] = replace(results[i], alerts_path=path, products=run.get("products", {}).get(i),
-                                 truth_snr=snr)
-        batch.time("write", clock.lap(), alive)
+                    snr = np.where(te[i] > 0, np.abs(f.truth["flux"]) / te[i], 0.0)
+            results[i] = CCDResult(visit=f.visit, ccd=f.ccd, status="done", candidates=tables[j],
+                                   triplets=trip[img == j], header=prep[i]["header"], shape=run["shape"],
+                                   products=run.get("products", {}).get(i), truth_snr=snr)
     qas = batch.resolve_qa()
     out = []
     for i, f in enumerate(batch.frames):
@@ -672,6 +655,81 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config, scorer, write: bool
         else:
             out.append(replace(results[i], qa=qas[i]))
     return out
+
+
+def package_results(results: Sequence[CCDResult], *, config: Config, scorer=None, write: bool = True,
+                    threads: int = 0) -> list[CCDResult]:
+    """The host half of a visit: score the triplets, build each CCD-visit's alert packets, write them.
+
+    Host work only (it touches no device array), so an engine can run it in a thread or a CPU pool
+    while the device runs the next batch: :func:`process_visit` does it inline unless asked not to
+    (``package=False``).
+
+    Parameters
+    ----------
+    results : sequence of CCDResult
+        From :func:`process_visit` with ``package=False`` (those not ``done`` pass through).
+    config : Config
+    scorer : callable, optional
+        Real/bogus scorer: one call for every triplet of the batch.
+    write : bool
+        Write each Avro alert file to ``config.package.output_dir`` (a rerun replaces it).
+    threads : int
+        Threads packaging CCD-visits concurrently (gzip and Avro release the GIL for much of their
+        work); 0 = one per CCD-visit up to the cores.
+
+    Returns
+    -------
+    list of CCDResult with ``scores``, ``n_alerts``, ``alerts_path`` and the package QA
+    (``n_alerts``, ``n_edge``, ``n_scored``, ``t_classify``, ``t_package``, ``t_write``); a
+    CCD-visit whose packets cannot be built (its header has no observation time, say) is ``failed``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    results = list(results)
+    done = [k for k, r in enumerate(results) if r.status == "done"]
+    if not done:
+        return results
+    t0 = time.perf_counter()
+    trip = np.concatenate([results[k].triplets for k in done]) if done else np.zeros((0, 63, 63, 3), np.float32)
+    scores_all = {k: np.asarray(v) for k, v in scorer(trip).items()} if scorer is not None and len(trip) else {}
+    t_classify = time.perf_counter() - t0
+    edges = np.cumsum([0] + [len(results[k].triplets) for k in done])
+    versions = getattr(scorer, "versions", None)
+
+    def one(m: int) -> CCDResult:
+        k = done[m]
+        r = results[k]
+        scores = {name: v[edges[m]:edges[m + 1]] for name, v in scores_all.items()}
+        t1 = time.perf_counter()
+        try:
+            pkg = build_alerts(r.candidates, triplets=r.triplets, shape=r.shape, header=r.header, visit=r.visit,
+                               ccd=r.ccd, scores=scores, score_versions=versions, survey=config.package.survey)
+        except NightsiftError as e:
+            return replace(r, status="failed", error=e, qa=dict(r.qa, **e.qa))
+        t2 = time.perf_counter()
+        path = write_alerts(alert_path(config.package.output_dir, r.visit, r.ccd), pkg.value) if write else None
+        spent[m] = (t2 - t1, time.perf_counter() - t2)
+        return replace(r, scores=scores, n_alerts=len(pkg.value), alerts_path=path, qa=dict(r.qa, **pkg.qa))
+
+    n = len(done)
+    spent = [(0.0, 0.0)] * n
+    workers = threads or min(n, os.cpu_count() or 1)
+    t1 = time.perf_counter()
+    if workers > 1 and n > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            packaged = list(pool.map(one, range(n)))
+    else:
+        packaged = [one(m) for m in range(n)]
+    # stage times are the batch's wall times (as every t_<stage>): the packaging wall split between
+    # building the packets and writing them in proportion to the time each took
+    wall = time.perf_counter() - t1
+    sp, sw = sum(a for a, _ in spent), sum(b for _, b in spent)
+    f = wall / (sp + sw) if sp + sw > 0 else 0.0
+    times = {"t_classify": round(t_classify, 4), "t_package": round(sp * f, 4), "t_write": round(sw * f, 4)}
+    for m, k in enumerate(done):
+        results[k] = replace(packaged[m], qa=dict(packaged[m].qa, **times))
+    return results
 
 
 def _products(batch, arrays, R, V_R, mask_R, sub, sci_psf, ref_psf, sci_cats, ref_cats, prep) -> dict:

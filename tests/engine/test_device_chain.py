@@ -141,3 +141,28 @@ def test_cupy_equals_numpy(pairs, numpy_batch, tmp_path):
         # above threshold, positions within 0.01 px
         assert abs(len(r.candidates) - len(w.candidates)) <= 1
     assert ledger.h2d_bytes < 1.01 * sum(sim.science_raw.data.nbytes for sim, _ in pairs)
+
+
+def test_packaging_can_run_apart_from_the_device_work(pairs, tmp_path):
+    """process_visit(package=False) returns after the device work; package_results (in a thread of
+    an engine's pool) then makes exactly the packets the inline chain makes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nightsift.engine.io.avro import read_alerts
+    from nightsift.engine.pipeline import package_results
+
+    cfg = Config().replace(package={"output_dir": str(tmp_path / "inline")})
+    statics = [prepare_statics(sim.reference, master, config=cfg, ccd=c) for c, (sim, master) in enumerate(pairs)]
+    frames = [VisitFrame(11, c, raw=sim.science_raw) for c, (sim, _) in enumerate(pairs)]
+    inline = process_visit(frames, statics, config=cfg)
+    bare = process_visit(frames, statics, config=cfg, package=False)
+    assert all(r.alerts_path is None and r.n_alerts == 0 and len(r.triplets) == len(r.candidates) for r in bare)
+    assert not list((tmp_path / "deferred").glob("*.avro"))
+    cfg2 = cfg.replace(package={"output_dir": str(tmp_path / "deferred")})
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(package_results, bare, config=cfg2).result()
+    for a, b in zip(inline, later):
+        assert a.n_alerts == b.n_alerts > 0 and b.qa["n_alerts"] == b.n_alerts
+        pa, pb = read_alerts(a.alerts_path), read_alerts(b.alerts_path)
+        assert [x["candid"] for x in pa] == [x["candid"] for x in pb]
+        assert [x["candidate"]["flux"] for x in pa] == [x["candidate"]["flux"] for x in pb]
