@@ -448,7 +448,7 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
     if raw_mode:
         data = xp.empty((B, ny, nx), dtype=np.result_type(*(batch.frames[i].raw.data.dtype for i in alive)))
         for j, i in enumerate(alive):
-            data[j] = to_device(batch.frames[i].raw.data, xp, label="raw")
+            data[j] = to_device(batch.frames[i].raw.data, xp, label="raw", pinned=True)
         batch.time("upload", clock.lap())
         res = calibrate_frames(data, [batch.statics[i].master for i in alive], [prep[i]["params"] for i in alive],
                                config=config.calibrate)

@@ -203,18 +203,41 @@ def _record(direction: str, nbytes: int, label: str, *, scalar: bool = False) ->
         ledger.record(direction, nbytes, label, scalar=scalar)
 
 
-def to_device(a, xp, *, dtype=None, label: str = ""):
+_PINNED: dict = {}
+
+
+def _staged(host: np.ndarray):
+    """``host`` copied into a page-locked (pinned) buffer reused per shape and dtype (cupy): the
+    DMA engine reads it directly instead of through the driver's pageable bounce buffer."""
+    import cupyx
+
+    key = (host.shape, host.dtype.str)
+    buf = _PINNED.get(key)
+    if buf is None:
+        buf = _PINNED[key] = cupyx.empty_pinned(host.shape, host.dtype)
+    np.copyto(buf, host)
+    return buf
+
+
+def to_device(a, xp, *, dtype=None, label: str = "", pinned: bool = False):
     """Copy host data ``a`` (numpy array, list, scalar) to ``xp``'s memory; the one upload door.
 
     For numpy this is ``numpy.asarray(a, dtype)`` (no copy of numpy input, nothing recorded).
     Arrays already on ``xp``'s device are returned as they are (cast when ``dtype`` is given).
+    ``pinned`` (cupy; large frames): stage the copy through a reused page-locked buffer; the
+    upload is complete when this returns (the buffer is refilled by the next call).
     """
     if is_host(xp):
         return np.asarray(a, dtype=dtype)
     if _namespace_of(a) is xp and not isinstance(a, (list, tuple)) and not np.isscalar(a):
         return a if dtype is None else a.astype(dtype, copy=False)
     host = np.asarray(a, dtype=dtype)
-    out = xp.asarray(host)
+    if pinned and is_cupy(xp) and host.ndim:
+        out = xp.empty(host.shape, host.dtype)
+        out.set(_staged(host))
+        xp.cuda.get_current_stream().synchronize()  # the staging buffer is reused by the next call
+    else:
+        out = xp.asarray(host)
     _record("h2d", host.nbytes, label)
     return out
 
