@@ -28,7 +28,8 @@ def _clean(v: Any):
 def write_record(output_dir, visit: int, ccd: int, *, status: str, error: str | None = None,
                  n_alerts: int = 0, alerts_path: str | None = None, qa: dict | None = None,
                  extra: dict | None = None) -> Path:
-    """Atomically write the outcome of one CCD-visit (``status``: done, failed, skipped)."""
+    """Atomically write the outcome of one CCD-visit (``status``: done, failed, skipped); the record
+    is readable like the alert files (``0o644`` under umask 022)."""
     if status not in ("done", "failed", "skipped"):
         raise ValueError(f"unknown status {status!r}")
     path = record_path(output_dir, visit, ccd)

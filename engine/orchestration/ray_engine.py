@@ -20,13 +20,17 @@ Fault tolerance is nightsift's, not :class:`ray.util.ActorPool`'s:
 * every actor has ``max_restarts`` (``[run] max_restarts``); Ray's own task retries are off so
   that every retry is seen, counted and logged here;
 * a CCD-visit whose actor died or restarted under it (``ActorUnavailableError``,
-  ``ActorDiedError``, a lost object) goes back to the front of its actor's queue, up to
-  ``[run] task_retries`` times, once the actor answers a health probe again; an actor that is
-  dead for good (restarts exhausted, or no answer within ``restart_timeout_s``) is replaced
-  by a new one in the same slot;
+  ``ActorDiedError``, a lost object) goes back to the front of its actor's queue once the actor
+  answers a health probe again; an actor that is dead for good (restarts exhausted, or no answer
+  within ``restart_timeout_s``) is replaced by a new one in the same slot;
+* a death is charged to the CCD-visit that caused it, not to those queued behind it: the
+  CCD-visits in flight when an actor died run again one at a time, and one is recorded
+  ``failed`` ("worker died: ...") only after its actor died ``[run] task_retries`` + 1 times with
+  it in flight, the last time running alone;
 * outputs are idempotent per (visit, CCD): the writer replaces the alert file
   (:func:`~nightsift.engine.io.avro.alert_path`) and the ledger record atomically, so a CCD-visit
-  processed twice (an actor killed after its work was done) never duplicates an alert;
+  processed twice (an actor killed after its work was done, or the writer killed mid-write) never
+  duplicates an alert; the writer's own I/O errors (a full disk) fail that CCD-visit, not the night;
 * a CCD that fails for a reason of its own (bad input, too few PSF stars) is recorded
   ``failed``/``skipped`` with its error and the night goes on; it is not retried.
 
@@ -53,9 +57,9 @@ from ..config import ClassifyConfig, Config, from_dict, to_dict
 from ..io.atomic import atomic_write
 from ..errors import ConfigError, NightsiftError, TransientFailure
 from ..io.avro import alert_path
-from .ledger import write_record
+from .ledger import record_path, write_record
 from .sources import CCDSource, SimulatedNight
-from .task import NightSummary, StaticsCache, run_ccd_visits, summarize
+from .task import TRUTH_KEYS, NightSummary, StaticsCache, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.ray")
 
@@ -102,13 +106,9 @@ def default_scorer_factory(classify: ClassifyConfig):
             log.warning("real/bogus scorer unavailable (%s): alerts carry no rb score", e)
             return None
         raise ConfigError(f"classify.backend = {classify.backend!r} but the classifier cannot be imported ({e})") from e
-    try:
-        return pipeline_scorer(classify)  # "auto" without a model: None (logged)
-    except (ImportError, OSError, NightsiftError) as e:
-        if classify.backend == "auto":
-            log.warning("real/bogus scorer could not load (%s: %s): alerts carry no rb score", type(e).__name__, e)
-            return None
-        raise
+    # "auto" with nothing to score with: None (logged there); a configured or shipped model that
+    # cannot load is an error, never a night of rb = null
+    return pipeline_scorer(classify)
 
 
 class InferenceWorker:
@@ -311,6 +311,10 @@ class AlertWriter:
     Both are replaced atomically, so writing the same CCD-visit twice leaves one file and one
     record. A CCD-visit that did not finish has its alert file from an earlier run removed, so
     the alerts on disk are always those of the ``done`` records.
+
+    The writer's own I/O errors (a full disk, a folder gone read-only) are not the night's end:
+    that CCD-visit is recorded ``failed`` with an error naming the file and the OS error (its
+    alert file removed), the answer says so, and the next CCD-visit is written as usual.
     """
 
     def __init__(self, output_dir: str):
@@ -320,21 +324,48 @@ class AlertWriter:
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": socket.gethostname(), "n_written": self.n_written}
 
+    def _write_file(self, path, payload: bytes) -> None:
+        """The one place alert bytes reach the disk (atomic: the old file or the new one)."""
+        atomic_write(path, lambda fh: fh.write(payload))
+
+    def _write_record(self, meta: dict, status: str, error: str | None, path) -> None:
+        extra = {k: meta[k] for k in _LEDGER_EXTRA if k in meta and (status == "done" or k not in TRUTH_KEYS)}
+        write_record(self.output_dir, meta["visit"], meta["ccd"], status=status, error=error,
+                     n_alerts=meta.get("n_alerts", 0) if status == "done" else 0,
+                     alerts_path=str(path) if status == "done" else None, qa=meta.get("qa"), extra=extra)
+
     def write(self, meta: dict, payload: bytes | None) -> dict:
+        """Persist one CCD-visit. Returns ``{visit, ccd, status, error, pid}``: ``status`` is
+        ``failed`` (``error`` naming the file) when this writer could not write it."""
         v, c = meta["visit"], meta["ccd"]
         path = alert_path(self.output_dir, v, c)
-        if meta["status"] == "done":
-            atomic_write(path, lambda fh: fh.write(payload))
-        else:
+        status, error = meta["status"], meta.get("error")
+        target = path
+        try:
+            if status == "done":
+                self._write_file(path, payload)
+            else:
+                _unlink(path)
+            target = record_path(self.output_dir, v, c)
+            self._write_record(meta, status, error, path)
+        except OSError as e:
+            status, error = "failed", (f"alert writer could not write {e.filename or target}: OSError "
+                                       f"[Errno {e.errno}] {e.strerror or e}")
+            log.error("visit %d ccd %d: %s", v, c, error)
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        write_record(self.output_dir, v, c, status=meta["status"], error=meta.get("error"),
-                     n_alerts=meta.get("n_alerts", 0), alerts_path=str(path) if meta["status"] == "done" else None,
-                     qa=meta.get("qa"), extra={k: meta[k] for k in _LEDGER_EXTRA if k in meta})
+                _unlink(path)  # no alert file without a done record
+                self._write_record(meta, status, error, path)
+            except OSError as e2:
+                error += f" (its failed record could not be written either: {e2})"
         self.n_written += 1
-        return {"visit": v, "ccd": c, "status": meta["status"], "pid": os.getpid()}
+        return {"visit": v, "ccd": c, "status": status, "error": error, "pid": os.getpid()}
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +430,9 @@ def night_schedule(n_visits: int, ccds: Iterable[int], *, cadence_s: float | tup
 class _Task:
     visit: int
     ccd: int
-    attempts: int = 0
+    attempts: int = 0  # times submitted
+    deaths: int = 0  # times its actor died while it was in flight
+    alone: bool = False  # the only CCD-visit in flight on its actor (since its last submission)
 
 
 @dataclass
@@ -411,6 +444,9 @@ class _Slot:
     probe: Any = None
     probe_after: float = 0.0
     recovering_since: float = 0.0
+    # CCD-visits in flight when the actor died; while any is left they run one at a time, so that
+    # a death is charged to the CCD-visit that caused it, not to those queued behind it
+    suspects: set = field(default_factory=set)
 
 
 class RayNight:
@@ -434,13 +470,25 @@ class RayNight:
         ``include_dashboard``, ...). Ignored when Ray is already initialised.
     restart_timeout_s : float
         How long an actor may take to come back after a crash before it is replaced.
+    writer_cls : type
+        Body of the writer actor (default :class:`AlertWriter`; tests inject I/O faults with a
+        subclass).
     """
 
     def __init__(self, config: Config, source: CCDSource | None = None, *, scorer_factory: Callable | None = None,
-                 init_kwargs: dict | None = None, restart_timeout_s: float = 120.0):
+                 init_kwargs: dict | None = None, restart_timeout_s: float = 120.0,
+                 writer_cls: type | None = None):
         import ray
 
+        self.writer_cls = writer_cls or AlertWriter
         self.config = config
+        if scorer_factory is None and config.classify.backend != "none":
+            try:
+                from ..classify.runtime import check_model
+            except ImportError:
+                check_model = None  # no classifier installed: "auto" runs without scores (logged)
+            if check_model is not None:
+                check_model(config.classify)  # a damaged model stops the night before any actor starts
         self.run_cfg = config.run
         self.source = source if source is not None else SimulatedNight(config.simulate, config.calibrate)
         self.restart_timeout_s = float(restart_timeout_s)
@@ -542,7 +590,7 @@ class RayNight:
 
         # the output folder is the driver's: keep the writer on the driver's node
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        cls = ray.remote(AlertWriter).options(**self._actor_opts(num_cpus=0, scheduling_strategy=here))
+        cls = ray.remote(self.writer_cls).options(**self._actor_opts(num_cpus=0, scheduling_strategy=here))
         return cls.remote(os.path.abspath(self.config.package.output_dir))
 
     def slot_of(self, ccd: int) -> int:
@@ -636,9 +684,11 @@ class RayNight:
             return time.monotonic() - t0
 
         def submit(slot: _Slot):
-            while slot.state == "ok" and slot.queue and len(slot.inflight) < depth and len(writes) + len(write_queue) < max_writes:
+            limit = 1 if slot.suspects else depth  # after a crash its CCD-visits run one at a time
+            while slot.state == "ok" and slot.queue and len(slot.inflight) < limit and len(writes) + len(write_queue) < max_writes:
                 task = slot.queue.popleft()
                 task.attempts += 1
+                task.alone = limit == 1
                 meta_ref, payload_ref = slot.actor.process.options(num_returns=2).remote(task.visit, task.ccd)
                 slot.inflight[meta_ref] = (task, payload_ref)
 
@@ -727,7 +777,7 @@ class RayNight:
                 if ref in writes:
                     meta, payload_ref = writes.pop(ref)
                     try:
-                        ray.get(ref)
+                        ack = ray.get(ref)
                     except _retryable() as e:
                         log.warning("writer lost visit %d ccd %d (%s); writing again", meta["visit"], meta["ccd"],
                                     type(e).__name__)
@@ -740,6 +790,9 @@ class RayNight:
                     key = (meta["visit"], meta["ccd"])
                     if key in results:
                         continue
+                    if ack.get("status", meta["status"]) != meta["status"]:  # the writer could not write it
+                        meta = {k: v for k, v in meta.items() if k not in TRUTH_KEYS}
+                        meta.update(status=ack["status"], error=ack["error"], n_alerts=0)
                     results[key] = meta
                     vs = visits[meta["visit"]]
                     vs.n_written += 1
@@ -772,15 +825,24 @@ class RayNight:
                         continue
                     meta, payload_ref = fail_record(task, f"{type(cause).__name__}: {cause}"), None
                 except _retryable() as e:
-                    if task.attempts <= retries:
+                    # The actor died (or restarted) with this CCD-visit in flight. The death is
+                    # charged to it for good only when it was running alone: CCD-visits queued
+                    # behind the culprit are retried, one at a time, and never lost for its sake.
+                    task.deaths += 1
+                    slot.suspects.add((task.visit, task.ccd))
+                    start_recovery(slot)
+                    if task.deaths <= retries or not (task.alone or task.deaths > retries + depth):
                         self.n_retries += 1
-                        log.warning("visit %d ccd %d: actor %d %s; retrying (attempt %d of %d)", task.visit,
-                                    task.ccd, i, type(e).__name__, task.attempts + 1, retries + 1)
+                        log.warning("visit %d ccd %d: actor %d %s with it in flight; retrying (death %d, limit %d)",
+                                    task.visit, task.ccd, i, type(e).__name__, task.deaths, retries + 1)
                         slot.queue.appendleft(task)
-                        start_recovery(slot)
                         continue
-                    meta, payload_ref = fail_record(task, f"{type(e).__name__} {task.attempts} times: "
-                                                          f"{str(e).splitlines()[0]}"), None
+                    last = "the last time running it alone" if task.alone else "never alone (retry limit)"
+                    meta, payload_ref = fail_record(
+                        task, f"worker died: subtraction actor {i} died {task.deaths} times with this CCD-visit in "
+                              f"flight, {last} (a crash or an out-of-memory kill in the chain): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}"), None
+                slot.suspects.discard((task.visit, task.ccd))
                 meta["attempts"] = task.attempts
                 submit_write(meta, payload_ref)
         bar.close()
