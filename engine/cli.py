@@ -47,6 +47,7 @@ def _night_engine(cfg) -> str:
 
 
 def cmd_run(args) -> int:
+    from .io.atomic import check_output_dir
     from .orchestration.local import run_simulated_night
 
     sim = {k: v for k, v in {"n_visits": args.visits, "n_ccds": args.ccds, "instrument": args.instrument,
@@ -54,6 +55,7 @@ def cmd_run(args) -> int:
     run = {k: v for k, v in {"engine": args.engine, "address": args.address, "workers": args.workers}.items()
            if v is not None}
     cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None, run=run)
+    check_output_dir(cfg.package.output_dir)  # before any work: not after a whole night
     s = cfg.simulate
     engine = _night_engine(cfg)
     print(f"nightsift: simulated night, {s.n_visits} visits x {s.n_ccds} CCDs of {s.ny}x{s.nx} px "
@@ -101,26 +103,32 @@ def cmd_subtract(args) -> int:
 
     from .backend import retain_host_memory
     from .classify.runtime import pipeline_scorer
+    from .io.atomic import check_output_dir
     from .io.fits import read_exposure, write_image
     from .pipeline import process_pair
 
     cfg = _config(args, package={"output_dir": args.out})
+    # the order matters for the message a user sees: the output folder, then the inputs, then the
+    # model (a bad model must not hide a bad input), then the chain
+    out = check_output_dir(cfg.package.output_dir)
     retain_host_memory(cfg.run.retain_host_memory)
+    sci = read_exposure(args.science, config=cfg.calibrate)
+    ref = read_exposure(args.reference, config=cfg.calibrate)
     scorer = pipeline_scorer(cfg.classify)
-    sci = read_exposure(args.science)
-    ref = read_exposure(args.reference)
     res = process_pair(sci, ref, config=cfg, visit=args.visit, ccd=args.ccd, keep_products=True, scorer=scorer)
-    out = Path(cfg.package.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     p = res.products
     hdr = sci.wcs.to_header()
-    write_image(out / "difference.fits", p.subtraction.difference, hdr)
-    write_image(out / "D.fits", p.subtraction.D, hdr)
-    write_image(out / "scorr.fits", p.subtraction.S_corr, hdr)
-    write_image(out / "reference_aligned.fits", p.reference.image, hdr)
     from astropy.table import Table
 
-    Table(res.candidates).write(out / "candidates.ecsv", overwrite=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_image(out / "difference.fits", p.subtraction.difference, hdr)
+        write_image(out / "D.fits", p.subtraction.D, hdr)
+        write_image(out / "scorr.fits", p.subtraction.S_corr, hdr)
+        write_image(out / "reference_aligned.fits", p.reference.image, hdr)
+        Table(res.candidates).write(out / "candidates.ecsv", overwrite=True)
+    except OSError as e:  # e.g. the disk filled up while the chain ran
+        raise NightsiftError(f"{e.filename or out}: cannot write the products ({e.strerror or e})") from None
     c = res.candidates
     print(f"{len(c)} candidates ({int(c['isdiffpos'].sum())} positive, {int((~c['isdiffpos']).sum())} negative); "
           f"S_corr std {res.qa.get('scorr_std_raw', np.nan):.3f} before renormalisation; alerts -> {res.alerts_path}")

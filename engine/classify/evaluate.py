@@ -287,11 +287,16 @@ def _scorers(model) -> dict:
         raise FileNotFoundError(f"{p}: model not found (train one with `nightsift train`)")
     stored: dict = {}
     if p.suffix == ".json":
+        from .runtime import verify_file
+
         meta = json.loads(p.read_text())
         files = meta.get("files", {})
         paths = {"float": p.with_name(files["keras"]) if "keras" in files else None,
                  "int8": p.with_name(files["tflite_int8"]) if "tflite_int8" in files else None}
         stored = {"float": meta.get("threshold"), "int8": meta.get("threshold_int8", meta.get("threshold"))}
+        for f in paths.values():  # the figures must be those of the files the metadata describes
+            if f is not None:
+                verify_file(f, meta, p, shipped=p.resolve() == DEFAULT_MODEL.with_suffix(".json").resolve())
     elif p.suffix == ".keras":
         paths = {"float": p, "int8": None}
     elif p.suffix == ".tflite":

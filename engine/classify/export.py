@@ -11,6 +11,10 @@ size.
 a tensor that is not int8/int32, a dynamic shape, an op outside :data:`EDGETPU_OPS`.
 :func:`predict_int8` is the plain reference runner used to check the int8 model against the float
 one (``nightsift.engine.classify.runtime`` is the production runtime).
+
+:func:`record_model_hashes` adds the SHA-256 of every model file to the model metadata before it
+is written (``"sha256": {file name: hex digest}``); the runtime refuses a file whose digest differs
+(:func:`nightsift.engine.classify.runtime.load_scorer`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EDGETPU_OPS", "export_int8", "inspect_tflite", "edgetpu_problems", "predict_int8"]
+from ..io.atomic import file_sha256
+
+__all__ = ["EDGETPU_OPS", "export_int8", "inspect_tflite", "edgetpu_problems", "predict_int8", "file_sha256",
+           "model_file_names", "record_model_hashes"]
 
 #: TFLite builtin ops the Edge TPU compiler maps to the Edge TPU (compiler v16), from the table
 #: "Supported operations" of Coral's "TensorFlow models on the Edge TPU",
@@ -170,3 +177,28 @@ def predict_int8(path, inputs, *, batch_size: int = 256, threads: int | None = N
         it.invoke()
         res[i:i + len(chunk)] = (it.get_tensor(out["index"]).reshape(-1).astype(np.float32) - z_out) * s_out
     return res
+
+
+def model_file_names(meta: dict) -> list[str]:
+    """The model files a metadata dict names (top-level ``"tflite"``/``"keras"``/``"edgetpu"`` and
+    every value of ``"files"``), relative to the metadata's folder, in order, once each."""
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    names = [meta.get(k) for k in ("tflite", "keras", "edgetpu")] + list(files.values())
+    return list(dict.fromkeys(str(n) for n in names if isinstance(n, str) and n))
+
+
+def record_model_hashes(meta: dict, folder) -> dict:
+    """A copy of model metadata ``meta`` with ``"sha256"``: the digest of each file it names.
+
+    Call it on the metadata just before writing it beside the model files (``folder``), e.g.
+    ``write_json(out / "name.json", record_model_hashes(meta, out))``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A named model file is not in ``folder``.
+    """
+    folder = Path(folder)
+    out = dict(meta)
+    out["sha256"] = {name: file_sha256(folder / name) for name in model_file_names(meta)}
+    return out

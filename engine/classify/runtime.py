@@ -16,7 +16,11 @@ Backends (``classify.backend``):
 * ``"keras"`` -- the float ``.keras`` model (``keras.saving.load_model(..., safe_mode=True)``:
   no pickle, no arbitrary code).
 * ``"braai"`` -- ZTF's public d6_m7 model with ZTF's own preprocessing (:mod:`.braai`).
-* ``"auto"`` -- ``"edgetpu"`` when the delegate loads, else ``"tflite"``.
+* ``"auto"`` -- ``"edgetpu"`` when the delegate loads, else ``"tflite"`` (``"keras"`` for a
+  ``.keras`` ``classify.model``). In the chain (:func:`pipeline_scorer`) ``"auto"`` runs without a
+  scorer only when there is nothing to run: no ``classify.model`` set and no model shipped, or no
+  LiteRT runtime installed for the shipped model (a WARNING says so once). A configured model --
+  ``classify.model``, or the shipped one -- that is missing, unreadable or damaged is an error.
 * ``"none"`` -- no scorer (:func:`load_scorer` returns ``None``).
 
 Models: ``classify.model = ""`` means the model shipped in ``engine/classify/models/``: the
@@ -28,6 +32,13 @@ the ``"normalisation"`` (``"nightsift"`` or its versioned name ``preprocess.NORM
 ``classify.model`` may be a metadata JSON, a ``.tflite``/``.keras`` file (its metadata is the JSON
 of the same stem, less an ``_int8``/``_edgetpu`` suffix, when present) or, for ``braai``, the
 folder of ZTF's files.
+
+Integrity: model metadata records the SHA-256 of each model file (``"sha256": {file name: hex}``,
+:func:`nightsift.engine.classify.export.record_model_hashes`); :func:`load_scorer` refuses a file
+whose digest differs (an :class:`~nightsift.engine.errors.InputError` naming the file). The shipped
+model must carry its digests; a user model without one loads with a WARNING naming the file (its
+integrity cannot be checked). A ``.keras`` archive is checked (zip structure, every member's CRC)
+before Keras opens it.
 
 The score is the model's probability that the candidate is real; it fills both ZTF fields ``rb``
 and ``drb`` of the packets (nightsift has one, deep, classifier), with the model version in
@@ -55,6 +66,8 @@ __all__ = [
     "Scorer",
     "edgetpu_available",
     "resolve_model",
+    "verify_model_file",
+    "check_model",
     "load_scorer",
     "pipeline_scorer",
 ]
@@ -88,6 +101,8 @@ class ModelSpec:
         Operating threshold on the score (``classify.threshold`` when >= 0, else the model's).
     metadata : dict
         The model's metadata JSON (empty when there is none).
+    metadata_path : Path or None
+        Where the metadata was read from (``None`` without metadata).
     """
 
     backend: str
@@ -96,6 +111,7 @@ class ModelSpec:
     version: str
     threshold: float
     metadata: dict = field(default_factory=dict)
+    metadata_path: Path | None = None
 
 
 def edgetpu_available() -> bool:
@@ -183,7 +199,10 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
     if backend == "none":
         return None
     if backend == "auto":
-        backend = "edgetpu" if edgetpu_available() else "tflite"
+        if config.model and Path(config.model).suffix == ".keras":
+            backend = "keras"  # a float model runs in Keras, not LiteRT
+        else:
+            backend = "edgetpu" if edgetpu_available() else "tflite"
     if backend not in ("edgetpu", "tflite", "keras", "braai"):
         raise ConfigError(f"classify.backend={config.backend!r}: expected auto, edgetpu, tflite, keras, braai or none")
     if backend == "edgetpu" and not edgetpu_available():
@@ -250,7 +269,61 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
         thr = float(meta["threshold_int8"])  # chosen on the int8 model's own validation scores
     else:
         thr = float(meta.get("threshold", 0.5))
-    return ModelSpec(backend, path, norm, version, float(thr), meta)
+    return ModelSpec(backend, path, norm, version, float(thr), meta,
+                     meta_path if meta_path is not None and meta_path.is_file() else None)
+
+
+def _is_shipped(spec: ModelSpec) -> bool:
+    where = spec.metadata_path.parent if spec.metadata_path is not None else spec.path.parent
+    try:
+        return where.resolve() == MODELS_DIR.resolve()
+    except OSError:
+        return False
+
+
+def verify_model_file(spec: ModelSpec) -> None:
+    """Check ``spec.path`` against the SHA-256 its metadata records (see the module docstring).
+
+    Raises
+    ------
+    InputError
+        The digest differs (the file is damaged or was replaced), or the shipped model's metadata
+        records none for it; one line naming the file.
+    """
+    verify_file(spec.path, spec.metadata, spec.metadata_path, shipped=_is_shipped(spec))
+
+
+def verify_file(path: Path, metadata: dict, metadata_path: Path | None, *, shipped: bool = False) -> None:
+    """Check one model file against the SHA-256 ``metadata`` (read from ``metadata_path``) records
+    for it: :func:`verify_model_file` for a file that is not run through a ModelSpec (evaluation).
+    No digest recorded: an InputError for a ``shipped`` model, else a warning."""
+    from ..io.atomic import file_sha256
+
+    path = Path(path)
+    hashes = metadata.get("sha256") if isinstance(metadata.get("sha256"), dict) else {}
+    want = None
+    if metadata_path is not None:
+        try:
+            rel = path.resolve().relative_to(Path(metadata_path).parent.resolve()).as_posix()
+        except ValueError:
+            rel = None
+        want = hashes.get(rel) if rel is not None else None
+    if want is None:
+        if shipped:
+            raise InputError(f"the shipped model's metadata ({metadata_path}) records no SHA-256 for this "
+                             "file: the installation is damaged; reinstall nightsift", path=str(path))
+        log.warning("%s: no SHA-256 recorded for this model file%s: its integrity cannot be checked (write the "
+                    "metadata with nightsift.engine.classify.export.record_model_hashes, or retrain)", path,
+                    f" in {metadata_path}" if metadata_path is not None else " (no metadata JSON)")
+        return
+    try:
+        got = file_sha256(path)
+    except OSError as e:
+        raise InputError(f"model file cannot be read ({e.strerror or e})", path=str(path)) from None
+    if got != str(want).lower():
+        raise InputError(f"model file's SHA-256 {got[:12]}... differs from the {str(want)[:12]}... recorded in "
+                         f"{metadata_path}: the file is damaged or was replaced; restore it (or retrain with "
+                         "`nightsift train`)", path=str(path))
 
 
 def _normalisation_name(name: str, where) -> str:
@@ -285,8 +358,7 @@ class _LiteRT:
     """One LiteRT interpreter; quantises float inputs for integer models and dequantises outputs."""
 
     def __init__(self, path: Path, *, batch_size: int, num_threads: int | None, delegates=()):
-        from ai_edge_litert.interpreter import Interpreter
-
+        Interpreter = _litert_interpreter()
         try:
             it = Interpreter(model_path=str(path), num_threads=num_threads,
                              experimental_delegates=list(delegates) or None)
@@ -368,13 +440,48 @@ class _KerasPredict:
         return _score_column(np.asarray(self.model.predict_on_batch(x), dtype=np.float32))
 
 
-def _load_keras(path: Path):
-    import keras
+def _litert_interpreter():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise BackendError("the LiteRT runtime is not installed: pip install 'nightsift[ml]' (ai-edge-litert), "
+                           "or set classify.backend = 'none'") from None
+    return Interpreter
+
+
+def _check_keras_archive(path: Path) -> None:
+    """A ``.keras`` file is a zip archive: refuse a truncated or corrupt one in one line (Keras
+    reports a truncated archive as "File not found" and a bad CRC as a zipfile traceback)."""
+    import zipfile
+    import zlib
 
     try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error) as e:
+        raise InputError(f"is not a readable .keras archive ({e}): the file is truncated or corrupt; restore it "
+                         "(or retrain with `nightsift train`)", path=str(path)) from None
+    except OSError as e:
+        raise InputError(f"model file cannot be read ({e.strerror or e})", path=str(path)) from None
+    if bad is not None:
+        raise InputError(f"is corrupt: archive member {bad!r} fails its CRC check; restore the file (or retrain "
+                         "with `nightsift train`)", path=str(path))
+
+
+def _load_keras(path: Path):
+    import zipfile
+
+    try:
+        import keras
+    except ImportError:
+        raise BackendError("Keras is not installed: pip install 'nightsift[ml]', or use classify.backend = "
+                           "'tflite'") from None
+    _check_keras_archive(path)
+    try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise InputError(f"Keras cannot load this model in safe mode ({e})", path=str(path)) from None
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"Keras cannot load this model in safe mode ({first})", path=str(path)) from None
 
 
 def _normaliser(name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -483,11 +590,14 @@ def load_scorer(config: ClassifyConfig, *, num_threads: int | None = None,
     Raises
     ------
     InputError, BackendError, ConfigError
-        As :func:`resolve_model`, or a model file the backend cannot load.
+        As :func:`resolve_model`, a model file whose SHA-256 differs from its metadata's
+        (:func:`verify_model_file`), or a model file the backend cannot load.
     """
     spec = resolve_model(config)
     if spec is None:
         return None
+    if spec.backend != "braai":  # ZTF's files carry no nightsift metadata
+        verify_model_file(spec)
     if spec.backend == "braai":
         from .braai import load_braai
 
@@ -512,18 +622,58 @@ def _cached(config: ClassifyConfig) -> Scorer | None:
 def pipeline_scorer(config: ClassifyConfig) -> Scorer | None:
     """The scorer for the chain, loaded once per process and cached (workers call this per CCD).
 
-    ``None`` when the backend is ``"none"``, or ``"auto"`` and no model is available (a warning
-    is logged once). An explicit backend whose model or runtime is missing raises.
+    ``None`` when the backend is ``"none"``, or ``"auto"`` with nothing to run: no
+    ``classify.model`` and no model shipped, or no LiteRT runtime for the shipped model (a
+    warning is logged once). Any other problem raises: a configured (or shipped) model that is
+    missing, unreadable or fails its SHA-256 check, an explicit backend whose runtime is missing.
     """
     if config.backend == "none":
         return None
     if config.backend == "auto":
-        try:
-            resolve_model(config)
-        except InputError as e:
-            _warn_no_model(str(e))
+        why = _nothing_to_score_with(config)
+        if why is not None:
+            _warn_no_model(why)
             return None
     return _cached(config)
+
+
+def check_model(config: ClassifyConfig) -> ModelSpec | None:
+    """What :func:`pipeline_scorer` would load, resolved and checked without loading it (cheap: the
+    metadata is read and the file hashed): call it before a night so that a missing, unreadable
+    or damaged model stops the night at once instead of failing every CCD-visit.
+
+    Returns
+    -------
+    ModelSpec or None
+        ``None`` when the chain runs without a scorer (backend ``"none"``, or ``"auto"`` with
+        nothing to run).
+
+    Raises
+    ------
+    InputError, BackendError, ConfigError
+        As :func:`resolve_model` and :func:`verify_model_file`.
+    """
+    if config.backend == "none" or (config.backend == "auto" and _nothing_to_score_with(config) is not None):
+        return None
+    spec = resolve_model(config)
+    if spec is not None and spec.backend != "braai":
+        verify_model_file(spec)
+    return spec
+
+
+def _nothing_to_score_with(config: ClassifyConfig) -> str | None:
+    """Why ``"auto"`` runs without a scorer, or None when a model is to be loaded (and must load)."""
+    if config.model:
+        return None  # configured: it loads, or the run stops with the reason
+    shipped = MODELS_DIR.is_dir() and any(next(MODELS_DIR.glob(g), None) is not None
+                                          for g in ("*.json", "*.tflite", "*.keras"))
+    if not shipped:
+        return f"classify.model is not set and no model is shipped in {MODELS_DIR}"
+    import importlib.util
+
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        return "the LiteRT runtime is not installed (pip install 'nightsift[ml]') to run the shipped model"
+    return None
 
 
 @functools.lru_cache(maxsize=8)

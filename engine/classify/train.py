@@ -275,7 +275,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     """
     from .dataset import DatasetSpec, RBData, build_dataset, load_dataset
     from .evaluate import format_report, plot_report, report, threshold_for_fnr, write_json
-    from .export import edgetpu_problems, export_int8, inspect_tflite, predict_int8
+    from .export import edgetpu_problems, export_int8, inspect_tflite, predict_int8, record_model_hashes
     from .model import EMBEDDING_LAYER, MODELS_DIR, save_keras_model
 
     spec = spec or DatasetSpec()
@@ -354,6 +354,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                      "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
                      "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
     }
+    meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
     write_json(out / f"{name}.json", meta)
     write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
                                              "dataset_summary": data.meta["summary"]})

@@ -24,7 +24,6 @@ an embedding is only meaningful with the model that made it. :func:`annotate_ale
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import InputError
+from ..io.atomic import file_sha256
 
 __all__ = ["FEATURES", "METHODS", "IsolationForest", "AnomalyModel", "candidate_features", "fit_anomaly",
            "save_anomaly", "load_anomaly", "file_sha256", "average_path_length", "annotate_alerts"]
@@ -229,12 +229,6 @@ def candidate_features(candidates) -> np.ndarray:
     return out
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the model

@@ -18,7 +18,11 @@ Security (it is a local tool, but a browser visits other sites too):
   set it) and a JSON body;
 * the ``Host`` header must be ``127.0.0.1:PORT`` or ``localhost:PORT`` (no DNS rebinding);
 * responses carry ``Content-Security-Policy: default-src 'self'`` (no inline script) and
-  ``Cache-Control: no-store``.
+  ``Cache-Control: no-store``;
+* a malformed request gets a 4xx with a JSON error, never a dropped connection: a ``candid`` is a
+  JSON integer or a string of decimal digits in ``[0, 2**63 - 1]`` (``1e999``, ``1.5``, ``true``
+  are 400s); every connection has a socket timeout (``timeout``, default 30 s), so an idle or
+  slow client cannot hold a server thread forever.
 
 Only the standard library serves it (:mod:`http.server`); PNGs are encoded here (:func:`encode_png`).
 """
@@ -28,6 +32,7 @@ import functools
 import hmac
 import json
 import logging
+import re
 import secrets
 import struct
 import threading
@@ -55,6 +60,9 @@ FEATURE_FIELDS = ("magpsf", "sigmapsf", "snr", "scorr", "fwhm", "elong", "nbad",
 #: cutout name in URLs -> packet field
 CUTOUT_KINDS = {"science": "cutoutScience", "template": "cutoutTemplate", "difference": "cutoutDifference"}
 _MAX_BODY = 16_384
+#: largest candid (ZTF's are signed 64-bit integers)
+_CANDID_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -216,6 +224,21 @@ def load_alerts(path) -> list[tuple[dict, str]]:
     return list(seen.values())
 
 
+def parse_candid(value) -> int | None:
+    """A candid from a request: a JSON integer or a string of ASCII decimal digits in
+    ``[0, 2**63 - 1]``; ``None`` for anything else (floats such as ``1e999`` or ``1.5``, booleans,
+    signs, spaces, other digit scripts)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        n = int(value)
+    else:
+        return None
+    return n if 0 <= n <= _CANDID_MAX else None
+
+
 def _float(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -336,10 +359,14 @@ class LabelServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, queue: LabelQueue, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
+    def __init__(self, queue: LabelQueue, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 timeout: float = 30.0):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError(f"the labeling page binds to 127.0.0.1 only, not {host!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 s, got {timeout!r}")
         super().__init__(("127.0.0.1", int(port)), _Handler)
+        self.request_timeout = float(timeout)  #: socket timeout of each connection (s)
         self.queue = queue
         self.token = token or secrets.token_urlsafe(24)
         self.port = self.server_address[1]
@@ -350,17 +377,21 @@ class LabelServer(ThreadingHTTPServer):
 
 
 def make_server(alert_path, db_path, *, user: str, threshold: float, port: int = 0, token: str | None = None,
-                weight: float = 0.5) -> LabelServer:
+                weight: float = 0.5, timeout: float = 30.0) -> LabelServer:
     """Read the alerts, open the label database and bind the server (not yet serving: call
-    ``serve_forever()``, in a thread for tests)."""
+    ``serve_forever()``, in a thread for tests). ``timeout``: socket timeout of each connection (s)."""
     queue = LabelQueue(load_alerts(alert_path), LabelStore(db_path), threshold=threshold, user=user, weight=weight)
-    return LabelServer(queue, port=port, token=token)
+    return LabelServer(queue, port=port, token=token, timeout=timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: LabelServer
     server_version = "nightsift-label"
     sys_version = ""
+
+    def setup(self):
+        self.timeout = self.server.request_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     def log_message(self, fmt, *args):  # requests go to the debug log, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -422,8 +453,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, q.progress())
         parts = path.strip("/").split("/")
         if len(parts) == 4 and parts[:2] == ["api", "cutout"] and parts[3].endswith(".png"):
+            candid = parse_candid(parts[2])
+            if candid is None:
+                return self._error(HTTPStatus.NOT_FOUND, "no such candidate or cutout")
             try:
-                png = q.png(int(parts[2]), parts[3][:-4])
+                png = q.png(candid, parts[3][:-4])
             except (KeyError, ValueError):
                 return self._error(HTTPStatus.NOT_FOUND, "no such candidate or cutout")
             except InputError as e:
@@ -448,9 +482,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.BAD_REQUEST, f"body must be 1..{_MAX_BODY} bytes")
         try:
             body = json.loads(self.rfile.read(n))
-            candid, lab = int(body["candid"]), str(body["label"])
-        except (ValueError, KeyError, TypeError):
+            raw, lab = body["candid"], str(body["label"])
+        except (ValueError, KeyError, TypeError, RecursionError):
             return self._error(HTTPStatus.BAD_REQUEST, 'body must be {"candid": ..., "label": ...}')
+        candid = parse_candid(raw)
+        if candid is None:
+            return self._error(HTTPStatus.BAD_REQUEST, f"candid must be an integer in [0, {_CANDID_MAX}] (a JSON "
+                                                       "integer or a string of digits)")
         if lab not in LABELS:
             return self._error(HTTPStatus.BAD_REQUEST, f"label must be one of {list(LABELS)}")
         try:

@@ -6,13 +6,16 @@ One table, append-only (a relabel adds a row; the latest row of a candidate is i
 
 ``label`` is one of :data:`LABELS`; ``time`` is ISO 8601 UTC (``2026-11-26T23:59:01.123456+00:00``);
 ``source`` names where the alert came from (the alert file), for the record. The file is a plain
-SQLite database: ``sqlite3 labels.sqlite 'select * from labels'`` reads it.
+SQLite database: ``sqlite3 labels.sqlite 'select * from labels'`` reads it. A new database is
+created readable by its owner only (``0o600``: labels carry user names); SQLite gives its journal
+files the database's permissions.
 
 Each call opens its own connection (the labeling page serves requests from several threads), with
 a busy timeout so that concurrent writers wait instead of failing.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
@@ -51,6 +54,12 @@ class LabelStore:
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # create it private before SQLite opens it (SQLite would create it 0o644 under umask 022)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise InputError(f"cannot create the label database ({e.strerror or e})", path=str(self.path)) from None
         try:
             with closing(self._connect()) as con, con:
                 con.executescript(_SCHEMA)

@@ -95,7 +95,9 @@ def write_alerts(path: str | os.PathLike, alerts: list[dict], *, codec: str = "n
 
     The records go to a temporary file in the same folder, which is flushed, synced and then
     renamed over ``path`` (:func:`os.replace`): readers see the old file or the new one, never
-    a partial one, and no temporary file is left behind, also when writing fails.
+    a partial one, and no temporary file is left behind, also when writing fails. The file is
+    readable like the FITS products (``0o644`` under umask 022; :func:`~.atomic.atomic_write`), so
+    a broker running as another user can read it.
 
     Parameters
     ----------

@@ -1,16 +1,30 @@
 """FITS in and out (astropy), with validation at the boundary.
 
 Every problem with an input file raises :class:`~nightsift.engine.errors.InputError` whose
-message names the file, the problem and the fix: missing file, truncated or corrupt FITS, no 2-D
-image HDU, an all-NaN or constant frame, a missing or unusable celestial WCS, missing ``GAIN`` /
-``SATURATE`` / ``EXPTIME`` (raw frames), mismatched extension shapes.
+message (one line) names the file, the problem and the fix: missing file, truncated or corrupt
+FITS, a header of more than :data:`MAX_HEADER_CARDS` cards, no 2-D image HDU, an all-NaN or
+constant frame, a missing or unusable celestial WCS -- including any WCS card astropy would have
+to repair or drop (:func:`celestial_wcs`: nothing is repaired silently) --, missing ``GAIN`` /
+``SATURATE`` / ``EXPTIME`` (raw frames), a frame mostly at or above ``SATURATE``, a ``MASK`` that
+cannot be :class:`~nightsift.engine.records.MaskBits`, mismatched extension shapes.
 
 Units
 -----
 :class:`~nightsift.engine.records.RawFrame` data stay in ADU. :class:`~nightsift.engine.records.Exposure`
 images are in electrons: :func:`read_exposure` multiplies by ``GAIN`` unless the header says
-``BUNIT = 'electron'`` (which :func:`write_exposure` always writes). ``GAIN`` and ``SATURATE``
-keep their raw-ADU meaning as metadata.
+``BUNIT = 'electron'`` (which :func:`write_exposure` always writes).
+
+``SATURATE`` is the level of the file's own pixel values at which the detector saturated (the
+SExtractor/SWarp convention): ADU in an ADU file (a raw frame: bias included; a calibrated ADU
+image: as its pipeline left it), so ``SATURATE * GAIN`` e- once :func:`read_exposure` has
+scaled the image; e- in a ``BUNIT = 'electron'`` file (the simulator's references and science
+exposures write it so, with ``GAIN = 1``). :func:`read_exposure` flags ``MaskBits.SAT`` where the
+image reaches ``saturation_fraction * SATURATE`` (grown by ``saturation_grow`` px, as
+:func:`~nightsift.engine.stages.calibrate.calibrate_frames` does for raw frames), on top of any
+``MASK`` extension; a file without ``SATURATE`` relies on its ``MASK``. A frame calibrated by
+nightsift has no single e- saturation level (bias, dark and flat differ per pixel), so its
+header keeps the raw level as ``SATURADU`` and drops ``SATURATE``; its ``MASK`` carries ``SAT``
+per pixel. Writing what :func:`read_exposure` returned and reading it again changes nothing.
 
 File layout written by :func:`write_exposure`: an empty primary HDU, then ``IMAGE`` (float32,
 e-, the full metadata header plus the WCS), ``VARIANCE`` (float32, e-^2, WCS), ``MASK``
@@ -61,6 +75,9 @@ _WCS_KEY = re.compile(
     r"WAT\d_\d+|LTM\d_\d|LTV\d)$"
 )
 _ELECTRON_UNITS = {"electron", "electrons", "e-", "e"}
+#: most header cards nightsift reads (a CCD header has hundreds; a header of millions is a broken or
+#: hostile file, and astropy would spend minutes and gigabytes parsing it)
+MAX_HEADER_CARDS = 50_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +128,26 @@ def _merged_header(hdul: fits.HDUList, idx: int) -> fits.Header:
     return header
 
 
+def _check_primary_header_size(p: Path, spath: str) -> None:
+    """Refuse a primary header of more than :data:`MAX_HEADER_CARDS` cards before astropy parses it
+    (a scan of the raw 2880-byte blocks for the END card)."""
+    block = 2880
+    try:
+        with open(p, "rb") as fh:
+            for _ in range(-(-MAX_HEADER_CARDS * 80 // block) + 1):
+                chunk = fh.read(block)
+                if len(chunk) < block:
+                    return  # short file: astropy reports it as truncated
+                for i in range(0, block, 80):
+                    if chunk[i:i + 8] == b"END     ":
+                        return
+    except OSError as e:
+        raise InputError(f"cannot be read ({e.strerror or e})", path=spath) from None
+    raise InputError(f"has a primary header of more than {MAX_HEADER_CARDS} cards (no END card in its first "
+                     f"{MAX_HEADER_CARDS * 80 / 1e6:.0f} MB): a corrupt file or not a CCD image; regenerate it",
+                     path=spath)
+
+
 def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
     """Open ``path`` and return ``(header, data, {extname: data})``, raising InputError on any
     unreadable, truncated or image-less file."""
@@ -120,6 +157,7 @@ def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
         raise InputError("file not found; check the path (and that the night's data are mounted)", path=spath)
     if p.is_dir():
         raise InputError("is a directory, not a FITS file; pass the file inside it", path=spath)
+    _check_primary_header_size(p, spath)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -134,6 +172,9 @@ def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
             if len(hdul) == 0:
                 raise InputError("is an empty FITS file (no HDUs); copy or regenerate it", path=spath)
             idx = _choose_image(hdul, hdu, spath)
+            if len(hdul[idx].header) > MAX_HEADER_CARDS:
+                raise InputError(f"HDU {idx} has a header of {len(hdul[idx].header)} cards (more than "
+                                 f"{MAX_HEADER_CARDS}): not a CCD image header; strip it", path=spath)
             header = _merged_header(hdul, idx)
             data = np.array(hdul[idx].data)
             extra = {}
@@ -176,32 +217,136 @@ def _check_pixels(data: np.ndarray, path: str, what: str = "image") -> None:
         )
 
 
+#: astropy's WCS fixes that only restate the header (a date from DATE-OBS, a unit spelling, the
+#: observatory position, a spectral-axis convention, AIPS NCP/GLS -> SIN/SFL): the mapping stays
+_HARMLESS_FIXES = frozenset({"datfix", "unitfix", "obsfix", "spcfix", "celfix"})
+_FIX_MESSAGE = re.compile(r"^'(\w+)' made the change '(.*)'\.?$", re.S)
+#: numeric cards of the celestial mapping that the WCS built must have taken as written
+_MAPPING_KEY = re.compile(r"^(CRPIX[12]|CRVAL[12]|CD[12]_[12]|PV[12]_\d+)$")
+
+
+def _one_line(e: Exception) -> str:
+    """A wcslib/astropy message in one line: its explanatory lines, without 'ERROR n in f() at line
+    L of file F:' locations."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = "; ".join(ln.rstrip(".") for ln in lines if not re.match(r"^ERROR \d+ in ", ln)) or "; ".join(lines)
+    return text or type(e).__name__
+
+
+def _has_sip(header: fits.Header) -> bool:
+    return any(k in header for k in ("A_ORDER", "B_ORDER"))
+
+
+def _declared_distortion(header: fits.Header) -> bool:
+    """True when astropy's removal of a second distortion follows the header's own declaration:
+    CTYPE ends in -SIP or -TPV, or is pre-2012 SCAMP (-TAN with PV cards and no SIP cards)."""
+    ctypes = [str(header.get(f"CTYPE{i}", "")).strip().upper() for i in (1, 2)]
+    if all(c.endswith(("-SIP", "-TPV")) for c in ctypes):
+        return True
+    return all(c.endswith("-TAN") for c in ctypes) and not _has_sip(header)
+
+
+def _wcs_repairs(caught, header: fits.Header) -> list[str]:
+    """What astropy had to repair in ``header``'s WCS, from the FITSFixedWarnings it raised."""
+    from astropy.wcs import FITSFixedWarning
+
+    problems = []
+    for w in caught:
+        if not issubclass(w.category, FITSFixedWarning):
+            continue  # io.fits VerifyWarnings repeat what FITSFixedWarning says about the card
+        text = str(w.message).strip()
+        m = _FIX_MESSAGE.match(text)
+        if m:
+            if m.group(1) not in _HARMLESS_FIXES:
+                problems.append(f"astropy's {m.group(1)} would change the WCS ({m.group(2)})")
+            continue
+        if text.startswith("Removed redundant"):
+            if not _declared_distortion(header):
+                problems.append("both SIP (A_*/B_*) and SCAMP PV distortion cards under CTYPE -TAN: astropy "
+                                "would drop the SIP; keep one and name it in CTYPE (-SIP or -TPV)")
+            continue
+        card, _, why = text.partition("\n")
+        card = " ".join(card.split())
+        problems.append(f"card {card} is unusable ({why.strip().rstrip('.') or 'rejected'}): astropy would drop it")
+    return problems
+
+
+def _untaken_cards(header: fits.Header, wcs: WCS) -> list[str]:
+    """Mapping cards (CRPIX, CRVAL, CD, PV of the two celestial axes) whose number the WCS did not
+    take as written (e.g. a CD card beside a PC matrix, which wcslib ignores without a word)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = wcs.to_header(relax=True)
+    sip_wins = all(str(header.get(f"CTYPE{i}", "")).strip().upper().endswith("-SIP") for i in (1, 2))
+    matrix = wcs.pixel_scale_matrix
+    problems = []
+    for key in header:
+        if not _MAPPING_KEY.match(key):
+            continue
+        value = header[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # a non-number is reported by _wcs_repairs
+        if key.startswith("CD"):
+            got = matrix[int(key[2]) - 1, int(key[4]) - 1]
+        elif key.startswith("PV"):
+            if sip_wins:
+                continue  # SCAMP PV beside a declared SIP: the header says which one applies
+            got = out.get(key, 0.0)
+        else:
+            got = out.get(key)
+        if got is None or not np.isclose(float(got), float(value), rtol=1e-9, atol=0.0):
+            if key.startswith("CRVAL1") and got is not None and np.isclose(float(got) % 360.0, float(value) % 360.0,
+                                                                           rtol=1e-12, atol=1e-12):
+                continue
+            problems.append(f"card {key} = {value!r} is not what the WCS uses ({got!r})")
+    return problems
+
+
 def celestial_wcs(header: fits.Header, shape: tuple[int, int], *, path: str | None = None) -> WCS:
     """The celestial WCS of ``header``, checked to map the image centre to finite (RA, Dec).
+
+    Nothing is repaired silently: a WCS card astropy cannot parse (it would drop it: one bad
+    character in a CD or TPV ``PV`` card moves the WCS by pixels), a mapping card (CRPIX, CRVAL,
+    CD, PV) that the WCS built does not use as written, or a fix of astropy's that changes the
+    mapping is an :class:`InputError` naming the file and the card. Fixes that only restate the
+    header pass: ``datfix`` (MJD-OBS from DATE-OBS), ``unitfix``, ``obsfix``, ``spcfix``,
+    ``celfix``; so does dropping a second distortion when CTYPE names the one that applies
+    (``-SIP``, ``-TPV``, or pre-2012 SCAMP: ``-TAN`` with PV cards and no SIP cards).
 
     Raises
     ------
     InputError
-        If the header has no celestial WCS or it cannot be evaluated.
+        If the header has no celestial WCS, a card astropy had to repair or drop, or a WCS that
+        cannot be evaluated (e.g. a singular CD matrix); one line naming the file.
     """
     fix = (
         "the image needs an astrometric solution (CTYPE1/2 = 'RA---TAN'/'DEC--TAN' or TPV/SIP, "
         "CRVAL1/2, CRPIX1/2, CD1_1..CD2_2); solve it first (e.g. astrometry.net or SCAMP) and "
         "write the WCS into the header"
     )
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             wcs = WCS(header, naxis=2)
         except Exception as e:  # astropy raises many types for broken WCS cards
-            raise InputError(f"has an invalid WCS ({e}); {fix}", path=path) from None
-        if not wcs.has_celestial or wcs.naxis != 2:
-            raise InputError(f"has no celestial WCS (CTYPE = {list(wcs.wcs.ctype)}); {fix}", path=path)
+            raise InputError(f"has an invalid WCS ({_one_line(e)}); {fix}", path=path) from None
+    problems = _wcs_repairs(caught, header)
+    if problems:
+        raise InputError(f"WCS {'; '.join(problems)}; the WCS would silently move: correct the header "
+                         "(or re-solve the astrometry)", path=path)
+    if not wcs.has_celestial or wcs.naxis != 2:
+        raise InputError(f"has no celestial WCS (CTYPE = {list(wcs.wcs.ctype)}); {fix}", path=path)
+    problems = _untaken_cards(header, wcs)
+    if problems:
+        raise InputError(f"WCS {'; '.join(problems)}: the header is ambiguous (e.g. CD beside PC); keep one "
+                         "description of the mapping", path=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             ny, nx = shape
             world = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)
         except Exception as e:
-            raise InputError(f"has a WCS that cannot be evaluated ({e}); {fix}", path=path) from None
+            raise InputError(f"has a WCS that cannot be evaluated ({_one_line(e)}); {fix}", path=path) from None
     if not np.all(np.isfinite(world)):
         raise InputError(f"has a WCS that maps the image centre to non-finite coordinates; {fix}", path=path)
     return wcs
@@ -349,7 +494,53 @@ def estimate_variance(image: np.ndarray, valid: np.ndarray | None = None, *, mes
     return var.astype(np.float32)
 
 
-def read_exposure(path, *, hdu: int | str | None = None) -> Exposure:
+def _mask_bits(m: np.ndarray, path: str) -> np.ndarray:
+    """A MASK extension as uint16 :class:`MaskBits`; values that cannot be bit flags are refused
+    (a negative, fractional or > 16-bit value: a mask of another convention or a broken file)."""
+    where = f"{path}[MASK]"
+    fix = "MASK must hold nightsift MaskBits (non-negative integers < 65536: BAD=1, SAT=2, NO_DATA=4, ...)"
+    if m.dtype.kind == "f":
+        if not np.isfinite(m).all() or np.any(m != np.round(m)):
+            raise InputError(f"holds non-integer values (float {m.dtype}, e.g. NaN or fractions); {fix}", path=where)
+    elif m.dtype.kind not in "ui":
+        raise InputError(f"has dtype {m.dtype}, not integer; {fix}", path=where)
+    lo, hi = (float(m.min()), float(m.max())) if m.size else (0.0, 0.0)
+    if lo < 0 or hi > 0xFFFF:
+        raise InputError(f"holds values from {lo:g} to {hi:g}, outside 0..65535; {fix}", path=where)
+    return m.astype(np.uint16)
+
+
+def _saturation_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, scale: float, path: str,
+                     config) -> np.ndarray | None:
+    """``SAT`` pixels of a calibrated image (e-) from its header's ``SATURATE`` (see the module
+    docstring for its units), grown like the raw frames' saturation; ``None`` without SATURATE.
+
+    Raises
+    ------
+    InputError
+        SATURATE not a positive number, or most of the frame at or above it (an overexposed frame,
+        or SATURATE in other units than the pixels).
+    """
+    from nightsift.kernels.morphology import dilate
+
+    if "SATURATE" not in header:
+        return None
+    level = _positive_key(header, "SATURATE", path, "SATURATE is the saturation level in the units of the "
+                          "image's pixels (e- when BUNIT = 'electron', else ADU); correct it or remove the card")
+    level_e = level * scale
+    sat = finite & (image >= config.saturation_fraction * level_e)
+    frac = float(sat.mean())
+    if frac > 0.5:
+        raise InputError(
+            f"{frac:.0%} of the pixels are at or above {config.saturation_fraction:g} x SATURATE "
+            f"({level:g} {'e-' if scale == 1.0 else 'ADU'}): an overexposed frame, or SATURATE in other units "
+            "than the pixels; drop the frame or correct SATURATE",
+            path=path,
+        )
+    return dilate(sat, iterations=config.saturation_grow, structure="square")
+
+
+def read_exposure(path, *, hdu: int | str | None = None, config=None) -> Exposure:
     """Read a calibrated image (e.g. a reference) with its variance and mask.
 
     Parameters
@@ -360,6 +551,9 @@ def read_exposure(path, *, hdu: int | str | None = None) -> Exposure:
         ``MASK`` (integer :class:`MaskBits`).
     hdu : int or str, keyword-only, optional
         Index or EXTNAME of the image HDU.
+    config : CalibrateConfig, keyword-only, optional
+        ``saturation_fraction`` and ``saturation_grow`` for the ``SAT`` pixels flagged from
+        ``SATURATE`` (default: :class:`~nightsift.engine.config.CalibrateConfig`'s).
 
     Returns
     -------
@@ -368,14 +562,20 @@ def read_exposure(path, *, hdu: int | str | None = None) -> Exposure:
         ``header`` (with ``BUNIT = 'electron'``), ``path``. Without a ``VARIANCE`` extension the
         variance is estimated with :func:`estimate_variance`. Non-finite image pixels (and
         non-finite or negative variances) are flagged ``NO_DATA`` and filled with the local
-        background (image) and the median variance, so FFT-based stages see no NaN.
+        background (image) and the median variance, so FFT-based stages see no NaN. Pixels at
+        or above ``saturation_fraction * SATURATE`` are flagged ``SAT`` (module docstring: units).
 
     Raises
     ------
     InputError
         As :func:`read_raw` (no GAIN needed when ``BUNIT = 'electron'``), plus extensions whose
-        shape differs from the image.
+        shape differs from the image, a SATURATE that is not a positive number, and a frame
+        mostly at or above SATURATE.
     """
+    if config is None:
+        from ..config import CalibrateConfig
+
+        config = CalibrateConfig()
     spath = str(path)
     header, data, extra = _load(path, hdu=hdu, extensions=("VARIANCE", "MASK"))
     data = np.asarray(data, dtype=np.float64)
@@ -388,10 +588,13 @@ def read_exposure(path, *, hdu: int | str | None = None) -> Exposure:
     mask = np.zeros(image.shape, dtype=np.uint16)
     if "MASK" in extra:
         check_same_shape(image, extra["MASK"], (spath + "[IMAGE]", spath + "[MASK]"))
-        m = np.asarray(extra["MASK"])
-        if m.dtype.kind not in "ui":
-            m = np.where(np.isfinite(m), m, 0).astype(np.int64)
-        mask |= (m.astype(np.int64) & 0xFFFF).astype(np.uint16)
+        mask |= _mask_bits(np.asarray(extra["MASK"]), spath)
+    sat = _saturation_mask(image, finite, header, scale, spath, config)
+    if sat is not None:
+        mask[sat] |= np.uint16(MaskBits.SAT)
+    elif "MASK" not in extra:
+        log.warning("%s: no SATURATE card and no MASK extension: saturated pixels cannot be flagged "
+                    "(add SATURATE in the pixels' units, or a MASK with the SAT bit)", spath)
 
     if "VARIANCE" in extra:
         check_same_shape(image, extra["VARIANCE"], (spath + "[IMAGE]", spath + "[VARIANCE]"))

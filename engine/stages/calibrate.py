@@ -405,8 +405,16 @@ def calibrate(raw: RawFrame, master: MasterCalibration, *, config: CalibrateConf
 
 
 def calibrated_header(header: fits.Header, read_noise: float) -> fits.Header:
-    """The raw header with ``BUNIT = 'electron'`` and the read noise used for the variance."""
+    """The raw header with ``BUNIT = 'electron'`` and the read noise used for the variance.
+
+    The raw ``SATURATE`` (ADU, bias included) becomes ``SATURADU``: in an e- file ``SATURATE``
+    would mean an e- level (:mod:`nightsift.engine.io.fits`), and a calibrated frame has none
+    (bias, dark and flat differ per pixel); its ``SAT`` pixels are in the mask.
+    """
     out = header.copy()
     out["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
     out["RDNOISE"] = (read_noise, "read noise (e-) used for the variance")
+    if "SATURATE" in out:
+        out["SATURADU"] = (out["SATURATE"], "raw saturation (ADU, bias incl.); SAT pixels in MASK")
+        del out["SATURATE"]
     return out

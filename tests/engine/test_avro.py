@@ -263,3 +263,19 @@ def test_rewrite_sweeps_a_killed_writers_temporary(tmp_path):
     other.write_bytes(b"x")
     atomic_write(target, lambda fh: fh.write(b"data"))
     assert target.read_bytes() == b"data" and not stale.exists() and other.exists()
+
+
+def test_alert_files_are_readable_like_fits_products(tmp_path):
+    """Alert files get 0o644 under umask 022, as the FITS products do (a broker under another user
+    reads them), not the 0o600 of the temporary they are written through."""
+    import stat
+
+    from nightsift.engine.io.fits import write_image
+
+    old = os.umask(0o022)
+    try:
+        p = avro.write_alerts(tmp_path / "a.avro", [_alert(1, np.random.default_rng(2))[0]])
+        write_image(tmp_path / "d.fits", np.zeros((4, 4), np.float32))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o644 == stat.S_IMODE(os.stat(tmp_path / "d.fits").st_mode)

@@ -281,3 +281,161 @@ def test_shipped_model_loads_with_defaults(rng):
     x = _triplets(rng, 16) + 100.0
     a, b = s8.score(x), sf.score(x)
     assert np.all((a >= 0) & (a <= 1)) and np.max(np.abs(a - b)) < 0.1
+
+
+# ----------------------------------------------------------------------------- model integrity (issue #14)
+def _shipped_copy(tmp_path):
+    """The shipped model's files (metadata JSON, int8 .tflite, .keras) copied to ``tmp_path``."""
+    import shutil
+
+    for p in runtime.MODELS_DIR.iterdir():
+        if p.suffix in (".json", ".tflite", ".keras"):
+            shutil.copy(p, tmp_path / p.name)
+    meta = next(tmp_path.glob("*.json"))
+    return meta, json.loads(meta.read_text())
+
+
+def _flip(path, offset=None, n=32 * 1024):
+    b = bytearray(path.read_bytes())
+    start = len(b) // 3 if offset is None else offset
+    b[start:start + n] = bytes(x ^ 0xFF for x in b[start:start + n])
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models")
+def test_shipped_metadata_records_the_sha256_of_each_model_file():
+    from nightsift.engine.classify.export import file_sha256
+
+    meta_path = next(runtime.MODELS_DIR.glob("*.json"))
+    meta = json.loads(meta_path.read_text())
+    assert set(meta["sha256"]) == set(meta["files"].values())
+    for name, digest in meta["sha256"].items():
+        assert file_sha256(runtime.MODELS_DIR / name) == digest, name
+
+
+@pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models")
+def test_flipped_bytes_in_a_model_file_are_refused(tmp_path):
+    """32 KiB of flipped bytes in the int8 model still load in LiteRT and change the scores: the
+    recorded SHA-256 refuses the file, in one line naming it."""
+    meta_path, meta = _shipped_copy(tmp_path)
+    tfl = tmp_path / meta["files"]["tflite_int8"]
+    assert load_scorer(_cfg(backend="tflite", model=str(meta_path)), num_threads=1) is not None  # intact copy
+    _flip(tfl)
+    for model in (meta_path, tfl):  # through the metadata, or the .tflite whose metadata has the same stem
+        with pytest.raises(InputError, match="SHA-256") as err:
+            load_scorer(_cfg(backend="tflite", model=str(model)), num_threads=1)
+        assert str(tfl) in str(err.value) and "\n" not in str(err.value)
+    keras_file = tmp_path / meta["files"]["keras"]
+    _flip(keras_file, n=64)
+    with pytest.raises(InputError, match="SHA-256") as err:
+        load_scorer(_cfg(backend="keras", model=str(meta_path)))
+    assert str(keras_file) in str(err.value)
+
+
+def test_exported_metadata_hashes_are_checked(tiny, tmp_path, caplog):
+    """record_model_hashes (used when a model is written) -> a mismatch is an error; a user model
+    without a recorded hash loads with a WARNING naming the file."""
+    import logging
+    import shutil
+
+    from nightsift.engine.classify.export import record_model_hashes
+
+    d, _, _, _ = tiny
+    shutil.copy(d / "tiny.tflite", tmp_path / "m_int8.tflite")
+    meta = record_model_hashes({"name": "m", "normalisation": "none", "files": {"tflite_int8": "m_int8.tflite"}},
+                               tmp_path)
+    assert set(meta["sha256"]) == {"m_int8.tflite"}
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    assert load_scorer(_cfg(backend="tflite", model=str(tmp_path / "m.json")), num_threads=1) is not None
+    shutil.copy(d / "tiny.tflite", tmp_path / "bare.tflite")
+    with caplog.at_level(logging.WARNING, logger="nightsift.classify"):
+        load_scorer(_cfg(backend="tflite", model=str(tmp_path / "bare.tflite")), num_threads=1)
+    assert any("bare.tflite" in r.getMessage() and "SHA-256" in r.getMessage() for r in caplog.records)
+    _flip(tmp_path / "m_int8.tflite", n=16)
+    with pytest.raises(InputError, match="SHA-256"):
+        load_scorer(_cfg(backend="tflite", model=str(tmp_path / "m.json")), num_threads=1)
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated", "empty"])
+def test_damaged_keras_file_is_one_line(tiny, tmp_path, damage):
+    """A .keras with a bad CRC escaped as a 77-line zipfile traceback; a truncated one was reported
+    as 'File not found'."""
+    _, _, kpath, _ = tiny
+    p = tmp_path / "damaged.keras"
+    b = kpath.read_bytes()
+    if damage == "crc":
+        # flip bytes inside the largest member's data (the central directory stays intact)
+        import zipfile
+
+        with zipfile.ZipFile(kpath) as z:
+            info = max(z.infolist(), key=lambda i: i.compress_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 8
+        b = b[:start] + bytes(x ^ 0xFF for x in b[start:start + 16]) + b[start + 16:]
+    elif damage == "truncated":
+        b = b[: len(b) // 2]
+    else:
+        b = b""
+    p.write_bytes(b)
+    with pytest.raises(InputError) as err:
+        load_scorer(_cfg(backend="keras", model=str(p)), preprocess=_scale)
+    msg = str(err.value)
+    assert str(p) in msg and "\n" not in msg and "not found" not in msg.lower()
+    assert ("CRC" in msg) if damage == "crc" else ("truncated or corrupt" in msg)
+
+
+def test_auto_with_a_configured_model_that_cannot_load_is_an_error(tiny, tmp_path, monkeypatch):
+    """classify.backend = auto drops to "no scorer" only when no model is configured or shipped;
+    a configured model that is missing or whose metadata is unreadable is an error naming it."""
+    monkeypatch.setattr(runtime, "edgetpu_available", lambda: False)
+    with pytest.raises(InputError, match="nope.tflite"):
+        pipeline_scorer(_cfg(backend="auto", model=str(tmp_path / "nope.tflite")))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="bad.json"):
+        pipeline_scorer(_cfg(backend="auto", model=str(tmp_path / "bad.json")))
+    # the shipped model counts as configured: unreadable shipped metadata is an error too
+    shipped = tmp_path / "models"
+    shipped.mkdir()
+    (shipped / "nightsift_rb.json").write_text('{"files": {"tflite_int8": "nightsift_rb_int8.tflite"')
+    monkeypatch.setattr(runtime, "MODELS_DIR", shipped)
+    runtime._cached.cache_clear()  # the process-wide scorer cache may hold the real shipped model
+    with pytest.raises(InputError, match="nightsift_rb.json"):
+        pipeline_scorer(_cfg(backend="auto"))
+    (shipped / "nightsift_rb.json").write_text(json.dumps({"files": {"tflite_int8": "gone_int8.tflite"}}))
+    with pytest.raises(InputError, match="gone_int8.tflite"):
+        pipeline_scorer(_cfg(backend="auto"))
+
+
+def test_auto_with_an_empty_models_folder_runs_without_a_scorer(tmp_path, monkeypatch):
+    """Nothing configured, nothing shipped (the folder exists but is empty): no scorer, no error."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "README").write_text("no model")
+    monkeypatch.setattr(runtime, "MODELS_DIR", tmp_path / "models")
+    assert pipeline_scorer(_cfg(backend="auto")) is None
+
+
+def test_check_model_before_a_night(tiny, tmp_path, monkeypatch):
+    """check_model: None when no scorer will run, the verified spec otherwise, the error at once."""
+    from nightsift.engine.classify.runtime import check_model
+
+    d, _, _, tfl = tiny
+    assert check_model(_cfg(backend="none")) is None
+    assert check_model(_cfg(backend="tflite", model=str(d / "tiny.json"))).path == d / "tiny.tflite"
+    with pytest.raises(InputError, match="nope.tflite"):
+        check_model(_cfg(backend="auto", model=str(tmp_path / "nope.tflite")))
+    monkeypatch.setattr(runtime, "MODELS_DIR", tmp_path / "no_models")
+    assert check_model(_cfg(backend="auto")) is None
+
+
+@pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models")
+def test_auto_without_the_litert_runtime_runs_without_a_scorer(monkeypatch, caplog):
+    """The shipped model and no LiteRT installed (a base install): auto warns once and scores nothing."""
+    import importlib.util
+    import logging
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ai_edge_litert" else real(name, *a))
+    monkeypatch.setattr(runtime, "edgetpu_available", lambda: False)
+    runtime._warn_no_model.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="nightsift.classify"):
+        assert pipeline_scorer(_cfg(backend="auto")) is None
+    assert any("LiteRT" in r.getMessage() for r in caplog.records)

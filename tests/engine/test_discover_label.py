@@ -324,3 +324,71 @@ def test_cli_label_serves_until_stopped(tmp_path):
     assert proc.returncode == 0, err
     assert "labeled 1 of 12" in out
     assert LabelStore(db).latest() == {300100000: "bogus"}
+
+
+# ----------------------------------------------------------------------------- hostile requests (issue #14)
+
+def _post_raw(srv, raw: bytes):
+    """POST a raw JSON body; returns (status, parsed JSON body) also for error statuses."""
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/api/label", data=raw,
+                                 headers={"Content-Type": "application/json", "X-Nightsift-Token": srv.token},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("candid", [b"1e999", b"-1e999", b"NaN", b"1.5", b"1e300", b"true", b"null",
+                                    b"99999999999999999999999", b"-3", b'"12abc"', b'""', b"[1]", b"{}",
+                                    b'"1e999"', b'" 7"'])
+def test_http_label_refuses_non_integer_candids_with_a_json_400(server, candid):
+    """``{"candid": 1e999}`` used to raise OverflowError in the handler and drop the connection."""
+    srv, alerts, db = server
+    status, body = _post_raw(srv, b'{"candid": ' + candid + b', "label": "real"}')
+    assert status == 400 and body["ok"] is False and "candid" in body["error"]
+    # the server is still there, and nothing was recorded
+    assert _status(_get, srv, "/api/progress") == 200
+    assert LabelStore(db).rows() == []
+
+
+def test_http_label_accepts_an_integer_or_its_decimal_string(server):
+    srv, alerts, _ = server
+    cid = int(alerts[2]["candid"])
+    assert _post_raw(srv, b'{"candid": %d, "label": "bogus"}' % cid)[0] == 200
+    assert _post_raw(srv, b'{"candid": "%d", "label": "real"}' % cid)[0] == 200
+
+
+def test_label_server_times_out_idle_connections(tmp_path):
+    """An idle (or slow-loris) connection is closed after the socket timeout instead of holding a
+    server thread forever."""
+    import socket
+    import time
+
+    _write_alerts(tmp_path / "alerts" / "visit00000003_ccd001.avro")
+    srv = make_server(tmp_path / "alerts", tmp_path / "labels.sqlite", user="t", threshold=THRESHOLD, timeout=0.5)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"GET /api/progress HTTP/1.1\r\nHost: 127.0.0.1")  # never finishes the request
+        t0 = time.monotonic()
+        assert s.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        s.close()
+        assert _status(_get, srv, "/api/progress") == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+def test_label_database_is_created_private(tmp_path):
+    import os
+    import stat
+
+    store = LabelStore(tmp_path / "sub" / "labels.sqlite")
+    store.add(5, "real", user="me")
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600

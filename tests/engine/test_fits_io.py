@@ -1,4 +1,6 @@
 """FITS I/O: round trips, unit handling, variance estimate, and every InputError naming the file."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -222,3 +224,150 @@ def test_read_real_decam_tpv():
         w = WCS(h)
     x, y = np.array([0.0, 128.0, 255.0]), np.array([0.0, 128.0, 255.0])
     np.testing.assert_allclose(e.wcs.all_pix2world(x, y, 0), w.all_pix2world(x, y, 0), atol=1e-12)
+
+
+# ------------------------------------------------------------------ SATURATE on calibrated inputs (issue #14)
+def _star_field(shape=(64, 80), peak=5000.0, sky=100.0, rng=None):
+    rng = rng or np.random.default_rng(3)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = sky + peak * np.exp(-((xx - 40) ** 2 + (yy - 30) ** 2) / (2 * 2.0**2)) + rng.normal(0, 3, shape)
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("bunit, gain", [("electron", 1.0), ("adu", 4.0), (None, 2.5)])
+def test_read_exposure_flags_saturate_in_the_pixels_units(tmp_path, bunit, gain):
+    """SATURATE is in the file's pixel units; SAT where the pixels reach 0.98 x SATURATE, grown by 1 px."""
+    level = 3000.0
+    data = np.minimum(_star_field(), level)
+    h = _wcs(data.shape).to_header()
+    h["GAIN"] = gain
+    h["SATURATE"] = level
+    if bunit:
+        h["BUNIT"] = bunit
+    fits.PrimaryHDU(data, h).writeto(tmp_path / "c.fits")
+    e = read_exposure(tmp_path / "c.fits")
+    clipped = data >= 0.98 * level
+    assert clipped.sum() > 4
+    sat = (e.mask & MaskBits.SAT) != 0
+    from scipy.ndimage import binary_dilation
+
+    np.testing.assert_array_equal(sat, binary_dilation(clipped, structure=np.ones((3, 3), bool)))
+    scale = 1.0 if bunit == "electron" else gain
+    np.testing.assert_allclose(e.image, data * scale, rtol=1e-6)
+
+
+def test_read_exposure_saturation_config_and_mask_extension(tmp_path):
+    from nightsift.engine.config import CalibrateConfig
+
+    level = 3000.0
+    data = np.minimum(_star_field(), level)
+    h = _wcs(data.shape).to_header()
+    h["BUNIT"], h["SATURATE"] = "electron", level
+    mask = np.zeros(data.shape, np.uint16)
+    mask[0, 0] = MaskBits.BAD
+    e = Exposure(image=data, variance=np.full(data.shape, 100.0, np.float32), mask=mask, wcs=_wcs(data.shape),
+                 header=h)
+    write_exposure(tmp_path / "e.fits", e)
+    back = read_exposure(tmp_path / "e.fits", config=CalibrateConfig(saturation_grow=0))
+    assert back.mask[0, 0] == MaskBits.BAD  # the MASK extension is kept
+    np.testing.assert_array_equal((back.mask & MaskBits.SAT) != 0, data >= 0.98 * level)
+    # what read_exposure returns round-trips unchanged
+    write_exposure(tmp_path / "again.fits", back)
+    again = read_exposure(tmp_path / "again.fits", config=CalibrateConfig(saturation_grow=0))
+    np.testing.assert_array_equal(again.mask, back.mask)
+    np.testing.assert_array_equal(again.image, back.image)
+
+
+@pytest.mark.parametrize("value, words", [("high", "not a number"), (-5.0, "> 0"), (0.0, "> 0"),
+                                          (50.0, "overexposed")])
+def test_read_exposure_bad_saturate_names_the_file(tmp_path, value, words):
+    data = _star_field()
+    h = _wcs(data.shape).to_header()
+    h["BUNIT"], h["SATURATE"] = "electron", value
+    p = tmp_path / "sat.fits"
+    fits.PrimaryHDU(data, h).writeto(p)
+    with pytest.raises(InputError, match=words) as err:
+        read_exposure(p)
+    assert err.value.path == str(p) and "SATURATE" in str(err.value)
+
+
+def test_calibrated_header_keeps_raw_saturation_apart():
+    """A nightsift-calibrated frame (e-) must not carry the raw ADU level as SATURATE."""
+    from nightsift.engine.stages.calibrate import calibrated_header
+
+    h = calibrated_header(_raw_header(), 5.0)
+    assert h["BUNIT"] == "electron" and "SATURATE" not in h and h["SATURADU"] == 60000.0
+
+
+# ------------------------------------------------------------------ WCS cards astropy would repair (issue #14)
+def _decam_header():
+    return fits.getheader(shared_data("decam") / "DEC-OBS04a.mini.fits")
+
+
+def _patch_card(path, key, raw_value):
+    """Overwrite card ``key`` of the FITS file at ``path`` in place with an 80-char card whose value
+    text is ``raw_value`` verbatim (so it can be unparsable: astropy would refuse to write it)."""
+    b = bytearray(Path(path).read_bytes())
+    i = b.index((key.ljust(8) + "=").encode())
+    b[i:i + 80] = (key.ljust(8) + "= " + raw_value).ljust(80)[:80].encode()
+    Path(path).write_bytes(bytes(b))
+    return path
+
+
+def _write_cutout(path, header):
+    data = fits.getdata(shared_data("decam") / "DEC-OBS04a.mini.fits")
+    fits.PrimaryHDU(data, header).writeto(path)
+    return path
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("key, value", [("CD1_1", "-4.2777691827E-0x"), ("CD2_2", "-4.1783637764O-07"),
+                                        ("PV1_5", "8.22514996524E-0x"), ("PV2_10", "'abc'"),
+                                        ("CRPIX1", "-58x.2001"), ("CRVAL2", "'-66.0'")])
+def test_unparsable_wcs_card_is_an_error_naming_file_and_card(tmp_path, key, value):
+    """One bad character in a CD / TPV PV / CRPIX / CRVAL card: astropy drops the card (the WCS moves
+    by pixels); nightsift refuses the file, naming it and the card, in one line."""
+    p = _patch_card(_write_cutout(tmp_path / "badwcs.fits", _decam_header()), key, value)
+    with pytest.raises(InputError) as err:
+        read_exposure(p)
+    msg = str(err.value)
+    assert err.value.path == str(p) and str(p) in msg and key in msg and "\n" not in msg
+
+
+@pytest.mark.data
+def test_real_decam_tpv_headers_load_without_complaint(tmp_path):
+    """Every real DECam header (TPV) loads; a missing MJD-OBS that astropy's datfix sets from
+    DATE-OBS is an informational fix, not an error."""
+    import glob
+
+    for f in sorted(glob.glob(str(shared_data("decam") / "DEC-OBS*.fits"))):
+        read_exposure(f)
+    h = _decam_header()
+    del h["MJD-OBS"]
+    read_exposure(_write_cutout(tmp_path / "nomjd.fits", h))
+
+
+@pytest.mark.data
+def test_zero_cd_matrix_is_one_line(tmp_path):
+    h = _decam_header()
+    for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+        h[k] = 0.0
+    p = _write_cutout(tmp_path / "zerocd.fits", h)
+    with pytest.raises(InputError, match="singular") as err:
+        read_exposure(p)
+    assert "\n" not in str(err.value) and "wcs.c" not in str(err.value) and str(p) in str(err.value)
+
+
+def test_cd_card_the_wcs_does_not_use_is_an_error(tmp_path, rng):
+    """A header with both PC and CD: wcslib uses PC and ignores CD without a warning."""
+    shape = (64, 80)
+    h = _raw_header(shape)
+    h["PC1_1"], h["PC2_2"] = 1.0, 1.0
+    h["CDELT1"], h["CDELT2"] = -7.5e-5, 7.5e-5
+    h["CD1_1"] = -1e-4
+    h["BUNIT"] = "electron"
+    p = tmp_path / "pccd.fits"
+    fits.PrimaryHDU(rng.normal(100, 5, shape).astype(np.float32), h).writeto(p)
+    with pytest.raises(InputError, match="CD1_1") as err:
+        read_exposure(p)
+    assert str(p) in str(err.value)
