@@ -84,6 +84,10 @@ class PSFConfig:
     denoise: bool = True
     #: significance (sigma) below which the stack's departure from the Moffat is treated as noise
     denoise_k: float = 2.0
+    #: half-side of the core box (in FWHM) that must hold no unusable pixel for a star to be a PSF
+    #: star; unusable pixels further out are left out of the stack. (A whole-stamp rule made every
+    #: star of a frame with a few scattered NaN pixels ineligible.)
+    core_radius_fwhm: float = 0.5
     #: a PSF-star candidate is not isolated when a neighbour within the isolation radius has more
     #: than this fraction of its flux (a 1 % neighbour biases the stack's wings by ~1 %)
     isolation_flux: float = 0.01
@@ -125,6 +129,12 @@ class SubtractConfig:
     #: they reached us have correlated noise the variance maps cannot know about. The factor is
     #: reported as QA ``scorr_std_raw``.
     renormalize_scorr: bool = True
+    #: a blank-sky S_corr std (before renormalisation) outside [scorr_std_min, scorr_std_max] fails
+    #: the CCD-visit: the subtraction is degenerate (identical inputs give ~0: renormalising that
+    #: turns round-off into alerts) or its noise model is badly wrong; renormalisation only
+    #: corrects what resampled, correlated noise does to a sound subtraction (1.0-1.3 seen)
+    scorr_std_min: float = 0.5
+    scorr_std_max: float = 2.0
     #: remove the residual sky offset of D (per tile, median of D on blank sky)
     remove_difference_offset: bool = True
     #: FFT precision: "float32" (S_corr within 5e-6 RMS of float64 on a 2048^2 pair, same candidates,
@@ -239,7 +249,9 @@ class RunConfig:
     inference_in_flight: int = 4
     #: times Ray restarts a crashed actor before nightsift replaces it with a new one
     max_restarts: int = 3
-    #: times a CCD-visit is run again after its actor died under it, before it is recorded failed
+    #: times a CCD-visit is run again after its actor died with it in flight (the last time running
+    #: alone on its actor, so a death is pinned on the CCD-visit that caused it), before it is
+    #: recorded failed
     task_retries: int = 2
     #: CCD references kept resident per subtraction actor (least recently used evicted); 0 = all
     max_resident_ccds: int = 0
@@ -318,6 +330,8 @@ def validate(cfg: Config) -> None:
     _check(c.subtract.tile_margin >= 8, "subtract.tile_margin", "must be >= 8")
     _check(c.subtract.default_astrometric_rms >= 0, "subtract.default_astrometric_rms", "must be >= 0")
     _check(c.subtract.fft_dtype in ("float32", "float64"), "subtract.fft_dtype", "float32 or float64")
+    _check(0 <= c.subtract.scorr_std_min < 1 < c.subtract.scorr_std_max, "subtract.scorr_std_min/max",
+           "need 0 <= min < 1 < max")
     _check(c.detect.threshold > 0, "detect.threshold", "must be > 0")
     _check(c.detect.min_area >= 1, "detect.min_area", "must be >= 1")
     _check(c.cutout.size % 2 == 1 and c.cutout.size >= 15, "cutout.size", "must be odd and >= 15")

@@ -404,6 +404,7 @@ def _host_checks(batch: _Batch, config: Config):
             if (f.raw is None) == (f.science is None):
                 raise InputError("a visit frame needs exactly one of raw or science", path=f.path)
             src = f.raw if f.raw is not None else f.science
+            _same_file(f.path, st.reference.path)
             header = src.header
             shape = tuple(np.shape(src.data if f.raw is not None else src.image))
             if f.raw is not None:
@@ -646,6 +647,10 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
                                    triplets=trip[img == j], header=prep[i]["header"], shape=run["shape"],
                                    products=run.get("products", {}).get(i), truth_snr=snr)
     qas = batch.resolve_qa()
+    for i in results:  # the QA read above says whether the subtraction can be trusted
+        err = _degenerate(qas[i], batch.frames[i], batch.statics[i], config)
+        if err is not None:
+            batch.errors[i] = err
     out = []
     for i, f in enumerate(batch.frames):
         if i in batch.errors:
@@ -655,6 +660,36 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
         else:
             out.append(replace(results[i], qa=qas[i]))
     return out
+
+
+def _same_file(science: str | None, reference: str | None) -> None:
+    """InputError when the science frame and the reference are one file."""
+    if not science or not reference:
+        return
+    try:
+        same = os.path.samefile(science, reference)
+    except OSError:
+        same = os.path.abspath(science) == os.path.abspath(reference)
+    if same:
+        raise InputError(f"science {science} and reference {reference} are the same file: there is nothing to "
+                         "subtract")
+
+
+def _degenerate(qa: dict, frame: VisitFrame, statics: CCDStatics, config: Config) -> AlgorithmFailure | None:
+    """An AlgorithmFailure naming both files when the raw blank-sky S_corr std is outside
+    ``subtract.scorr_std_min/max`` (or not finite): identical inputs, or a broken noise model."""
+    v = qa.get("scorr_std_raw")
+    lo, hi = config.subtract.scorr_std_min, config.subtract.scorr_std_max
+    if v is not None and np.isfinite(v) and lo <= v <= hi:
+        return None
+    sci = frame.path or f"visit {frame.visit} ccd {frame.ccd}"
+    ref = statics.reference.path or "its reference"
+    finite = v is not None and np.isfinite(v)
+    what = "identical inputs?" if finite and v < lo else "a broken noise model?"
+    shown = f"{v:.3g}" if finite else str(v)
+    return AlgorithmFailure(f"{sci} minus {ref}: blank-sky S_corr std {shown} before renormalisation, outside "
+                            f"[{lo:g}, {hi:g}]: the subtraction cannot be trusted ({what})", stage="subtract",
+                            qa=qa)
 
 
 def package_results(results: Sequence[CCDResult], *, config: Config, scorer=None, write: bool = True,
@@ -848,6 +883,10 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
         Where to run (default: ``config.run.backend``).
     """
     xp = _backend(config) if xp is None else xp
+    _same_file(science.path, reference.path)
+    if np.shape(science.image) == np.shape(reference.image) and np.array_equal(science.image, reference.image):
+        raise InputError(f"science {science.path or '(in memory)'} and reference {reference.path or '(in memory)'} "
+                         "hold the same pixels: there is nothing to subtract")
     statics = prepare_statics(reference, None, config=config, xp=xp, ccd=ccd)
     return _single(process_visit([VisitFrame(visit, ccd, science=science)], [statics], config=config, scorer=scorer,
                                  write=write, keep_products=keep_products)[0])

@@ -71,7 +71,7 @@ def centroid(stamps, *, sigma: float = 2.0, iterations: int = 5):
     return dx, dy
 
 
-def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None):
+def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None, masked=None):
     """Empirical PSF from star stamps: shift each star onto the centre, normalise, robust mean.
 
     Parameters
@@ -86,6 +86,10 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None):
     weights : ndarray (n,) or (T, K), optional
         Weight of each star in the mean (e.g. S/N^2; 0 leaves a star out: the padding of a
         batch of stacks); equal weights if None.
+    masked : ndarray of bool like ``stamps``, optional
+        Pixels of a star that must not enter the stack (unusable pixels in its wings, set to 0 in
+        ``stamps``): they, and the pixels their shift onto the centre smears them into, are
+        left out of that star's contribution (the other stars fill them in).
 
     Returns
     -------
@@ -104,6 +108,17 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None):
     use = (flux > 0) & (w > 0)
     norm = shifted / xp.where(use, flux, 1.0)[..., None, None]
     norm = xp.where(use[..., None, None], norm, xp.nan)
+    if masked is not None:  # the shifted footprint of each masked pixel (ringing included) is missing
+        m = masked.reshape(T * K, s, s).astype(xp.float64)
+        gone = fourier_shift(m, -dx.reshape(-1), -dy.reshape(-1)).reshape(T, K, s, s)
+        norm = xp.where(xp.abs(gone) > 1e-3, xp.nan, norm)
+        # a star's flux lacks its masked pixels: renormalise it on the pixels it has, against the
+        # median of all stars there
+        med = xp.nanmedian(norm, axis=1)
+        have = xp.isfinite(norm) & xp.isfinite(med)[:, None]
+        num = xp.where(have, norm, 0.0).sum(axis=(2, 3))
+        den = xp.where(have, med[:, None], 0.0).sum(axis=(2, 3))
+        norm = norm / xp.where((num > 0) & (den > 0), num / xp.where(den > 0, den, 1.0), 1.0)[..., None, None]
     med = xp.nanmedian(norm, axis=1)
     mad = xp.nanmedian(xp.abs(norm - med[:, None]), axis=1) * 1.4826
     floor = 1e-6 * xp.max(xp.nan_to_num(med), axis=(1, 2))

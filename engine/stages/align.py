@@ -27,7 +27,8 @@ then those that remain), so the reference is resampled once. On the DECam cutout
 ../shared/data (identical WCS headers, stars ~0.55 px apart between the epochs) this halves the
 number of dipole candidates.
 
-QA: ``overlap_fraction``, ``nodata_fraction``, ``pixel_area_ratio`` (median ``|det J|``),
+QA: ``overlap_fraction``, ``ref_nodata_fraction`` (of the aligned reference; ``nodata_fraction`` is the
+science frame's, from calibration), ``pixel_area_ratio`` (median ``|det J|``),
 ``map_interp_error`` (px) and the astrometric numbers above.
 """
 from __future__ import annotations
@@ -369,7 +370,7 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
         ast = (max(rx, config.astrometric_rms_floor), max(ry, config.astrometric_rms_floor))
     qa = {
         "overlap_fraction": ov,
-        "nodata_fraction": nodata.mean(),
+        "ref_nodata_fraction": nodata.mean(),
         "pixel_area_ratio": area_med,
         "map_interp_error": cmap.max_error,
         "astrometric_correction_x": correction[0],

@@ -130,21 +130,32 @@ def stellar_locus(fwhm, *, min_count: int = 3, width: float = 0.03):
     return xp.where(m > 0, xp.exp(out), xp.nan)
 
 
-def select_psf_stars(cat: SourceCatalog, unusable, image: int, shape, *, stamp: int, config: PSFConfig):
-    """Device bool ``(n,)``: bright, unflagged sources with no ``unusable`` (``(B, ny, nx)`` bool)
-    pixel in a ``stamp`` box of image ``image``,
-    inside the image by half a stamp, isolated (no non-artefact neighbour with more than
-    ``psf.isolation_flux`` of the flux within ``psf.isolation_radius`` stamp half-sides),
-    and not grossly elongated (b > 0.6 a)."""
+def core_half(fwhm: float, config: PSFConfig) -> int:
+    """Half-side (px) of the box around a PSF star that must hold no unusable pixel: its core,
+    ``psf.core_radius_fwhm`` FWHMs (at least 2 px). Unusable pixels in the wings are left out of
+    the stack instead (:func:`nightsift.kernels.psf.stack_psf`)."""
+    f = fwhm if np.isfinite(fwhm) and fwhm > 0 else config.default_fwhm
+    return max(2, int(np.ceil(config.core_radius_fwhm * f)))
+
+
+def select_psf_stars(cat: SourceCatalog, unusable, image: int, shape, *, stamp: int, core: int,
+                     config: PSFConfig):
+    """Device bool ``(n,)``: bright sources with no ``unusable`` (``(B, ny, nx)`` bool) pixel in
+    their core (a ``2 core + 1`` box of image ``image``; the wings may hold some: they are left
+    out of the stack), no other flag than a masked pixel in the aperture, inside the image by half
+    a stamp, isolated (no non-artefact neighbour with more than ``psf.isolation_flux`` of the flux
+    within ``psf.isolation_radius`` stamp half-sides), and not grossly elongated."""
+    from nightsift.kernels.sources import FLAG_MASKED
+
     xp = array_namespace(cat.x)
     ny, nx = shape
     h = stamp // 2
     n = len(cat)
-    ok = (cat.snr >= config.min_snr) & (cat.flag == 0)
+    ok = (cat.snr >= config.min_snr) & ((cat.flag & ~xp.int32(FLAG_MASKED)) == 0)
     ok &= (cat.x >= h) & (cat.x < nx - h - 1) & (cat.y >= h) & (cat.y < ny - h - 1)
     if n == 0:
         return ok
-    ok &= count_in_boxes(unusable, image, cat.x, cat.y, half=h) == 0
+    ok &= count_in_boxes(unusable, image, cat.x, cat.y, half=min(core, h)) == 0
     # single-pixel artefacts (an unmasked hot pixel, a cosmic ray: the peak holds most of the
     # aperture flux) do not count as neighbours: the stack's clipping removes them
     sharp = cat.peak > 0.6 * xp.maximum(cat.flux, 1e-30)
@@ -235,8 +246,9 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
     loci = []
     for b, cat in enumerate(catalogs):
         s0 = _stamp_for(config, fwhm_guess[b], max_stamp)
-        first = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=s0, config=config), cat.flux,
-                           4 * config.max_stars)
+        first = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=s0,
+                                                core=core_half(fwhm_guess[b], config), config=config),
+                           cat.flux, 4 * config.max_stars)
         st, _ = gather_stamps(images[b:b + 1], None, cat.x[first], cat.y[first], size=s0, fill=0.0)
         sizes = stamp_fwhm(st.astype(xp.float64), sigma=fwhm_guess[b] / FWHM_PER_SIGMA)
         loci.append(stellar_locus(sizes, min_count=config.min_stars))
@@ -247,10 +259,13 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
     for b, cat in enumerate(catalogs):
         guess = loci[b] if np.isfinite(loci[b]) else fwhm_guess[b]
         stamp = _stamp_for(config, guess, max_stamp)
-        idx = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=stamp, config=config), cat.flux)
+        idx = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=stamp,
+                                              core=core_half(guess, config), config=config), cat.flux)
         x, y = cat.x[idx], cat.y[idx]
         st, _ = gather_stamps(images[b:b + 1], None, x, y, size=stamp, fill=0.0)
         st = st.astype(xp.float64)
+        holes, _ = gather_stamps(unusable[b:b + 1], None, x, y, size=stamp, fill=False)  # masked wing pixels
+        st = _symmetric_fill(st, holes)  # for the centroid and the size; the stack leaves holes out
         dx0, dy0 = x - xp.rint(x), y - xp.rint(y)
         cdx, cdy = kpsf.centroid(st, sigma=max(guess / FWHM_PER_SIGMA, 0.8))
         # trust the windowed centroid unless it ran away (neighbour); then keep the catalogue's
@@ -266,7 +281,7 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
                 locus = xp.nanmedian(size[:max(config.min_stars, 10)]) if size.shape[0] else xp.full((), xp.nan)
         clean = xp.isfinite(size) & (xp.abs(size / locus - 1) < locus_tolerance(cat.snr[idx])) & ~far
         use = xp.where(clean.sum() >= config.min_stars, clean, xp.ones_like(clean))
-        stars.append(dict(idx=idx, st=st, cdx=cdx, cdy=cdy, use=use, stamp=stamp, locus=locus,
+        stars.append(dict(idx=idx, st=st, holes=holes, cdx=cdx, cdy=cdy, use=use, stamp=stamp, locus=locus,
                           n_use=use.sum(), n_rej=(~clean).sum()))
     vals = host_scalars(*[s["n_use"] for s in stars], *[s["n_rej"] for s in stars],
                         *[xp.asarray(s["locus"]) if not np.isscalar(s["locus"]) else s["locus"] for s in stars])
@@ -294,7 +309,7 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
         cols, valid = _tile_members(xp, cat.x[idx], cat.y[idx], use, centres, core=grid.core,
                                     min_stars=config.min_stars, max_stars=config.max_stars)
         w = xp.where(valid, weights[cols], 0.0)
-        psf = kpsf.stack_psf(s["st"][cols], s["cdx"][cols], s["cdy"][cols], weights=w)
+        psf = kpsf.stack_psf(s["st"][cols], s["cdx"][cols], s["cdy"][cols], weights=w, masked=s["holes"][cols])
         fit = fit_moffat(psf)
         if config.denoise:
             var = stack_variance(s["st"], w, sky_sigma[b], psf, members=cols)
@@ -305,7 +320,7 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
                          locus=float(locus_h[b]))
         psf_star = xp.zeros(len(cat), bool)
         psf_star[idx[use]] = True
-        out.append((model, _point_sources(images, b, cat.replace(psf_star=psf_star), float(locus_h[b]), s["stamp"])))
+        out.append((model, _point_sources(images, unusable, b, cat.replace(psf_star=psf_star), float(locus_h[b]), s["stamp"])))
         row.update(psf_fwhm=xp.median(fit.fwhm), psf_fwhm_min=fit.fwhm.min(), psf_fwhm_max=fit.fwhm.max(),
                    psf_n_stars=int(n_use[b]), psf_apcorr=xp.median(fit.apcorr))
         qa_rows.append(row)
@@ -314,15 +329,29 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
     return StageResult(out, qa)
 
 
-def _point_sources(images, b: int, cat: SourceCatalog, locus: float, stamp: int) -> SourceCatalog:
-    """Fill ``size`` (adaptive FWHM) and ``point`` (on the stellar locus) for the bright,
-    unflagged sources: what the flux ratio trusts as stars (a galaxy may host a transient)."""
+def _symmetric_fill(stamps, holes):
+    """Star stamps with their unusable pixels (``holes``) replaced by the point-symmetric pixel
+    about the stamp centre where that one is usable: a PSF is nearly symmetric, so a hole in the
+    wings no longer pulls a windowed centroid or an adaptive size away (0 where both are holes)."""
+    xp = array_namespace(stamps)
+    mirror = holes[:, ::-1, ::-1]
+    return xp.where(holes, xp.where(mirror, 0.0, stamps[:, ::-1, ::-1]), stamps).astype(stamps.dtype)
+
+
+def _point_sources(images, unusable, b: int, cat: SourceCatalog, locus: float, stamp: int) -> SourceCatalog:
+    """Fill ``size`` (adaptive FWHM) and ``point`` (on the stellar locus) for the bright sources
+    with no other flag than a masked pixel in the aperture (:func:`_symmetric_fill`): what the
+    flux ratio trusts as stars (a galaxy may host a transient)."""
+    from nightsift.kernels.sources import FLAG_MASKED
+
     xp = array_namespace(cat.x)
     if not np.isfinite(locus) or len(cat) == 0:
         return cat
-    bright = (cat.snr >= POINT_MIN_SNR) & (cat.flag == 0)
+    bright = (cat.snr >= POINT_MIN_SNR) & ((cat.flag & ~xp.int32(FLAG_MASKED)) == 0)
     idx = xp.nonzero(bright)[0]
     st, _ = gather_stamps(images[b:b + 1], None, cat.x[idx], cat.y[idx], size=stamp, fill=0.0)
+    holes, _ = gather_stamps(unusable[b:b + 1], None, cat.x[idx], cat.y[idx], size=stamp, fill=False)
+    st = _symmetric_fill(st, holes)
     size = xp.full(len(cat), xp.nan)
     size[idx] = stamp_fwhm(st.astype(xp.float64), sigma=locus / FWHM_PER_SIGMA)
     point = bright & (xp.abs(size / locus - 1) < locus_tolerance(xp.maximum(cat.snr, 1e-30)))

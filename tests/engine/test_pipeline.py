@@ -159,3 +159,65 @@ def test_run_command_on_a_tiny_night(tmp_path, capsys):
     assert summary["n_done"] == 2
     n = sum(len(read_alerts(p)) for p in out.glob("*.avro"))
     assert n == summary["n_alerts"] > 0
+
+
+def test_clipped_star_cores_in_calibrated_inputs_are_masked(tmp_path, capsys):
+    """Issue #14 item 1: a calibrated pair whose star cores are clipped at SATURATE (e-) and whose
+    MASK does not say so. ``nightsift subtract`` must flag those cores from the header's SATURATE:
+    no candidate sits on a clipped star with nbad == 0 (before the fix 5 of 8 candidates did),
+    and the real transients away from clipped stars are still found."""
+    from scipy.ndimage import binary_dilation
+
+    from nightsift.engine.simulate import simulate_ccd_pair
+
+    level = 3000.0  # e-: the sky is ~1400 e-, so the cores of the brighter stars clip
+    s = simulate_ccd_pair("decam", shape=(512, 512), seed=3, n_transients=4, artifacts=False)
+
+    def clipped(e, name):
+        h = e.header.copy()
+        h["SATURATE"] = (level, "e- (BUNIT = electron)")
+        exp = Exposure(image=np.minimum(e.image, level).astype(np.float32), variance=e.variance,
+                       mask=np.zeros(e.shape, np.uint16), wcs=e.wcs, header=h)
+        write_exposure(tmp_path / name, exp)
+        return np.asarray(e.image) >= level
+
+    cut = clipped(s.science_exposure(), "sci.fits") | clipped(s.reference, "ref.fits")
+    assert cut.sum() > 50  # several stars clip
+    out = tmp_path / "o"
+    assert main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "ref.fits"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    c = Table.read(out / "candidates.ecsv")
+    near = binary_dilation(cut, iterations=4)
+    on_clipped = near[np.rint(c["ypos"]).astype(int), np.rint(c["xpos"]).astype(int)]
+    assert not np.any(on_clipped & (np.asarray(c["nbad"]) == 0)), c[on_clipped]
+    truth = s.transients
+    free = ~near[np.rint(truth["y"]).astype(int), np.rint(truth["x"]).astype(int)] & (truth["snr"] >= 10)
+    m = match_candidates(np.asarray(c.as_array()), np.asarray(truth))
+    assert free.sum() >= 2 and m.found[free].all()
+
+
+def test_a_degenerate_subtraction_is_refused_naming_both_files(simulated_files, tmp_path):
+    """The science frame as its own reference, with round-off-sized noise added: before, S_corr
+    came out with std ~0, was renormalised to 1 and gave 'transients' made of round-off. Now the
+    raw std is checked; a sound pair passes the same check."""
+    from dataclasses import replace
+
+    from nightsift.engine.errors import AlgorithmFailure
+
+    stem = simulated_files
+    sci = read_exposure(f"{stem}_sci.fits")
+    rng = np.random.default_rng(1)
+    twin = replace(sci, image=sci.image + rng.normal(0, 1e-3, sci.image.shape).astype(np.float32),
+                   path=str(tmp_path / "twin.fits"))
+    cfg = Config().replace(package={"output_dir": str(tmp_path)})
+    with pytest.raises(AlgorithmFailure, match=r"twin\.fits.*S_corr std") as err:
+        process_pair(twin, sci, config=cfg, write=False)
+    assert str(sci.path) in str(err.value)
+    # the same check on the real pair: within [0.5, 2]
+    res = process_pair(sci, read_exposure(f"{stem}_ref.fits"), config=cfg, write=False)
+    assert 0.9 < res.qa["scorr_std_raw"] < 1.1
+    # the bounds are configuration: a band that leaves out the pair's own std fails it
+    v = res.qa["scorr_std_raw"]
+    band = {"scorr_std_max": (1 + v) / 2} if v > 1 else {"scorr_std_min": (1 + v) / 2}
+    with pytest.raises(AlgorithmFailure, match="outside"):
+        process_pair(sci, read_exposure(f"{stem}_ref.fits"), write=False, config=cfg.replace(subtract=band))

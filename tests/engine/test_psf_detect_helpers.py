@@ -73,16 +73,25 @@ def test_hot_pixels_do_not_break_the_isolation_of_psf_stars():
               a=[2.0, 0.6, 3.0], b=[1.9, 0.6, 2.5])
     # a star, a hot pixel, a faint galaxy
     cat = _catalog(peak=[8e3, 2.9e3, 5e2], **kw)
-    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, config=PSFConfig())
+    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, core=4, config=PSFConfig())
     assert ok[0]  # the hot pixel 11 px away carries 3 % of the star's flux, yet is no neighbour
     cat = _catalog(peak=[8e3, 5e2, 5e2], **kw)  # the same flux spread like a source: not isolated
-    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, config=PSFConfig())
+    ok = select_psf_stars(cat, integral, 0, (256, 256), stamp=31, core=4, config=PSFConfig())
     assert not ok[0]
-    # a masked pixel inside the star's stamp disqualifies it
-    m = np.zeros((1, 256, 256), np.uint16)
-    m[0, 110, 95] = 1
+    # a masked pixel in the star's core disqualifies it; one in its wings does not (left out of the stack)
     cat = _catalog(peak=[8e3, 2.9e3, 5e2], **kw)
-    assert not select_psf_stars(cat, unusable_of(m), 0, (256, 256), stamp=31, config=PSFConfig())[0]
+    m = np.zeros((1, 256, 256), np.uint16)
+    m[0, 103, 98] = 1
+    assert not select_psf_stars(cat, unusable_of(m), 0, (256, 256), stamp=31, core=4, config=PSFConfig())[0]
+    m[:] = 0
+    m[0, 110, 95] = 1
+    assert select_psf_stars(cat, unusable_of(m), 0, (256, 256), stamp=31, core=4, config=PSFConfig())[0]
+    # so does the catalogue's flag for a masked pixel in the aperture; any other flag does not
+    from nightsift.kernels.sources import FLAG_EDGE, FLAG_MASKED
+    for flag, ok in ((FLAG_MASKED, True), (FLAG_MASKED | FLAG_EDGE, False)):
+        cat = _catalog(peak=[8e3, 2.9e3, 5e2], flag=[flag, 0, 0], **kw)
+        assert bool(select_psf_stars(cat, unusable_of(m), 0, (256, 256), stamp=31, core=4,
+                                     config=PSFConfig())[0]) is ok
 
 
 def test_peaks_around_a_small_masked_hole_are_one_candidate():
