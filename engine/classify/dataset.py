@@ -40,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write
 from .preprocess import NORMALIZATION, compress, standardize
 
 log = logging.getLogger("nightsift.classify")
 
 __all__ = ["DOMAIN_DTYPE", "TRUTH_DTYPE", "FEATURES", "BOGUS_CAUSES", "DatasetSpec", "UnitSpec", "RBData",
-           "plan_units", "simulate_unit", "build_dataset", "load_dataset", "summarize"]
+           "plan_units", "simulate_unit", "build_dataset", "load_dataset", "summarize", "format_summary"]
 
 #: per-candidate domain tags
 DOMAIN_DTYPE = np.dtype([
@@ -293,38 +294,22 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     ``domain`` DOMAIN_DTYPE, ``status`` ("done" | "skipped" | "failed"), ``error`` str,
     ``n_truth``/``n_found`` (injected / recovered transients), ``qa`` (a few chain QA numbers, with
     ``true_F_r``, what ZOGY's ``F_r`` should be) and ``wall_s``.
-    A chain failure (SkipCCD, AlgorithmFailure, or any other exception: a bug) gives an empty unit
-    with its status and error: a dataset build never stops for one CCD.
+    A chain failure gives an empty unit with the status and error every night engine records
+    (:func:`nightsift.engine.orchestration.task.record_outcome`: SkipCCD, AlgorithmFailure, or
+    any other exception -- a bug -- with where it happened): a dataset build never stops for one CCD.
     """
     from ..config import Config
-    from ..errors import AlgorithmFailure, SkipCCD
-    from ..pipeline import process_ccd
-    from ..simulate import simulate_ccd_pair
-    from ..stages.calibrate import make_master
+    from ..orchestration.task import run_and_record
     from ..truth import match_candidates
 
     cfg = config if config is not None else Config()
     t0 = time.perf_counter()
-    size = cfg.cutout.size
-    out = _empty_unit(size)
-    try:
-        sim = simulate_ccd_pair(unit.instrument, shape=(unit.size, unit.size), seed=unit.seed, visit=unit.visit,
-                                ccd=unit.ccd, n_transients=unit.n_transients, artifacts=True, seeing=unit.seeing,
-                                sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge)
-        master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg.calibrate)
-        res = process_ccd(sim.science_raw, master, sim.reference, config=cfg, visit=unit.visit, ccd=unit.ccd,
-                          write=False)
-    except (SkipCCD, AlgorithmFailure) as e:
-        out.update(status="skipped" if isinstance(e, SkipCCD) else "failed", error=f"{type(e).__name__}: {e}",
-                   wall_s=time.perf_counter() - t0)
+    out = _empty_unit(cfg.cutout.size)
+    ran, failure = run_and_record(lambda: _run_chain(unit, cfg))
+    if failure is not None:
+        out.update(status=failure["status"], error=failure["error"], wall_s=time.perf_counter() - t0)
         return out
-    except Exception as e:  # a bug of the chain on this unit: record it (with where), go on
-        import traceback
-
-        out.update(status="failed", error=f"{type(e).__name__}: {e} at "
-                   f"{traceback.extract_tb(e.__traceback__)[-1].filename}:{traceback.extract_tb(e.__traceback__)[-1].lineno}",
-                   wall_s=time.perf_counter() - t0)
-        return out
+    sim, res = ran
     c = res.candidates
     fwhm = float(sim.science_raw.header.get("FWHM", sim.meta["seeing_sci"] / sim.profile.pixel_scale))
     m = match_candidates(c, sim.transients, radius=max(MATCH_RADIUS, fwhm))
@@ -335,32 +320,54 @@ def simulate_unit(unit: UnitSpec, config=None) -> dict:
     if len(st):  # what ZOGY's F_r should be: reference/science flux of the static stars
         out["qa"]["true_F_r"] = float(np.median(st["flux_ref"] / st["flux_sci"]))
     if len(c):
-        # the chain's own triplets: exactly what its scorer saw and its packets carry (the cutouts
-        # stage is their one owner: no train/serve skew)
-        z, loc, scale = standardize(res.triplets)
-        real = m.truth_index >= 0
-        truth = np.zeros(len(c), TRUTH_DTYPE)
-        truth["label"] = real
-        truth["kind"] = bogus_causes(c, sim, fwhm=fwhm)
-        ti = m.truth_index[real]
-        truth["kind"][real] = sim.transients["kind"][ti]
-        truth["mag"] = np.nan
-        truth["snr"] = np.nan
-        truth["mag"][real] = sim.transients["mag"][ti]
-        truth["snr"][real] = sim.transients["snr"][ti]
-        dom = np.zeros(len(c), DOMAIN_DTYPE)
-        dom["unit"], dom["instrument"], dom["ccd"], dom["filter"] = unit.unit, unit.instrument, unit.ccd, unit.filter
-        dom["seeing"] = sim.meta["seeing_sci"]
-        dom["fwhm_px"] = fwhm
-        dom["sky"] = unit.sky
-        dom["maglim"] = sim.meta["maglim_sci"]
-        dom["split"] = unit.split
-        feats = np.zeros(len(c), _features_dtype())
-        for k in FEATURES:
-            feats[k] = c[k]
-        out.update(z=z.astype(np.float16), loc=loc, scale=scale, features=feats, truth=truth, domain=dom)
+        out.update(_labelled(unit, sim, res, m, fwhm=fwhm))
     out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+def _run_chain(unit: UnitSpec, cfg):
+    """``(simulated pair, CCDResult)`` of one unit: simulated, calibrated with its own master, run
+    through the chain (no alert file)."""
+    from ..pipeline import process_ccd
+    from ..simulate import simulate_ccd_pair
+    from ..stages.calibrate import make_master
+
+    sim = simulate_ccd_pair(unit.instrument, shape=(unit.size, unit.size), seed=unit.seed, visit=unit.visit,
+                            ccd=unit.ccd, n_transients=unit.n_transients, artifacts=True, seeing=unit.seeing,
+                            sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge)
+    master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg.calibrate)
+    res = process_ccd(sim.science_raw, master, sim.reference, config=cfg, visit=unit.visit, ccd=unit.ccd,
+                      write=False)
+    return sim, res
+
+
+def _labelled(unit: UnitSpec, sim, res, m, *, fwhm: float) -> dict:
+    """The candidates of one unit as dataset rows: the chain's own triplets (exactly what its scorer
+    saw and its packets carry -- the cutouts stage is their one owner: no train/serve skew),
+    features, truth labels (``m``: their match to the injected transients) and domain tags."""
+    c = res.candidates
+    z, loc, scale = standardize(res.triplets)
+    real = m.truth_index >= 0
+    truth = np.zeros(len(c), TRUTH_DTYPE)
+    truth["label"] = real
+    truth["kind"] = bogus_causes(c, sim, fwhm=fwhm)
+    ti = m.truth_index[real]
+    truth["kind"][real] = sim.transients["kind"][ti]
+    truth["mag"] = np.nan
+    truth["snr"] = np.nan
+    truth["mag"][real] = sim.transients["mag"][ti]
+    truth["snr"][real] = sim.transients["snr"][ti]
+    dom = np.zeros(len(c), DOMAIN_DTYPE)
+    dom["unit"], dom["instrument"], dom["ccd"], dom["filter"] = unit.unit, unit.instrument, unit.ccd, unit.filter
+    dom["seeing"] = sim.meta["seeing_sci"]
+    dom["fwhm_px"] = fwhm
+    dom["sky"] = unit.sky
+    dom["maglim"] = sim.meta["maglim_sci"]
+    dom["split"] = unit.split
+    feats = np.zeros(len(c), _features_dtype())
+    for k in FEATURES:
+        feats[k] = c[k]
+    return dict(z=z.astype(np.float16), loc=loc, scale=scale, features=feats, truth=truth, domain=dom)
 
 
 #: chain QA numbers kept per unit in the dataset's metadata (to trace odd units to the chain)
@@ -540,9 +547,7 @@ def build_dataset(data_dir="nightsift-data", spec: DatasetSpec | None = None, *,
             "version": DATASET_VERSION,
             "build_wall_s": round(time.perf_counter() - t0, 1), "units": status,
             "summary": summarize(arrays["truth"], arrays["domain"])}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays, meta=np.array(json.dumps(meta))))
     path.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k != "units"}, indent=1))
     return path
 
@@ -569,14 +574,7 @@ def load_dataset(path) -> RBData:
         return RBData(f["z"], f["loc"], f["scale"], f["features"], f["truth"], f["domain"], meta)
 
 
-def seeing_bins(domain: np.ndarray) -> np.ndarray:
-    """Seeing bin label of each row (FWHM in pixels: <2, 2-3, 3-4, 4-6, >=6)."""
-    edges = [2.0, 3.0, 4.0, 6.0]
-    names = np.array(["<2px", "2-3px", "3-4px", "4-6px", ">=6px"])
-    return names[np.digitize(domain["fwhm_px"], edges)]
-
-
-def _fmt_summary(s: dict) -> str:
+def format_summary(s: dict) -> str:
     """Human-readable summary lines."""
     t = s["total"]
     lines = [f"{t['n']} candidates: {t['real']} real, {t['bogus']} bogus ({t['real'] / max(t['n'], 1):.1%} real)"]

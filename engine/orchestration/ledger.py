@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,34 @@ def write_record(output_dir, visit: int, ccd: int, *, status: str, error: str | 
            "alerts_path": alerts_path, "qa": {k: _clean(v) for k, v in (qa or {}).items()}}
     rec.update({k: _clean(v) for k, v in (extra or {}).items()})
     return atomic_write(path, lambda fh: fh.write(json.dumps(rec, indent=1, sort_keys=True).encode()))
+
+
+#: keys of an outcome record (:func:`~nightsift.engine.orchestration.task.run_ccd_visits`) kept in the
+#: ledger beside the standard fields: how it ran, and its truth counts when it is done
+_RUN_EXTRA = ("attempts", "slot", "wall_s")
+_TRUTH_EXTRA = ("n_truth", "n_found", "n_truth_snr7", "n_found_snr7")
+
+
+def write_outcome(output_dir, rec: dict, *, alerts_path: str | None = None) -> Path:
+    """Write the ledger record of one outcome record ``rec`` (every night engine's).
+
+    ``alerts_path`` (default ``rec["alerts_path"]``) is where its alert file was written. A
+    CCD-visit that is not ``done`` is recorded with no alert file, no alerts and no truth counts.
+    """
+    done = rec["status"] == "done"
+    extra = {k: rec[k] for k in _RUN_EXTRA + (_TRUTH_EXTRA if done else ()) if k in rec}
+    return write_record(output_dir, rec["visit"], rec["ccd"], status=rec["status"], error=rec.get("error"),
+                        n_alerts=rec.get("n_alerts", 0) if done else 0,
+                        alerts_path=(alerts_path or rec.get("alerts_path")) if done else None, qa=rec.get("qa"),
+                        extra=extra)
+
+
+def discard(path) -> None:
+    """Remove ``path`` (an alert file of an earlier run) if it exists: no alert file without a done record."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_ledger(output_dir) -> list[dict]:

@@ -23,14 +23,13 @@ import multiprocessing as mp
 import os
 import signal
 import time
-import traceback
 from collections import deque
 from multiprocessing.connection import wait as wait_ready
 
 from ..config import Config, from_dict, to_dict
 from ..io.avro import alert_path
-from .ledger import write_record
-from .task import TRUTH_KEYS, NightSummary, StaticsCache, run_ccd_visits, summarize
+from .ledger import discard, write_outcome
+from .task import NightSummary, StaticsCache, failed_record, record_outcome, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.night")
 
@@ -62,20 +61,11 @@ def _worker_cache(config: Config, config_dict: dict) -> StaticsCache:
     return cache
 
 
-def _remove(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _record(config: Config, rec: dict) -> None:
     """Write ``rec`` to the ledger; a CCD-visit that is not done keeps no alert file of an earlier run."""
     if rec["status"] != "done":
-        _remove(alert_path(config.package.output_dir, rec["visit"], rec["ccd"]))
-    write_record(config.package.output_dir, rec["visit"], rec["ccd"], status=rec["status"], error=rec.get("error"),
-                 n_alerts=rec.get("n_alerts", 0), alerts_path=rec.get("alerts_path"), qa=rec.get("qa"),
-                 extra={k: rec[k] for k in TRUTH_KEYS[:-1] + ("attempts",) if k in rec})
+        discard(alert_path(config.package.output_dir, rec["visit"], rec["ccd"]))
+    write_outcome(config.package.output_dir, rec)
 
 
 def _night_task(config: Config, cache: StaticsCache, scorer, visit: int, ccd: int, attempt: int = 1) -> dict:
@@ -126,9 +116,8 @@ def _worker_main(conn, config_dict: dict, source) -> None:
         visit, ccd, attempt = msg
         try:
             rec = _night_task(config, cache, scorer, visit, ccd, attempt)
-        except Exception as e:  # noqa: BLE001
-            rec = {"visit": int(visit), "ccd": int(ccd), "status": "failed", "n_alerts": 0, "qa": {},
-                   "attempts": attempt, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"}
+        except Exception as e:  # noqa: BLE001 -- a TransientFailure too: this engine has no pool to retry
+            rec = failed_record(visit, ccd, record_outcome(e)["error"], attempts=attempt)
             try:
                 _record(config, rec)  # no alert file without a done record
             except OSError:
@@ -243,10 +232,9 @@ def _run_pool(config: Config, tasks: list, *, workers: int, source, on_record) -
                     runs[task] += 1
                     pool[k].send(task, runs[task])
                     continue
-                rec = {"visit": v, "ccd": c, "status": "failed", "n_alerts": 0, "qa": {}, "attempts": runs[task],
-                       "error": f"worker died: process {pid} {how} while running visit {v} ccd {c}, "
-                                f"{runs[task]} times (the last in a fresh process): an out-of-memory kill, "
-                                f"a crash or an abort in the chain"}
+                rec = failed_record(v, c, f"worker died: process {pid} {how} while running visit {v} ccd {c}, "
+                                          f"{runs[task]} times (the last in a fresh process): an out-of-memory "
+                                          f"kill, a crash or an abort in the chain", attempts=runs[task])
                 try:
                     _record(config, rec)
                 except OSError as e:  # the summary still has it
@@ -306,7 +294,4 @@ def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = Tr
             _run_pool(config, tasks, workers=workers, source=source, on_record=on_record)
     finally:
         bar.close()
-    for r in sorted(results, key=lambda r: (r["visit"], r["ccd"])):
-        if r["status"] != "done":
-            log.warning("visit %d ccd %d %s: %s", r["visit"], r["ccd"], r["status"], (r.get("error") or "").splitlines()[0])
     return summarize(results, wall_s=time.perf_counter() - t0)

@@ -40,6 +40,7 @@ to the writer through the object store, so workers need no shared file system.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -49,7 +50,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -57,9 +58,9 @@ from ..config import ClassifyConfig, Config, from_dict, to_dict
 from ..io.atomic import atomic_write
 from ..errors import ConfigError, NightsiftError, TransientFailure
 from ..io.avro import alert_path
-from .ledger import record_path, write_record
+from .ledger import discard, record_path, write_outcome
 from .sources import CCDSource, SimulatedNight
-from .task import TRUTH_KEYS, NightSummary, StaticsCache, run_ccd_visits, summarize
+from .task import TRUTH_KEYS, NightSummary, StaticsCache, failed_record, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.ray")
 
@@ -302,9 +303,6 @@ class SubtractionWorker:
 # ----------------------------------------------------------------------------------------------
 # writer
 # ----------------------------------------------------------------------------------------------
-_LEDGER_EXTRA = ("n_truth", "n_found", "n_truth_snr7", "n_found_snr7", "attempts", "slot", "wall_s")
-
-
 class AlertWriter:
     """Body of the writer actor: persists one CCD-visit's alert file and its ledger record.
 
@@ -329,10 +327,7 @@ class AlertWriter:
         atomic_write(path, lambda fh: fh.write(payload))
 
     def _write_record(self, meta: dict, status: str, error: str | None, path) -> None:
-        extra = {k: meta[k] for k in _LEDGER_EXTRA if k in meta and (status == "done" or k not in TRUTH_KEYS)}
-        write_record(self.output_dir, meta["visit"], meta["ccd"], status=status, error=error,
-                     n_alerts=meta.get("n_alerts", 0) if status == "done" else 0,
-                     alerts_path=str(path) if status == "done" else None, qa=meta.get("qa"), extra=extra)
+        write_outcome(self.output_dir, dict(meta, status=status, error=error), alerts_path=str(path))
 
     def write(self, meta: dict, payload: bytes | None) -> dict:
         """Persist one CCD-visit. Returns ``{visit, ccd, status, error, pid}``: ``status`` is
@@ -345,7 +340,7 @@ class AlertWriter:
             if status == "done":
                 self._write_file(path, payload)
             else:
-                _unlink(path)
+                discard(path)
             target = record_path(self.output_dir, v, c)
             self._write_record(meta, status, error, path)
         except OSError as e:
@@ -353,19 +348,12 @@ class AlertWriter:
                                        f"[Errno {e.errno}] {e.strerror or e}")
             log.error("visit %d ccd %d: %s", v, c, error)
             try:
-                _unlink(path)  # no alert file without a done record
+                discard(path)  # no alert file without a done record
                 self._write_record(meta, status, error, path)
             except OSError as e2:
                 error += f" (its failed record could not be written either: {e2})"
         self.n_written += 1
         return {"visit": v, "ccd": c, "status": status, "error": error, "pid": os.getpid()}
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,17 +424,301 @@ class _Task:
 
 
 @dataclass
+class _Health:
+    """Whether an actor answers: ``ok``, or ``recovering`` after it crashed under work -- then probed
+    (``info()``) until it answers again, and replaced when it is dead for good or stays silent
+    longer than ``restart_timeout_s``."""
+
+    state: str = "ok"  # ok | recovering
+    probe: Any = None  # the info() reference in flight
+    probe_after: float = 0.0  # when the next probe may go
+    recovering_since: float = 0.0
+
+    def start_recovery(self, now: float) -> bool:
+        """Mark the actor recovering, first probe in 0.2 s; True when it was ``ok`` (a new crash).
+        An actor already recovering keeps its probe."""
+        if self.state != "ok":
+            return False
+        self.state, self.recovering_since = "recovering", now
+        self.probe, self.probe_after = None, now + 0.2
+        return True
+
+
+@dataclass
 class _Slot:
     actor: Any
     queue: deque = field(default_factory=deque)
     inflight: dict = field(default_factory=dict)  # meta ref -> (task, payload ref)
-    state: str = "ok"  # ok | recovering
-    probe: Any = None
-    probe_after: float = 0.0
-    recovering_since: float = 0.0
+    health: _Health = field(default_factory=_Health)
     # CCD-visits in flight when the actor died; while any is left they run one at a time, so that
     # a death is charged to the CCD-visit that caused it, not to those queued behind it
     suspects: set = field(default_factory=set)
+
+
+class _Watched(NamedTuple):
+    """An actor whose crashes are recovered from: a subtraction actor or the writer."""
+
+    name: str
+    health: _Health
+    actor: Any
+    replace: Callable[[str], None]  # replace(why): a new actor in its place
+    queued: int  # work waiting for it
+
+
+class _NightRun:
+    """One night on a :class:`RayNight`: its queues, work and writes in flight, results and progress.
+
+    :meth:`loop` turns until every CCD-visit of the schedule is written: visits arrive on their
+    CCDs' actors' queues, recovering actors (the writer too) are probed, work and writes are
+    submitted within their bounds, and each reference that is ready is a probe's answer
+    (:meth:`answer_probe`), a write's acknowledgement (:meth:`acknowledged`) or a CCD-visit back
+    from its actor (:meth:`returned`). The engine's counts (retries, restarts, replacements) are
+    the engine's; :meth:`report` gives this night's share.
+    """
+
+    def __init__(self, engine: "RayNight", schedule, *, progress: bool, on_written):
+        from tqdm import tqdm
+
+        self.engine, self.on_written = engine, on_written
+        self.schedule = sorted(schedule, key=lambda x: x[0])
+        keys = [(int(v), int(c)) for _, v, ccds in self.schedule for c in ccds]
+        if len(set(keys)) != len(keys):
+            raise ValueError("RayNight.run: the schedule lists a (visit, ccd) more than once")
+        self.n_tasks = len(keys)
+        self.depth = max(1, int(engine.run_cfg.queue_depth))
+        self.max_writes = self.depth * engine.n_subtraction + 2  # pending writes that hold back new work
+        self.retries = int(engine.run_cfg.task_retries)
+        self.upcoming = deque(self.schedule)
+        self.visits: dict[int, VisitStats] = {}
+        self.results: dict[tuple[int, int], dict] = {}
+        self.writes: dict = {}  # write ref -> (meta, payload ref)
+        self.write_queue: deque = deque()  # writes waiting while the writer recovers
+        self.writer_health = _Health()
+        self.events: list = []
+        self.n_alerts = 0
+        self.counts0 = (engine.n_retries, engine.n_restarts, engine.n_replaced)
+        self.bar = tqdm(total=self.n_tasks, unit="ccd", desc="night", disable=not progress, dynamic_ncols=True)
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def loop(self) -> None:
+        """Run until every CCD-visit is written."""
+        while len(self.results) < self.n_tasks:
+            self.arrive()
+            self.probe_recovering()
+            if self.writer_health.state == "ok":
+                while self.write_queue:
+                    self.submit_write(*self.write_queue.popleft())
+            for slot in self.engine.slots:
+                self.submit(slot)
+            for ref in self.wait():
+                if self.answer_probe(ref):
+                    continue
+                if ref in self.writes:
+                    self.acknowledged(ref)
+                else:
+                    self.returned(ref)
+
+    # -- intake and submission ---------------------------------------------------------------
+    def arrive(self) -> None:
+        """Queue the CCD-visits of the visits whose time has come, each on its CCD's actor."""
+        while self.upcoming and self.upcoming[0][0] <= self.now():
+            _, v, ccds = self.upcoming.popleft()
+            self.visits[v] = VisitStats(visit=v, n_ccds=len(ccds), t_arrival=self.now())
+            for c in ccds:
+                self.engine.slots[self.engine.slot_of(c)].queue.append(_Task(v, c))
+
+    def submit(self, slot: _Slot) -> None:
+        """Send ``slot``'s queued CCD-visits to its actor while it is ``ok``: at most ``queue_depth``
+        in flight (one at a time while it has suspects), and none while ``max_writes`` wait."""
+        limit = 1 if slot.suspects else self.depth  # after a crash its CCD-visits run one at a time
+        while (slot.health.state == "ok" and slot.queue and len(slot.inflight) < limit
+               and len(self.writes) + len(self.write_queue) < self.max_writes):
+            task = slot.queue.popleft()
+            task.attempts += 1
+            task.alone = limit == 1
+            meta_ref, payload_ref = slot.actor.process.options(num_returns=2).remote(task.visit, task.ccd)
+            slot.inflight[meta_ref] = (task, payload_ref)
+
+    def submit_write(self, meta: dict, payload_ref) -> None:
+        """Send one CCD-visit to the writer, or queue it while the writer recovers."""
+        if self.writer_health.state != "ok":
+            self.write_queue.append((meta, payload_ref))
+            return
+        self.writes[self.engine.writer.write.remote(meta, payload_ref)] = (meta, payload_ref)
+
+    def wait(self) -> list:
+        """The references ready now: work, writes and probes in flight, waited for up to 0.5 s or
+        until the next visit arrives."""
+        import ray
+
+        waitables = [r for s in self.engine.slots for r in s.inflight] + list(self.writes)
+        waitables += [w.health.probe for w in self.watched() if w.health.probe is not None]
+        timeout = 0.5
+        if self.upcoming:
+            timeout = min(timeout, max(0.0, self.upcoming[0][0] - self.now()))
+        if not waitables:
+            time.sleep(min(timeout, 0.05) if timeout else 0.01)
+            return []
+        ready, _ = ray.wait(waitables, num_returns=1, timeout=timeout)
+        if ready:
+            more, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0)
+            ready = list(dict.fromkeys(ready + more))
+        return ready
+
+    # -- health: the subtraction actors and the writer alike ---------------------------------
+    def watched(self):
+        """Every actor recovered from crashes (:class:`_Watched`): the subtraction actors, then the writer."""
+        eng = self.engine
+        for i, slot in enumerate(eng.slots):
+            yield _Watched(f"subtraction actor {i}", slot.health, slot.actor, functools.partial(eng._replace, i),
+                           len(slot.queue))
+        yield _Watched("alert writer", self.writer_health, eng.writer, self._replace_writer, len(self.write_queue))
+
+    def _replace_writer(self, why: str) -> None:
+        self.engine._replace_writer(why)
+        self.writer_health = _Health()
+
+    def probe_recovering(self) -> None:
+        """Probe each recovering actor once its back-off is over; replace one silent too long."""
+        for w in self.watched():
+            h = w.health
+            if h.state == "recovering" and h.probe is None and self.now() >= h.probe_after:
+                if self.now() - h.recovering_since > self.engine.restart_timeout_s:
+                    w.replace("no answer after a crash")
+                else:
+                    h.probe = w.actor.info.remote()
+
+    def answer_probe(self, ref) -> bool:
+        """Handle ``ref`` if it is a probe's answer (True): the actor is back (its queued work goes
+        again), dead for good (replaced), or not up yet (probed again in 0.5 s)."""
+        import ray
+        import ray.exceptions as rx
+
+        for w in self.watched():
+            if w.health.probe is None or w.health.probe != ref:
+                continue
+            w.health.probe = None
+            try:
+                ray.get(ref)
+                w.health.state = "ok"
+                log.warning("%s is back; %d queued for it resubmitted", w.name, w.queued)
+            except rx.ActorDiedError:
+                w.replace("died for good")
+            except _retryable():
+                w.health.probe_after = self.now() + 0.5
+            return True
+        return False
+
+    # -- answers -----------------------------------------------------------------------------
+    def acknowledged(self, ref) -> None:
+        """The writer answered a write: the CCD-visit is recorded (``failed`` when the writer could
+        not write it), or the write was lost with the writer, which recovers, and is queued again."""
+        import ray
+
+        meta, payload_ref = self.writes.pop(ref)
+        try:
+            ack = ray.get(ref)
+        except _retryable() as e:
+            log.warning("writer lost visit %d ccd %d (%s); writing again", meta["visit"], meta["ccd"], type(e).__name__)
+            self.engine.n_retries += 1
+            if self.writer_health.start_recovery(self.now()):
+                self.engine.n_restarts += 1
+            self.write_queue.append((meta, payload_ref))
+            return
+        key = (meta["visit"], meta["ccd"])
+        if key in self.results:
+            return
+        if ack.get("status", meta["status"]) != meta["status"]:  # the writer could not write it
+            meta = {k: v for k, v in meta.items() if k not in TRUTH_KEYS}
+            meta.update(status=ack["status"], error=ack["error"], n_alerts=0)
+        self.record(key, meta)
+
+    def record(self, key: tuple[int, int], meta: dict) -> None:
+        """A CCD-visit is written: counted in its visit and the night, shown, handed to ``on_written``."""
+        self.results[key] = meta
+        n = meta.get("n_alerts", 0)
+        vs = self.visits[meta["visit"]]
+        vs.n_written += 1
+        vs.n_alerts += n
+        self.n_alerts += n
+        if vs.n_written == vs.n_ccds:
+            vs.t_done = self.now()
+        ev = {"visit": meta["visit"], "ccd": meta["ccd"], "status": meta["status"], "n_alerts": n, "t": self.now(),
+              "attempts": meta.get("attempts", 1)}
+        self.events.append(ev)
+        el = self.now()
+        n_failed = sum(r["status"] != "done" for r in self.results.values())
+        self.bar.set_postfix_str(f"visits {sum(x.t_done == x.t_done for x in self.visits.values())}/"
+                                 f"{len(self.schedule)} alerts {self.n_alerts} "
+                                 f"({self.n_alerts / el if el > 0 else 0:.0f}/s) failed {n_failed}", refresh=False)
+        self.bar.update()
+        if self.on_written is not None:
+            self.on_written(self.engine, ev)
+
+    def returned(self, ref) -> None:
+        """A CCD-visit came back from its actor: written, or run again (a transient failure, its
+        actor's death), or failed for good."""
+        import ray
+        import ray.exceptions as rx
+
+        i, slot = next((i, s) for i, s in enumerate(self.engine.slots) if ref in s.inflight)
+        task, payload_ref = slot.inflight.pop(ref)
+        try:
+            meta = ray.get(ref)
+        except (rx.RayTaskError, TransientFailure) as e:
+            cause = getattr(e, "cause", e)
+            if isinstance(cause, TransientFailure) and task.attempts <= self.retries:
+                self.engine.n_retries += 1
+                log.warning("visit %d ccd %d: %s; retrying", task.visit, task.ccd, cause)
+                slot.queue.appendleft(task)
+                return
+            meta, payload_ref = failed_record(task.visit, task.ccd, f"{type(cause).__name__}: {cause}",
+                                              attempts=task.attempts), None
+        except _retryable() as e:
+            meta, payload_ref = self.actor_died(i, slot, task, e), None
+            if meta is None:
+                return
+        slot.suspects.discard((task.visit, task.ccd))
+        meta["attempts"] = task.attempts
+        self.submit_write(meta, payload_ref)
+
+    def actor_died(self, i: int, slot: _Slot, task: _Task, e: BaseException) -> dict | None:
+        """The actor of ``slot`` died (or restarted) with ``task`` in flight: ``None`` when the task
+        runs again, else its failed record.
+
+        The death is charged to it for good only when it was running alone: CCD-visits queued
+        behind the culprit are retried, one at a time, and never lost for its sake.
+        """
+        task.deaths += 1
+        slot.suspects.add((task.visit, task.ccd))
+        if slot.health.start_recovery(self.now()):
+            self.engine.n_restarts += 1
+        if task.deaths <= self.retries or not (task.alone or task.deaths > self.retries + self.depth):
+            self.engine.n_retries += 1
+            log.warning("visit %d ccd %d: actor %d %s with it in flight; retrying (death %d, limit %d)",
+                        task.visit, task.ccd, i, type(e).__name__, task.deaths, self.retries + 1)
+            slot.queue.appendleft(task)
+            return None
+        last = "the last time running it alone" if task.alone else "never alone (retry limit)"
+        return failed_record(task.visit, task.ccd,
+                             f"worker died: subtraction actor {i} died {task.deaths} times with this CCD-visit in "
+                             f"flight, {last} (a crash or an out-of-memory kill in the chain): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}", attempts=task.attempts)
+
+    def report(self) -> "NightReport":
+        """This night's :class:`NightReport` (closes the progress bar)."""
+        eng = self.engine
+        self.bar.close()
+        summary = summarize(list(self.results.values()), wall_s=self.now())
+        n_retries0, n_restarts0, n_replaced0 = self.counts0
+        return NightReport(summary=summary, visits=[self.visits[v] for v in sorted(self.visits)],
+                           n_retries=eng.n_retries - n_retries0, n_restarts=eng.n_restarts - n_restarts0,
+                           n_replaced=eng.n_replaced - n_replaced0, n_subtraction_actors=eng.n_subtraction,
+                           n_inference_actors=len(eng.inference), scoring=eng.scoring, gpus=eng.gpus,
+                           events=self.events)
 
 
 class RayNight:
@@ -653,235 +925,36 @@ class RayNight:
         -------
         NightReport
         """
-        import ray
-        import ray.exceptions as rx
-        from tqdm import tqdm
-
         if schedule is None:
             s = self.config.simulate
             schedule = night_schedule(s.n_visits, range(s.n_ccds))
-        schedule = sorted(schedule, key=lambda x: x[0])
-        keys = [(int(v), int(c)) for _, v, ccds in schedule for c in ccds]
-        if len(set(keys)) != len(keys):
-            raise ValueError("RayNight.run: the schedule lists a (visit, ccd) more than once")
-        n_tasks = len(keys)
-        depth = max(1, int(self.run_cfg.queue_depth))
-        max_writes = depth * self.n_subtraction + 2
-        retries = int(self.run_cfg.task_retries)
-        visits: dict[int, VisitStats] = {}
-        results: dict[tuple[int, int], dict] = {}
-        writes: dict = {}  # write ref -> (meta, payload ref)
-        write_queue: deque = deque()
-        writer_state = {"state": "ok", "probe": None, "after": 0.0, "since": 0.0}
-        events: list = []
-        upcoming = deque(schedule)
-        n_retries0, n_restarts0, n_replaced0 = self.n_retries, self.n_restarts, self.n_replaced
-        bar = tqdm(total=n_tasks, unit="ccd", desc="night", disable=not progress, dynamic_ncols=True)
-        t0 = time.monotonic()
-        n_alerts = 0
-
-        def now():
-            return time.monotonic() - t0
-
-        def submit(slot: _Slot):
-            limit = 1 if slot.suspects else depth  # after a crash its CCD-visits run one at a time
-            while slot.state == "ok" and slot.queue and len(slot.inflight) < limit and len(writes) + len(write_queue) < max_writes:
-                task = slot.queue.popleft()
-                task.attempts += 1
-                task.alone = limit == 1
-                meta_ref, payload_ref = slot.actor.process.options(num_returns=2).remote(task.visit, task.ccd)
-                slot.inflight[meta_ref] = (task, payload_ref)
-
-        def fail_record(task: _Task, error: str) -> dict:
-            return {"visit": task.visit, "ccd": task.ccd, "status": "failed", "error": error, "attempts": task.attempts}
-
-        def start_recovery(slot: _Slot):
-            if slot.state != "recovering":
-                slot.state, slot.recovering_since = "recovering", now()
-                self.n_restarts += 1
-            slot.probe, slot.probe_after = None, now() + 0.2
-
-        def submit_write(meta: dict, payload_ref):
-            if writer_state["state"] != "ok":
-                write_queue.append((meta, payload_ref))
-                return
-            writes[self.writer.write.remote(meta, payload_ref)] = (meta, payload_ref)
-
-        while len(results) < n_tasks:
-            # arrivals
-            while upcoming and upcoming[0][0] <= now():
-                _, v, ccds = upcoming.popleft()
-                visits[v] = VisitStats(visit=v, n_ccds=len(ccds), t_arrival=now())
-                for c in ccds:
-                    self.slots[self.slot_of(c)].queue.append(_Task(v, c))
-            # health probes of recovering actors
-            for i, slot in enumerate(self.slots):
-                if slot.state == "recovering" and slot.probe is None and now() >= slot.probe_after:
-                    if now() - slot.recovering_since > self.restart_timeout_s:
-                        self._replace(i, "no answer after a crash")
-                    else:
-                        slot.probe = slot.actor.info.remote()
-            if writer_state["state"] == "recovering" and writer_state["probe"] is None and now() >= writer_state["after"]:
-                if now() - writer_state["since"] > self.restart_timeout_s:
-                    self._replace_writer("no answer after a crash")
-                    writer_state.update(state="ok")
-                else:
-                    writer_state["probe"] = self.writer.info.remote()
-            if writer_state["state"] == "ok":
-                while write_queue:
-                    submit_write(*write_queue.popleft())
-            for slot in self.slots:
-                submit(slot)
-            # wait for anything
-            waitables = [r for s in self.slots for r in s.inflight] + list(writes)
-            waitables += [s.probe for s in self.slots if s.probe is not None]
-            if writer_state["probe"] is not None:
-                waitables.append(writer_state["probe"])
-            timeout = 0.5
-            if upcoming:
-                timeout = min(timeout, max(0.0, upcoming[0][0] - now()))
-            if not waitables:
-                time.sleep(min(timeout, 0.05) if timeout else 0.01)
-                continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=timeout)
-            if ready:
-                more, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0)
-                ready = list(dict.fromkeys(ready + more))
-            for ref in ready:
-                # a probe
-                probed = next((i for i, s in enumerate(self.slots) if s.probe is not None and s.probe == ref), None)
-                if probed is not None:
-                    slot = self.slots[probed]
-                    slot.probe = None
-                    try:
-                        ray.get(ref)
-                        slot.state = "ok"
-                        log.warning("subtraction actor %d is back; %d CCD-visits resubmitted", probed, len(slot.queue))
-                    except rx.ActorDiedError:
-                        self._replace(probed, "actor died for good")
-                    except _retryable():
-                        slot.probe_after = now() + 0.5
-                    continue
-                if writer_state["probe"] is not None and ref == writer_state["probe"]:
-                    writer_state["probe"] = None
-                    try:
-                        ray.get(ref)
-                        writer_state["state"] = "ok"
-                    except rx.ActorDiedError:
-                        self._replace_writer("writer died for good")
-                        writer_state["state"] = "ok"
-                    except _retryable():
-                        writer_state["after"] = now() + 0.5
-                    continue
-                # a write acknowledged
-                if ref in writes:
-                    meta, payload_ref = writes.pop(ref)
-                    try:
-                        ack = ray.get(ref)
-                    except _retryable() as e:
-                        log.warning("writer lost visit %d ccd %d (%s); writing again", meta["visit"], meta["ccd"],
-                                    type(e).__name__)
-                        self.n_retries += 1
-                        if writer_state["state"] == "ok":
-                            writer_state.update(state="recovering", since=now(), after=now() + 0.2, probe=None)
-                            self.n_restarts += 1
-                        write_queue.append((meta, payload_ref))
-                        continue
-                    key = (meta["visit"], meta["ccd"])
-                    if key in results:
-                        continue
-                    if ack.get("status", meta["status"]) != meta["status"]:  # the writer could not write it
-                        meta = {k: v for k, v in meta.items() if k not in TRUTH_KEYS}
-                        meta.update(status=ack["status"], error=ack["error"], n_alerts=0)
-                    results[key] = meta
-                    vs = visits[meta["visit"]]
-                    vs.n_written += 1
-                    vs.n_alerts += meta.get("n_alerts", 0)
-                    n_alerts += meta.get("n_alerts", 0)
-                    if vs.n_written == vs.n_ccds:
-                        vs.t_done = now()
-                    ev = {"visit": meta["visit"], "ccd": meta["ccd"], "status": meta["status"],
-                          "n_alerts": meta.get("n_alerts", 0), "t": now(), "attempts": meta.get("attempts", 1)}
-                    events.append(ev)
-                    el = now()
-                    bar.set_postfix_str(f"visits {sum(x.t_done == x.t_done for x in visits.values())}/{len(schedule)} "
-                                        f"alerts {n_alerts} ({n_alerts / el if el > 0 else 0:.0f}/s) "
-                                        f"failed {sum(r['status'] != 'done' for r in results.values())}", refresh=False)
-                    bar.update()
-                    if on_written is not None:
-                        on_written(self, ev)
-                    continue
-                # a CCD-visit returned
-                i, slot = next((i, s) for i, s in enumerate(self.slots) if ref in s.inflight)
-                task, payload_ref = slot.inflight.pop(ref)
-                try:
-                    meta = ray.get(ref)
-                except (rx.RayTaskError, TransientFailure) as e:
-                    cause = getattr(e, "cause", e)
-                    if isinstance(cause, TransientFailure) and task.attempts <= retries:
-                        self.n_retries += 1
-                        log.warning("visit %d ccd %d: %s; retrying", task.visit, task.ccd, cause)
-                        slot.queue.appendleft(task)
-                        continue
-                    meta, payload_ref = fail_record(task, f"{type(cause).__name__}: {cause}"), None
-                except _retryable() as e:
-                    # The actor died (or restarted) with this CCD-visit in flight. The death is
-                    # charged to it for good only when it was running alone: CCD-visits queued
-                    # behind the culprit are retried, one at a time, and never lost for its sake.
-                    task.deaths += 1
-                    slot.suspects.add((task.visit, task.ccd))
-                    start_recovery(slot)
-                    if task.deaths <= retries or not (task.alone or task.deaths > retries + depth):
-                        self.n_retries += 1
-                        log.warning("visit %d ccd %d: actor %d %s with it in flight; retrying (death %d, limit %d)",
-                                    task.visit, task.ccd, i, type(e).__name__, task.deaths, retries + 1)
-                        slot.queue.appendleft(task)
-                        continue
-                    last = "the last time running it alone" if task.alone else "never alone (retry limit)"
-                    meta, payload_ref = fail_record(
-                        task, f"worker died: subtraction actor {i} died {task.deaths} times with this CCD-visit in "
-                              f"flight, {last} (a crash or an out-of-memory kill in the chain): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0]}"), None
-                slot.suspects.discard((task.visit, task.ccd))
-                meta["attempts"] = task.attempts
-                submit_write(meta, payload_ref)
-        bar.close()
-        wall = now()
-        per_ccd = [results[k] for k in sorted(results)]
-        for r in per_ccd:
-            if r["status"] != "done":
-                log.warning("visit %d ccd %d %s: %s", r["visit"], r["ccd"], r["status"],
-                            (r.get("error") or "").splitlines()[0])
-        summary = summarize(per_ccd, wall_s=wall)
-        return NightReport(summary=summary, visits=[visits[v] for v in sorted(visits)],
-                           n_retries=self.n_retries - n_retries0, n_restarts=self.n_restarts - n_restarts0,
-                           n_replaced=self.n_replaced - n_replaced0, n_subtraction_actors=self.n_subtraction,
-                           n_inference_actors=len(self.inference), scoring=self.scoring, gpus=self.gpus,
-                           events=events)
+        night = _NightRun(self, schedule, progress=progress, on_written=on_written)
+        night.loop()
+        return night.report()
 
     def _replace(self, i: int, why: str):
-        import ray
-
-        log.warning("subtraction actor %d replaced (%s)", i, why)
-        try:
-            ray.kill(self.slots[i].actor, no_restart=True)
-        except Exception:  # noqa: BLE001
-            pass
+        """A new subtraction actor in slot ``i`` (its queue and work in flight stay)."""
         slot = self.slots[i]
-        slot.actor = self._new_subtraction(i)
-        slot.state, slot.probe = "ok", None
-        self.n_replaced += 1
+        slot.actor = self._renew(slot.actor, functools.partial(self._new_subtraction, i), f"subtraction actor {i}",
+                                 why)
+        slot.health = _Health()
 
     def _replace_writer(self, why: str):
+        """A new writer actor."""
+        self.writer = self._renew(self.writer, self._new_writer, "alert writer", why)
+
+    def _renew(self, actor, make: Callable[[], Any], name: str, why: str):
+        """Kill ``actor`` for good and return ``make()``, its replacement."""
         import ray
 
-        log.warning("alert writer replaced (%s)", why)
+        log.warning("%s replaced (%s)", name, why)
         try:
-            ray.kill(self.writer, no_restart=True)
-        except Exception:  # noqa: BLE001
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 -- already gone
             pass
-        self.writer = self._new_writer()
+        new = make()
         self.n_replaced += 1
+        return new
 
 
 def run_ray_night(config: Config, *, progress: bool = True, init_kwargs: dict | None = None) -> NightReport:

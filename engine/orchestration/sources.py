@@ -109,13 +109,13 @@ class SimulatedNight:
         self.calibrate = calibrate
 
     def _pair(self, visit: int, ccd: int, state=None):
-        from ..simulate import get_profile, simulate_ccd_pair
+        """``(SimulatedCCD, StaticScene)`` of ``(visit, ccd)``; ``state``: the CCD's static scene, if built."""
+        from ..simulate import simulate_ccd_pair, simulate_static, visit_options
 
-        s = self.simulate
-        p = get_profile(s.instrument)
-        return simulate_ccd_pair(p, shape=(s.ny or p.ny, s.nx or p.nx), seed=s.seed, visit=visit, ccd=ccd,
-                                 n_ccds=s.n_ccds, n_transients=s.n_transients, _static=state,
-                                 _return_static=True)
+        p, options = visit_options(self.simulate, visit=visit, ccd=ccd)
+        if state is None:
+            state = simulate_static(p, options)
+        return simulate_ccd_pair(p, options, static=state), state
 
     def load_static(self, visit: int, ccd: int) -> CCDStatic:
         from ..stages.calibrate import make_master

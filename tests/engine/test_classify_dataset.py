@@ -9,7 +9,7 @@ import pytest
 from nightsift.engine.classify.dataset import (
     BOGUS_CAUSES, DatasetSpec, build_dataset, load_dataset, plan_units, simulate_unit, summarize,
 )
-from nightsift.engine.errors import ConfigError
+from nightsift.engine.errors import AlgorithmFailure, ConfigError, SkipCCD
 
 
 def test_plan_is_deterministic_and_representative():
@@ -95,12 +95,32 @@ def test_unit_labels_and_triplets_match_the_pipeline(unit_result):
     assert err.max() < 0.05 + 1e-3 * np.abs(r["z"].astype(np.float32)[fin]).max()
 
 
+@pytest.mark.parametrize("exc, status, words", [
+    (SkipCCD("no overlap"), "skipped", ["SkipCCD: no overlap"]),
+    (AlgorithmFailure("too few PSF stars"), "failed", ["AlgorithmFailure: too few PSF stars"]),
+    (ZeroDivisionError("a bug"), "failed", ["ZeroDivisionError: a bug at ", "test_classify_dataset.py:"]),
+])
+def test_a_failed_unit_is_recorded_empty(monkeypatch, exc, status, words):
+    """A unit whose chain fails is an empty unit with the status and error every night engine
+    records; a bug says where it happened. The build goes on."""
+    import nightsift.engine.classify.dataset as ds
+
+    def chain(unit, cfg):
+        raise exc
+
+    monkeypatch.setattr(ds, "_run_chain", chain)
+    r = simulate_unit(plan_units(DatasetSpec(n_units=1, seed=1))[0])
+    assert r["status"] == status and all(w in r["error"] for w in words), r["error"]
+    assert len(r["truth"]) == len(r["z"]) == 0 and r["qa"] == {} and r["wall_s"] >= 0
+
+
 @pytest.mark.slow
 def test_build_cache_load_and_summary(tmp_path, monkeypatch):
     spec = DatasetSpec(n_units=2, profiles=("decam",), size=384, min_field_arcmin=0.0, seed=16, transients=(30, 30),
                        val_fraction=0.0, test_fraction=0.4)
     path = build_dataset(tmp_path, spec, progress=False)
     assert path.name == f"rb-{spec.key()}.npz" and path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     data = load_dataset(path)
     assert len(data) == len(data.truth) == len(data.z) > 10
     s = json.loads(path.with_suffix(".json").read_text())["summary"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nightsift.engine.discover import drift
-from nightsift.engine.discover.drift import CCDSample, DriftSettings
+from nightsift.engine.config import DiscoverConfig
+from nightsift.engine.discover.drift import CCDSample
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -90,7 +91,7 @@ def test_single_visit_reference_is_not_tested(rng):
     rep = drift.compare(night, ref)
     assert not rep.ccds[0].flagged
     assert all(not s.tested for s in rep.ccds[0].stats)
-    rep = drift.compare(night, ref, settings=DriftSettings(min_groups=1))
+    rep = drift.compare(night, ref, settings=DiscoverConfig(drift_min_groups=1))
     assert rep.ccds[0].flagged
 
 
@@ -162,20 +163,20 @@ def _pattern_noise(data, rng):
 
 def _scorer():
     """The shipped real/bogus scorer when its runtime and model are installed (then the rb
-    distribution is monitored too), else None: drift falls back to the features."""
-    try:
-        from nightsift.engine.classify.runtime import load_scorer
-        from nightsift.engine.config import Config
+    distribution is monitored too), else None: drift falls back to the features. ``None`` only
+    for that (no model shipped, no LiteRT: backend ``auto``'s documented fallback); a model that
+    is there and does not load fails the test."""
+    from nightsift.engine.classify.runtime import pipeline_scorer
+    from nightsift.engine.config import Config
 
-        return load_scorer(Config().classify)
-    except Exception:  # noqa: BLE001 - no model, no LiteRT: features only
-        return None
+    return pipeline_scorer(Config().classify)
 
 
 def _run_night(out, visits, degrade, scorer=None):
     from nightsift.engine.config import Config
     from nightsift.engine.errors import AlgorithmFailure, SkipCCD
     from nightsift.engine.orchestration.ledger import write_record
+    from nightsift.engine.orchestration.task import record_outcome
     from nightsift.engine.pipeline import process_ccd
     from nightsift.engine.records import RawFrame
     from nightsift.engine.simulate import simulate_ccd_pair
@@ -194,8 +195,8 @@ def _run_night(out, visits, degrade, scorer=None):
                                raw.header)
             try:
                 res = process_ccd(raw, master, sim.reference, config=cfg, visit=v, ccd=ccd, scorer=scorer)
-            except (AlgorithmFailure, SkipCCD) as e:
-                write_record(out, v, ccd, status="failed", error=str(e))
+            except (AlgorithmFailure, SkipCCD) as e:  # the CCD's own problem, recorded as the engines do
+                write_record(out, v, ccd, **record_outcome(e))
                 continue
             write_record(out, v, ccd, status="done", n_alerts=res.n_alerts, qa=res.qa)
             done.append((v, ccd))
