@@ -1,11 +1,16 @@
 """A simulated night: several visits of several CCDs over a static sky."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ConfigError
 from .instruments import InstrumentProfile, get_profile
+from .options import SimulationOptions
 from .pair import SimulatedCCD, simulate_ccd_pair
+from .static import StaticScene, simulate_static
+
+if TYPE_CHECKING:
+    from ..config import SimulateConfig
 
 
 def simulate_night(
@@ -41,7 +46,8 @@ def simulate_night(
         Keep each CCD's static part (reference image, detector, catalogues; ~14 bytes/pixel)
         between visits instead of rebuilding it. With ``order="ccd"`` only one is kept at a time.
     **kwargs
-        Passed to :func:`simulate_ccd_pair` (``transients``, ``artifacts``, ``n_transients``, ...).
+        Fields of :class:`SimulationOptions` for every CCD-visit (``transients``, ``artifacts``,
+        ``n_transients``, ...).
     """
     if n_visits < 1 or n_ccds < 1:
         raise ConfigError(f"simulate_night: n_visits and n_ccds must be >= 1, got {n_visits}, {n_ccds}")
@@ -52,29 +58,40 @@ def simulate_night(
         pairs = [(v, c) for v in range(n_visits) for c in range(n_ccds)]
     else:
         pairs = [(v, c) for c in range(n_ccds) for v in range(n_visits)]
-    cache: dict[int, object] = {}
+    base = SimulationOptions(shape=shape, seed=seed, n_ccds=n_ccds, **kwargs)
+    cache: dict[int, StaticScene] = {}
     for v, c in pairs:
         if order == "ccd":
             for k in [k for k in cache if k != c]:
                 del cache[k]
-        out, st = simulate_ccd_pair(p, shape=shape, seed=seed, visit=v, ccd=c, n_ccds=n_ccds,
-                                    _static=cache.get(c), _return_static=True, **kwargs)
+        o = base.replace(visit=v, ccd=c)
+        st = cache.get(c)
+        if st is None:
+            st = simulate_static(p, o)
         if cache_static:
             cache[c] = st
-        yield v, c, out
+        yield v, c, simulate_ccd_pair(p, o, static=st)
+
+
+def visit_options(config: SimulateConfig, *, visit: int, ccd: int) -> tuple[InstrumentProfile, SimulationOptions]:
+    """The profile and options of one CCD-visit of the night described by a
+    :class:`~nightsift.engine.config.SimulateConfig`.
+
+    ``config.instrument`` is the profile, ``(config.ny, config.nx)`` the shape (0 = the profile's
+    native size), ``config.seed``, ``config.n_ccds`` and ``config.n_transients`` as named.
+    """
+    p = get_profile(config.instrument)
+    return p, SimulationOptions(shape=(config.ny or p.ny, config.nx or p.nx), seed=config.seed, visit=visit,
+                                ccd=ccd, n_ccds=config.n_ccds, n_transients=config.n_transients)
 
 
 def simulate_visit_ccd(config, *, visit: int, ccd: int, **overrides) -> SimulatedCCD:
-    """One CCD-visit of the night described by a :class:`~nightsift.engine.config.SimulateConfig`.
+    """One CCD-visit of the night described by a :class:`~nightsift.engine.config.SimulateConfig`
+    (see :func:`visit_options`).
 
-    ``config.instrument`` is the profile, ``(config.ny, config.nx)`` the shape (0 = the profile's
-    native size), ``config.seed``, ``config.n_ccds`` and ``config.n_transients`` as named; keyword
-    ``overrides`` go to :func:`simulate_ccd_pair`. Equals what :func:`simulate_night` yields for
-    ``(visit, ccd)`` with the same settings.
+    Keyword ``overrides`` go to :func:`simulate_ccd_pair` (fields of :class:`SimulationOptions`, or
+    ``static=``). Equals what :func:`simulate_night` yields for ``(visit, ccd)`` with the same
+    settings.
     """
-    p = get_profile(config.instrument)
-    shape = (config.ny or p.ny, config.nx or p.nx)
-    kw = dict(shape=shape, seed=config.seed, visit=visit, ccd=ccd, n_ccds=config.n_ccds,
-              n_transients=config.n_transients)
-    kw.update(overrides)
-    return simulate_ccd_pair(p, **kw)
+    p, options = visit_options(config, visit=visit, ccd=ccd)
+    return simulate_ccd_pair(p, options, **overrides)

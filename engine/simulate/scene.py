@@ -1,4 +1,4 @@
-"""The static sky of a simulated CCD (stars, galaxies) and the WCS of its epochs.
+"""The static sky of a simulated CCD (stars, galaxies), the WCS and smooth sky of its epochs.
 
 Sources are defined on the sky; each epoch places them through its own WCS. Magnitude counts are
 power laws per arcmin^2::
@@ -155,6 +155,31 @@ def science_wcs_header(ref_hdr: fits.Header, geom: Geometry, shape) -> fits.Head
     #              = TAN^-1(CD_ref A (p_sci - [c - A^-1 (c + d - crpix_ref)]))
     crpix_sci = c - np.linalg.solve(a, c + np.array([geom.dx, geom.dy]) - crpix_ref)
     return wcs_header((ref_hdr["CRVAL1"], ref_hdr["CRVAL2"]), crpix_sci, cd_ref @ a)
+
+
+@dataclass(frozen=True)
+class SkyModel:
+    """Smooth sky of one epoch in calibrated e- per pixel per exposure (before the flat).
+
+    ``sky(x, y) = level * (1 + gx * u + gy * v)`` with ``u, v`` in [-1, 1] across the CCD."""
+
+    level: float
+    gx: float
+    gy: float
+    shape: tuple[int, int]
+
+    def __call__(self, x, y):
+        ny, nx = self.shape
+        u = 2.0 * np.asarray(x, float) / max(nx - 1, 1) - 1.0
+        v = 2.0 * np.asarray(y, float) / max(ny - 1, 1) - 1.0
+        return self.level * (1.0 + self.gx * u + self.gy * v)
+
+    def image(self) -> np.ndarray:
+        """The sky over the CCD, ndarray (ny, nx) float64 e-."""
+        ny, nx = self.shape
+        u = np.linspace(-1.0, 1.0, nx) if nx > 1 else np.zeros(1)
+        v = np.linspace(-1.0, 1.0, ny) if ny > 1 else np.zeros(1)
+        return self.level * (1.0 + self.gy * v[:, None] + self.gx * u[None, :])
 
 
 # ----------------------------------------------------------------------------------------------

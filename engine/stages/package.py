@@ -28,7 +28,7 @@ from nightsift.kernels._xp import to_host
 
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..io.fits import header_zero_point
+from ..io.fits import header_exptime, header_zero_point
 from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
 
 __all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
@@ -85,19 +85,10 @@ def _version() -> str:
         return "unknown"
 
 
-def build_alerts(
-    candidates: np.ndarray,
-    *,
-    triplets: np.ndarray,
-    shape: tuple[int, int],
-    header,
-    visit: int,
-    ccd: int,
-    scores: Mapping[str, np.ndarray] | None = None,
-    score_versions: Mapping[str, str] | None = None,
-    diffmaglim: float | None = None,
-    survey: str = "nightsift",
-) -> StageResult:
+def build_alerts(candidates: np.ndarray, *, triplets: np.ndarray, shape: tuple[int, int], header, visit: int,
+                 ccd: int, scores: Mapping[str, np.ndarray] | None = None,
+                 score_versions: Mapping[str, str] | None = None, diffmaglim: float | None = None,
+                 survey: str = "nightsift") -> StageResult:
     """Alert records (ZTF convention) for every candidate of one CCD of one visit.
 
     Parameters
@@ -139,6 +130,41 @@ def build_alerts(
         Wrong table dtype, triplets that do not match the table, a bad ``scores`` entry, a header
         without observation time, or ids out of range.
     """
+    cand, triplets, scores = _checked_inputs(candidates, triplets, visit, ccd, scores)
+    visit, ccd = int(visit), int(ccd)
+    n = len(cand)
+    versions = dict(score_versions or {})
+
+    jd = _julian_date(header)
+    qa: dict[str, Any] = {"n_alerts": n, "n_edge": 0, "n_scored": int(n if scores else 0)}
+    if n == 0:
+        return StageResult([], qa)
+
+    image = _image_fields(header, jd=jd, visit=visit, ccd=ccd, diffmaglim=diffmaglim)
+    candid = _candids(cand, visit, ccd)
+    version = _version()
+
+    edge = cand["edge"] | ~np.isfinite(triplets).reshape(n, -1).all(axis=1)
+    qa["n_edge"] = int(edge.sum())
+    ny, nx = shape
+    x, y = cand["xpos"], cand["ypos"]
+    mindtoedge = np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y])
+
+    alerts = []
+    for k in range(n):
+        record = _candidate_record(cand[k], int(candid[k]), image, mindtoedge=mindtoedge[k], edge=bool(edge[k]),
+                                   visit=visit, ccd=ccd, version=version)
+        for name, values in scores.items():
+            record[name] = _opt(values[k])
+            vfield = SCORE_FIELDS[name]
+            if vfield is not None and name in versions:
+                record[vfield] = str(versions[name])
+        alerts.append(_packet(cand[k], record, triplets[k], survey=survey))
+    return StageResult(alerts, qa)
+
+
+def _checked_inputs(candidates, triplets, visit, ccd, scores):
+    """``(table, host triplets, scores as float64 arrays)`` after the checks of :func:`build_alerts`."""
     cand = np.asarray(candidates)
     if cand.dtype != CANDIDATE_DTYPE:
         missing = sorted(set(CANDIDATE_DTYPE.names) - set(cand.dtype.names or ()))
@@ -165,98 +191,93 @@ def build_alerts(
         if v.shape != (n,):
             raise InputError(f"scores[{k!r}] has {v.shape[0]} values for {n} candidates", stage="package")
         scores[k] = v
-    versions = dict(score_versions or {})
+    return cand, triplets, scores
 
-    jd = _julian_date(header)
-    qa: dict[str, Any] = {"n_alerts": n, "n_edge": 0, "n_scored": int(n if scores else 0)}
-    if n == 0:
-        return StageResult([], qa)
 
+def _candids(cand: np.ndarray, visit: int, ccd: int) -> np.ndarray:
+    """The table's ``candid`` where set (non-zero), else packed from ``(visit, ccd, row)``; unique."""
+    candid = np.where(cand["candid"] != 0, cand["candid"], make_candid(visit, ccd, np.arange(len(cand))))
+    if len(np.unique(candid)) != len(cand):
+        raise InputError("candidate ids (candid) in the table are not unique", stage="package")
+    return candid
+
+
+def _image_fields(header, *, jd: float, visit: int, ccd: int, diffmaglim: float | None) -> dict[str, Any]:
+    """The candidate fields that are the same for every candidate of the image."""
     fid = filter_id(header.get("FILTER") if header is not None else None)
-    exptime = header_zero_point(header, keys=("EXPTIME",))
+    exptime = header_exptime(header)
     magzp = header_zero_point(header)
     field = header.get("FIELD") if header is not None else None
     field = int(field) if isinstance(field, (int, np.integer)) and not isinstance(field, bool) else None
-    pid = visit * CANDID_CCD + ccd
-    candid = np.where(cand["candid"] != 0, cand["candid"], make_candid(visit, ccd, np.arange(n)))
-    if len(np.unique(candid)) != n:
-        raise InputError("candidate ids (candid) in the table are not unique", stage="package")
-    version = _version()
+    return {"jd": jd, "fid": fid, "pid": visit * CANDID_CCD + ccd,
+            "diffmaglim": None if diffmaglim is None else _opt(diffmaglim), "field": field,
+            "magzpsci": magzp, "exptime": exptime}
 
-    size = triplets.shape[1]
-    x, y = cand["xpos"], cand["ypos"]
-    sci_st, ref_st, diff_st = triplets[..., 0], triplets[..., 1], triplets[..., 2]
-    edge = cand["edge"] | ~np.isfinite(triplets).reshape(n, -1).all(axis=1)
-    qa["n_edge"] = int(edge.sum())
-    ny, nx = shape
-    mindtoedge = np.minimum.reduce([x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y])
-    half = size // 2
 
-    alerts = []
-    for k in range(n):
-        c = cand[k]
-        cid = int(candid[k])
-        record = {
-            "jd": jd,
-            "fid": fid,
-            "pid": pid,
-            "diffmaglim": None if diffmaglim is None else _opt(diffmaglim),
-            "programid": 0,
-            "candid": cid,
-            "isdiffpos": "t" if c["isdiffpos"] else "f",
-            "rcid": None,
-            "field": field,
-            "xpos": float(c["xpos"]) + 1.0,
-            "ypos": float(c["ypos"]) + 1.0,
-            "ra": float(c["ra"]),
-            "dec": float(c["dec"]),
-            "magpsf": float(c["magpsf"]),
-            "sigmapsf": float(c["sigmapsf"]),
-            "distnr": _opt(c["distnr"], sentinel=-999.0),
-            "magnr": _opt(c["magnr"], sentinel=-999.0),
-            "sky": _opt(c["sky"]),
-            "fwhm": _opt(c["fwhm"]),
-            "mindtoedge": _opt(mindtoedge[k]),
-            "elong": _opt(c["elong"]),
-            "nbad": int(c["nbad"]),
-            "rb": None,
-            "rbversion": None,
-            "scorr": _opt(c["scorr"]),
-            "magzpsci": magzp,
-            "exptime": exptime,
-            "drb": None,
-            "drbversion": None,
-            "flux": _opt(c["flux"]),
-            "fluxerr": _opt(c["fluxerr"]),
-            "snr": _opt(c["snr"]),
-            "visit": visit,
-            "ccd": ccd,
-            "anomaly_score": None,
-            "edge": bool(edge[k]),
-            "nightsift_version": version,
-        }
-        for name, values in scores.items():
-            record[name] = _opt(values[k])
-            vfield = SCORE_FIELDS[name]
-            if vfield is not None and name in versions:
-                record[vfield] = str(versions[name])
-        x0 = int(np.rint(c["xpos"])) - half
-        y0 = int(np.rint(c["ypos"])) - half
-        stamp_header = {"CANDID": cid, "X0": x0, "Y0": y0, "EDGE": bool(edge[k])}
-        stem = f"candid{cid}_pid{pid}"
-        diffname = "diffpos" if c["isdiffpos"] else "diffneg"
-        alerts.append({
-            "schemavsn": SCHEMA_VERSION,
-            "publisher": PUBLISHER,
-            "objectId": f"{survey}{cid}",
-            "candid": cid,
-            "candidate": record,
-            "prv_candidates": None,
-            "cutoutScience": make_cutout_record(sci_st[k], file_name=f"{stem}_targ_sci.fits.gz",
-                                                header={**stamp_header, "BUNIT": "e-"}),
-            "cutoutTemplate": make_cutout_record(ref_st[k], file_name=f"{stem}_ref.fits.gz", header=stamp_header),
-            "cutoutDifference": make_cutout_record(diff_st[k], file_name=f"{stem}_targ_{diffname}.fits.gz",
-                                                   header={**stamp_header, "BUNIT": "e-"}),
-        })
-    return StageResult(alerts, qa)
+def _candidate_record(c, cid: int, image: Mapping[str, Any], *, mindtoedge: float, edge: bool, visit: int,
+                      ccd: int, version: str) -> dict[str, Any]:
+    """The ``candidate`` record of one table row (scores null: the caller fills them)."""
+    return {
+        "jd": image["jd"],
+        "fid": image["fid"],
+        "pid": image["pid"],
+        "diffmaglim": image["diffmaglim"],
+        "programid": 0,
+        "candid": cid,
+        "isdiffpos": "t" if c["isdiffpos"] else "f",
+        "rcid": None,
+        "field": image["field"],
+        "xpos": float(c["xpos"]) + 1.0,
+        "ypos": float(c["ypos"]) + 1.0,
+        "ra": float(c["ra"]),
+        "dec": float(c["dec"]),
+        "magpsf": float(c["magpsf"]),
+        "sigmapsf": float(c["sigmapsf"]),
+        "distnr": _opt(c["distnr"], sentinel=-999.0),
+        "magnr": _opt(c["magnr"], sentinel=-999.0),
+        "sky": _opt(c["sky"]),
+        "fwhm": _opt(c["fwhm"]),
+        "mindtoedge": _opt(mindtoedge),
+        "elong": _opt(c["elong"]),
+        "nbad": int(c["nbad"]),
+        "rb": None,
+        "rbversion": None,
+        "scorr": _opt(c["scorr"]),
+        "magzpsci": image["magzpsci"],
+        "exptime": image["exptime"],
+        "drb": None,
+        "drbversion": None,
+        "flux": _opt(c["flux"]),
+        "fluxerr": _opt(c["fluxerr"]),
+        "snr": _opt(c["snr"]),
+        "visit": visit,
+        "ccd": ccd,
+        "anomaly_score": None,
+        "edge": edge,
+        "nightsift_version": version,
+    }
 
+
+def _packet(c, record: dict[str, Any], stamps: np.ndarray, *, survey: str) -> dict[str, Any]:
+    """The alert of table row ``c``: ids, its ``candidate`` record and the three cutouts of
+    ``stamps`` (s, s, 3), whose headers give the stamp's 0-based corner on the CCD."""
+    cid, pid = record["candid"], record["pid"]
+    half = stamps.shape[0] // 2
+    x0 = int(np.rint(c["xpos"])) - half
+    y0 = int(np.rint(c["ypos"])) - half
+    stamp_header = {"CANDID": cid, "X0": x0, "Y0": y0, "EDGE": record["edge"]}
+    stem = f"candid{cid}_pid{pid}"
+    diffname = "diffpos" if c["isdiffpos"] else "diffneg"
+    return {
+        "schemavsn": SCHEMA_VERSION,
+        "publisher": PUBLISHER,
+        "objectId": f"{survey}{cid}",
+        "candid": cid,
+        "candidate": record,
+        "prv_candidates": None,
+        "cutoutScience": make_cutout_record(stamps[..., 0], file_name=f"{stem}_targ_sci.fits.gz",
+                                            header={**stamp_header, "BUNIT": "e-"}),
+        "cutoutTemplate": make_cutout_record(stamps[..., 1], file_name=f"{stem}_ref.fits.gz", header=stamp_header),
+        "cutoutDifference": make_cutout_record(stamps[..., 2], file_name=f"{stem}_targ_{diffname}.fits.gz",
+                                               header={**stamp_header, "BUNIT": "e-"}),
+    }

@@ -341,3 +341,60 @@ def test_constant_psf_mode():
         e = psf.ellipticity(np.array([0.0, 255.0]), np.array([0.0, 255.0]))
         assert e[0] == pytest.approx(e[1], rel=1e-12)
     assert np.median(s.detector.flat) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_options_object_equals_keywords_and_is_validated():
+    from nightsift.engine.simulate import SimulationOptions
+
+    kw = dict(shape=(96, 112), seed=4, visit=2, ccd=1, n_ccds=3, n_transients=6, seeing=1.1, edge=6)
+    opts = SimulationOptions(**kw)
+    a = simulate_ccd_pair("ztf", **kw)
+    b = simulate_ccd_pair("ztf", opts)
+    c = simulate_ccd_pair("ztf", opts.replace(seed=99), seed=4)  # keywords override the object's fields
+    for s in (b, c):
+        np.testing.assert_array_equal(a.science_raw.data, s.science_raw.data)
+        np.testing.assert_array_equal(a.reference.image, s.reference.image)
+        np.testing.assert_array_equal(a.transients, s.transients)
+    with pytest.raises(ConfigError, match="shape"):
+        SimulationOptions(shape=(8, 8))
+    with pytest.raises(ConfigError, match="n_calib"):
+        SimulationOptions(n_calib=0)
+    with pytest.raises(ConfigError, match="transient_fractions"):
+        opts.replace(transient_fractions=(1.0, 0.0))
+    with pytest.raises(TypeError):
+        simulate_ccd_pair("ztf", shape=(64, 64), n_transient=3)  # misspelt option
+    with pytest.raises(TypeError):
+        simulate_ccd_pair("ztf", {"shape": (64, 64)})
+    r = opts.resolved(get_profile("ztf"))
+    assert r.filter == get_profile("ztf").filters[0] and r.shape == (96, 112) and r.n_ccds == 3
+    assert SimulationOptions().resolved(get_profile("lsst")).shape == (get_profile("lsst").ny, get_profile("lsst").nx)
+
+
+def test_static_scene_is_shared_between_visits_and_checked():
+    from nightsift.engine.simulate import SimulationOptions, simulate_static
+
+    opts = SimulationOptions(shape=(96, 96), seed=3, ccd=1, n_ccds=2, n_transients=4)
+    st = simulate_static("decam", opts)
+    assert st.matches("decam", opts.replace(visit=5, seeing=1.3)) and not st.matches("decam", opts.replace(ccd=0))
+    for v in (0, 1):
+        fresh = simulate_ccd_pair("decam", opts, visit=v)
+        shared = simulate_ccd_pair("decam", opts, visit=v, static=st)
+        assert shared.reference is st.reference
+        np.testing.assert_array_equal(fresh.reference.image, shared.reference.image)
+        np.testing.assert_array_equal(fresh.science_raw.data, shared.science_raw.data)
+        np.testing.assert_array_equal(fresh.transients, shared.transients)
+        np.testing.assert_array_equal(fresh.stars, shared.stars)
+    with pytest.raises(ConfigError, match="static scene"):
+        simulate_ccd_pair("decam", opts, ccd=0, static=st)
+    with pytest.raises(ConfigError, match="static scene"):
+        simulate_ccd_pair("ztf", opts, static=st)
+
+
+def test_visit_options_follow_the_config():
+    from nightsift.engine.config import SimulateConfig
+    from nightsift.engine.simulate import visit_options
+
+    cfg = SimulateConfig(instrument="lsst", ny=0, nx=80, n_ccds=5, n_transients=2, seed=8)
+    p, o = visit_options(cfg, visit=3, ccd=4)
+    assert p.name == "lsst" and o.shape == (p.ny, 80)
+    assert (o.seed, o.visit, o.ccd, o.n_ccds, o.n_transients) == (8, 3, 4, 5, 2)
