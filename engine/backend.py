@@ -1,8 +1,9 @@
 """Array backend selection and GPU resource setup, in one place.
 
-``config.run.backend`` ("numpy" | "cupy" | "auto") is turned into an array module here and
-nowhere else: :func:`get_backend`. Everything downstream follows the arrays it is given
-(:func:`nightsift.kernels.array_namespace`), so nothing else forks on the backend.
+``config.run.backend`` ("numpy" | "cupy" | "auto": :data:`~nightsift.engine.config.ArrayBackend`) is
+turned into an array module here and nowhere else: :func:`get_backend`. Everything downstream
+follows the arrays it is given (:func:`nightsift.kernels.array_namespace`), so nothing else forks on
+the backend.
 
 Also here, for a GPU worker (one per device, long-lived):
 
@@ -26,10 +27,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .config import ARRAY_BACKENDS
 from .errors import BackendError, ConfigError
 
 __all__ = [
-    "BACKENDS",
     "GpuProbe",
     "probe_gpu",
     "get_backend",
@@ -44,8 +45,6 @@ __all__ = [
     "on_device",
     "retain_host_memory",
 ]
-
-BACKENDS = ("numpy", "cupy", "auto")
 
 _INSTALL_HINT = ("install CuPy for your CUDA version (pip install 'nightsift[gpu]', i.e. cupy-cuda12x) on a "
                  "machine with an NVIDIA GPU and driver, or set run.backend = \"numpy\" (or \"auto\", which "
@@ -93,13 +92,13 @@ def get_backend(name: str = "auto"):
     Raises
     ------
     ConfigError
-        ``name`` is not one of :data:`BACKENDS`.
+        ``name`` is not one of :data:`~nightsift.engine.config.ARRAY_BACKENDS`.
     BackendError
         ``"cupy"`` was asked for and cupy cannot be imported or sees no GPU; the message says
         which, and how to fix it.
     """
-    if name not in BACKENDS:
-        raise ConfigError(f"run.backend: unknown array backend {name!r}; must be one of {', '.join(BACKENDS)}")
+    if name not in ARRAY_BACKENDS:
+        raise ConfigError(f"run.backend: unknown array backend {name!r}; must be one of {', '.join(ARRAY_BACKENDS)}")
     if name == "numpy":
         return np
     probe = probe_gpu()

@@ -269,10 +269,22 @@ def _add_dataset_args(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nightsift`` parser: the global options, then one sub-command each (``_add_<command>``)."""
     p = argparse.ArgumentParser(prog="nightsift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML configuration file (see engine/config.py for sections and defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command")
+    for add in (_add_run, _add_subtract, _add_simulate, _add_score_ztf, _add_train, _add_evaluate):
+        add(sub)
+
+    from .discover.cli import add_subcommands as add_discover_subcommands
+
+    add_discover_subcommands(sub)  # drift, label, retrospective
+    return p
+
+
+def _add_run(sub) -> None:
+    from .config import NIGHT_ENGINES
 
     r = sub.add_parser("run", help="simulate a night (the default) and process it")
     r.add_argument("--visits", type=int)
@@ -281,13 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--instrument", help="instrument profile: decam, ztf, lsst")
     r.add_argument("--seed", type=int)
     r.add_argument("--workers", type=int, help="processes, or Ray subtraction actors (default: all cores / GPUs)")
-    r.add_argument("--engine", choices=("auto", "ray", "local"),
+    r.add_argument("--engine", choices=NIGHT_ENGINES,
                    help="night engine: Ray actors (the default when Ray is installed) or a local process pool")
     r.add_argument("--address", help="Ray cluster to join ('auto' after `ray start`); default: start a local Ray")
     r.add_argument("--out", help="output directory for alerts and records")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 
+
+def _add_subtract(sub) -> None:
     s = sub.add_parser("subtract", help="ZOGY on your own calibrated FITS pair")
     s.add_argument("science")
     s.add_argument("reference")
@@ -297,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=10, help="print the N best candidates")
     s.set_defaults(func=cmd_subtract)
 
+
+def _add_simulate(sub) -> None:
     m = sub.add_parser("simulate", help="write simulated FITS files (raw, calibration, reference, truth)")
     m.add_argument("--out", default="nightsift-sim")
     m.add_argument("--visits", type=int, default=1)
@@ -306,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int)
     m.set_defaults(func=cmd_simulate)
 
+
+def _add_score_ztf(sub) -> None:
     z = sub.add_parser("score-ztf", help="score real ZTF alert packets: nightsift's classifier vs braai and rb")
     z.add_argument("directory", help="folder of ZTF .avro alert packets")
     z.add_argument("--backend", help="nightsift scorer: auto, tflite, keras, edgetpu (default: classify.backend)")
@@ -315,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
     z.set_defaults(func=cmd_score_ztf)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="simulate labelled triplets, train the real/bogus CNN, evaluate, export int8")
     _add_dataset_args(t)
     t.add_argument("--out", default="nightsift-model",
@@ -335,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what an 'interesting' label means for training (default: left out)")
     t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="evaluate a real/bogus model on simulated data (numbers JSON, plots PNG)")
     _add_dataset_args(e)
     e.add_argument("--model", help="model .keras, .tflite or metadata .json (default: the shipped model)")
@@ -344,11 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train on one profile / one condition vs all, test on every profile")
     e.add_argument("--source", default="decam", help="profile of the single-domain models (default decam)")
     e.set_defaults(func=cmd_evaluate)
-
-    from .discover.cli import add_subcommands as add_discover_subcommands
-
-    add_discover_subcommands(sub)  # drift, label, retrospective
-    return p
 
 
 def main(argv=None) -> int:

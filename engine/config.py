@@ -11,20 +11,83 @@ override any of them::
 
 Load with :func:`load_config`; unknown sections/keys and out-of-range values raise
 :class:`~nightsift.engine.errors.ConfigError` naming the key.
+
+Each section checks its own fields when it is made (its ``_check_ranges``, beside the fields); a
+field with a fixed set of values is typed with a ``Literal`` (:data:`ClassifyBackend`, ...), which
+is the one list of its values: the check, the messages and the modules that dispatch on it
+(:mod:`~nightsift.engine.backend`, :mod:`~nightsift.engine.classify.runtime`, the command line)
+read the tuples derived from it (:data:`CLASSIFY_BACKENDS`, ...).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from .errors import ConfigError
 
+#: real/bogus scorer (``classify.backend``)
+ClassifyBackend = Literal["auto", "edgetpu", "tflite", "keras", "braai", "none"]
+#: array backend (``run.backend``)
+ArrayBackend = Literal["numpy", "cupy", "auto"]
+#: night engine (``run.engine``)
+NightEngine = Literal["auto", "ray", "local"]
+#: FFT precision of the subtraction (``subtract.fft_dtype``)
+FFTDtype = Literal["float32", "float64"]
+
+CLASSIFY_BACKENDS: tuple[str, ...] = get_args(ClassifyBackend)
+ARRAY_BACKENDS: tuple[str, ...] = get_args(ArrayBackend)
+NIGHT_ENGINES: tuple[str, ...] = get_args(NightEngine)
+
+
+def one_of(choices) -> str:
+    """``"a, b or c"``: the values of an enumeration, for messages."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else "".join(choices)
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"config {key}: {msg}")
+
+
+class _Section:
+    """What every section does when it is made: a ``Literal``-typed field must hold one of its
+    values, then the section's own range checks (:meth:`_check_ranges`, written beside its fields)
+    run. Raises ConfigError naming the key."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key of a field outside its choices or its range."""
+        section = _section_name(type(self))
+        for name, choices in _choices(type(self)).items():
+            _check(getattr(self, name) in choices, f"{section}.{name}", f"must be {one_of(choices)}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Range checks of this section's fields (none unless the section defines them)."""
+
+
+@functools.cache
+def _choices(cls) -> dict[str, tuple]:
+    """The fields of a section typed with a ``Literal``, and their values."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in fields(cls) if typing.get_origin(hints[f.name]) is Literal}
+
+
+@functools.cache
+def _section_name(cls) -> str:
+    """The name of a section class in :class:`Config` (``DetectConfig`` -> ``"detect"``)."""
+    return next(f.name for f in fields(Config) if f.default_factory is cls)
+
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(_Section):
     #: a pixel of the master dark brighter than this many e-/s above the median is hot (bad)
     hot_pixel_threshold: float = 5.0
     #: a flat pixel whose normalised response is below this (or above 1/this) is bad
@@ -36,7 +99,7 @@ class CalibrateConfig:
 
 
 @dataclass(frozen=True)
-class AlignConfig:
+class AlignConfig(_Section):
     #: Lanczos kernel half-width a (Lanczos-a); 3 is the standard choice
     lanczos_order: int = 3
     #: minimum fraction of science pixels covered by the reference, else the CCD is skipped
@@ -61,9 +124,16 @@ class AlignConfig:
     #: a star measures the registration only if no other source lies within this many FWHM
     isolation_fwhm: float = 3.0
 
+    def _check_ranges(self):
+        _check(self.lanczos_order in (2, 3, 4, 5), "align.lanczos_order", "must be 2..5")
+        _check(0 < self.min_overlap <= 1, "align.min_overlap", "must be in (0, 1]")
+        _check(4 <= self.map_step <= 256, "align.map_step", "must be in 4..256")
+        _check(self.match_radius > 0, "align.match_radius", "must be > 0")
+        _check(self.refine_min_stars >= 1, "align.refine_min_stars", "must be >= 1")
+
 
 @dataclass(frozen=True)
-class PSFConfig:
+class PSFConfig(_Section):
     #: side of the PSF stamp in pixels (odd); widened automatically to >= 6 x FWHM
     stamp_size: int = 31
     #: minimum S/N of a PSF star (aperture S/N within 2 FWHM; sep's isophotal S/N, which the former
@@ -104,10 +174,20 @@ class PSFConfig:
     #: source-catalogue threshold, in sigma of the matched-filtered image (the catalogue feeds
     #: PSF stars, flux-ratio stars, isolation, the blank-sky mask and distnr)
     detect_threshold: float = 5.0
+    #: S/N from which a source's adaptive size decides "point source" (the stars the flux ratio
+    #: prefers). A choice: the stellar-locus tolerance widens as 2/S/N (``locus_tolerance``: 15 %
+    #: at S/N 20, 45 % at S/N 5), so much fainter sources would pass as points whatever their size
+    point_min_snr: float = 20.0
+
+    def _check_ranges(self):
+        _check(self.stamp_size % 2 == 1 and self.stamp_size >= 11, "psf.stamp_size", "must be odd and >= 11")
+        _check(self.min_stars >= 1, "psf.min_stars", "must be >= 1")
+        _check(self.max_stars >= self.min_stars, "psf.max_stars", "must be >= psf.min_stars")
+        _check(self.point_min_snr > 0, "psf.point_min_snr", "must be > 0")
 
 
 @dataclass(frozen=True)
-class SubtractConfig:
+class SubtractConfig(_Section):
     #: side of the square ZOGY tiles (core, in pixels); a CCD is cut into tiles of this size, each
     #: with its own PSFs. 0 means one tile for the whole CCD. 512 keeps the PSF model within a
     #: few % of the local PSF for a typical field variation: with 1024, bright-star residuals at
@@ -120,6 +200,16 @@ class SubtractConfig:
     #: both headers; the star-based F_r and the zero-point one are averaged with inverse-variance
     #: weights (0 = the stars alone whenever they give a value)
     zero_point_rms: float = 0.02
+    #: S/N of the catalogue sources whose PSF fluxes measure F_r. A choice: at S/N 20 a star's
+    #: ratio (two images) is good to ~7 %, about twice the PSF-model error every star carries
+    #: (3 %). Keep it >= psf.point_min_snr (the point-source test the flux ratio prefers is made
+    #: from there)
+    flux_ratio_min_snr: float = 20.0
+    #: relative distance from the zero-point F_r within which star ratios are trusted; a star-based
+    #: F_r farther than this from it is replaced by it. A choice: the zero points miss this CCD's
+    #: flat and aperture terms (a few %), so 30 % only turns away stars that changed (variables,
+    #: a transient on a nucleus) or a wrong match
+    flux_ratio_prior_window: float = 0.3
     #: astrometric noise (RMS, pixels) used in S_corr when alignment does not measure it
     default_astrometric_rms: float = 0.02
     #: masked pixels (bad, saturated, no data) are grown by this many pixels; S_corr is zeroed there
@@ -139,11 +229,20 @@ class SubtractConfig:
     remove_difference_offset: bool = True
     #: FFT precision: "float32" (S_corr within 5e-6 RMS of float64 on a 2048^2 pair, same candidates,
     #: 2.8x faster on the CPU, half the memory; what a GPU wants) or "float64"
-    fft_dtype: str = "float32"
+    fft_dtype: FFTDtype = "float32"
+
+    def _check_ranges(self):
+        _check(self.tile_size == 0 or self.tile_size >= 128, "subtract.tile_size", "0 or >= 128")
+        _check(self.tile_margin >= 8, "subtract.tile_margin", "must be >= 8")
+        _check(self.default_astrometric_rms >= 0, "subtract.default_astrometric_rms", "must be >= 0")
+        _check(0 <= self.scorr_std_min < 1 < self.scorr_std_max, "subtract.scorr_std_min/max",
+               "need 0 <= min < 1 < max")
+        _check(self.flux_ratio_min_snr > 0, "subtract.flux_ratio_min_snr", "must be > 0")
+        _check(self.flux_ratio_prior_window > 0, "subtract.flux_ratio_prior_window", "must be > 0")
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(_Section):
     #: detection threshold on |S_corr| (sigma)
     threshold: float = 5.0
     #: minimum connected pixels above threshold. S_corr is already the matched-filter statistic, so
@@ -170,15 +269,22 @@ class DetectConfig:
     #: reference sources closer than this (arcsec) are reported as the nearest reference source
     distnr_max_arcsec: float = 30.0
 
+    def _check_ranges(self):
+        _check(self.threshold > 0, "detect.threshold", "must be > 0")
+        _check(self.min_area >= 1, "detect.min_area", "must be >= 1")
+
 
 @dataclass(frozen=True)
-class CutoutConfig:
+class CutoutConfig(_Section):
     #: side of the science/reference/difference cutouts (pixels, odd); 63 as in ZTF
     size: int = 63
 
+    def _check_ranges(self):
+        _check(self.size % 2 == 1 and self.size >= 15, "cutout.size", "must be odd and >= 15")
+
 
 @dataclass(frozen=True)
-class PackageConfig:
+class PackageConfig(_Section):
     #: directory where alert packets are written
     output_dir: str = "nightsift-out"
     #: instrument/survey prefix of candidate ids
@@ -186,11 +292,11 @@ class PackageConfig:
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(_Section):
     #: real/bogus scorer: "auto" (Edge TPU when libedgetpu is present, else int8 TFLite on the
     #: CPU), "edgetpu", "tflite" (int8 on the CPU), "keras" (float model), "braai" (ZTF's public
     #: d6_m7 weights) or "none" (no score in the packets)
-    backend: str = "auto"
+    backend: ClassifyBackend = "auto"
     #: model file; "" = the model shipped with nightsift (see engine/classify/models/)
     model: str = ""
     #: triplets per inference batch
@@ -206,9 +312,15 @@ class ClassifyConfig:
     #: point estimate, which lands above the target on new data about half the time)
     threshold_confidence: float = 0.9
 
+    def _check_ranges(self):
+        _check(self.batch_size >= 1, "classify.batch_size", "must be >= 1")
+        _check(self.threshold < 1, "classify.threshold", "must be < 1 (< 0: the model's own)")
+        _check(0 < self.target_fnr < 0.5, "classify.target_fnr", "must be in (0, 0.5)")
+        _check(0 <= self.threshold_confidence < 1, "classify.threshold_confidence", "must be in [0, 1)")
+
 
 @dataclass(frozen=True)
-class SimulateConfig:
+class SimulateConfig(_Section):
     #: instrument profile (see nightsift.engine.simulate.instruments.PROFILES)
     instrument: str = "decam"
     #: CCD shape used by `nightsift run` and `nightsift simulate` (ny, nx); 0 = the instrument's own
@@ -221,16 +333,20 @@ class SimulateConfig:
     n_transients: int = 30
     seed: int = 2026
 
+    def _check_ranges(self):
+        _check(self.ny >= 0 and self.nx >= 0, "simulate.ny/nx", "must be >= 0")
+        _check(self.n_visits >= 1 and self.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
+
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     #: "numpy", "cupy" or "auto" (cupy when a GPU is present)
-    backend: str = "numpy"
+    backend: ArrayBackend = "numpy"
     #: worker processes/actors for a night (0 = number of cores; with the Ray engine: subtraction
     #: actors, 0 = one per GPU, else one per ``subtraction_cpus`` left after the inference pool)
     workers: int = 0
     #: night engine: "auto" (Ray when it is installed, else the local process pool), "ray", "local"
-    engine: str = "auto"
+    engine: NightEngine = "auto"
     #: Ray cluster: "" starts a local Ray on this machine's cores; "auto" joins the cluster that
     #: `ray start` runs on this node; "ray://host:10001" a remote one (Ray client)
     address: str = ""
@@ -265,26 +381,59 @@ class RunConfig:
     #: otherwise page-fault in again each time (4096^2: 24 -> 13-16 s per visit on 2 cores)
     retain_host_memory: bool = True
 
+    def _check_ranges(self):
+        _check(self.workers >= 0, "run.workers", "must be >= 0")
+        _check(self.subtraction_cpus >= 0 and self.inference_cpus >= 0, "run.subtraction_cpus/inference_cpus",
+               "must be >= 0")
+        _check(self.inference_actors >= 1, "run.inference_actors", "must be >= 1")
+        _check(self.queue_depth >= 1 and self.inference_in_flight >= 1, "run.queue_depth/inference_in_flight",
+               "must be >= 1")
+        _check(self.max_restarts >= -1, "run.max_restarts", "must be >= -1 (-1: unlimited)")
+        _check(self.task_retries >= 0 and self.max_resident_ccds >= 0 and self.object_store_mb >= 0,
+               "run.task_retries/max_resident_ccds/object_store_mb", "must be >= 0")
+
 
 @dataclass(frozen=True)
-class DiscoverConfig:
+class DiscoverConfig(_Section):
+    """Drift monitoring (the ``drift_*`` fields: the thresholds of
+    :func:`nightsift.engine.discover.drift.compare`), anomaly scores and the labeling queue."""
+
     #: drift: PSI at or above which a distribution has shifted (0.1 minor, 0.25 major by convention)
     drift_psi_threshold: float = 0.25
     #: drift: family-wise false-alarm rate of the KS tests (Bonferroni over CCDs x features)
     drift_ks_alpha: float = 0.01
     #: drift: robust z-score at or above which a per-visit quantity (noise, counts) has shifted
     drift_z_threshold: float = 5.0
-    #: drift: a PSI must also exceed this times the PSI spread of the reference's own visits
+    #: drift: smallest scale of a per-visit quantity, as a fraction of its reference median (a
+    #: reference that happens to be very tight must not make every small change a flag)
+    drift_rel_floor: float = 0.05
+    #: drift: quantile bins of the reference for the PSI (plus one for missing values)
+    drift_bins: int = 10
+    #: drift: a PSI must also exceed this times the PSI spread of the reference's own groups
+    #: (visits of a history, CCDs of the focal plane)
     drift_null_factor: float = 1.5
-    #: drift: fewest candidates (night and reference) for a distribution to be tested
+    #: drift: fewest candidates (night and reference) for a distribution to be tested; reference
+    #: groups with fewer than half as many do not enter the null
     drift_min_candidates: int = 20
-    #: drift: fewest visits (history) or CCDs (focal plane) a reference needs to be used
+    #: drift: fewest visits (history) or CCDs (focal plane) a reference needs to be used: with one
+    #: visit the natural visit-to-visit scatter is unknown, and a healthy CCD would be flagged for it
     drift_min_groups: int = 2
     #: anomaly model (.npz from nightsift retrospective or discover.anomaly.fit_anomaly); "" = no
     #: anomaly score in the packets
     anomaly_model: str = ""
     #: labeling queue: weight of the real/bogus uncertainty against the anomaly rank (0..1)
     label_uncertainty_weight: float = 0.5
+
+    def _check_ranges(self):
+        _check(self.drift_psi_threshold > 0, "discover.drift_psi_threshold", "must be > 0")
+        _check(0 < self.drift_ks_alpha < 1, "discover.drift_ks_alpha", "must be in (0, 1)")
+        _check(self.drift_z_threshold > 0, "discover.drift_z_threshold", "must be > 0")
+        _check(self.drift_rel_floor >= 0, "discover.drift_rel_floor", "must be >= 0")
+        _check(self.drift_bins >= 2, "discover.drift_bins", "must be >= 2")
+        _check(self.drift_null_factor >= 1, "discover.drift_null_factor", "must be >= 1")
+        _check(self.drift_min_candidates >= 2, "discover.drift_min_candidates", "must be >= 2")
+        _check(self.drift_min_groups >= 1, "discover.drift_min_groups", "must be >= 1")
+        _check(0 <= self.label_uncertainty_weight <= 1, "discover.label_uncertainty_weight", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -310,57 +459,14 @@ class Config:
         return from_dict(_merge(to_dict(self), sections))
 
 
-def _check(cond: bool, key: str, msg: str):
-    if not cond:
-        raise ConfigError(f"config {key}: {msg}")
-
-
 def validate(cfg: Config) -> None:
-    """Range checks of every section; raises ConfigError naming the key."""
-    c = cfg
-    _check(c.align.lanczos_order in (2, 3, 4, 5), "align.lanczos_order", "must be 2..5")
-    _check(0 < c.align.min_overlap <= 1, "align.min_overlap", "must be in (0, 1]")
-    _check(4 <= c.align.map_step <= 256, "align.map_step", "must be in 4..256")
-    _check(c.align.match_radius > 0, "align.match_radius", "must be > 0")
-    _check(c.align.refine_min_stars >= 1, "align.refine_min_stars", "must be >= 1")
-    _check(c.psf.stamp_size % 2 == 1 and c.psf.stamp_size >= 11, "psf.stamp_size", "must be odd and >= 11")
-    _check(c.psf.min_stars >= 1, "psf.min_stars", "must be >= 1")
-    _check(c.psf.max_stars >= c.psf.min_stars, "psf.max_stars", "must be >= psf.min_stars")
-    _check(c.subtract.tile_size == 0 or c.subtract.tile_size >= 128, "subtract.tile_size", "0 or >= 128")
-    _check(c.subtract.tile_margin >= 8, "subtract.tile_margin", "must be >= 8")
-    _check(c.subtract.default_astrometric_rms >= 0, "subtract.default_astrometric_rms", "must be >= 0")
-    _check(c.subtract.fft_dtype in ("float32", "float64"), "subtract.fft_dtype", "float32 or float64")
-    _check(0 <= c.subtract.scorr_std_min < 1 < c.subtract.scorr_std_max, "subtract.scorr_std_min/max",
-           "need 0 <= min < 1 < max")
-    _check(c.detect.threshold > 0, "detect.threshold", "must be > 0")
-    _check(c.detect.min_area >= 1, "detect.min_area", "must be >= 1")
-    _check(c.cutout.size % 2 == 1 and c.cutout.size >= 15, "cutout.size", "must be odd and >= 15")
-    _check(c.classify.backend in ("auto", "edgetpu", "tflite", "keras", "braai", "none"), "classify.backend",
-           "must be auto, edgetpu, tflite, keras, braai or none")
-    _check(c.classify.batch_size >= 1, "classify.batch_size", "must be >= 1")
-    _check(c.classify.threshold < 1, "classify.threshold", "must be < 1 (< 0: the model's own)")
-    _check(0 < c.classify.target_fnr < 0.5, "classify.target_fnr", "must be in (0, 0.5)")
-    _check(0 <= c.classify.threshold_confidence < 1, "classify.threshold_confidence", "must be in [0, 1)")
-    _check(c.simulate.ny >= 0 and c.simulate.nx >= 0, "simulate.ny/nx", "must be >= 0")
-    _check(c.simulate.n_visits >= 1 and c.simulate.n_ccds >= 1, "simulate.n_visits/n_ccds", "must be >= 1")
-    _check(c.run.backend in ("numpy", "cupy", "auto"), "run.backend", "must be numpy, cupy or auto")
-    _check(c.run.workers >= 0, "run.workers", "must be >= 0")
-    _check(c.run.engine in ("auto", "ray", "local"), "run.engine", "must be auto, ray or local")
-    _check(c.run.subtraction_cpus >= 0 and c.run.inference_cpus >= 0, "run.subtraction_cpus/inference_cpus",
-           "must be >= 0")
-    _check(c.run.inference_actors >= 1, "run.inference_actors", "must be >= 1")
-    _check(c.run.queue_depth >= 1 and c.run.inference_in_flight >= 1, "run.queue_depth/inference_in_flight",
-           "must be >= 1")
-    _check(c.run.max_restarts >= -1, "run.max_restarts", "must be >= -1 (-1: unlimited)")
-    _check(c.run.task_retries >= 0 and c.run.max_resident_ccds >= 0 and c.run.object_store_mb >= 0,
-           "run.task_retries/max_resident_ccds/object_store_mb", "must be >= 0")
-    _check(c.discover.drift_psi_threshold > 0, "discover.drift_psi_threshold", "must be > 0")
-    _check(0 < c.discover.drift_ks_alpha < 1, "discover.drift_ks_alpha", "must be in (0, 1)")
-    _check(c.discover.drift_z_threshold > 0, "discover.drift_z_threshold", "must be > 0")
-    _check(c.discover.drift_null_factor >= 1, "discover.drift_null_factor", "must be >= 1")
-    _check(c.discover.drift_min_candidates >= 2, "discover.drift_min_candidates", "must be >= 2")
-    _check(c.discover.drift_min_groups >= 1, "discover.drift_min_groups", "must be >= 1")
-    _check(0 <= c.discover.label_uncertainty_weight <= 1, "discover.label_uncertainty_weight", "must be in [0, 1]")
+    """Check every section of ``cfg`` (each checks its own fields: :class:`_Section`); raises
+    ConfigError naming the key."""
+    for f in fields(Config):
+        section = getattr(cfg, f.name)
+        _check(isinstance(section, f.default_factory), f"[{f.name}]",  # type: ignore[arg-type]
+               f"must be a {f.default_factory.__name__}, got {type(section).__name__}")  # type: ignore[union-attr]
+        section.check()
 
 
 def to_dict(cfg) -> dict:
