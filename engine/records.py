@@ -35,6 +35,11 @@ class MaskBits(enum.IntFlag):
 UNUSABLE = int(MaskBits.BAD | MaskBits.SAT | MaskBits.NO_DATA)
 
 
+def unusable_of(masks):
+    """Boolean map (same shape) of the :data:`UNUSABLE` pixels of a mask or a batch of masks."""
+    return (masks & UNUSABLE) != 0
+
+
 @dataclass(frozen=True)
 class RawFrame:
     """A raw CCD frame as read from disk.

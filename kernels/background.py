@@ -40,7 +40,8 @@ import numpy as np
 
 from ._xp import array_namespace, is_cupy, is_host, to_device
 
-__all__ = ["mesh_statistics", "background", "robust_sigma", "mad_sigma", "MAD_TO_SIGMA"]
+__all__ = ["mesh_statistics", "background", "robust_sigma", "mad_sigma", "median_mad_sigma", "residual_sigma",
+           "MAD_TO_SIGMA"]
 
 #: 1 / Phi^-1(3/4): the standard deviation of a Gaussian per unit median absolute deviation
 MAD_TO_SIGMA = 1.482602218505602
@@ -254,6 +255,23 @@ def _finish(xp, out, shape):
     return out[()] if shape == () else out
 
 
+def _per_row(values, axis, stat, *, outputs: int = 1, absolute: bool = False) -> tuple:
+    """``stat(xp, s, n, chunk)`` (a tuple of ``outputs`` ``(R,)`` float64 arrays) on the rows of
+    ``values`` along ``axis`` (:func:`_as_rows`; ``absolute``: of ``|values|``), sorted with their
+    ``n`` finite values first (:func:`_prepare_rows`), each result shaped as ``values`` without
+    ``axis``. No row at all gives empty results, rows of length 0 NaN."""
+    xp = array_namespace(values)
+    rows, shape = _as_rows(xp, values, axis)
+    if absolute:
+        rows = xp.abs(rows)
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        fill = 0.0 if rows.shape[0] == 0 else xp.nan
+        return tuple(_finish(xp, xp.full((rows.shape[0],), fill, dtype=xp.float64), shape)
+                     for _ in range(outputs))
+    s, n, chunk = _prepare_rows(xp, rows, dtype=rows.dtype)
+    return tuple(_finish(xp, v, shape) for v in stat(xp, s, n, chunk))
+
+
 def robust_sigma(values, *, clip: float = 3.0, iterations: int = 5, axis=None):
     """Standard deviation of the Gaussian core of ``values`` (non-finite values ignored).
 
@@ -279,20 +297,18 @@ def robust_sigma(values, *, clip: float = 3.0, iterations: int = 5, axis=None):
         finite value.
     """
     _check_clip(clip, iterations)
-    xp = array_namespace(values)
-    rows, shape = _as_rows(xp, values, axis)
-    if rows.shape[0] == 0:
-        return xp.zeros(shape, dtype=xp.float64)
-    if rows.shape[1] == 0:
-        return _finish(xp, xp.full((rows.shape[0],), xp.nan, dtype=xp.float64), shape)
-    s, n, chunk = _prepare_rows(xp, rows, dtype=rows.dtype)
-    _, _, sig, _ = _sorted_stats(xp, s, n, chunk=chunk, clip=float(clip), iterations=int(iterations),
-                                 min_valid=1)
-    return _finish(xp, sig, shape)
+
+    def sigma(xp, s, n, chunk):
+        return (_sorted_stats(xp, s, n, chunk=chunk, clip=float(clip), iterations=int(iterations), min_valid=1)[2],)
+
+    return _per_row(values, axis, sigma)[0]
 
 
-def mad_sigma(values, axis=None):
-    """1.4826 x the median absolute deviation from the median (non-finite values ignored).
+def median_mad_sigma(values, axis=None):
+    """Median and 1.4826 x the median absolute deviation from it (non-finite values ignored).
+
+    The starting point of every clipped estimate here: one sort of the values, then gathers (the
+    MAD as the k-th smallest of the deviations below and above the median, no second sort).
 
     Parameters
     ----------
@@ -302,18 +318,43 @@ def mad_sigma(values, axis=None):
 
     Returns
     -------
-    sigma : 0-d array (numpy: ``numpy.float64``) or ndarray of ``values.shape`` without ``axis``,
-        float64; NaN where no finite value.
+    median, sigma : 0-d arrays (numpy: ``numpy.float64``) or ndarrays of ``values.shape`` without
+        ``axis``, float64, units of ``values``; NaN where no finite value.
     """
-    xp = array_namespace(values)
-    rows, shape = _as_rows(xp, values, axis)
-    if rows.shape[0] == 0:
-        return xp.zeros(shape, dtype=xp.float64)
-    if rows.shape[1] == 0:
-        return _finish(xp, xp.full((rows.shape[0],), xp.nan, dtype=xp.float64), shape)
-    s, n, _ = _prepare_rows(xp, rows, dtype=rows.dtype)
-    _, mad = _median_mad(xp, s, n)
-    return _finish(xp, xp.where(n > 0, MAD_TO_SIGMA * mad, xp.nan), shape)
+    def median_sigma(xp, s, n, chunk):
+        med, mad = _median_mad(xp, s, n)
+        return xp.where(n > 0, med, xp.nan), xp.where(n > 0, MAD_TO_SIGMA * mad, xp.nan)
+
+    return _per_row(values, axis, median_sigma, outputs=2)
+
+
+def mad_sigma(values, axis=None):
+    """1.4826 x the median absolute deviation from the median (non-finite values ignored): the
+    ``sigma`` of :func:`median_mad_sigma` (same arguments; NaN where no finite value)."""
+    return median_mad_sigma(values, axis)[1]
+
+
+def residual_sigma(residuals, axis=None):
+    """1.4826 x the median of ``|residuals|`` (non-finite values ignored): the Gaussian sigma of
+    residuals about a model or a weighted mean, where the centre is given rather than the median
+    of the values (:func:`mad_sigma`).
+
+    Parameters
+    ----------
+    residuals : ndarray, any shape, float
+        Values minus their model (NaN: not used).
+    axis : None or int
+        As in :func:`robust_sigma`.
+
+    Returns
+    -------
+    sigma : 0-d array (numpy: ``numpy.float64``) or ndarray of ``residuals.shape`` without
+        ``axis``, float64; NaN where no finite value.
+    """
+    def sigma(xp, s, n, chunk):
+        return (xp.where(n > 0, MAD_TO_SIGMA * _range_median(xp, s, xp.zeros_like(n), n), xp.nan),)
+
+    return _per_row(residuals, axis, sigma, absolute=True)[0]
 
 
 def _check_clip(clip, iterations):

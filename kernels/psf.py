@@ -5,9 +5,15 @@ All functions take stacks ``(n, s, s)`` of odd-sized stamps whose centre pixel i
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._xp import array_namespace, fft_module, is_host, to_device
+from .background import median_mad_sigma
+
+#: FWHM of a Gaussian per unit sigma, 2 sqrt(2 ln 2) (the one copy: stages and kernels import it)
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def _freq_grid(xp, ny, nx, dtype):
@@ -49,7 +55,7 @@ def centroid(stamps, *, sigma: float = 2.0, iterations: int = 5):
     """Gaussian-windowed centroids ``(dx, dy)`` of each stamp relative to its centre pixel.
 
     Iterates the window onto the light (like SExtractor's ``XWIN``); ``sigma`` in pixels
-    (about FWHM / 2.35). Returns two ``(n,)`` arrays.
+    (about FWHM / :data:`FWHM_PER_SIGMA`). Returns two ``(n,)`` arrays.
     """
     xp = array_namespace(stamps)
     st = stamps[None] if stamps.ndim == 2 else stamps
@@ -119,8 +125,7 @@ def stack_psf(stamps, dx, dy, *, clip: float = 4.0, weights=None, masked=None):
         num = xp.where(have, norm, 0.0).sum(axis=(2, 3))
         den = xp.where(have, med[:, None], 0.0).sum(axis=(2, 3))
         norm = norm / xp.where((num > 0) & (den > 0), num / xp.where(den > 0, den, 1.0), 1.0)[..., None, None]
-    med = xp.nanmedian(norm, axis=1)
-    mad = xp.nanmedian(xp.abs(norm - med[:, None]), axis=1) * 1.4826
+    med, mad = median_mad_sigma(norm, axis=1)
     floor = 1e-6 * xp.max(xp.nan_to_num(med), axis=(1, 2))
     keep = xp.abs(norm - med[:, None]) <= clip * xp.maximum(mad, floor[:, None, None])[:, None]
     wk = xp.where(keep, w[..., None, None], 0.0)
@@ -258,5 +263,5 @@ def shape_from_moments(mxx, myy, mxy):
     diff = xp.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
     l1 = tr / 2 + diff
     l2 = xp.maximum(tr / 2 - diff, 1e-12)
-    fwhm = 2.354820045 * (l1 * l2) ** 0.25
+    fwhm = FWHM_PER_SIGMA * (l1 * l2) ** 0.25
     return fwhm, xp.sqrt(l1 / l2)

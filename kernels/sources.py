@@ -72,7 +72,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ._xp import array_namespace, ndimage_module, to_device, to_host
+from .background import median_mad_sigma
 from .peaks import Peaks, disc_offsets, find_peaks, refine_peaks
+from .psf import FWHM_PER_SIGMA
 
 __all__ = ["Sources", "detect_sources", "robust_std", "FLAG_MASKED", "FLAG_EDGE"]
 
@@ -81,7 +83,7 @@ FLAG_MASKED = 1
 #: flag bit: the aperture crosses the image edge
 FLAG_EDGE = 2
 
-_FWHM_TO_SIGMA = 1.0 / 2.3548200450309493
+_FWHM_TO_SIGMA = 1.0 / FWHM_PER_SIGMA
 #: subsample size (per image) of the detection map for its robust std
 _STD_SAMPLES = 1 << 18
 #: windowed-centroid iterations, and the distance (px) from the peak pixel beyond which it "ran away"
@@ -244,11 +246,7 @@ def robust_std(values, valid, *, clip: float = 3.0, iterations: int = 3):
     """
     xp = array_namespace(values, valid)
     v = values.astype(xp.float64)
-    n = xp.sum(valid, axis=-1)
-    inf = xp.inf
-    med = _sorted_median(xp, xp.sort(xp.where(valid, v, inf), axis=-1), n)
-    dev = xp.where(valid, xp.abs(v - med[:, None]), inf)
-    sig = 1.4826 * _sorted_median(xp, xp.sort(dev, axis=-1), n)
+    med, sig = median_mad_sigma(xp.where(valid, v, xp.nan), axis=-1)
     # std of a unit Gaussian truncated at +-clip
     c = float(clip)
     phi = math.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)

@@ -56,6 +56,8 @@ __all__ = [
     "replace_wcs",
     "header_float",
     "header_zero_point",
+    "header_exptime",
+    "header_photometry",
 ]
 
 log = logging.getLogger(__name__)
@@ -352,10 +354,12 @@ def celestial_wcs(header: fits.Header, shape: tuple[int, int], *, path: str | No
     return wcs
 
 
-def header_float(header, key: str, *, path: str | None = None, default: float | None = None) -> float:
-    """A finite number from ``header[key]``: the one reader of numeric header values.
+def header_float(header, key: str, *, path: str | None = None, default: float | None = None,
+                 fix: str | None = None) -> float:
+    """A finite number from ``header[key]``: the one parser of numeric header values.
 
-    Returns ``default`` when the key is absent and a default is given.
+    Returns ``default`` when the key is absent and a default is given. ``fix`` (what the user
+    should do) ends every message.
 
     Raises
     ------
@@ -366,19 +370,28 @@ def header_float(header, key: str, *, path: str | None = None, default: float | 
     if header is None or key not in header:
         if default is not None:
             return float(default)
-        raise InputError(f"header has no {key}; add it (see nightsift.engine.io.fits.read_raw)", path=path)
+        raise InputError(f"header has no {key}; {fix or 'add it (see nightsift.engine.io.fits.read_raw)'}", path=path)
+    tail = f"; {fix}" if fix else ""
     try:
         value = float(header[key])
     except (TypeError, ValueError):
-        raise InputError(f"header {key} = {header[key]!r} is not a number", path=path) from None
+        raise InputError(f"header {key} = {header[key]!r} is not a number{tail}", path=path) from None
     if not np.isfinite(value):
-        raise InputError(f"header {key} = {header[key]!r} is not finite", path=path)
+        raise InputError(f"header {key} = {header[key]!r} is not finite{tail}", path=path)
     return value
 
 
-def header_zero_point(header, *, keys=None, path: str | None = None) -> float | None:
-    """The first of ``keys`` (default: the photometric zero point, MAGZP / MAGZPT / MAGZERO, mag
-    giving 1 e-/s) present in ``header``, as a float; ``None`` when none is present.
+def _optional_float(header, keys, path: str | None) -> float | None:
+    """The first of ``keys`` present in ``header`` (:func:`header_float`), ``None`` when none is."""
+    for key in keys:
+        if header is not None and key in header:
+            return header_float(header, key, path=path)
+    return None
+
+
+def header_zero_point(header, *, path: str | None = None) -> float | None:
+    """The photometric zero point (MAGZP / MAGZPT / MAGZERO, mag giving 1 e-/s) of ``header``,
+    as a float; ``None`` when none is present.
 
     Raises
     ------
@@ -388,20 +401,33 @@ def header_zero_point(header, *, keys=None, path: str | None = None) -> float | 
     """
     from ..records import ZERO_POINT_KEYS
 
-    for key in (ZERO_POINT_KEYS if keys is None else keys):
-        if header is not None and key in header:
-            return header_float(header, key, path=path)
-    return None
+    return _optional_float(header, ZERO_POINT_KEYS, path)
+
+
+def header_exptime(header, *, path: str | None = None) -> float | None:
+    """``EXPTIME`` (s) of ``header`` as a float; ``None`` when absent (InputError when broken, as
+    :func:`header_zero_point`)."""
+    return _optional_float(header, ("EXPTIME",), path)
+
+
+def header_photometry(header, *, path: str | None = None) -> tuple[float, float] | None:
+    """``(zero point, EXPTIME)`` of an e- image: what turns its fluxes into magnitudes,
+    ``m = zp - 2.5 log10(flux / EXPTIME)``.
+
+    ``None`` when either card is absent or EXPTIME is not positive: then no magnitude can be
+    made (the callers give NaN / null, never a default zero point). Broken values raise
+    :class:`InputError` (:func:`header_float`).
+    """
+    zp, exptime = header_zero_point(header, path=path), header_exptime(header, path=path)
+    if zp is None or exptime is None or exptime <= 0:
+        return None
+    return zp, exptime
 
 
 def _positive_key(header: fits.Header, key: str, path: str, fix: str, *, allow_zero: bool = False) -> float:
-    if key not in header:
-        raise InputError(f"header has no {key}; {fix}", path=path)
-    try:
-        value = float(header[key])
-    except (TypeError, ValueError):
-        raise InputError(f"header {key} = {header[key]!r} is not a number; {fix}", path=path) from None
-    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    """A required positive (``allow_zero``: non-negative) number (:func:`header_float`)."""
+    value = header_float(header, key, path=path, fix=fix)
+    if value < 0 or (value == 0 and not allow_zero):
         raise InputError(f"header {key} = {value} is not {'>= 0' if allow_zero else '> 0'}; {fix}", path=path)
     return value
 
@@ -540,6 +566,48 @@ def _saturation_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header,
     return dilate(sat, iterations=config.saturation_grow, structure="square")
 
 
+def _exposure_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, mask_ext, scale: float, path: str,
+                   config) -> np.ndarray:
+    """The uint16 mask of a calibrated image: its ``MASK`` extension (``None``: none), plus ``SAT``
+    from ``SATURATE`` (:func:`_saturation_mask`); a warning when neither can flag saturation."""
+    mask = np.zeros(image.shape, dtype=np.uint16)
+    if mask_ext is not None:
+        check_same_shape(image, mask_ext, (path + "[IMAGE]", path + "[MASK]"))
+        mask |= _mask_bits(np.asarray(mask_ext), path)
+    sat = _saturation_mask(image, finite, header, scale, path, config)
+    if sat is not None:
+        mask[sat] |= np.uint16(MaskBits.SAT)
+    elif mask_ext is None:
+        log.warning("%s: no SATURATE card and no MASK extension: saturated pixels cannot be flagged "
+                    "(add SATURATE in the pixels' units, or a MASK with the SAT bit)", path)
+    return mask
+
+
+def _exposure_variance(image: np.ndarray, finite: np.ndarray, mask: np.ndarray, var_ext, scale: float,
+                       path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(variance, unusable)`` float64 e-^2 and bool: the ``VARIANCE`` extension in e-^2
+    (``None``: estimated, :func:`estimate_variance`); non-finite or negative values are unusable.
+
+    Raises
+    ------
+    InputError
+        A VARIANCE extension of another shape, or with no usable value under a finite pixel.
+    """
+    if var_ext is None:
+        variance = estimate_variance(image, finite & ((mask & int(MaskBits.NO_DATA)) == 0)).astype(np.float64)
+        return variance, ~np.isfinite(variance)
+    check_same_shape(image, var_ext, (path + "[IMAGE]", path + "[VARIANCE]"))
+    variance = np.asarray(var_ext, dtype=np.float64) * scale**2
+    bad_var = ~np.isfinite(variance) | (variance < 0)
+    if np.all(bad_var | ~finite):
+        raise InputError(
+            "VARIANCE extension has no finite, non-negative value; rewrite it or drop the "
+            "extension to let nightsift estimate the variance",
+            path=path,
+        )
+    return variance, bad_var
+
+
 def read_exposure(path, *, hdu: int | str | None = None, config=None) -> Exposure:
     """Read a calibrated image (e.g. a reference) with its variance and mask.
 
@@ -585,31 +653,8 @@ def read_exposure(path, *, hdu: int | str | None = None, config=None) -> Exposur
     image = data * scale
     finite = np.isfinite(image)
 
-    mask = np.zeros(image.shape, dtype=np.uint16)
-    if "MASK" in extra:
-        check_same_shape(image, extra["MASK"], (spath + "[IMAGE]", spath + "[MASK]"))
-        mask |= _mask_bits(np.asarray(extra["MASK"]), spath)
-    sat = _saturation_mask(image, finite, header, scale, spath, config)
-    if sat is not None:
-        mask[sat] |= np.uint16(MaskBits.SAT)
-    elif "MASK" not in extra:
-        log.warning("%s: no SATURATE card and no MASK extension: saturated pixels cannot be flagged "
-                    "(add SATURATE in the pixels' units, or a MASK with the SAT bit)", spath)
-
-    if "VARIANCE" in extra:
-        check_same_shape(image, extra["VARIANCE"], (spath + "[IMAGE]", spath + "[VARIANCE]"))
-        variance = np.asarray(extra["VARIANCE"], dtype=np.float64) * scale**2
-        bad_var = ~np.isfinite(variance) | (variance < 0)
-        if np.all(bad_var | ~finite):
-            raise InputError(
-                "VARIANCE extension has no finite, non-negative value; rewrite it or drop the "
-                "extension to let nightsift estimate the variance",
-                path=spath,
-            )
-    else:
-        variance = estimate_variance(image, finite & ((mask & int(MaskBits.NO_DATA)) == 0)).astype(np.float64)
-        bad_var = ~np.isfinite(variance)
-
+    mask = _exposure_mask(image, finite, header, extra.get("MASK"), scale, spath, config)
+    variance, bad_var = _exposure_variance(image, finite, mask, extra.get("VARIANCE"), scale, spath)
     nodata = ~finite | bad_var
     if nodata.any():
         mask[nodata] |= np.uint16(MaskBits.NO_DATA)

@@ -294,27 +294,15 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
         If the reference covers less than ``config.min_overlap`` of the science pixels.
     """
     xp = array_namespace(reference.image)
-    ny, nx = cmap.shape
-    rny, rnx = reference.shape
-    a = int(config.lanczos_order)
-    if cmap.nodes is not None:
-        maps = coarse_to_full(to_device(cmap.nodes, xp, label="wcs_map"), cmap.step, cmap.shape)
-    else:
-        maps = to_device(cmap.full, xp, label="wcs_map_full")
-    x_ref, y_ref, area = maps[0], maps[1], maps[2]
-    covered = xp.isfinite(x_ref) & xp.isfinite(y_ref)
-    covered &= (x_ref >= -0.5) & (x_ref <= rnx - 0.5) & (y_ref >= -0.5) & (y_ref <= rny - 0.5)
-    overlap = covered.mean()
+    shape = cmap.shape
+    x_ref, y_ref, area = _full_map(cmap, xp)
+    covered = _covered(x_ref, y_ref, reference.shape)
 
-    # the reference catalogue on the science grid
+    # the reference catalogue on the science grid, the residual registration against the science's
     cat = reference.catalog
     px, py = invert_map(x_ref, y_ref, cat.x, cat.y, jacobian=cmap.jacobian, offset=cmap.offset)
-    stats = (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
-    if sci_catalog is not None and sci_astro is not None and len(sci_catalog) and len(cat):
-        ra = reference.astro & xp.isfinite(px) & xp.isfinite(py)
-        stats = _residuals(sci_catalog.x[sci_astro], sci_catalog.y[sci_astro], px[ra], py[ra],
-                           match_radius=config.match_radius)
-    ov, n, ox, oy, rx, ry = host_scalars(overlap, *stats)
+    stats = _registration(reference, px, py, sci_catalog, sci_astro, match_radius=config.match_radius)
+    ov, n, ox, oy, rx, ry = host_scalars(covered.mean(), *stats)
     if ov < config.min_overlap:
         raise SkipCCD(
             f"reference {reference.path or '(in memory)'} covers {ov:.1%} of science "
@@ -329,9 +317,63 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
         x_ref = x_ref + (jxx * ox + jxy * oy)
         y_ref = y_ref + (jyx * ox + jyy * oy)
         px, py = px - ox, py - oy
-        covered = xp.isfinite(x_ref) & xp.isfinite(y_ref)
-        covered &= (x_ref >= -0.5) & (x_ref <= rnx - 0.5) & (y_ref >= -0.5) & (y_ref <= rny - 0.5)
+        covered = _covered(x_ref, y_ref, reference.shape)
 
+    image, variance, mask, nodata, area_med = _resample_planes(reference, x_ref, y_ref, area, covered,
+                                                               a=int(config.lanczos_order))
+    carried = _carry_catalog(cat, px, py, area, shape)
+    centres = jac = None
+    if tile_centres is not None:
+        centres, jac = _tile_geometry(x_ref, y_ref, tile_centres, shape)
+
+    ast = None
+    if n >= config.min_astrometric_stars and np.isfinite(rx) and np.isfinite(ry):
+        ast = (max(rx, config.astrometric_rms_floor), max(ry, config.astrometric_rms_floor))
+    qa = {"overlap_fraction": ov, "ref_nodata_fraction": nodata.mean(), "pixel_area_ratio": area_med,
+          "map_interp_error": cmap.max_error,
+          "astrometric_correction_x": correction[0], "astrometric_correction_y": correction[1],
+          "n_astrometric_stars": n, "astrometric_offset_x": ox - correction[0],
+          "astrometric_offset_y": oy - correction[1], "astrometric_rms_x": rx, "astrometric_rms_y": ry}
+    return StageResult(AlignedReference(image=image, variance=variance, mask=mask, catalog=carried,
+                                        tile_centres=centres, tile_jacobian=jac, astrometric_rms=ast), qa)
+
+
+def _full_map(cmap: CoarseMap, xp):
+    """``x_ref, y_ref, area`` ``(ny, nx)`` on ``xp``'s device: the spline through the coarse map's
+    nodes, or the map itself where it was evaluated at every pixel."""
+    if cmap.nodes is not None:
+        maps = coarse_to_full(to_device(cmap.nodes, xp, label="wcs_map"), cmap.step, cmap.shape)
+    else:
+        maps = to_device(cmap.full, xp, label="wcs_map_full")
+    return maps[0], maps[1], maps[2]
+
+
+def _registration(reference: ReferenceModel, px, py, sci_catalog, sci_astro, *, match_radius: float):
+    """:func:`_residuals` of the science's astrometric stars (``sci_astro``) against the reference's
+    (``reference.astro``) at their science-grid positions ``(px, py)``; no stars (0, NaN...)
+    without a science catalogue."""
+    xp = array_namespace(px, py)
+    if sci_catalog is None or sci_astro is None or not len(sci_catalog) or not len(reference.catalog):
+        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
+    ra = reference.astro & xp.isfinite(px) & xp.isfinite(py)
+    return _residuals(sci_catalog.x[sci_astro], sci_catalog.y[sci_astro], px[ra], py[ra], match_radius=match_radius)
+
+
+def _covered(x_ref, y_ref, ref_shape):
+    """Science pixels whose reference position is defined and inside the reference (bool)."""
+    xp = array_namespace(x_ref, y_ref)
+    rny, rnx = ref_shape
+    covered = xp.isfinite(x_ref) & xp.isfinite(y_ref)
+    covered &= (x_ref >= -0.5) & (x_ref <= rnx - 0.5) & (y_ref >= -0.5) & (y_ref <= rny - 0.5)
+    return covered
+
+
+def _resample_planes(reference: ReferenceModel, x_ref, y_ref, area, covered, *, a: int):
+    """The reference image and variance resampled onto the science grid (Lanczos-``a``, flux-
+    conserving: x ``area`` and ``area**2``) and its mask carried there; pixels not ``covered``
+    or not finite are ``NO_DATA``, filled with the median image value (0 without one) and the
+    median variance (1). Returns ``(image, variance, mask, nodata, median area ratio)``."""
+    xp = array_namespace(reference.image)
     planes = lanczos_resample(xp.stack([reference.image, reference.variance]), x_ref, y_ref, a=a, fill=np.nan)
     mask = resample_mask(reference.mask, x_ref, y_ref, a=a, no_data_bit=int(MaskBits.NO_DATA))
     image = planes[0] * area.astype(xp.float32)
@@ -347,39 +389,31 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
         area_med = xp.nanmedian(xp.where(covered[sub], area[sub], xp.nan))
     image = xp.where(nodata, xp.nan_to_num(fill_img).astype(xp.float32), image).astype(xp.float32)
     variance = xp.where(nodata, xp.nan_to_num(fill_var, nan=1.0).astype(xp.float32), variance).astype(xp.float32)
+    return image, variance, mask, nodata, area_med
 
-    # the carried catalogue: sources that land on the science grid
+
+def _carry_catalog(cat: SourceCatalog, px, py, area, shape) -> SourceCatalog:
+    """The reference catalogue at its science-grid positions ``(px, py)``: sources that land on
+    the grid, their sizes scaled by the local linear scale ``sqrt(area)``."""
+    xp = array_namespace(px, py, area)
+    ny, nx = shape
     on = xp.isfinite(px) & xp.isfinite(py) & (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
     scale = xp.sqrt(xp.nan_to_num(sample_bilinear(area, xp.clip(px, 0, nx - 1), xp.clip(py, 0, ny - 1)), nan=1.0))
-    carried = cat.replace(x=px, y=py, a=cat.a / scale, b=cat.b / scale, size=cat.size / scale).take(on)
+    return cat.replace(x=px, y=py, a=cat.a / scale, b=cat.b / scale, size=cat.size / scale).take(on)
 
-    centres = jac = None
-    if tile_centres is not None:
-        tc = to_device(np.asarray(tile_centres, np.float64), xp, label="tile_centres")
-        h = 1.0  # central differences need both neighbours inside the map
-        cx = xp.clip(tc[:, 0], h, max(nx - 1 - h, h))
-        cy = xp.clip(tc[:, 1], h, max(ny - 1 - h, h))
-        xs = [sample_bilinear(x_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
-        ys = [sample_bilinear(y_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
-        centres = xp.stack([xs[0], ys[0]], axis=1)
-        jac = xp.stack([xp.stack([(xs[1] - xs[2]) / (2 * h), (xs[3] - xs[4]) / (2 * h)], axis=1),
-                        xp.stack([(ys[1] - ys[2]) / (2 * h), (ys[3] - ys[4]) / (2 * h)], axis=1)], axis=1)
 
-    ast = None
-    if n >= config.min_astrometric_stars and np.isfinite(rx) and np.isfinite(ry):
-        ast = (max(rx, config.astrometric_rms_floor), max(ry, config.astrometric_rms_floor))
-    qa = {
-        "overlap_fraction": ov,
-        "ref_nodata_fraction": nodata.mean(),
-        "pixel_area_ratio": area_med,
-        "map_interp_error": cmap.max_error,
-        "astrometric_correction_x": correction[0],
-        "astrometric_correction_y": correction[1],
-        "n_astrometric_stars": n,
-        "astrometric_offset_x": ox - correction[0],
-        "astrometric_offset_y": oy - correction[1],
-        "astrometric_rms_x": rx,
-        "astrometric_rms_y": ry,
-    }
-    return StageResult(AlignedReference(image=image, variance=variance, mask=mask, catalog=carried,
-                                        tile_centres=centres, tile_jacobian=jac, astrometric_rms=ast), qa)
+def _tile_geometry(x_ref, y_ref, tile_centres, shape):
+    """Reference position ``(T, 2)`` and Jacobian ``d(ref)/d(sci)`` ``(T, 2, 2)`` of each science
+    tile centre (host ``(T, 2)``), by central differences of the map (1 px)."""
+    xp = array_namespace(x_ref, y_ref)
+    ny, nx = shape
+    tc = to_device(np.asarray(tile_centres, np.float64), xp, label="tile_centres")
+    h = 1.0  # central differences need both neighbours inside the map
+    cx = xp.clip(tc[:, 0], h, max(nx - 1 - h, h))
+    cy = xp.clip(tc[:, 1], h, max(ny - 1 - h, h))
+    xs = [sample_bilinear(x_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
+    ys = [sample_bilinear(y_ref, cx + d, cy + e) for d, e in ((0, 0), (h, 0), (-h, 0), (0, h), (0, -h))]
+    centres = xp.stack([xs[0], ys[0]], axis=1)
+    jac = xp.stack([xp.stack([(xs[1] - xs[2]) / (2 * h), (xs[3] - xs[4]) / (2 * h)], axis=1),
+                    xp.stack([(ys[1] - ys[2]) / (2 * h), (ys[3] - ys[4]) / (2 * h)], axis=1)], axis=1)
+    return centres, jac

@@ -156,7 +156,7 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     calib : CalibrationFrames
         ``bias``, ``dark``, ``flat`` stacks ``(n, ny, nx)`` in ADU and ``dark_exptime`` (s).
     header : astropy.io.fits.Header, keyword-only
-        Header of the CCD (``GAIN`` in e-/ADU converts the hot-pixel threshold to ADU).
+        Header of the CCD (``GAIN`` in e-/ADU, required, converts the hot-pixel threshold to ADU).
     config : CalibrateConfig, keyword-only
         ``hot_pixel_threshold`` (e-/s above the median dark rate) and ``flat_bad_threshold``.
 
@@ -175,11 +175,10 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
     where its flat response relative to the neighbouring columns, median-smoothed over 9 rows,
     fails the flat test (dead and partial low-response columns, pixel noise averaged out).
     """
-    gain = float(header.get("GAIN", 1.0) or 1.0)
+    gain = _gain(header, None)
     bias_s = _stack(calib.bias, "bias")
     dark_s = _stack(calib.dark, "dark")
     flat_s = _stack(calib.flat, "flat")
-    shape = bias_s.shape[1:]
     check_same_shape(bias_s.shape[1:], dark_s.shape[1:], ("master bias", "master dark"))
     check_same_shape(bias_s.shape[1:], flat_s.shape[1:], ("master bias", "master flat"))
     if not calib.dark_exptime > 0:
@@ -192,29 +191,8 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
         read_noise = _clipped_std(bias_s[1] - bias_s[0]) / np.sqrt(2.0) * gain
     dark = np.nanmedian(dark_s, axis=0) if dark_s.shape[0] > 1 else dark_s[0]
     dark_rate = (dark - bias) / float(calib.dark_exptime)
-
-    flats = flat_s - bias[None]
-    levels = np.nanmedian(flats.reshape(flats.shape[0], -1), axis=1)
-    if np.any(~np.isfinite(levels) | (levels <= 0)):
-        raise InputError(
-            f"flat frames have non-positive median level(s) after bias subtraction ({levels}); "
-            "check that they are exposed flats, not biases"
-        )
-    flats = flats / levels[:, None, None]
-    flat = np.nanmedian(flats, axis=0)
-    flat_median = np.nanmedian(flat)
-    flat = flat / flat_median
-    flat_var = _median_stack_var(flats) / flat_median**2
-
-    bad = np.zeros(shape, dtype=bool)
-    rate_e = dark_rate * gain
-    med_rate = np.nanmedian(rate_e)
-    hot = config.hot_pixel_threshold
-    bad |= ~(rate_e - med_rate < hot)  # NaN is bad too
-    bad[:, _bad_columns(rate_e - med_rate, -np.inf, hot)] = True
-    lo, hi = config.flat_bad_threshold, 1.0 / config.flat_bad_threshold
-    bad |= ~((flat > lo) & (flat < hi))
-    bad |= _bad_column_segments(flat, lo, hi)
+    flat, flat_var = _master_flat(flat_s, bias)
+    bad = _bad_pixels(dark_rate * gain, flat, config)
 
     flat = np.where(bad | ~np.isfinite(flat), 1.0, flat)
     bpm = np.where(bad, np.uint16(MaskBits.BAD), np.uint16(0)).astype(np.uint16)
@@ -230,6 +208,44 @@ def make_master(calib: CalibrationFrames, *, header: fits.Header, config: Calibr
         dark_exptime=float(calib.dark_exptime),
         flat_var=flat_var,
     )
+
+
+def _master_flat(flat_s: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, float]:
+    """The master flat (median 1) of the raw flats ``(n, ny, nx)`` and its typical relative
+    variance per pixel: bias subtracted, each flat scaled to median 1, median-combined."""
+    flats = flat_s - bias[None]
+    levels = np.nanmedian(flats.reshape(flats.shape[0], -1), axis=1)
+    if np.any(~np.isfinite(levels) | (levels <= 0)):
+        raise InputError(
+            f"flat frames have non-positive median level(s) after bias subtraction ({levels}); "
+            "check that they are exposed flats, not biases"
+        )
+    flats = flats / levels[:, None, None]
+    flat = np.nanmedian(flats, axis=0)
+    flat_median = np.nanmedian(flat)
+    return flat / flat_median, _median_stack_var(flats) / flat_median**2
+
+
+def _bad_pixels(rate_e: np.ndarray, flat: np.ndarray, config: CalibrateConfig) -> np.ndarray:
+    """``(ny, nx)`` bool: hot pixels and columns from the dark rate ``rate_e`` (e-/s), low- or
+    high-response pixels and (partial) columns from the master flat (:func:`make_master`)."""
+    bad = np.zeros(flat.shape, dtype=bool)
+    med_rate = np.nanmedian(rate_e)
+    hot = config.hot_pixel_threshold
+    bad |= ~(rate_e - med_rate < hot)  # NaN is bad too
+    bad[:, _bad_columns(rate_e - med_rate, -np.inf, hot)] = True
+    lo, hi = config.flat_bad_threshold, 1.0 / config.flat_bad_threshold
+    bad |= ~((flat > lo) & (flat < hi))
+    bad |= _bad_column_segments(flat, lo, hi)
+    return bad
+
+
+def _gain(header, path: str | None) -> float:
+    """``GAIN`` (e-/ADU) of a CCD header: required and positive."""
+    gain = header_float(header, "GAIN", path=path, fix="add GAIN (e-/ADU) from the instrument's gain table")
+    if gain <= 0:
+        raise InputError(f"header GAIN = {gain} must be > 0 (e-/ADU)", path=path)
+    return gain
 
 
 @dataclass(frozen=True)
@@ -264,9 +280,7 @@ def frame_params(raw: RawFrame, master: MasterCalibration) -> FrameParams:
     path = raw.path
     check_same_shape(tuple(raw.data.shape), master.shape, (path, "the master calibration"))
     header = raw.header
-    gain = header_float(header, "GAIN", path=path)
-    if gain <= 0:
-        raise InputError(f"header GAIN = {gain} must be > 0 (e-/ADU)", path=path)
+    gain = _gain(header, path)
     rn_default = master.read_noise if np.isfinite(master.read_noise) else 0.0
     return FrameParams(gain=gain, saturate=header_float(header, "SATURATE", path=path),
                        exptime=header_float(header, "EXPTIME", path=path),

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from nightsift.kernels import psf as kpsf
-from nightsift.kernels._xp import array_namespace, host_scalar, ndimage_module, to_device
+from nightsift.kernels._xp import array_namespace, host_scalar, ndimage_module, to_device, to_host
 from nightsift.kernels.neighbours import nearest, suppress
 from nightsift.kernels.peaks import find_peaks, refine_peaks
 from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.tiles import tile_index
 
 from ..config import DetectConfig
-from ..io.fits import header_zero_point
-from ..records import (CANDID_INDEX, StageResult, SubtractionBatch, empty_candidates, make_candid)
-from .psf import FWHM_PER_SIGMA, unusable_of
+from ..io.fits import header_photometry
+from ..records import (CANDID_INDEX, SourceCatalog, StageResult, SubtractionBatch, empty_candidates, make_candid,
+                       unusable_of)
 
 __all__ = ["Detections", "detect", "candidate_tables", "climb_to_flux_peak", "merge_around_holes",
            "pixel_scale_arcsec", "DETECTION_COLUMNS"]
@@ -343,7 +343,7 @@ def _features(sub: SubtractionBatch, sky, ref_cats, distnr_radius, img, x, y, va
         d_st = d_st.astype(xp.float64)
         p = kpsf.fourier_shift(_crop(sub.P_D[tile[k]], size), x[k] - xi[k], y[k] - yi[k])
         flux[k] = sub.apcorr[tile[k]] * (d_st * p).sum(axis=(1, 2)) / (sub.F_D[tile[k]] * (p * p).sum(axis=(1, 2)))
-        _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[k][:, None, None], sigma=fwhm_pd[tile[k]] / FWHM_PER_SIGMA)
+        _, _, mxx, myy, mxy = kpsf.moments(d_st * sign[k][:, None, None], sigma=fwhm_pd[tile[k]] / kpsf.FWHM_PER_SIGMA)
         fw[k], el[k] = kpsf.shape_from_moments(mxx, myy, mxy)
     fluxerr = sub.flux_err[img, yi, xi].astype(xp.float64)  # aperture-corrected too
     nbad = count_in_boxes(unusable_of(sub.mask), img, x, y, half=config.nbad_halfwidth)
@@ -381,8 +381,9 @@ def candidate_tables(host: dict, *, batch: int, wcs, headers, visits, ccds, F_r,
 
     Notes
     -----
-    ``magpsf`` (and ``magnr``) need the science zero point (MAGZP / MAGZPT / MAGZERO): without
-    one they are NaN (null in the packets), never a made-up zero point.
+    ``magpsf`` (and ``magnr``) need the science zero point (MAGZP / MAGZPT / MAGZERO) and a
+    positive EXPTIME (:func:`~nightsift.engine.io.fits.header_photometry`): without them they are
+    NaN (null in the packets), never a made-up zero point.
     """
     ny, nx = shape
     r = cutout_size // 2
@@ -405,15 +406,13 @@ def candidate_tables(host: dict, *, batch: int, wcs, headers, visits, ccds, F_r,
         c["ra"], c["dec"] = ra, dec
         flux, fluxerr = g["flux"], g["fluxerr"]
         c["flux"], c["fluxerr"] = flux, fluxerr
-        header = headers[b]
-        exptime = header_zero_point(header, keys=("EXPTIME",))
-        zp = header_zero_point(header)
-        scale = exptime if exptime and exptime > 0 else float("nan")
+        phot = header_photometry(headers[b])
         with np.errstate(divide="ignore", invalid="ignore"):
-            if zp is None or not np.isfinite(scale):
+            if phot is None:
                 c["magpsf"] = np.nan
             else:
-                c["magpsf"] = np.where(np.abs(flux) > 0, zp - 2.5 * np.log10(np.abs(flux) / scale), 99.0)
+                zp, exptime = phot
+                c["magpsf"] = np.where(np.abs(flux) > 0, zp - 2.5 * np.log10(np.abs(flux) / exptime), 99.0)
             c["snr"] = np.abs(flux) / fluxerr
             c["sigmapsf"] = 1.0857362 / c["snr"]
         c["scorr"] = g["scorr"]
@@ -424,10 +423,10 @@ def candidate_tables(host: dict, *, batch: int, wcs, headers, visits, ccds, F_r,
         c["distnr"] = np.where(found, g["distnr"], -999.0)
         fr = g["ref_flux"] / max(F_r[b], 1e-30)
         with np.errstate(divide="ignore", invalid="ignore"):
-            if zp is None or not np.isfinite(scale):
+            if phot is None:
                 c["magnr"] = np.where(found, np.nan, -999.0)
             else:
-                c["magnr"] = np.where(found & (fr > 0), zp - 2.5 * np.log10(fr / scale), -999.0)
+                c["magnr"] = np.where(found & (fr > 0), zp - 2.5 * np.log10(fr / exptime), -999.0)
         c["sky"] = g["sky"]
         xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
         c["edge"] = (xi - r < 0) | (yi - r < 0) | (xi + r >= nx) | (yi + r >= ny)
@@ -441,10 +440,6 @@ def detect_subtraction(sub, *, config: DetectConfig, sky=None, ref_catalog=None,
     device arrays): :func:`detect` with B = 1 and :func:`candidate_tables`, for tools and tests
     that re-run the detection (another threshold, say) on a kept subtraction. Without ``wcs`` the
     RA/Dec are NaN."""
-    from nightsift.kernels._xp import to_host
-
-    from ..records import SubtractionBatch
-
     xp = array_namespace(sub.S_corr)
     one = SubtractionBatch(D=sub.D[None], difference=sub.difference[None], S_corr=sub.S_corr[None],
                            flux=sub.flux[None], flux_err=sub.flux_err[None], mask=sub.mask[None],
@@ -454,8 +449,6 @@ def detect_subtraction(sub, *, config: DetectConfig, sky=None, ref_catalog=None,
     sky = xp.zeros(sub.D.shape, xp.float32) if sky is None else sky
     empty = None
     if ref_catalog is None:
-        from ..records import SourceCatalog
-
         z = xp.zeros(0)
         empty = SourceCatalog(x=z, y=z, flux=z, fluxerr=z, snr=z, a=z, b=z, peak=z, flag=xp.zeros(0, xp.int32),
                               size=z, point=xp.zeros(0, bool), psf_star=xp.zeros(0, bool))

@@ -24,7 +24,7 @@ from nightsift.kernels.background import background, robust_sigma
 from nightsift.kernels.sources import detect_sources
 
 from ..config import PSFConfig
-from ..records import UNUSABLE, SourceCatalog, StageResult
+from ..records import SourceCatalog, StageResult, unusable_of
 
 __all__ = ["Measurement", "measure_images", "catalog_from_sources", "fwhm_guess"]
 
@@ -95,7 +95,7 @@ def measure_images(images, masks, *, fwhm, config: PSFConfig, prefix: str = "") 
     """
     xp = array_namespace(images, masks)
     B = images.shape[0]
-    bad = (masks & UNUSABLE) != 0
+    bad = unusable_of(masks)
     sky, _ = background(images, box=config.background_box, mask=bad)
     sub = xp.where(bad, xp.float32(0), images - sky).astype(xp.float32)
     step = max(1, int(np.sqrt(images[0].size / 2_000_000)))

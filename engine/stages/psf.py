@@ -41,28 +41,20 @@ from nightsift.kernels._xp import array_namespace, host_scalars, is_host, to_dev
 from nightsift.kernels.moffat import fit_moffat, hybrid_psf, stack_variance
 from nightsift.kernels.neighbours import max_within
 from nightsift.kernels.resample import lanczos_resample
+from nightsift.kernels.sources import FLAG_MASKED
 from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.tiles import TileGrid, tile_index
 
 from ..config import PSFConfig
 from ..errors import AlgorithmFailure
-from ..records import UNUSABLE, PSFModel, SourceCatalog, StageResult
+from ..records import PSFModel, SourceCatalog, StageResult, unusable_of
 
 __all__ = ["measure_psf", "carry_psf", "select_psf_stars", "stellar_locus", "locus_tolerance", "stamp_fwhm",
-           "MIN_PSF_FWHM", "FWHM_PER_SIGMA", "unusable_of"]
+           "MIN_PSF_FWHM"]
 
-#: FWHM of a Gaussian per unit sigma, 2 sqrt(2 ln 2)
-FWHM_PER_SIGMA = 2.3548200450309493
 #: adaptive-moment FWHM (px) below which a source is a pixel-scale artefact, not a star (a single
 #: hot pixel or a cosmic-ray hit measures ~0.7 px; ZTF's undersampled stars ~1.8 px)
 MIN_PSF_FWHM = 1.0
-#: S/N of the sources whose adaptive sizes decide "point source" (flux-ratio stars)
-POINT_MIN_SNR = 20.0
-
-
-def unusable_of(masks):
-    """Boolean ``(B, ny, nx)`` map of the unusable pixels of a batch of masks."""
-    return (masks & UNUSABLE) != 0
 
 
 def stamp_fwhm(stamps, *, sigma: float):
@@ -145,8 +137,6 @@ def select_psf_stars(cat: SourceCatalog, unusable, image: int, shape, *, stamp: 
     out of the stack), no other flag than a masked pixel in the aperture, inside the image by half
     a stamp, isolated (no non-artefact neighbour with more than ``psf.isolation_flux`` of the flux
     within ``psf.isolation_radius`` stamp half-sides), and not grossly elongated."""
-    from nightsift.kernels.sources import FLAG_MASKED
-
     xp = array_namespace(cat.x)
     ny, nx = shape
     h = stamp // 2
@@ -237,56 +227,21 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
         (prefixed).
     """
     xp = array_namespace(images, masks)
-    B, ny, nx = images.shape
+    B = images.shape[0]
     paths = list(paths) if paths is not None else [None] * B
     unusable = unusable_of(masks)
     max_stamp = 2 * grid.margin + 1  # the tile margin must hold half a PSF (no wrap-around)
 
     # 1-2: candidates at the guessed stamp size, their adaptive sizes, the stellar locus (one read)
-    loci = []
-    for b, cat in enumerate(catalogs):
-        s0 = _stamp_for(config, fwhm_guess[b], max_stamp)
-        first = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=s0,
-                                                core=core_half(fwhm_guess[b], config), config=config),
-                           cat.flux, 4 * config.max_stars)
-        st, _ = gather_stamps(images[b:b + 1], None, cat.x[first], cat.y[first], size=s0, fill=0.0)
-        sizes = stamp_fwhm(st.astype(xp.float64), sigma=fwhm_guess[b] / FWHM_PER_SIGMA)
-        loci.append(stellar_locus(sizes, min_count=config.min_stars))
-    loci = [v if np.isfinite(v) else float("nan") for v in host_scalars(*loci)]
-
+    loci = _stellar_loci(images, unusable, catalogs, fwhm_guess, max_stamp=max_stamp, config=config)
     # 3: the stars of each image (device), their counts (one read)
-    stars = []
-    for b, cat in enumerate(catalogs):
-        guess = loci[b] if np.isfinite(loci[b]) else fwhm_guess[b]
-        stamp = _stamp_for(config, guess, max_stamp)
-        idx = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=stamp,
-                                              core=core_half(guess, config), config=config), cat.flux)
-        x, y = cat.x[idx], cat.y[idx]
-        st, _ = gather_stamps(images[b:b + 1], None, x, y, size=stamp, fill=0.0)
-        st = st.astype(xp.float64)
-        holes, _ = gather_stamps(unusable[b:b + 1], None, x, y, size=stamp, fill=False)  # masked wing pixels
-        st = _symmetric_fill(st, holes)  # for the centroid and the size; the stack leaves holes out
-        dx0, dy0 = x - xp.rint(x), y - xp.rint(y)
-        cdx, cdy = kpsf.centroid(st, sigma=max(guess / FWHM_PER_SIGMA, 0.8))
-        # trust the windowed centroid unless it ran away (neighbour); then keep the catalogue's
-        far = (xp.abs(cdx - dx0) > 0.5) | (xp.abs(cdy - dy0) > 0.5)
-        cdx, cdy = xp.where(far, dx0, cdx), xp.where(far, dy0, cdy)
-        # PSFEx-style cleaning: compact galaxies and blends are wider than the stellar locus
-        size = stamp_fwhm(st, sigma=guess / FWHM_PER_SIGMA)
-        if np.isfinite(loci[b]):
-            locus = loci[b]
-        else:  # no cluster of sizes: the median of the brightest (NaN without any: fails below)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                locus = xp.nanmedian(size[:max(config.min_stars, 10)]) if size.shape[0] else xp.full((), xp.nan)
-        clean = xp.isfinite(size) & (xp.abs(size / locus - 1) < locus_tolerance(cat.snr[idx])) & ~far
-        use = xp.where(clean.sum() >= config.min_stars, clean, xp.ones_like(clean))
-        stars.append(dict(idx=idx, st=st, holes=holes, cdx=cdx, cdy=cdy, use=use, stamp=stamp, locus=locus,
-                          n_use=use.sum(), n_rej=(~clean).sum()))
+    stars = [_psf_stars(images, unusable, b, cat, loci[b] if np.isfinite(loci[b]) else fwhm_guess[b], loci[b],
+                        max_stamp=max_stamp, config=config) for b, cat in enumerate(catalogs)]
     vals = host_scalars(*[s["n_use"] for s in stars], *[s["n_rej"] for s in stars],
                         *[xp.asarray(s["locus"]) if not np.isscalar(s["locus"]) else s["locus"] for s in stars])
     n_use, n_rej, locus_h = vals[:B], vals[B:2 * B], vals[2 * B:]
 
+    # 3-5: per image, the tiles' stacks and Moffat fits, or a failure
     out, qa_rows = [], []
     centres = to_device(grid.centres(), xp, label="tile_centres")
     for b, cat in enumerate(catalogs):
@@ -294,39 +249,105 @@ def measure_psf(images, masks, catalogs, sky_sigma, grid: TileGrid, *, config: P
         n_cand = int(s["idx"].shape[0])
         row = {"psf_n_candidates": n_cand, "psf_stamp": s["stamp"], "psf_locus_fwhm": loci[b],
                "psf_n_rejected": int(n_rej[b])}
+        qa_rows.append(row)
         if n_use[b] < config.min_stars or n_cand < config.min_stars:
             where = f"{paths[b]}: " if paths[b] else ""
             out.append(AlgorithmFailure(
                 f"{where}too few PSF stars: {n_cand} bright isolated unsaturated stars found, need "
                 f"{config.min_stars} (lower psf.min_snr or psf.min_stars, or check the image)",
                 stage="psf", qa={prefix + k: v for k, v in row.items()}))
-            qa_rows.append(row)
             continue
-        use = s["use"]
-        idx = s["idx"]
-        snr = cat.snr[idx]
-        weights = xp.where(use, xp.minimum(snr, config.max_weight_snr) ** 2, 0.0)
-        cols, valid = _tile_members(xp, cat.x[idx], cat.y[idx], use, centres, core=grid.core,
-                                    min_stars=config.min_stars, max_stars=config.max_stars)
-        w = xp.where(valid, weights[cols], 0.0)
-        psf = kpsf.stack_psf(s["st"][cols], s["cdx"][cols], s["cdy"][cols], weights=w, masked=s["holes"][cols])
-        fit = fit_moffat(psf)
-        if config.denoise:
-            var = stack_variance(s["st"], w, sky_sigma[b], psf, members=cols)
-            psf = hybrid_psf(psf, var, fit.model, fit.fwhm, k=config.denoise_k)
-            fit = fit_moffat(psf)
-        n_stars = valid.sum(axis=1)
-        model = PSFModel(stamps=psf, fwhm=fit.fwhm, apcorr=fit.apcorr, n_stars=n_stars, grid=grid,
-                         locus=float(locus_h[b]))
+        model = _tile_psfs(s, cat, centres, grid, sky_sigma[b], float(locus_h[b]), config=config)
         psf_star = xp.zeros(len(cat), bool)
-        psf_star[idx[use]] = True
-        out.append((model, _point_sources(images, unusable, b, cat.replace(psf_star=psf_star), float(locus_h[b]), s["stamp"])))
-        row.update(psf_fwhm=xp.median(fit.fwhm), psf_fwhm_min=fit.fwhm.min(), psf_fwhm_max=fit.fwhm.max(),
-                   psf_n_stars=int(n_use[b]), psf_apcorr=xp.median(fit.apcorr))
-        qa_rows.append(row)
+        psf_star[s["idx"][s["use"]]] = True
+        out.append((model, _point_sources(images, unusable, b, cat.replace(psf_star=psf_star), model.locus,
+                                          s["stamp"], min_snr=config.point_min_snr)))
+        row.update(psf_fwhm=xp.median(model.fwhm), psf_fwhm_min=model.fwhm.min(), psf_fwhm_max=model.fwhm.max(),
+                   psf_n_stars=int(n_use[b]), psf_apcorr=xp.median(model.apcorr))
     keys = sorted({k for r in qa_rows for k in r})
     qa = {prefix + k: [r.get(k, float("nan")) for r in qa_rows] for k in keys}
     return StageResult(out, qa)
+
+
+def _stellar_loci(images, unusable, catalogs, fwhm_guess, *, max_stamp: int, config: PSFConfig) -> list[float]:
+    """The stellar locus (adaptive-moment FWHM, px; NaN where none) of each image, from the
+    ``4 psf.max_stars`` brightest candidates selected at the guessed stamp size (one host read)."""
+    xp = array_namespace(images)
+    _, ny, nx = images.shape
+    loci = []
+    for b, cat in enumerate(catalogs):
+        s0 = _stamp_for(config, fwhm_guess[b], max_stamp)
+        first = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=s0,
+                                                core=core_half(fwhm_guess[b], config), config=config),
+                           cat.flux, 4 * config.max_stars)
+        st, _ = gather_stamps(images[b:b + 1], None, cat.x[first], cat.y[first], size=s0, fill=0.0)
+        sizes = stamp_fwhm(st.astype(xp.float64), sigma=fwhm_guess[b] / kpsf.FWHM_PER_SIGMA)
+        loci.append(stellar_locus(sizes, min_count=config.min_stars))
+    return [v if np.isfinite(v) else float("nan") for v in host_scalars(*loci)]
+
+
+def _psf_stars(images, unusable, b: int, cat: SourceCatalog, guess: float, locus: float, *, max_stamp: int,
+               config: PSFConfig) -> dict:
+    """The PSF stars of image ``b`` (device arrays, nothing read on the host).
+
+    Candidates (:func:`select_psf_stars`) at the stamp size of ``guess`` (px, the locus or the
+    first guess), brightest first; their stamps (holes filled symmetrically for the centroid and
+    the size), windowed centroids (the catalogue's where the window ran away), and PSFEx-style
+    cleaning: sources off the stellar ``locus`` (NaN: the median size of the brightest) are not
+    used unless that leaves fewer than ``psf.min_stars``.
+
+    Returns
+    -------
+    dict with ``idx`` (catalogue rows), ``st``, ``holes``, ``cdx``, ``cdy``, ``use``, ``stamp``,
+    ``locus``, ``n_use``, ``n_rej`` (0-d device counts).
+    """
+    xp = array_namespace(images)
+    _, ny, nx = images.shape
+    stamp = _stamp_for(config, guess, max_stamp)
+    idx = _brightest(xp, select_psf_stars(cat, unusable, b, (ny, nx), stamp=stamp,
+                                          core=core_half(guess, config), config=config), cat.flux)
+    x, y = cat.x[idx], cat.y[idx]
+    st, _ = gather_stamps(images[b:b + 1], None, x, y, size=stamp, fill=0.0)
+    st = st.astype(xp.float64)
+    holes, _ = gather_stamps(unusable[b:b + 1], None, x, y, size=stamp, fill=False)  # masked wing pixels
+    st = _symmetric_fill(st, holes)  # for the centroid and the size; the stack leaves holes out
+    dx0, dy0 = x - xp.rint(x), y - xp.rint(y)
+    cdx, cdy = kpsf.centroid(st, sigma=max(guess / kpsf.FWHM_PER_SIGMA, 0.8))
+    # trust the windowed centroid unless it ran away (neighbour); then keep the catalogue's
+    far = (xp.abs(cdx - dx0) > 0.5) | (xp.abs(cdy - dy0) > 0.5)
+    cdx, cdy = xp.where(far, dx0, cdx), xp.where(far, dy0, cdy)
+    # PSFEx-style cleaning: compact galaxies and blends are wider than the stellar locus
+    size = stamp_fwhm(st, sigma=guess / kpsf.FWHM_PER_SIGMA)
+    if not np.isfinite(locus):  # no cluster of sizes: the median of the brightest (NaN without any: fails)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            locus = xp.nanmedian(size[:max(config.min_stars, 10)]) if size.shape[0] else xp.full((), xp.nan)
+    clean = xp.isfinite(size) & (xp.abs(size / locus - 1) < locus_tolerance(cat.snr[idx])) & ~far
+    use = xp.where(clean.sum() >= config.min_stars, clean, xp.ones_like(clean))
+    return dict(idx=idx, st=st, holes=holes, cdx=cdx, cdy=cdy, use=use, stamp=stamp, locus=locus,
+                n_use=use.sum(), n_rej=(~clean).sum())
+
+
+def _tile_psfs(stars: dict, cat: SourceCatalog, centres, grid: TileGrid, sky_sigma: float, locus: float, *,
+               config: PSFConfig) -> PSFModel:
+    """Each tile's PSF from the stars of :func:`_psf_stars`: the S/N^2-weighted clipped stack of its
+    members (:func:`_tile_members`), the Moffat fit, and with ``psf.denoise`` the hybrid of stack
+    and model fitted again."""
+    xp = array_namespace(stars["st"])
+    use, idx = stars["use"], stars["idx"]
+    snr = cat.snr[idx]
+    weights = xp.where(use, xp.minimum(snr, config.max_weight_snr) ** 2, 0.0)
+    cols, valid = _tile_members(xp, cat.x[idx], cat.y[idx], use, centres, core=grid.core,
+                                min_stars=config.min_stars, max_stars=config.max_stars)
+    w = xp.where(valid, weights[cols], 0.0)
+    psf = kpsf.stack_psf(stars["st"][cols], stars["cdx"][cols], stars["cdy"][cols], weights=w,
+                         masked=stars["holes"][cols])
+    fit = fit_moffat(psf)
+    if config.denoise:
+        var = stack_variance(stars["st"], w, sky_sigma, psf, members=cols)
+        psf = hybrid_psf(psf, var, fit.model, fit.fwhm, k=config.denoise_k)
+        fit = fit_moffat(psf)
+    return PSFModel(stamps=psf, fwhm=fit.fwhm, apcorr=fit.apcorr, n_stars=valid.sum(axis=1), grid=grid, locus=locus)
 
 
 def _symmetric_fill(stamps, holes):
@@ -338,22 +359,22 @@ def _symmetric_fill(stamps, holes):
     return xp.where(holes, xp.where(mirror, 0.0, stamps[:, ::-1, ::-1]), stamps).astype(stamps.dtype)
 
 
-def _point_sources(images, unusable, b: int, cat: SourceCatalog, locus: float, stamp: int) -> SourceCatalog:
+def _point_sources(images, unusable, b: int, cat: SourceCatalog, locus: float, stamp: int, *,
+                   min_snr: float) -> SourceCatalog:
     """Fill ``size`` (adaptive FWHM) and ``point`` (on the stellar locus) for the bright sources
-    with no other flag than a masked pixel in the aperture (:func:`_symmetric_fill`): what the
-    flux ratio trusts as stars (a galaxy may host a transient)."""
-    from nightsift.kernels.sources import FLAG_MASKED
-
+    (S/N >= ``min_snr``: ``psf.point_min_snr``) with no other flag than a masked pixel in the
+    aperture (:func:`_symmetric_fill`): what the flux ratio trusts as stars (a galaxy may host a
+    transient)."""
     xp = array_namespace(cat.x)
     if not np.isfinite(locus) or len(cat) == 0:
         return cat
-    bright = (cat.snr >= POINT_MIN_SNR) & ((cat.flag & ~xp.int32(FLAG_MASKED)) == 0)
+    bright = (cat.snr >= min_snr) & ((cat.flag & ~xp.int32(FLAG_MASKED)) == 0)
     idx = xp.nonzero(bright)[0]
     st, _ = gather_stamps(images[b:b + 1], None, cat.x[idx], cat.y[idx], size=stamp, fill=0.0)
     holes, _ = gather_stamps(unusable[b:b + 1], None, cat.x[idx], cat.y[idx], size=stamp, fill=False)
     st = _symmetric_fill(st, holes)
     size = xp.full(len(cat), xp.nan)
-    size[idx] = stamp_fwhm(st.astype(xp.float64), sigma=locus / FWHM_PER_SIGMA)
+    size[idx] = stamp_fwhm(st.astype(xp.float64), sigma=locus / kpsf.FWHM_PER_SIGMA)
     point = bright & (xp.abs(size / locus - 1) < locus_tolerance(xp.maximum(cat.snr, 1e-30)))
     return cat.replace(size=size, point=point)
 

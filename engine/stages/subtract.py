@@ -19,24 +19,18 @@ from nightsift.kernels import psf as kpsf
 from nightsift.kernels import tiles as ktiles
 from nightsift.kernels._xp import array_namespace, to_device
 from nightsift.kernels.morphology import dilate
-from nightsift.kernels.background import robust_sigma
+from nightsift.kernels.background import median_mad_sigma, residual_sigma, robust_sigma
 from nightsift.kernels.neighbours import count_within, nearest
 from nightsift.kernels.stamps import count_in_boxes, gather_stamps
 from nightsift.kernels.zogy import zogy
 
 from ..config import SubtractConfig
 from ..errors import AlgorithmFailure
-from ..io.fits import header_zero_point
-from ..records import UNUSABLE, StageResult, SubtractionBatch
+from ..io.fits import header_photometry
+from ..records import StageResult, SubtractionBatch, unusable_of
 
 __all__ = ["subtract", "flux_ratio", "zero_point_flux_ratio", "combine_flux_ratio", "blank_sky", "paint_discs",
-           "psf_fluxes", "PRIOR_WINDOW"]
-
-#: relative distance from the zero-point F_r within which star ratios are trusted; a star-based F_r
-#: farther than this from it is replaced by it
-PRIOR_WINDOW = 0.3
-#: S/N of the catalogue sources whose PSF fluxes measure F_r
-FLUX_RATIO_MIN_SNR = 20.0
+           "psf_fluxes"]
 
 
 def psf_fluxes(image, model, x, y):
@@ -55,19 +49,17 @@ def zero_point_flux_ratio(sci_header, ref_header) -> float | None:
 
     ``10**(0.4 (MAGZP_ref - MAGZP_sci)) * EXPTIME_ref / EXPTIME_sci`` with MAGZP (or MAGZPT /
     MAGZERO) the magnitude giving 1 e-/s in each image (e- images); None when either header lacks
-    a zero point or an exposure time.
+    a zero point or a positive exposure time (:func:`~nightsift.engine.io.fits.header_photometry`).
     """
-    zs, zr = header_zero_point(sci_header), header_zero_point(ref_header)
-    ts = header_zero_point(sci_header, keys=("EXPTIME",))
-    tr = header_zero_point(ref_header, keys=("EXPTIME",))
-    if None in (zs, zr, ts, tr) or ts <= 0 or tr <= 0:
+    sci, ref = header_photometry(sci_header), header_photometry(ref_header)
+    if sci is None or ref is None:
         return None
+    (zs, ts), (zr, tr) = sci, ref
     return float(10 ** (0.4 * (zr - zs)) * tr / ts)
 
 
 def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: float | None,
-               match_radius: float = 1.0, prior_window: float = PRIOR_WINDOW, star_rms: float = 0.03,
-               min_point: int = 5):
+               config: SubtractConfig, match_radius: float = 1.0, star_rms: float = 0.03, min_point: int = 5):
     """F_r / F_n from isolated point sources found in both background-subtracted images of one CCD
     (``unusable``: its ``(ny, nx)`` bool map of pixels unusable in either).
 
@@ -75,8 +67,8 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: flo
     normalisations ZOGY uses); the ratio is the inverse-variance-weighted mean of the per-star
     ratios after 3-sigma clipping, started from the median (sources that changed between the
     epochs -- a variable star, a transient on a nucleus -- are high-S/N outliers a weighted mean
-    would follow). ``prior`` (the zero points' F_r) keeps only ratios within ``prior_window`` of
-    it when at least 3 are.
+    would follow). Stars from ``config.flux_ratio_min_snr``; ``prior`` (the zero points' F_r) keeps
+    only ratios within ``config.flux_ratio_prior_window`` of it when at least 3 are.
 
     Returns device 0-d arrays ``(ratio, n_stars, error)``: the error is at least ``star_rms /
     sqrt(n)`` of the ratio (PSF-model errors per star) and at least the robust scatter of the kept
@@ -84,8 +76,8 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: flo
     """
     xp = array_namespace(N)
     nan = xp.full((), xp.nan)
-    s_ok = (sci_cat.snr >= FLUX_RATIO_MIN_SNR) & (sci_cat.flag == 0)
-    r_ok = (ref_cat.snr >= FLUX_RATIO_MIN_SNR) & (ref_cat.flag == 0)
+    s_ok = (sci_cat.snr >= config.flux_ratio_min_snr) & (sci_cat.flag == 0)
+    r_ok = (ref_cat.snr >= config.flux_ratio_min_snr) & (ref_cat.flag == 0)
     si = xp.nonzero(s_ok)[0]
     ri = xp.nonzero(r_ok)[0]
     if si.shape[0] == 0 or ri.shape[0] == 0:
@@ -116,7 +108,7 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: flo
     w = xp.where(good, 1 / (ratio * rel) ** 2, 0.0)
     keep = good
     if prior is not None and prior > 0:
-        near = good & (xp.abs(ratio / prior - 1) < prior_window)
+        near = good & (xp.abs(ratio / prior - 1) < config.flux_ratio_prior_window)
         keep = xp.where(near.sum() >= 3, near, good)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # no usable star: NaN, decided by the caller
@@ -125,7 +117,7 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: flo
         scale = xp.ones(())
         for _ in range(5):
             resid = (ratio - mean) * xp.sqrt(w)
-            scale = xp.maximum(1.0, 1.4826 * xp.nanmedian(xp.where(keep, xp.abs(resid), xp.nan)))
+            scale = xp.maximum(1.0, residual_sigma(xp.where(keep, resid, xp.nan)))
             keep = window & (xp.abs(resid) < 3 * scale)
             mean = (xp.where(keep, w * ratio, 0.0).sum()) / xp.where(keep, w, 0.0).sum()
         n = keep.sum()
@@ -133,7 +125,7 @@ def flux_ratio(N, R, sci_psf, ref_psf, sci_cat, ref_cat, unusable, *, prior: flo
         # the S/N-based error knows nothing of PSF-model errors, which move single-star ratios by a
         # few % (seen: 2-4 % scatter among S/N > 100 stars); never claim better than that
         err = xp.maximum(err, star_rms * mean / xp.sqrt(n))
-        scatter = 1.4826 * xp.nanmedian(xp.where(keep, xp.abs(ratio - mean), xp.nan)) / xp.sqrt(n)
+        scatter = residual_sigma(xp.where(keep, ratio - mean, xp.nan)) / xp.sqrt(n)
         err = xp.where(n >= 3, xp.maximum(err, scatter), err)
     ok = n > 0
     return xp.where(ok, mean, xp.nan), n, xp.where(ok, err, xp.nan)
@@ -172,7 +164,7 @@ def decide_flux_ratio(stars: float, n: int, err: float, prior: float | None, *, 
     """
     qa = {"F_r": stars, "n_flux_stars": n, "F_r_err": err, "F_r_zero_points": prior, "F_r_source": "stars"}
     if prior is not None:
-        if not np.isfinite(stars) or n == 0 or abs(stars / prior - 1) > PRIOR_WINDOW:
+        if not np.isfinite(stars) or n == 0 or abs(stars / prior - 1) > config.flux_ratio_prior_window:
             # no usable common star (a small or sparse CCD), or only changed ones: both images are
             # photometrically calibrated, so use the zero points (they miss this CCD's flat and
             # aperture terms, a few %)
@@ -238,7 +230,7 @@ def blank_sky(shape, sci_cats, ref_cats, fwhm, excluded):
             if len(cat) == 0:
                 continue
             f = fwhm[b]
-            size = xp.maximum(cat.a, xp.nan_to_num(cat.size) / 2.3548200450309493)
+            size = xp.maximum(cat.a, xp.nan_to_num(cat.size) / kpsf.FWHM_PER_SIGMA)
             r = xp.minimum(xp.maximum(3 * f, 3 * size), xp.maximum(3 * f, 64.0))
             xs.append(cat.x)
             ys.append(cat.y)
@@ -262,8 +254,8 @@ def _clipped_mean_rows(v, *, clip: float = 4.0, min_count: int = 1000):
     xp = array_namespace(v)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        med = xp.nanmedian(v, axis=1, keepdims=True)
-        sig = 1.4826 * xp.nanmedian(xp.abs(v - med), axis=1, keepdims=True)
+        med, sig = median_mad_sigma(v, axis=1)
+        med, sig = med[:, None], sig[:, None]
         keep = xp.abs(v - med) <= clip * sig
         n = keep.sum(axis=1)
         mean = xp.where(keep, v, 0.0).sum(axis=1) / xp.maximum(n, 1)
@@ -297,18 +289,67 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
     -------
     StageResult
         ``value``: :class:`~nightsift.engine.records.SubtractionBatch` (``.ccd(b)`` gives one
-        CCD's :class:`~nightsift.engine.records.Subtraction`). ``qa``: ``(B,)`` arrays or lists ``sigma_n``, ``sigma_r``, ``F_D``, ``n_tiles``,
-        ``astrometric_rms_x/y``, ``scorr_std_raw``, ``scorr_std``, ``scorr_mean``,
-        ``excluded_fraction``, ``blank_fraction``, ``difference_offset``, ``apcorr``.
+        CCD's :class:`~nightsift.engine.records.Subtraction`). ``qa``: ``(B,)`` arrays or lists
+        ``sigma_n``, ``sigma_r``, ``F_D``, ``n_tiles``, ``astrometric_rms_x/y``, ``scorr_std_raw``,
+        ``scorr_std``, ``scorr_mean``, ``excluded_fraction``, ``blank_fraction``,
+        ``difference_offset``, ``apcorr``.
     """
     xp = array_namespace(N, R, V_N, V_R)
     B, ny, nx = N.shape
     grid = sci_psfs[0].grid
     T = len(grid)
-    dtype = np.dtype(dtype or config.fft_dtype)
     f32 = xp.float32
     mask = mask_sci | mask_ref
-    unusable = (mask & UNUSABLE) != 0
+    unusable = unusable_of(mask)
+    N, R, V_N, V_R, med_vn, med_vr = _usable_inputs(N, R, V_N, V_R, unusable)
+    D, S_corr, flux, flux_err, P_D, F_D, F_S, sig_n, sig_r = _zogy_tiles(
+        N, R, V_N, V_R, med_vn, med_vr, sci_psfs, ref_psfs, F_r=F_r, astrometric_rms=astrometric_rms,
+        dtype=np.dtype(dtype or config.fft_dtype))
+
+    excluded = dilate(unusable, iterations=config.mask_grow, structure="cross")
+    fwhm = xp.stack([xp.maximum(sp.fwhm.max(), rp.fwhm.max()) for sp, rp in zip(sci_psfs, ref_psfs)])
+    blank = blank_sky((B, ny, nx), sci_cats, ref_cats, fwhm, excluded)
+    qa = {}
+    if config.remove_difference_offset:
+        D, S_corr, flux, offsets = _remove_difference_offset(D, S_corr, flux, flux_err, blank, F_D, F_S, grid)
+        qa["difference_offset"] = xp.median(offsets.reshape(B, T), axis=1)
+    difference = D / ktiles.per_tile(F_D.astype(f32), grid, batch=B)
+    S_corr = xp.where(excluded, f32(0), S_corr)
+    D = xp.where(unusable, f32(0), D)
+    difference = xp.where(unusable, f32(0), difference)
+
+    S_corr, flux_err, live, std_raw = _scorr_on_blank_sky(S_corr, flux_err, blank,
+                                                          renormalize=config.renormalize_scorr)
+    qa["scorr_std_raw"] = std_raw
+    apcorr = xp.concatenate([p.apcorr for p in sci_psfs]).astype(xp.float64)
+    ap_map = ktiles.per_tile(apcorr.astype(f32), grid, batch=B)
+    flux = flux * ap_map
+    flux_err = flux_err * ap_map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        qa.update(sigma_n=xp.median(sig_n.reshape(B, T), axis=1), sigma_r=xp.median(sig_r.reshape(B, T), axis=1),
+                  F_D=xp.median(F_D.reshape(B, T), axis=1), n_tiles=[T] * B,
+                  astrometric_rms_x=[float(a[0]) for a in astrometric_rms],
+                  astrometric_rms_y=[float(a[1]) for a in astrometric_rms],
+                  scorr_std=robust_sigma(live, axis=-1), scorr_mean=xp.nanmedian(live, axis=1),
+                  excluded_fraction=excluded.reshape(B, -1).mean(axis=1),
+                  blank_fraction=blank.reshape(B, -1).mean(axis=1),
+                  apcorr=xp.median(apcorr.reshape(B, T), axis=1))
+    batch = SubtractionBatch(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, mask=mask,
+                             excluded=excluded, P_D=P_D, F_D=F_D, F_S=F_S, apcorr=apcorr, grid=grid,
+                             F_r=tuple(float(f) for f in F_r),
+                             stamp=tuple(max(a.stamps.shape[-1], b.stamps.shape[-1])
+                                         for a, b in zip(sci_psfs, ref_psfs)))
+    return StageResult(batch, qa)
+
+
+def _usable_inputs(N, R, V_N, V_R, unusable):
+    """The images with their unusable pixels 0, the variances with those (and non-finite ones) at
+    each image's median usable variance (from every 4th pixel; 1 for a fully masked image), and
+    those medians ``(B,)``: ``(N, R, V_N, V_R, med_vn, med_vr)``."""
+    xp = array_namespace(N, R, V_N, V_R)
+    B = N.shape[0]
+    f32 = xp.float32
     N = xp.where(unusable, f32(0), N)
     R = xp.where(unusable, f32(0), R)
     sub = (slice(None), slice(None, None, 4), slice(None, None, 4))
@@ -319,8 +360,29 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
         med_vr = xp.nan_to_num(xp.nanmedian(xp.where(usable_s, V_R[sub], xp.nan).reshape(B, -1), axis=1), nan=1.0)
     V_N = xp.where(unusable | ~xp.isfinite(V_N), med_vn.astype(f32)[:, None, None], V_N)
     V_R = xp.where(unusable | ~xp.isfinite(V_R), med_vr.astype(f32)[:, None, None], V_R)
+    return N, R, V_N, V_R, med_vn, med_vr
 
-    # batched tiles: one (B * T, s, s) stack per quantity
+
+def _zogy_tiles(N, R, V_N, V_R, med_vn, med_vr, sci_psfs, ref_psfs, *, F_r, astrometric_rms, dtype):
+    """ZOGY on every tile of the batch in one call, stitched back onto the CCDs.
+
+    The ``(B, ny, nx)`` inputs are cut into one ``(B * T, s, s)`` stack per quantity (variances
+    padded with each image's median), the PSF stamps embedded at the tile size, the background
+    noise of each tile taken as the square root of its median variance.
+
+    Returns
+    -------
+    D, S_corr, flux, flux_err : ndarray (B, ny, nx) float32
+        Stitched tile cores (``flux = S / F_S``, ``flux_err`` its error with astrometric noise).
+    P_D : (B * T, s, s) float64
+        PSF of D, cropped to the batch's largest PSF stamp.
+    F_D, F_S, sig_n, sig_r : (B * T,) float64
+    """
+    xp = array_namespace(N, R, V_N, V_R)
+    B = N.shape[0]
+    grid = sci_psfs[0].grid
+    T = len(grid)
+    f32 = xp.float32
     tN = ktiles.cut_tiles(N, grid, fill=0.0)
     tR = ktiles.cut_tiles(R, grid, fill=0.0)
     tVN = ktiles.cut_tiles(V_N, grid, fill=np.nan)
@@ -340,6 +402,7 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
     par = to_device(np.repeat(host, T, axis=0), xp, label="zogy_parameters")
     res = zogy(tN, tR, tPn, tPr, tVN, tVR, sigma_n=sig_n, sigma_r=sig_r, F_r=par[:, 0],
                astrometric_rms=(par[:, 1], par[:, 2]), dtype=dtype)
+    del tN, tR, tVN, tVR, tPn, tPr
     F_D, F_S = res.F_D.astype(xp.float64), res.F_S.astype(xp.float64)
     inv = 1.0 / F_S
     D = ktiles.stitch_tiles(res.D.astype(f32), grid, batch=B)
@@ -348,68 +411,57 @@ def subtract(N, R, V_N, V_R, mask_sci, mask_ref, sci_psfs, ref_psfs, sci_cats, r
     flux_err = ktiles.stitch_tiles((xp.sqrt(res.V_S + res.V_ast) * inv[:, None, None].astype(res.S.dtype)).astype(f32),
                                    grid, batch=B)
     P_D = kpsf.crop_embedded(res.P_D, stamp).astype(xp.float64)
-    del res, tN, tR, tVN, tVR, tPn, tPr
+    return D, S_corr, flux, flux_err, P_D, F_D, F_S, sig_n, sig_r
 
-    excluded = dilate(unusable, iterations=config.mask_grow, structure="cross")
-    fwhm = xp.stack([xp.maximum(sp.fwhm.max(), rp.fwhm.max()) for sp, rp in zip(sci_psfs, ref_psfs)])
-    blank = blank_sky((B, ny, nx), sci_cats, ref_cats, fwhm, excluded)
 
-    # Residual sky: faint-source confusion biases the sky estimate of the shallower image by a few %
-    # of sigma, which leaves an offset B_D in D (unit white noise, seen as a shifted S_corr mean).
-    # Measure it per tile as the symmetric-clipped mean of D on blank sky (not the median: Poisson
-    # noise makes D's pixels slightly skewed, while S_corr, a smoothed D, follows D's mean) and
-    # remove it from D and, consistently, from S (offset F_D B_D: P_D has unit sum), S_corr and
-    # the flux maps.
-    offsets = xp.zeros(B * T)
-    qa = {}
-    if config.remove_difference_offset:
-        cD = ktiles.core_views(D, grid)[:, ::2, ::2]
-        cb = ktiles.core_views(blank.astype(f32), grid)[:, ::2, ::2]
-        v = xp.where(cb == 1, cD, xp.nan).reshape(B * T, -1)
-        offsets = _clipped_mean_rows(v, min_count=1000 // 4)
-        off_map = ktiles.per_tile(offsets.astype(f32), grid, batch=B)
-        fd_map = ktiles.per_tile(F_D.astype(f32), grid, batch=B)
-        fs_map = ktiles.per_tile(F_S.astype(f32), grid, batch=B)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S_corr = S_corr - xp.where(flux_err > 0, fd_map * off_map / (flux_err * fs_map), f32(0))
-        flux = flux - fd_map * off_map / fs_map
-        D = D - off_map
-        qa["difference_offset"] = xp.median(offsets.reshape(B, T), axis=1)
-    difference = D / ktiles.per_tile(F_D.astype(f32), grid, batch=B)
-    S_corr = xp.where(excluded, f32(0), S_corr)
-    D = xp.where(unusable, f32(0), D)
-    difference = xp.where(unusable, f32(0), difference)
+def _remove_difference_offset(D, S_corr, flux, flux_err, blank, F_D, F_S, grid):
+    """Remove the residual sky offset of D per tile; returns ``(D, S_corr, flux, offsets)``.
 
+    Faint-source confusion biases the sky estimate of the shallower image by a few % of sigma,
+    which leaves an offset B_D in D (unit white noise, seen as a shifted S_corr mean). It is
+    measured per tile as the symmetric-clipped mean of D on blank sky (every 2nd pixel of the tile
+    core; not the median: Poisson noise makes D's pixels slightly skewed, while S_corr, a smoothed
+    D, follows D's mean) and removed from D and, consistently, from S (offset F_D B_D: P_D has unit
+    sum), S_corr and the flux map. ``offsets`` is ``(B * T,)``.
+    """
+    xp = array_namespace(D, S_corr, blank)
+    B = D.shape[0]
+    T = len(grid)
+    f32 = xp.float32
+    cD = ktiles.core_views(D, grid)[:, ::2, ::2]
+    cb = ktiles.core_views(blank.astype(f32), grid)[:, ::2, ::2]
+    v = xp.where(cb == 1, cD, xp.nan).reshape(B * T, -1)
+    offsets = _clipped_mean_rows(v, min_count=1000 // 4)
+    off_map = ktiles.per_tile(offsets.astype(f32), grid, batch=B)
+    fd_map = ktiles.per_tile(F_D.astype(f32), grid, batch=B)
+    fs_map = ktiles.per_tile(F_S.astype(f32), grid, batch=B)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        S_corr = S_corr - xp.where(flux_err > 0, fd_map * off_map / (flux_err * fs_map), f32(0))
+    flux = flux - fd_map * off_map / fs_map
+    D = D - off_map
+    return D, S_corr, flux, offsets
+
+
+def _scorr_on_blank_sky(S_corr, flux_err, blank, *, renormalize: bool):
+    """The robust standard deviation of S_corr on blank sky per CCD (a subsample of at most ~2
+    million pixels), and with ``renormalize`` S_corr divided by it (``flux_err`` multiplied).
+
+    Returns ``(S_corr, flux_err, live, std_raw)``: ``live`` the ``(B, m)`` blank-sky subsample of
+    the (renormalised) S_corr, NaN elsewhere; ``std_raw`` ``(B,)`` the standard deviation before.
+    """
+    xp = array_namespace(S_corr, flux_err, blank)
+    B, ny, nx = S_corr.shape
     step = max(1, int(np.sqrt(ny * nx / 2_000_000)))
     blank_s = blank[:, ::step, ::step].reshape(B, -1)
     live = xp.where(blank_s, S_corr[:, ::step, ::step].reshape(B, -1), xp.nan)
     std_raw = robust_sigma(live, axis=-1)
-    qa["scorr_std_raw"] = std_raw
-    if config.renormalize_scorr:
+    if renormalize:
         ok = xp.isfinite(std_raw) & (std_raw > 0)
-        fac = xp.where(ok, std_raw, 1.0).astype(f32)[:, None, None]
+        fac = xp.where(ok, std_raw, 1.0).astype(xp.float32)[:, None, None]
         S_corr = S_corr / fac
         flux_err = flux_err * fac
         live = live / fac.reshape(B, 1)
-    apcorr = xp.concatenate([p.apcorr for p in sci_psfs]).astype(xp.float64)
-    ap_map = ktiles.per_tile(apcorr.astype(f32), grid, batch=B)
-    flux = flux * ap_map
-    flux_err = flux_err * ap_map
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        qa.update(sigma_n=xp.median(sig_n.reshape(B, T), axis=1), sigma_r=xp.median(sig_r.reshape(B, T), axis=1),
-                  F_D=xp.median(F_D.reshape(B, T), axis=1), n_tiles=[T] * B,
-                  astrometric_rms_x=[float(a[0]) for a in astrometric_rms],
-                  astrometric_rms_y=[float(a[1]) for a in astrometric_rms],
-                  scorr_std=robust_sigma(live, axis=-1), scorr_mean=xp.nanmedian(live, axis=1),
-                  excluded_fraction=excluded.reshape(B, -1).mean(axis=1),
-                  blank_fraction=blank.reshape(B, -1).mean(axis=1),
-                  apcorr=xp.median(apcorr.reshape(B, T), axis=1))
-    batch = SubtractionBatch(D=D, difference=difference, S_corr=S_corr, flux=flux, flux_err=flux_err, mask=mask,
-                             excluded=excluded, P_D=P_D, F_D=F_D, F_S=F_S, apcorr=apcorr, grid=grid,
-                             F_r=tuple(float(f) for f in F_r),
-                             stamp=tuple(max(a.stamps.shape[-1], b.stamps.shape[-1]) for a, b in zip(sci_psfs, ref_psfs)))
-    return StageResult(batch, qa)
+    return S_corr, flux_err, live, std_raw
 
 
 def _pad_stamps(stamps, size: int):

@@ -371,3 +371,25 @@ def test_cd_card_the_wcs_does_not_use_is_an_error(tmp_path, rng):
     with pytest.raises(InputError, match="CD1_1") as err:
         read_exposure(p)
     assert str(p) in str(err.value)
+
+
+def test_photometric_keys_are_read_one_way():
+    """Zero point and EXPTIME: absent -> None (no magnitude, never a default zero point); present
+    but broken -> InputError naming the file and the key; EXPTIME <= 0 -> no photometry."""
+    from nightsift.engine.io.fits import header_exptime, header_photometry, header_zero_point
+
+    h = fits.Header()
+    assert header_zero_point(h) is None and header_exptime(h) is None and header_photometry(h) is None
+    assert header_photometry(None) is None
+    h["MAGZPT"] = 30.5
+    assert header_zero_point(h) == 30.5 and header_photometry(h) is None  # no EXPTIME
+    h["EXPTIME"] = 0.0
+    assert header_exptime(h) == 0.0 and header_photometry(h) is None
+    h["EXPTIME"] = 90.0
+    assert header_photometry(h) == (30.5, 90.0)
+    h["MAGZP"] = 31.0  # MAGZP first
+    assert header_photometry(h) == (31.0, 90.0)
+    h["EXPTIME"] = "long"
+    with pytest.raises(InputError, match="EXPTIME") as err:
+        header_photometry(h, path="sci.fits")
+    assert err.value.path == "sci.fits"

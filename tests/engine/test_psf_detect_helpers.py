@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from nightsift.engine.config import PSFConfig
-from nightsift.engine.records import SourceCatalog
-from nightsift.engine.stages.psf import MIN_PSF_FWHM, select_psf_stars, stellar_locus, unusable_of
+from nightsift.engine.records import SourceCatalog, unusable_of
+from nightsift.engine.stages.psf import MIN_PSF_FWHM, select_psf_stars, stellar_locus
 from nightsift.kernels.moffat import fit_moffat, hybrid_psf, moffat_stamps, stack_variance
 
 
@@ -173,3 +173,33 @@ def test_every_tile_stacks_usable_stars_even_when_its_nearest_are_rejected():
     cols, valid = _tile_members(np, x, y, usable, centres, core=512, min_stars=3, max_stars=60)
     assert valid.sum(axis=1).min() >= 3  # every tile: at least min_stars usable stars
     assert not np.any(valid & ~usable[cols])  # and never a rejected one
+
+
+def test_magnitudes_need_a_zero_point_and_an_exposure_time():
+    """magpsf / magnr from MAGZP and EXPTIME; without either they are NaN (null in the packets)."""
+    from astropy.io import fits
+
+    from nightsift.engine.stages.detect import DETECTION_COLUMNS, candidate_tables
+
+    host = {k: np.zeros(2) for k in DETECTION_COLUMNS}
+    host.update(image=np.zeros(2, np.int64), x=np.array([10.0, 20.0]), y=np.array([30.0, 40.0]),
+                flux=np.array([1000.0, -100.0]), fluxerr=np.array([10.0, 10.0]), sign=np.array([1.0, -1.0]),
+                distnr=np.array([1.5, np.inf]), ref_flux=np.array([2000.0, np.nan]))
+
+    class NoWCS:
+        def all_pix2world(self, x, y, origin):
+            return np.zeros_like(x), np.zeros_like(y)
+
+    def table(**cards):
+        h = fits.Header()
+        h.update(cards)
+        return candidate_tables(host, batch=1, wcs=[NoWCS()], headers=[h], visits=[1], ccds=[2], F_r=[2.0],
+                                shape=(100, 100))[0]
+
+    c = table(MAGZP=30.0, EXPTIME=100.0)
+    np.testing.assert_allclose(c["magpsf"], 30.0 - 2.5 * np.log10(np.array([1000.0, 100.0]) / 100.0))
+    assert c["magnr"][0] == pytest.approx(30.0 - 2.5 * np.log10(1000.0 / 100.0)) and c["magnr"][1] == -999.0
+    for cards in ({"EXPTIME": 100.0}, {"MAGZP": 30.0}, {"MAGZP": 30.0, "EXPTIME": 0.0}):
+        c = table(**cards)
+        assert np.isnan(c["magpsf"]).all() and np.isnan(c["magnr"][0]) and c["magnr"][1] == -999.0, cards
+        np.testing.assert_allclose(c["snr"], [100.0, 10.0])  # the fluxes themselves do not need a zero point

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nightsift.kernels import count_transfers
-from nightsift.kernels.background import MAD_TO_SIGMA, background, mad_sigma, mesh_statistics, robust_sigma
+from nightsift.kernels.background import (MAD_TO_SIGMA, background, mad_sigma, median_mad_sigma, mesh_statistics,
+                                          residual_sigma, robust_sigma)
 
 
 def _host(a):
@@ -278,6 +279,34 @@ def test_mad_sigma_is_1_4826_mad(rng, n):
                                rtol=1e-12)
 
 
+def test_median_mad_sigma_is_nanmedian_and_its_mad(rng):
+    """Per row, with NaN holes: numpy's nanmedian and 1.4826 x the nanmedian of the deviations;
+    NaN (not 0) for a row with no finite value."""
+    v = rng.standard_cauchy((5, 7, 40))
+    v[rng.random(v.shape) < 0.3] = np.nan
+    v[2, :, 5] = np.nan  # one row (along axis 1) with no finite value
+    med, sig = median_mad_sigma(v, axis=1)
+    with pytest.warns(RuntimeWarning):  # numpy on the all-NaN row
+        want = np.nanmedian(v, axis=1)
+        want_sig = MAD_TO_SIGMA * np.nanmedian(np.abs(v - want[:, None]), axis=1)
+    np.testing.assert_allclose(med, want, rtol=1e-12)
+    np.testing.assert_allclose(sig, want_sig, rtol=1e-12)
+    assert np.isnan(med[2, 5]) and np.isnan(sig[2, 5]) and np.array_equal(np.isnan(med), np.isnan(want))
+    np.testing.assert_allclose(mad_sigma(v, axis=1), sig, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 10])
+def test_residual_sigma_is_about_the_given_centre(rng, n):
+    """1.4826 x median |r|: about 0, not about the median of ``r`` (a fit's residuals may be offset)."""
+    r = rng.normal(3.0, 2.0, n)
+    assert residual_sigma(r) == pytest.approx(MAD_TO_SIGMA * np.median(np.abs(r)), rel=1e-12)
+    assert residual_sigma(np.concatenate([r, [np.nan]])) == pytest.approx(residual_sigma(r), rel=1e-12)
+    grid = rng.normal(size=(3, n))
+    np.testing.assert_allclose(residual_sigma(grid, axis=-1), MAD_TO_SIGMA * np.median(np.abs(grid), -1),
+                               rtol=1e-12)
+    assert np.isnan(residual_sigma(np.full(4, np.nan)))
+
+
 # --------------------------------------------------------------------------------------------
 # the strict device stand-in: no implicit host conversion anywhere
 # --------------------------------------------------------------------------------------------
@@ -298,6 +327,8 @@ def test_runs_on_the_strict_device(rng):
         rs = robust_sigma(d_img[1])
         rows = robust_sigma(d_img.reshape(2, -1), axis=-1)
         ms = mad_sigma(d_img[0])
+        mm, ms_rows = median_mad_sigma(d_img.reshape(2, -1), axis=-1)
+        rsig = residual_sigma(d_img[0] - 1.0)
     assert type(sky).__name__ == "StrictArray" and type(rs).__name__ == "StrictArray" and rs.shape == ()
     # every crossing went through the ledger: only the (cached) spline matrices, nothing came back
     assert strict.stats.d2h_count == 0 and led.d2h_count == 0
@@ -308,6 +339,10 @@ def test_runs_on_the_strict_device(rng):
     assert float(rs.get()) == pytest.approx(float(robust_sigma(img[1])), rel=1e-12)
     np.testing.assert_allclose(rows.get(), robust_sigma(img.reshape(2, -1), axis=-1), rtol=1e-12)
     assert float(ms.get()) == pytest.approx(float(mad_sigma(img[0])), rel=1e-12)
+    hm, hs = median_mad_sigma(img.reshape(2, -1), axis=-1)
+    np.testing.assert_allclose(mm.get(), hm, rtol=1e-12)
+    np.testing.assert_allclose(ms_rows.get(), hs, rtol=1e-12)
+    assert float(rsig.get()) == pytest.approx(float(residual_sigma(img[0] - 1.0)), rel=1e-12)
     # the spline matrices are cached per device: a second call uploads nothing
     with count_transfers() as led2:
         background(d_img, box=32, mask=d_mask)

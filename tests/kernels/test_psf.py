@@ -53,7 +53,7 @@ def test_half_max_fwhm_of_pixelised_gaussian():
     s, sig = 41, 2.0
     y, x = np.mgrid[:s, :s] - s // 2
     g = np.exp(-(x**2 + y**2) / (2 * sig**2))
-    assert kpsf.half_max_fwhm(g / g.sum()) == pytest.approx(2.3548 * sig, rel=0.01)
+    assert kpsf.half_max_fwhm(g / g.sum()) == pytest.approx(kpsf.FWHM_PER_SIGMA * sig, rel=0.01)
 
 
 def test_moments_of_elliptical_gaussian():
@@ -65,4 +65,4 @@ def test_moments_of_elliptical_gaussian():
     assert mxx[0] == pytest.approx(sxx**2, rel=0.02) and myy[0] == pytest.approx(syy**2, rel=0.02)
     fwhm, elong = kpsf.shape_from_moments(mxx, myy, mxy)
     assert elong[0] == pytest.approx(sxx / syy, rel=0.02)
-    assert fwhm[0] == pytest.approx(2.3548 * np.sqrt(sxx * syy), rel=0.02)
+    assert fwhm[0] == pytest.approx(kpsf.FWHM_PER_SIGMA * np.sqrt(sxx * syy), rel=0.02)

@@ -10,11 +10,11 @@ from scipy.spatial import cKDTree
 from nightsift.kernels import count_transfers, to_device, to_host
 from nightsift.kernels import sources as ks
 from nightsift.kernels.peaks import find_peaks
+from nightsift.kernels.psf import FWHM_PER_SIGMA
 from nightsift.kernels.sources import FLAG_EDGE, FLAG_MASKED, Sources, detect_sources, robust_std
 
 sep = pytest.importorskip("sep")
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 FIELDS = ("image", "x", "y", "flux", "fluxerr", "snr", "peak", "a", "b", "theta", "flag")
 
 
@@ -445,7 +445,8 @@ def test_same_catalogue_on_xp(xp, three):
 def test_strict_device_no_hidden_crossing(three):
     """On the strict stand-in (refuses every implicit host conversion) the catalogue equals
     numpy's; the only crossings are the counted uploads of per-image values."""
-    sd = pytest.importorskip("tests.strict_device", reason="tests/strict_device.py (strict stand-in) not present")
+    from tests import strict_device as sd
+
     strict = sd.strict
     img, m, sig, fw = three
     ref = detect_sources(img, sig, fwhm=fw, mask=m)

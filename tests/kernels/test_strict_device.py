@@ -183,7 +183,7 @@ def test_xp_doors_record_what_really_crossed(sx):
 # ------------------------------------------------------------------------------------------------
 def _gauss(s, fwhm, dx=0.0, dy=0.0):
     y, x = np.mgrid[:s, :s] - s // 2
-    g = np.exp(-((x - dx) ** 2 + (y - dy) ** 2) / (2 * (fwhm / 2.3548) ** 2))
+    g = np.exp(-((x - dx) ** 2 + (y - dy) ** 2) / (2 * (fwhm / kpsf.FWHM_PER_SIGMA) ** 2))
     return g / g.sum()
 
 

@@ -11,7 +11,7 @@ S = 31
 
 def gaussian(fwhm, s=S, q=1.0):
     y, x = np.mgrid[:s, :s] - s // 2
-    sig = fwhm / 2.3548
+    sig = fwhm / kpsf.FWHM_PER_SIGMA
     g = np.exp(-(x**2 * q + y**2 / q) / (2 * sig**2))
     return g / g.sum()
 
