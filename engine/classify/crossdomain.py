@@ -27,7 +27,8 @@ import numpy as np
 
 from ..config import ClassifyConfig
 from ..errors import InputError
-from .evaluate import average_precision, roc_auc  # noqa: F401  (re-exported: the metrics of this comparison)
+from ..plotting import save_figure
+from .metrics import average_precision, roc_auc
 
 __all__ = ["roc_auc", "average_precision", "ZTFComparison", "score_ztf", "plot_most_wrong"]
 
@@ -65,6 +66,10 @@ class ZTFComparison:
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """ROC AUC and AUCPR of ``scores`` against reference decisions ``labels``, and the agreement,
+    TPR and FPR of ``scores >= threshold`` with them. Not :func:`.metrics.operating_point`: that
+    compares in float64, this in the scores' own float32 (NumPy 2 casts the threshold), which can
+    differ for a score equal to the float32 of the threshold."""
     pred = scores >= threshold
     npos, nneg = int(labels.sum()), int((~labels).sum())
     return {
@@ -109,25 +114,14 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
     InputError
         No packets in ``directory``, a missing model, an unreadable packet.
     """
-    from ..io.avro import iter_ztf_packets
-    from .braai import load_braai, read_braai_triplets
+    from .braai import load_braai
     from .runtime import load_scorer
 
     directory = Path(directory)
     scorer = load_scorer(config, num_threads=num_threads)
     if scorer is None:
         raise InputError("classify.backend is 'none': nothing to compare", stage="classify")
-    trips, cands, btrips = [], [], []
-    for path, trip, cand in iter_ztf_packets(directory):
-        trips.append(trip)
-        cands.append(cand)
-    if not trips:
-        raise InputError("no ZTF .avro packets here", path=str(directory))
-    for path in sorted(directory.glob("*.avro")):
-        btrips.extend(t for t, _ in read_braai_triplets(path))
-    if len(btrips) != len(trips):
-        raise InputError(f"read {len(trips)} alerts but {len(btrips)} braai triplets", path=str(directory))
-    trips = np.stack(trips)
+    trips, cands, btrips = _read_alerts(directory)
     isdiffpos = [c.get("isdiffpos") for c in cands]
     ns = scorer.score(trips)
     braai = load_braai(braai_model)
@@ -160,6 +154,31 @@ def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_mod
                         [f"{c.get('objectId')} ({'+' if str(c.get('isdiffpos')).lower() in ('t', '1', 'true') else '-'})"
                          for c in cands], out / "ztf_most_wrong.png", n_worst=n_worst)
     return res
+
+
+def _read_alerts(directory: Path) -> tuple[np.ndarray, list, list]:
+    """Every alert of the ``*.avro`` packets in ``directory``, in file-name order: nightsift's
+    triplets ``(n, 63, 63, 3)``, the candidate records and braai's triplets (ZTF's preprocessing).
+
+    Raises
+    ------
+    InputError
+        No packets, or not one braai triplet per alert.
+    """
+    from ..io.avro import iter_ztf_packets
+    from .braai import read_braai_triplets
+
+    trips, cands, btrips = [], [], []
+    for _path, trip, cand in iter_ztf_packets(directory):
+        trips.append(trip)
+        cands.append(cand)
+    if not trips:
+        raise InputError("no ZTF .avro packets here", path=str(directory))
+    for path in sorted(directory.glob("*.avro")):
+        btrips.extend(t for t, _ in read_braai_triplets(path))
+    if len(btrips) != len(trips):
+        raise InputError(f"read {len(trips)} alerts but {len(btrips)} braai triplets", path=str(directory))
+    return np.stack(trips), cands, btrips
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -217,8 +236,4 @@ def plot_most_wrong(triplets: np.ndarray, nightsift: np.ndarray, braai: np.ndarr
                 ax.set_title(label, fontsize=8)
         rbv = "-" if not np.isfinite(rb[i]) else f"{rb[i]:.2f}"
         axes[r, 0].set_ylabel(f"{names[i]}\n{kind}\nns {nightsift[i]:.2f} braai {braai[i]:.2f} rb {rbv}", fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.atomic import file_sha256
+from ..io.atomic import atomic_write, file_sha256
 
-__all__ = ["EDGETPU_OPS", "export_int8", "inspect_tflite", "edgetpu_problems", "predict_int8", "file_sha256",
+__all__ = ["EDGETPU_OPS", "export_int8", "inspect_tflite", "edgetpu_problems", "predict_int8",
            "model_file_names", "record_model_hashes"]
 
 #: TFLite builtin ops the Edge TPU compiler maps to the Edge TPU (compiler v16), from the table
@@ -54,7 +54,8 @@ def export_int8(model, representative, path, *, n_calibration: int = 500, seed: 
         Preprocessed training inputs; ``n_calibration`` of them (drawn with ``seed``) calibrate
         the activation ranges.
     path : path
-        The ``.tflite`` file to write (parent directories created).
+        The ``.tflite`` file to write (parent directories created), atomically
+        (:func:`nightsift.engine.io.atomic.atomic_write`).
 
     Returns
     -------
@@ -90,12 +91,7 @@ def export_int8(model, representative, path, *, n_calibration: int = 500, seed: 
         # calibration sets the input scale from the representative data instead (harmless)
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         blob = conv.convert()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(p)
-    return p
+    return atomic_write(path, lambda fh: fh.write(blob))
 
 
 def _interpreter(path, *, threads: int | None = None, delegates: bool = True):

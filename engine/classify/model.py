@@ -28,7 +28,7 @@ __all__ = ["INPUT_SHAPE", "EMBEDDING_LAYER", "MODELS_DIR", "DEFAULT_MODEL", "bui
 INPUT_SHAPE = (63, 63, 3)
 EMBEDDING_LAYER = "embedding"
 #: the models shipped with nightsift
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: stem of the shipped model: ``<stem>.keras`` (float), ``<stem>_int8.tflite``, ``<stem>.json`` (metadata)
 DEFAULT_MODEL = MODELS_DIR / "nightsift_rb"
 

@@ -42,6 +42,11 @@ NORMALIZATION = "mad-asinh-v1"
 ASINH_SOFTENING = 3.0
 #: |z| is clipped here so standardised cutouts fit float16 (max 65504)
 Z_CLIP = 60000.0
+#: the MAD-to-sigma factor of ``"mad-asinh-v1"`` as defined, 4 digits: part of the stored format
+#: (datasets keep ``z``, models were trained on it), so not the exact
+#: :data:`nightsift.kernels.background.MAD_TO_SIGMA` (1.4826022); changing it needs a new
+#: :data:`NORMALIZATION`. A compiled per-cutout quickselect in float32, hence not
+#: :func:`~nightsift.kernels.background.mad_sigma` either.
 _MAD_TO_SIGMA = 1.4826
 
 

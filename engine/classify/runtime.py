@@ -31,7 +31,8 @@ the ``"normalisation"`` (``"nightsift"`` or its versioned name ``preprocess.NORM
 :func:`nightsift.engine.classify.preprocess.preprocess`; ``"braai"``; ``"none"``). A path in
 ``classify.model`` may be a metadata JSON, a ``.tflite``/``.keras`` file (its metadata is the JSON
 of the same stem, less an ``_int8``/``_edgetpu`` suffix, when present) or, for ``braai``, the
-folder of ZTF's files.
+folder of ZTF's files. :func:`model_variants` resolves the float and int8 variants of one model
+the same way (``nightsift evaluate``): this module is the one reader of model metadata.
 
 Integrity: model metadata records the SHA-256 of each model file (``"sha256": {file name: hex}``,
 :func:`nightsift.engine.classify.export.record_model_hashes`); :func:`load_scorer` refuses a file
@@ -56,8 +57,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ClassifyConfig
+from ..config import CLASSIFY_BACKENDS, ClassifyConfig, one_of
 from ..errors import BackendError, ConfigError, InputError
+from .model import MODELS_DIR  # folder of the models shipped with nightsift (re-exported)
 
 __all__ = [
     "MODELS_DIR",
@@ -66,6 +68,7 @@ __all__ = [
     "Scorer",
     "edgetpu_available",
     "resolve_model",
+    "model_variants",
     "verify_model_file",
     "check_model",
     "load_scorer",
@@ -74,8 +77,6 @@ __all__ = [
 
 log = logging.getLogger("nightsift.classify")
 
-#: folder of the models shipped with nightsift
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: shared library of the Edge TPU runtime (libedgetpu)
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 #: side of the cutouts every model takes
@@ -98,11 +99,14 @@ class ModelSpec:
     version : str
         Written to the packets' ``rbversion``/``drbversion``.
     threshold : float
-        Operating threshold on the score (``classify.threshold`` when >= 0, else the model's).
+        Operating threshold on the score (``classify.threshold`` when >= 0, else the model's,
+        else 0.5).
     metadata : dict
         The model's metadata JSON (empty when there is none).
     metadata_path : Path or None
         Where the metadata was read from (``None`` without metadata).
+    stored_threshold : float or None
+        The operating threshold the metadata records for this backend (``None``: it records none).
     """
 
     backend: str
@@ -112,6 +116,7 @@ class ModelSpec:
     threshold: float
     metadata: dict = field(default_factory=dict)
     metadata_path: Path | None = None
+    stored_threshold: float | None = None
 
 
 def edgetpu_available() -> bool:
@@ -203,8 +208,8 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
             backend = "keras"  # a float model runs in Keras, not LiteRT
         else:
             backend = "edgetpu" if edgetpu_available() else "tflite"
-    if backend not in ("edgetpu", "tflite", "keras", "braai"):
-        raise ConfigError(f"classify.backend={config.backend!r}: expected auto, edgetpu, tflite, keras, braai or none")
+    if backend not in CLASSIFY_BACKENDS:  # a ClassifyConfig is checked when made; a stand-in may not be
+        raise ConfigError(f"classify.backend={config.backend!r}: expected {one_of(CLASSIFY_BACKENDS)}")
     if backend == "edgetpu" and not edgetpu_available():
         _edgetpu_delegate()  # raises the BackendError with the explanation
 
@@ -216,61 +221,128 @@ def resolve_model(config: ClassifyConfig) -> ModelSpec | None:
         return ModelSpec("braai", weights, "braai", BRAAI_VERSION, float(thr), {})
 
     model = Path(config.model) if config.model else None
+    return _spec(backend, model, *_locate_metadata(model), threshold=config.threshold)
+
+
+def model_variants(model=None) -> dict[str, ModelSpec]:
+    """The float and int8 variants of a model, for evaluation, from one read of its metadata.
+
+    Parameters
+    ----------
+    model : str or PathLike, optional
+        A metadata JSON (its variants are the files it names), a ``.keras`` file (the float
+        variant alone) or a ``.tflite`` file (the int8 variant alone); ``None`` or ``""``: the
+        shipped model.
+
+    Returns
+    -------
+    dict
+        ``{"float": ModelSpec (backend "keras"), "int8": ModelSpec (backend "tflite")}``, the
+        variants the model has, each resolved as :func:`resolve_model` does (with no
+        ``classify.threshold`` override: ``stored_threshold`` is the metadata's) and its file
+        checked against its SHA-256 (:func:`verify_model_file`).
+
+    Raises
+    ------
+    InputError
+        Not a metadata JSON, ``.keras`` or ``.tflite`` file; a missing file; metadata naming no
+        model file; a digest that differs.
+    """
+    path = Path(model) if model else None
+    if path is not None and path.suffix not in (".json", ".keras", ".tflite"):
+        raise InputError("expected a .keras, .tflite or model metadata .json file", path=str(path))
+    meta_path, meta, folder = _locate_metadata(path)
+    if path is not None and path.suffix != ".json":
+        backends = {"float": "keras"} if path.suffix == ".keras" else {"int8": "tflite"}
+    else:
+        base = meta_path.parent if meta_path is not None else folder
+        backends = {label: b for label, b in (("float", "keras"), ("int8", "tflite"))
+                    if _named(meta, base, b) is not None}
+    if not backends:
+        raise InputError("the model metadata names no .keras or .tflite file to evaluate",
+                         path=str(meta_path or folder))
+    specs = {label: _spec(b, path, meta_path, meta, folder, threshold=-1.0) for label, b in backends.items()}
+    for spec in specs.values():
+        verify_model_file(spec)
+    return specs
+
+
+def _locate_metadata(model: Path | None) -> tuple[Path | None, dict, Path]:
+    """``(metadata path, metadata, folder)`` of ``classify.model`` (``None``: the shipped model).
+
+    A ``.tflite``/``.keras`` file's metadata is the JSON of the same stem, less an
+    ``_int8``/``_edgetpu`` suffix; without one the metadata is ``{}`` and the path returned is where
+    it was looked for.
+    """
     if model is None:
         meta_path, meta = _default_metadata()
-        folder = MODELS_DIR
-    elif model.suffix == ".json":
-        meta_path, meta, folder = model, _read_metadata(model), model.parent
-    else:
-        if not model.is_file():
-            raise InputError("classify.model: no such model file", path=str(model))
-        stems = [model.stem] + [model.stem[: -len(x)] for x in ("_int8", "_edgetpu") if model.stem.endswith(x)]
-        meta_path = next((model.with_name(st + ".json") for st in stems if model.with_name(st + ".json").is_file()),
-                         model.with_suffix(".json"))
-        meta = _read_metadata(meta_path) if meta_path.is_file() else {}
-        folder = model.parent
-    base = meta_path.parent if meta_path is not None else folder
+        return meta_path, meta, MODELS_DIR
+    if model.suffix == ".json":
+        return model, _read_metadata(model), model.parent
+    if not model.is_file():
+        raise InputError("classify.model: no such model file", path=str(model))
+    stems = [model.stem] + [model.stem[: -len(x)] for x in ("_int8", "_edgetpu") if model.stem.endswith(x)]
+    meta_path = next((model.with_name(st + ".json") for st in stems if model.with_name(st + ".json").is_file()),
+                     model.with_suffix(".json"))
+    return meta_path, (_read_metadata(meta_path) if meta_path.is_file() else {}), model.parent
 
+
+def _named(meta: dict, base: Path, key: str) -> Path | None:
+    """The file the metadata names for ``key`` (``"tflite"``, ``"keras"``, ``"edgetpu"``), in ``base``:
+    top-level ``{"tflite": ...}`` or the training metadata's ``{"files": {"tflite_int8": ...}}``."""
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    name = meta.get(key) or files.get(key) or (files.get("tflite_int8") if key == "tflite" else None)
+    return (base / name) if name else None
 
-    def named(key):
-        # top-level {"tflite": ...} or the training metadata's {"files": {"tflite_int8": ...}}
-        name = meta.get(key) or files.get(key) or (files.get("tflite_int8") if key == "tflite" else None)
-        return (base / name) if name else None
+
+def _model_file(backend: str, model: Path | None, meta: dict, base: Path, folder: Path) -> Path:
+    """The file ``backend`` runs: ``model`` itself when it is a ``.tflite``/``.keras`` file, else
+    the one the metadata names, else the only file of its kind in ``folder``."""
+    def sole(pattern, exclude=None):
+        return _sole(folder, pattern, exclude=exclude) if folder.is_dir() else None
 
     path: Path | None
     if model is not None and model.suffix in (".tflite", ".keras"):
         path = model
     elif backend == "keras":
-        path = named("keras") or (_sole(folder, "*.keras") if folder.is_dir() else None)
+        path = _named(meta, base, "keras") or sole("*.keras")
     elif backend == "edgetpu":
-        path = named("edgetpu") or (_sole(folder, "*_edgetpu.tflite") if folder.is_dir() else None)
+        path = _named(meta, base, "edgetpu") or sole("*_edgetpu.tflite")
         if path is None:
-            path = named("tflite") or (_sole(folder, "*.tflite", exclude="_edgetpu.tflite") if folder.is_dir() else None)
+            path = _named(meta, base, "tflite") or sole("*.tflite", "_edgetpu.tflite")
             if path is not None:
                 log.warning("no edgetpu_compiler output for %s: the Edge TPU delegate will leave the int8 "
                             "model on the CPU", path)
     else:
-        path = named("tflite") or (_sole(folder, "*.tflite", exclude="_edgetpu.tflite") if folder.is_dir() else None)
+        path = _named(meta, base, "tflite") or sole("*.tflite", "_edgetpu.tflite")
     if path is None or not path.is_file():
         kind = {"keras": "float .keras", "tflite": "int8 .tflite", "edgetpu": "Edge TPU .tflite"}[backend]
         raise InputError(f"no {kind} model for classify.backend={backend!r} (looked for "
                          f"{path or 'a metadata JSON or a single model file'}); train one with `nightsift train` "
                          "or set classify.model", path=str(path or folder))
-    if path.name.startswith("d6_m7"):
-        default_norm = "braai"  # ZTF's own Edge TPU build of braai
-    else:
-        default_norm = "nightsift"
+    return path
+
+
+def _stored_threshold(meta: dict, backend: str) -> float | None:
+    """The operating threshold ``meta`` records for ``backend``: ``"threshold_int8"`` (chosen on the
+    int8 model's own validation scores) for the int8 backends when present, else ``"threshold"``."""
+    if backend in ("tflite", "edgetpu") and "threshold_int8" in meta:
+        return float(meta["threshold_int8"])
+    return float(meta["threshold"]) if "threshold" in meta else None
+
+
+def _spec(backend: str, model: Path | None, meta_path: Path | None, meta: dict, folder: Path, *,
+          threshold: float) -> ModelSpec:
+    """The ModelSpec of ``backend`` for a located model (:func:`_locate_metadata`); ``threshold``
+    overrides the metadata's when >= 0 (``classify.threshold``)."""
+    path = _model_file(backend, model, meta, meta_path.parent if meta_path is not None else folder, folder)
+    default_norm = "braai" if path.name.startswith("d6_m7") else "nightsift"  # d6_m7: ZTF's Edge TPU braai
     norm = _normalisation_name(str(meta.get("normalisation", meta.get("normalization", default_norm))), meta_path)
     version = str(meta.get("version") or meta.get("name") or path.stem)
-    if config.threshold >= 0:
-        thr = config.threshold
-    elif backend in ("tflite", "edgetpu") and "threshold_int8" in meta:
-        thr = float(meta["threshold_int8"])  # chosen on the int8 model's own validation scores
-    else:
-        thr = float(meta.get("threshold", 0.5))
+    stored = _stored_threshold(meta, backend)
+    thr = threshold if threshold >= 0 else (stored if stored is not None else 0.5)
     return ModelSpec(backend, path, norm, version, float(thr), meta,
-                     meta_path if meta_path is not None and meta_path.is_file() else None)
+                     meta_path if meta_path is not None and meta_path.is_file() else None, stored)
 
 
 def _is_shipped(spec: ModelSpec) -> bool:
@@ -288,18 +360,12 @@ def verify_model_file(spec: ModelSpec) -> None:
     ------
     InputError
         The digest differs (the file is damaged or was replaced), or the shipped model's metadata
-        records none for it; one line naming the file.
+        records none for it; one line naming the file. (No digest recorded for a model that is
+        not the shipped one: a warning.)
     """
-    verify_file(spec.path, spec.metadata, spec.metadata_path, shipped=_is_shipped(spec))
-
-
-def verify_file(path: Path, metadata: dict, metadata_path: Path | None, *, shipped: bool = False) -> None:
-    """Check one model file against the SHA-256 ``metadata`` (read from ``metadata_path``) records
-    for it: :func:`verify_model_file` for a file that is not run through a ModelSpec (evaluation).
-    No digest recorded: an InputError for a ``shipped`` model, else a warning."""
     from ..io.atomic import file_sha256
 
-    path = Path(path)
+    path, metadata, metadata_path = spec.path, spec.metadata, spec.metadata_path
     hashes = metadata.get("sha256") if isinstance(metadata.get("sha256"), dict) else {}
     want = None
     if metadata_path is not None:
@@ -309,7 +375,7 @@ def verify_file(path: Path, metadata: dict, metadata_path: Path | None, *, shipp
             rel = None
         want = hashes.get(rel) if rel is not None else None
     if want is None:
-        if shipped:
+        if _is_shipped(spec):
             raise InputError(f"the shipped model's metadata ({metadata_path}) records no SHA-256 for this "
                              "file: the installation is damaged; reinstall nightsift", path=str(path))
         log.warning("%s: no SHA-256 recorded for this model file%s: its integrity cannot be checked (write the "

@@ -12,6 +12,8 @@ op determinism, the batch order and the augmentation), so a rerun on the same ma
 operating threshold on the validation split for the target FNR, evaluate on the test split, export
 the int8 model, check it against the float one and write the model files with their metadata.
 :func:`cross_domain` trains on one domain and tests on others (``nightsift evaluate --cross-domain``).
+The numbers come from :mod:`.metrics` and the files from :mod:`.reports`; this module does not
+import :mod:`.evaluate` (which imports it).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import format_report, report, summary, threshold_for_fnr
 from .preprocess import NORMALIZATION, compress
+from .reports import plot_report, write_json
 
 log = logging.getLogger("nightsift.classify")
 
@@ -187,25 +191,11 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     cw = class_weights(y)
     w = sample_weights(y, train.truth["kind"], kind_balance=kind_balance)
     model = build_model(seed=seed, **(model_kwargs or {}))
-    if not 0.0 <= ema < 1.0:
-        raise ValueError(f"ema must be in [0, 1), got {ema}")
-    opt = (keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema)) if ema > 0
-           else keras.optimizers.Adam(learning_rate))
-    model.compile(optimizer=opt, loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr"),
-                           keras.metrics.SpecificityAtSensitivity(1.0 - target_fnr, num_thresholds=1000,
-                                                                  name="tnr_at_target")])
+    _compile(model, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr)
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
-    stop = keras.callbacks.EarlyStopping(monitor="val_tnr_at_target", mode="max", patience=patience,
-                                         restore_best_weights=True)
-    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_tnr_at_target", mode="max", factor=0.3,
-                                             patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
-    # with EMA the averaged weights are swapped in before the epoch's end callbacks, so early stopping
-    # scores and keeps them (the swap back happens at the next epoch's start)
-    callbacks = ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema > 0 else []) + [stop, slow]
     t0 = time.perf_counter()
-    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs, callbacks=callbacks,
-                  verbose=verbose)
+    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs,
+                  callbacks=_callbacks(patience=patience, learning_rate=learning_rate, ema=ema), verbose=verbose)
     hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     hist["epochs_run"] = len(hist.get("loss", []))
     hist["best_epoch"] = (int(np.argmax(hist["val_tnr_at_target"])) + 1 if "val_tnr_at_target" in hist
@@ -215,6 +205,35 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     hist["kind_balance"] = float(kind_balance)
     hist["ema"] = float(ema)
     return model, hist
+
+
+def _compile(model, *, learning_rate: float, ema: float, target_fnr: float) -> None:
+    """Adam (with Polyak averaging of the weights when ``ema`` > 0) on the binary cross-entropy,
+    with the validation metrics ``auc_pr`` and ``tnr_at_target`` (:func:`train_model`)."""
+    import keras
+
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    opt = (keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema)) if ema > 0
+           else keras.optimizers.Adam(learning_rate))
+    model.compile(optimizer=opt, loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr"),
+                           keras.metrics.SpecificityAtSensitivity(1.0 - target_fnr, num_thresholds=1000,
+                                                                  name="tnr_at_target")])
+
+
+def _callbacks(*, patience: int, learning_rate: float, ema: float) -> list:
+    """Early stopping on ``val_tnr_at_target`` (best weights restored) after a learning-rate drop on
+    its plateau; with EMA, the averaged weights swapped in for validation (:func:`train_model`)."""
+    import keras
+
+    stop = keras.callbacks.EarlyStopping(monitor="val_tnr_at_target", mode="max", patience=patience,
+                                         restore_best_weights=True)
+    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_tnr_at_target", mode="max", factor=0.3,
+                                             patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
+    # with EMA the averaged weights are swapped in before the epoch's end callbacks, so early stopping
+    # scores and keeps them (the swap back happens at the next epoch's start)
+    return ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema > 0 else []) + [stop, slow]
 
 
 def predict_keras(model, inputs, *, batch_size: int = 512) -> np.ndarray:
@@ -258,7 +277,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     target_fnr : float
         FNR the operating threshold is chosen for on the validation split.
     threshold_confidence : float
-        Confidence that the target FNR holds on new data (:func:`.evaluate.threshold_for_fnr`).
+        Confidence that the target FNR holds on new data (:func:`.metrics.threshold_for_fnr`).
     command : str
         The command line recorded in the metadata.
     extra_train : RBData, optional
@@ -273,35 +292,48 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     -------
     dict: the metadata written to ``<name>.json``.
     """
-    from .dataset import DatasetSpec, RBData, build_dataset, load_dataset
-    from .evaluate import format_report, plot_report, report, threshold_for_fnr, write_json
-    from .export import edgetpu_problems, export_int8, inspect_tflite, predict_int8, record_model_hashes
-    from .model import EMBEDDING_LAYER, MODELS_DIR, save_keras_model
+    from .dataset import DatasetSpec
+    from .export import edgetpu_problems, inspect_tflite, predict_int8, record_model_hashes
+    from .model import MODELS_DIR
 
-    spec = spec or DatasetSpec()
     out = Path(out_dir)
     if report_dir is None:
         report_dir = "nightsift-train-report" if out.resolve() == MODELS_DIR.resolve() else out / f"{name}-report"
     rep_dir = Path(report_dir)
     t_all = time.perf_counter()
-    path = build_dataset(data_dir, spec, config=config, workers=workers, progress=progress, rebuild=rebuild)
-    data = load_dataset(path)
-    from .dataset import _fmt_summary
-
-    print(f"dataset {path}:\n{_fmt_summary(data.meta['summary'])}")
-    train, val, test = data.split("train"), data.split("val"), data.split("test")
-    if extra_train is not None and len(extra_train):
-        train = RBData(*(np.concatenate([getattr(train, k), getattr(extra_train, k)]) for k in
-                         ("z", "loc", "scale", "features", "truth", "domain")), train.meta)
-        print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
+    data, train, val, test = _training_splits(data_dir, spec or DatasetSpec(), config=config, workers=workers,
+                                              progress=progress, rebuild=rebuild, extra_train=extra_train)
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
                               kind_balance=kind_balance, ema=ema, target_fnr=target_fnr)
-    p_val = predict_keras(model, val.inputs())
-    thr = threshold_for_fnr(val.labels, p_val, target_fnr, threshold_confidence)
-    p_test = predict_keras(model, test.inputs())
-    rep_f = report(test.labels, p_test, thr, domain=test.domain, truth=test.truth)
-    print("float model, test split:\n" + format_report(rep_f))
+    rule = {"target_fnr": target_fnr, "confidence": threshold_confidence, "plot_dir": rep_dir}
+    thr, rep_f = _threshold_and_report("float", lambda x: predict_keras(model, x), val, test, **rule)
+    keras_path, tfl_path = _save_models(model, train, out, name, seed=seed)
+    thr8, rep_q = _threshold_and_report("int8", lambda x: predict_int8(tfl_path, x, threads=threads), val, test,
+                                        keys=(), **rule)
+    info = inspect_tflite(tfl_path)
+    problems = edgetpu_problems(tfl_path)
+    meta = _model_metadata(name, model, keras_path.name, tfl_path.name, info, problems, thresholds=(thr, thr8),
+                           reports=(rep_f, rep_q), target_fnr=target_fnr, threshold_confidence=threshold_confidence)
+    meta["training"] = _training_record(command, data, hist, extra_train=extra_train, seed=seed, batch_size=batch_size,
+                                        learning_rate=learning_rate, patience=patience,
+                                        total_wall_s=round(time.perf_counter() - t_all, 1))
+    meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
+    write_json(out / f"{name}.json", meta)
+    write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
+                                             "dataset_summary": data.meta["summary"]})
+    print(f"model -> {keras_path} ({keras_path.stat().st_size / 1e6:.2f} MB), {tfl_path} "
+          f"({tfl_path.stat().st_size / 1e6:.2f} MB), {out / (name + '.json')}; report -> {rep_dir}/")
+    if problems:
+        print("Edge TPU: " + "; ".join(problems))
+    return meta
+
+
+def _save_models(model, train, out: Path, name: str, *, seed: int) -> tuple[Path, Path]:
+    """Write ``<name>.keras`` and its int8 export ``<name>_int8.tflite`` (calibrated on up to 2,000
+    random training rows) to ``out``; their paths."""
+    from .export import export_int8
+    from .model import save_keras_model
 
     out.mkdir(parents=True, exist_ok=True)
     keras_path = out / f"{name}.keras"
@@ -309,23 +341,72 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     tfl_path = export_int8(model, train.inputs(np.random.default_rng(seed).choice(len(train), min(len(train), 2000),
                                                                                   replace=False)),
                            out / f"{name}_int8.tflite", seed=seed)
-    q_val = predict_int8(tfl_path, val.inputs(), threads=threads)
-    thr8 = threshold_for_fnr(val.labels, q_val, target_fnr, threshold_confidence)
-    q_test = predict_int8(tfl_path, test.inputs(), threads=threads)
-    rep_q = report(test.labels, q_test, thr8, domain=test.domain, truth=test.truth)
-    print("int8 model, test split:\n" + format_report(rep_q, keys=()))
-    info = inspect_tflite(tfl_path)
-    problems = edgetpu_problems(tfl_path)
-    plot_report(test.labels, p_test, thr, rep_dir, title="float model, test split", prefix="float_")
-    plot_report(test.labels, q_test, thr8, rep_dir, title="int8 model, test split", prefix="int8_")
+    return keras_path, tfl_path
+
+
+def _training_splits(data_dir, spec, *, config, workers: int, progress: bool, rebuild: bool, extra_train):
+    """The dataset (built or reused) and its train (plus ``extra_train``), val and test splits."""
+    from .dataset import RBData, build_dataset, format_summary, load_dataset
+
+    path = build_dataset(data_dir, spec, config=config, workers=workers, progress=progress, rebuild=rebuild)
+    data = load_dataset(path)
+    print(f"dataset {path}:\n{format_summary(data.meta['summary'])}")
+    train, val, test = data.split("train"), data.split("val"), data.split("test")
+    if extra_train is not None and len(extra_train):
+        train = RBData(*(np.concatenate([getattr(train, k), getattr(extra_train, k)]) for k in
+                         ("z", "loc", "scale", "features", "truth", "domain")), train.meta)
+        print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
+    return data, train, val, test
+
+
+def _threshold_and_report(label: str, predict, val, test, *, target_fnr: float, confidence: float, plot_dir,
+                          keys=("per_instrument", "per_seeing_bin", "per_kind")):
+    """A model variant's operating threshold on ``val``, and its report on ``test`` (printed, and
+    plotted to ``plot_dir`` with the prefix ``<label>_``).
+
+    Returns
+    -------
+    (threshold, :func:`.metrics.report` of the test split)
+    """
+    thr = threshold_for_fnr(val.labels, predict(val.inputs()), target_fnr, confidence)
+    p_test = predict(test.inputs())
+    rep = report(test.labels, p_test, thr, domain=test.domain, truth=test.truth)
+    print(f"{label} model, test split:\n" + format_report(rep, keys=keys))
+    plot_report(test.labels, p_test, thr, plot_dir, title=f"{label} model, test split", prefix=f"{label}_")
+    return thr, rep
+
+
+def _training_record(command: str, data, hist: dict, *, extra_train, seed: int, batch_size: int,
+                     learning_rate: float, patience: int, total_wall_s: float) -> dict:
+    """The ``"training"`` entry of the model metadata: command, dataset, settings, history, versions."""
+    return {"command": command, "dataset": {"key": data.meta["key"], "spec": data.meta["spec"],
+                                            "summary": data.meta["summary"]["total"],
+                                            "per_split": data.meta["summary"]["per_split"]},
+            "n_extra_train": 0 if extra_train is None else len(extra_train),
+            "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
+            "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
+            "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0),
+            "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
+            "total_wall_s": total_wall_s, "versions": _versions()}
+
+
+def _model_metadata(name: str, model, keras_file: str, tflite_file: str, info: dict, problems: list, *,
+                    thresholds: tuple, reports: tuple, target_fnr: float, threshold_confidence: float) -> dict:
+    """The model metadata ``nightsift train`` writes, less ``"training"`` and ``"sha256"``: format,
+    normalisation, input, files, the float and int8 ``thresholds``, the int8 quantisation
+    (``info`` of :func:`.export.inspect_tflite`), the embedding layer and the test metrics of the
+    float and int8 ``reports``."""
+    from .model import EMBEDDING_LAYER
+
+    (thr, thr8), (rep_f, rep_q) = thresholds, reports
     keys = ("aucpr", "roc_auc", "threshold", "precision", "recall", "fnr", "fpr", "n_real", "n_bogus")
-    meta = {
+    return {
         "format": "nightsift-rb/1",
         "name": name,
         "normalization": NORMALIZATION,
         "input": {"shape": [63, 63, 3], "channels": ["science", "reference", "difference"],
                   "preprocess": "nightsift.engine.classify.preprocess.preprocess"},
-        "files": {"keras": keras_path.name, "tflite_int8": tfl_path.name},
+        "files": {"keras": keras_file, "tflite_int8": tflite_file},
         "target_fnr": target_fnr,
         "threshold_confidence": threshold_confidence,
         "threshold": thr,
@@ -344,25 +425,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
             "per_instrument_float": {k: {kk: v[kk] for kk in ("aucpr", "fnr", "fpr", "n_real", "n_bogus")}
                                      for k, v in rep_f["per_instrument"].items()},
         },
-        "training": {"command": command, "dataset": {"key": data.meta["key"], "spec": data.meta["spec"],
-                                                       "summary": data.meta["summary"]["total"],
-                                                       "per_split": data.meta["summary"]["per_split"]},
-                     "n_extra_train": 0 if extra_train is None else len(extra_train),
-                     "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
-                     "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-                     "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0),
-                     "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
-                     "total_wall_s": round(time.perf_counter() - t_all, 1), "versions": _versions()},
     }
-    meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
-    write_json(out / f"{name}.json", meta)
-    write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
-                                             "dataset_summary": data.meta["summary"]})
-    print(f"model -> {keras_path} ({keras_path.stat().st_size / 1e6:.2f} MB), {tfl_path} "
-          f"({tfl_path.stat().st_size / 1e6:.2f} MB), {out / (name + '.json')}; report -> {rep_dir}/")
-    if problems:
-        print("Edge TPU: " + "; ".join(problems))
-    return meta
 
 
 def cross_domain(data, *, source: str = "decam", n_train: int | None = None, target_fnr: float = 0.01,
@@ -387,8 +450,6 @@ def cross_domain(data, *, source: str = "decam", n_train: int | None = None, tar
     dict ``{model: {"n_train", "threshold", "test": {profile: summary}, "drop_aucpr": {profile: d},
     "fnr_at_threshold": {...}}}`` plus ``"source"`` and ``"n_train"``.
     """
-    from .evaluate import summary, threshold_for_fnr
-
     d = data.domain
     inst = d["instrument"]
     src = inst == source

@@ -2,12 +2,20 @@
 
 The expected scores in ``tests/data/braai_d6_m7_expected.json`` were computed once with this
 module's loader (regenerate with ``python tests/engine/test_braai.py``, only if the model or the
-preprocessing is meant to change). An independent numpy forward pass straight from the HDF5 file
-is the oracle for the Keras 3 rebuild.
+preprocessing is meant to change). They are checked, all eight, against an oracle that shares no
+code with nightsift: the packets read with fastavro, gzip and astropy, ZTF's documented
+preprocessing for d6_m7 (``../shared/data/ztf/README.md``: NaN -> 0, each row over its L2 norm;
+cutouts truncated at a CCD edge padded at the high end with 1e-9, as ZTF's ``make_triplet``), and
+a numpy forward pass straight from the HDF5 weights. The same oracle reproduces ZTF's own
+production score ``drb`` (d6_m7) stored in the real packets of ``alerts_drb/``, so it is an
+oracle for the model and the preprocessing, not only for nightsift's rebuild of them.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +41,89 @@ PACKETS = [
 ]
 
 
-# ----------------------------------------------------------------------------- numpy oracle
+# ----------------------------------------------------------------------------- independent oracle
+
+def _ztf_triplet(path: Path) -> tuple[np.ndarray, dict]:
+    """ZTF's d6_m7 input of the first packet in ``path``, read without nightsift: fastavro, gzip,
+    astropy; NaN -> 0, each row over its L2 norm (``tf.keras.utils.normalize`` of Keras 2:
+    ``x / np.linalg.norm(x, 2, -1)``, a zero norm taken as 1), then padded to 63 x 63 at the high
+    end with 1e-9; channels (science, template, difference)."""
+    import fastavro
+    from astropy.io import fits
+
+    with open(path, "rb") as f:
+        packet = next(fastavro.reader(f))
+    chans = []
+    for key in ("cutoutScience", "cutoutTemplate", "cutoutDifference"):
+        with warnings.catch_warnings():  # ZTF's cutout headers: astropy notes a non-standard SIMPLE card
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            with fits.open(io.BytesIO(gzip.decompress(packet[key]["stampData"]))) as hdul:
+                c = np.nan_to_num(np.asarray(hdul[0].data, dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # float32-max template fill overflows the norm
+            l2 = np.linalg.norm(c, 2, axis=-1)
+            l2[l2 == 0] = 1.0
+            c = c / l2[:, None]
+        chans.append(np.pad(c, [(0, 63 - c.shape[0]), (0, 63 - c.shape[1])], constant_values=1e-9))
+    return np.stack(chans, axis=-1), packet["candidate"]
+
 
 def _conv_relu(x, k, b):
-    """Valid 3x3 cross-correlation + bias + ReLU; x (ny, nx, cin), k (3, 3, cin, cout)."""
-    win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(0, 1))  # (ny-2, nx-2, cin, 3, 3)
-    return np.maximum(np.einsum("yxcij,ijco->yxo", win, k, optimize=True) + b, 0.0)
+    """Valid 3x3 cross-correlation + bias + ReLU; x (n, ny, nx, cin), k (3, 3, cin, cout)."""
+    ny, nx = x.shape[1] - 2, x.shape[2] - 2
+    out = sum(x[:, i:i + ny, j:j + nx, :] @ k[i, j] for i in range(3) for j in range(3))
+    return np.maximum(out + b, 0.0)
 
 
 def _maxpool(x, p):
-    ny, nx = x.shape[0] // p, x.shape[1] // p
-    return x[:ny * p, :nx * p].reshape(ny, p, nx, p, -1).max(axis=(1, 3))
+    ny, nx = x.shape[1] // p, x.shape[2] // p
+    return x[:, :ny * p, :nx * p].reshape(len(x), ny, p, nx, p, -1).max(axis=(2, 4))
 
 
-def _numpy_braai(weights_h5: Path, triplet: np.ndarray) -> float:
-    import h5py
+def _numpy_braai(weights_h5: Path, triplets: np.ndarray) -> np.ndarray:
+    """d6_m7's forward pass in float64 from the published architecture (README) and the HDF5
+    weights: conv1, conv2 (16, 3x3 valid, ReLU), maxpool 2, conv3, conv4 (32), maxpool 4, flatten
+    channels-last, fc_1 (256, ReLU), fc_out (sigmoid); dropout is off at inference."""
+    h5py = pytest.importorskip("h5py")
 
     with h5py.File(weights_h5, "r") as f:
         w = {n: (np.asarray(f[n][n]["kernel:0"], np.float64), np.asarray(f[n][n]["bias:0"], np.float64))
              for n in ("conv1", "conv2", "conv3", "conv4", "fc_1", "fc_out")}
-    x = triplet.astype(np.float64)
+    x = np.asarray(triplets, np.float64)
     x = _maxpool(_conv_relu(_conv_relu(x, *w["conv1"]), *w["conv2"]), 2)
     x = _maxpool(_conv_relu(_conv_relu(x, *w["conv3"]), *w["conv4"]), 4)
-    x = x.reshape(-1)  # channels-last flatten, as Keras
-    x = np.maximum(x @ w["fc_1"][0] + w["fc_1"][1], 0.0)
-    z = (x @ w["fc_out"][0] + w["fc_out"][1])[0]
-    return float(1.0 / (1.0 + np.exp(-z)))
+    x = np.maximum(x.reshape(len(x), -1) @ w["fc_1"][0] + w["fc_1"][1], 0.0)
+    z = (x @ w["fc_out"][0] + w["fc_out"][1])[:, 0]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.data
+def test_oracle_reproduces_ztf_production_drb():
+    """The oracle against ZTF: every packet of alerts_drb/ carries the drb ZTF's pipeline gave it
+    with d6_m7 (float32 TensorFlow); the oracle agrees to ~5e-7 (float32 rounding)."""
+    d = shared_data("ztf")
+    trips, drb, shapes = [], [], set()
+    for path in sorted((d / "alerts_drb").glob("*.avro")):
+        t, cand = _ztf_triplet(path)
+        assert cand["drbversion"] == "d6_m7", path.name
+        trips.append(t)
+        drb.append(cand["drb"])
+        shapes.add(t.shape)
+    assert len(trips) == 139 and shapes == {(63, 63, 3)}
+    np.testing.assert_allclose(_numpy_braai(d / "braai" / "d6_m7.weights.h5", np.stack(trips)), drb,
+                               rtol=0, atol=5e-6)
+
+
+@pytest.mark.data
+def test_committed_scores_match_the_oracle():
+    """All eight committed scores, and nightsift's reading and preprocessing of the packets."""
+    d = shared_data("ztf")
+    expected = json.loads(EXPECTED.read_text())["scores"]
+    assert sorted(expected) == sorted(PACKETS)
+    trips = np.stack([_ztf_triplet(d / "alerts" / n)[0] for n in PACKETS])
+    ours = np.stack([next(read_braai_triplets(d / "alerts" / n))[0] for n in PACKETS])
+    np.testing.assert_allclose(ours, trips, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose([expected[n] for n in PACKETS],
+                               _numpy_braai(d / "braai" / "d6_m7.weights.h5", trips), rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- preprocessing (no data)
@@ -128,10 +193,9 @@ def braai_model():
 @pytest.mark.data
 def test_keras3_rebuild_matches_numpy_oracle(braai_model):
     d = shared_data("ztf")
-    trips = [next(read_braai_triplets(d / "alerts" / name))[0] for name in PACKETS[:3]]
-    keras_scores = braai_model.predict(np.stack(trips), verbose=0)[:, 0]
-    oracle = [_numpy_braai(d / "braai" / "d6_m7.weights.h5", t) for t in trips]
-    np.testing.assert_allclose(keras_scores, oracle, rtol=0, atol=1e-5)
+    trips = np.stack([_ztf_triplet(d / "alerts" / name)[0] for name in PACKETS])
+    keras_scores = braai_model.predict(trips, verbose=0)[:, 0]
+    np.testing.assert_allclose(keras_scores, _numpy_braai(d / "braai" / "d6_m7.weights.h5", trips), rtol=0, atol=1e-5)
 
 
 @pytest.mark.data

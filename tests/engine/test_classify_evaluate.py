@@ -1,13 +1,14 @@
-"""Real/bogus metrics against brute force, the FNR threshold, breakdowns and plots."""
+"""Real/bogus metrics against brute force, the FNR threshold, breakdowns and plots; the layers of classify/."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from nightsift.engine.classify.dataset import DOMAIN_DTYPE, TRUTH_DTYPE
-from nightsift.engine.classify.evaluate import (
-    average_precision, operating_point, plot_report, report, roc_auc, threshold_for_fnr, write_json,
+from nightsift.engine.classify.metrics import (
+    average_precision, operating_point, pr_curve, report, roc_auc, threshold_for_fnr,
 )
+from nightsift.engine.classify.reports import plot_report, write_json
 
 
 def _scores(rng, n=400, ties=False):
@@ -130,3 +131,37 @@ def test_report_breakdowns_and_files(rng, tmp_path):
 
     back = json.loads(j.read_text())
     assert back["overall"]["n"] == 300 and back["per_kind"]["isolated"]["fpr"] is None  # NaN -> null
+
+
+def test_pr_curve_is_the_curve_average_precision_sums(rng):
+    y, p = _scores(rng, ties=True)
+    rec, prec = pr_curve(y, p)
+    assert rec[0] == 0.0 and rec[-1] == 1.0 and np.all(np.diff(rec) >= 0)
+    assert np.sum(np.diff(rec) * prec[1:]) == pytest.approx(average_precision(y, p), abs=1e-12)
+
+
+def test_metrics_are_a_layer_below_the_drivers():
+    """metrics imports no driver, model or plotting library; train and evaluate import each other
+    at most one way (evaluate -> train), read from their imports, lazy ones included."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nightsift.engine.classify as pkg
+
+    code = ("import sys, nightsift.engine.classify.metrics as m, nightsift.engine.classify.reports as r; "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'matplotlib', "
+            "'ai_edge_litert') or k.startswith('nightsift.engine.classify.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(out) == ["nightsift.engine.classify.metrics", "nightsift.engine.classify.reports"]
+    folder = Path(pkg.__file__).parent
+
+    def imports(name):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        return {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1
+                and n.module}
+
+    assert imports("metrics") == set()
+    assert imports("reports") == {"metrics"}
+    assert "evaluate" not in imports("train") and "train" in imports("evaluate")

@@ -10,25 +10,19 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
-from nightsift.engine.classify.evaluate import average_precision, roc_auc  # noqa: E402
+from nightsift.engine.classify.metrics import average_precision, roc_auc  # noqa: E402
 from nightsift.engine.classify.export import (  # noqa: E402
     EDGETPU_OPS, edgetpu_problems, export_int8, inspect_tflite, predict_int8,
 )
-from nightsift.engine.classify.model import DEFAULT_MODEL, configure_tensorflow, load_keras_model  # noqa: E402
-from nightsift.engine.classify.train import predict_keras, train_model  # noqa: E402
+from nightsift.engine.classify.model import DEFAULT_MODEL, load_keras_model  # noqa: E402
+from nightsift.engine.classify.train import predict_keras  # noqa: E402
 
-from .test_classify_model import TINY, as_data, separable_triplets  # noqa: E402
+from .test_classify_model import train_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    configure_tensorflow(2)
-    rng = np.random.default_rng(17)
-    tr = as_data(*separable_triplets(rng, 320), "train")
-    va = as_data(*separable_triplets(rng, 100), "val")
-    te = as_data(*separable_triplets(rng, 300), "test")
-    model, _ = train_model(tr, va, epochs=5, batch_size=32, patience=5, seed=1, verbose=0, model_kwargs=TINY,
-                           learning_rate=3e-3)
+    model, _, tr, _, te = train_tiny(17, n_val=100, n_test=300, epochs=5, patience=5, seed=1)
     path = export_int8(model, tr.inputs(), tmp_path_factory.mktemp("int8") / "m_int8.tflite", n_calibration=200)
     return model, path, te
 

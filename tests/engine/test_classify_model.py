@@ -9,7 +9,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from nightsift.engine.classify.dataset import DOMAIN_DTYPE, TRUTH_DTYPE, RBData  # noqa: E402
-from nightsift.engine.classify.evaluate import average_precision, roc_auc  # noqa: E402
+from nightsift.engine.classify.metrics import average_precision, roc_auc  # noqa: E402
 from nightsift.engine.classify.model import (  # noqa: E402
     EMBEDDING_LAYER, build_model, configure_tensorflow, embedding_model, load_keras_model, save_keras_model,
 )
@@ -53,16 +53,22 @@ def as_data(t, y, split):
     return RBData(z.astype(np.float16), loc, scale, np.zeros(len(y)), truth, dom, {})
 
 
+def train_tiny(data_seed: int, *, n_val: int, n_test: int, epochs: int, patience: int, seed: int):
+    """A TINY model trained on separable triplets (320 training rows, then ``n_val`` and ``n_test``
+    drawn with ``data_seed``): ``(model, history, train, val, test)``."""
+    configure_tensorflow(2)
+    rng = np.random.default_rng(data_seed)
+    tr = as_data(*separable_triplets(rng, 320), "train")
+    va = as_data(*separable_triplets(rng, n_val), "val")
+    te = as_data(*separable_triplets(rng, n_test), "test")
+    model, hist = train_model(tr, va, epochs=epochs, batch_size=32, patience=patience, seed=seed, verbose=0,
+                              model_kwargs=TINY, learning_rate=3e-3)
+    return model, hist, tr, va, te
+
+
 @pytest.fixture(scope="module")
 def tiny_trained():
-    configure_tensorflow(2)
-    rng = np.random.default_rng(7)
-    tr = as_data(*separable_triplets(rng, 320), "train")
-    va = as_data(*separable_triplets(rng, 120), "val")
-    te = as_data(*separable_triplets(rng, 200), "test")
-    model, hist = train_model(tr, va, epochs=3, batch_size=32, patience=3, seed=3, verbose=0, model_kwargs=TINY,
-                              learning_rate=3e-3)
-    return model, hist, tr, va, te
+    return train_tiny(7, n_val=120, n_test=200, epochs=3, patience=3, seed=3)
 
 
 def test_architecture_is_braai_sized():

@@ -242,7 +242,8 @@ def test_night_task_writes_scored_packets(tiny, tmp_path):
 
 
 def test_versioned_normalisation_name(tiny, tmp_path):
-    prep = pytest.importorskip("nightsift.engine.classify.preprocess")
+    from nightsift.engine.classify import preprocess as prep
+
     _, _, _, tfl = tiny
     (tmp_path / "m.json").write_text(json.dumps({"tflite": str(tfl), "normalisation": prep.NORMALIZATION}))
     spec = resolve_model(_cfg(backend="tflite", model=str(tmp_path / "m.json")))
@@ -304,7 +305,7 @@ def _flip(path, offset=None, n=32 * 1024):
 
 @pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models")
 def test_shipped_metadata_records_the_sha256_of_each_model_file():
-    from nightsift.engine.classify.export import file_sha256
+    from nightsift.engine.io.atomic import file_sha256
 
     meta_path = next(runtime.MODELS_DIR.glob("*.json"))
     meta = json.loads(meta_path.read_text())
@@ -439,3 +440,47 @@ def test_auto_without_the_litert_runtime_runs_without_a_scorer(monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="nightsift.classify"):
         assert pipeline_scorer(_cfg(backend="auto")) is None
     assert any("LiteRT" in r.getMessage() for r in caplog.records)
+
+
+def test_model_variants_for_evaluation_come_from_the_one_reader(tiny, tmp_path):
+    """``nightsift evaluate``'s float and int8 variants, each with the threshold its metadata
+    stores, are resolved by the runtime (one read of the metadata), every file checked against its
+    SHA-256."""
+    import shutil
+
+    from nightsift.engine.classify.export import record_model_hashes
+    from nightsift.engine.classify.runtime import model_variants
+
+    d, _, _, _ = tiny
+    shutil.copy(d / "tiny.tflite", tmp_path / "rb_int8.tflite")
+    shutil.copy(d / "tiny.keras", tmp_path / "rb.keras")
+    meta = record_model_hashes({"name": "rb-v1", "normalization": "none", "threshold": 0.4, "threshold_int8": 0.45,
+                                "files": {"keras": "rb.keras", "tflite_int8": "rb_int8.tflite"}}, tmp_path)
+    (tmp_path / "rb.json").write_text(json.dumps(meta))
+    v = model_variants(tmp_path / "rb.json")
+    assert {k: (s.backend, s.path, s.stored_threshold) for k, s in v.items()} == {
+        "float": ("keras", tmp_path / "rb.keras", 0.4), "int8": ("tflite", tmp_path / "rb_int8.tflite", 0.45)}
+    assert {k: s.backend for k, s in model_variants(tmp_path / "rb.keras").items()} == {"float": "keras"}
+    assert model_variants(tmp_path / "rb_int8.tflite")["int8"].stored_threshold == 0.45  # rb.json, by its stem
+    shutil.copy(d / "tiny.keras", tmp_path / "bare.keras")
+    assert model_variants(tmp_path / "bare.keras")["float"].stored_threshold is None  # no metadata: none stored
+    (tmp_path / "empty.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(InputError, match="names no"):
+        model_variants(tmp_path / "empty.json")
+    with pytest.raises(InputError, match="expected a .keras"):
+        model_variants(tmp_path / "rb.h5")
+    _flip(tmp_path / "rb_int8.tflite", n=16)
+    with pytest.raises(InputError, match="SHA-256"):
+        model_variants(tmp_path / "rb.json")
+
+
+@pytest.mark.skipif(not list(runtime.MODELS_DIR.glob("*.json")), reason="no model shipped in engine/classify/models")
+def test_model_variants_of_the_shipped_model():
+    from nightsift.engine.classify.runtime import model_variants
+
+    meta_path = next(runtime.MODELS_DIR.glob("*.json"))
+    meta = json.loads(meta_path.read_text())
+    v = model_variants()
+    assert v["float"].path == runtime.MODELS_DIR / meta["files"]["keras"]
+    assert v["int8"].path == runtime.MODELS_DIR / meta["files"]["tflite_int8"]
+    assert (v["float"].stored_threshold, v["int8"].stored_threshold) == (meta["threshold"], meta["threshold_int8"])
