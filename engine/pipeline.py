@@ -39,14 +39,14 @@ from .errors import AlgorithmFailure, InputError, NightsiftError, SkipCCD
 from .io.avro import alert_path, write_alerts
 from .io.fits import celestial_wcs, check_same_shape, replace_wcs
 from .records import (Exposure, ImagePSF, MaskBits, RawFrame, ReferenceModel, SourceCatalog,
-                      StageResult, Subtraction)
+                      StageResult, Subtraction, unusable_of)
 from .stages.align import AlignedReference, align_reference, astrometric_stars, coarse_map
 from .stages.calibrate import (MasterCalibration, calibrate_frames, calibrated_header, frame_params, master_on)
 from .stages.cutouts import cut_triplets
 from .stages.detect import DETECTION_COLUMNS, candidate_tables, detect, pixel_scale_arcsec
 from .stages.measure import fwhm_guess, measure_images
 from .stages.package import _julian_date, build_alerts
-from .stages.psf import carry_psf, measure_psf, unusable_of
+from .stages.psf import carry_psf, measure_psf
 from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point_flux_ratio
 
 __all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
@@ -432,17 +432,23 @@ def _host_checks(batch: _Batch, config: Config):
     return prepared
 
 
-def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
-    """The device half of the chain; returns the per-batch arrays and per-CCD objects."""
-    clock = _Clock(xp, config.run.sync_stage_times)
-    prep = _host_checks(batch, config)
-    if not batch.alive:
-        return {}
+def _narrow(batch: _Batch, ok: list[int], xp, arrays: dict, lists: dict) -> tuple[dict, dict]:
+    """Keep the CCD-visits at batch positions ``ok`` (the others failed): gather the rows of the
+    ``(B, ...)`` device ``arrays`` (only when some failed), pick the items of the per-CCD
+    ``lists``, and narrow ``batch.alive`` to match."""
+    if len(ok) < len(batch.alive):
+        arrays = _take(arrays, ok, xp)
+        lists = {k: [v[j] for j in ok] for k, v in lists.items()}
+        batch.alive = [batch.alive[j] for j in ok]
+    return arrays, lists
+
+
+def _upload(batch: _Batch, prep: dict, xp, clock: _Clock, config: Config) -> dict:
+    """The raw frames up and calibrated (or the calibrated planes up): ``image``, ``variance``,
+    ``mask`` as ``(B, ny, nx)`` device arrays."""
     alive = batch.alive
     B = len(alive)
     ny, nx = prep[alive[0]]["shape"]
-
-    # upload: the raw frames (or calibrated planes)
     raw_mode = batch.frames[alive[0]].raw is not None
     if any((batch.frames[i].raw is not None) != raw_mode for i in alive):
         raise ValueError("process_visit: a batch is either raw frames or calibrated exposures, not both")
@@ -467,21 +473,18 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
             mask[j] = to_device(e.mask, xp, dtype=np.uint16, label="science")
         batch.time("upload", clock.lap())
     batch.time("calibrate", clock.lap())
+    return dict(image=image, variance=variance, mask=mask)
 
-    # measure: background, noise, sources of the science images
-    res = measure_images(image, mask, fwhm=[prep[i]["guess"] for i in alive], config=config.psf, prefix="sci_")
-    meas = res.value
-    batch.qa(res.qa)
-    batch.time("measure", clock.lap())
 
-    # align: each CCD's reference onto its science grid, its catalogue carried, registration measured
-    grid = _grid((ny, nx), config)
+def _align(batch: _Batch, prep: dict, catalogs: list, grid, shape, config: Config) -> dict[int, AlignedReference]:
+    """Each CCD's reference onto its science grid, its catalogue carried, the registration measured
+    (a CCD that cannot be aligned is failed and left out of the result)."""
     aligned: dict[int, AlignedReference] = {}
-    for j, i in enumerate(alive):
+    for j, i in enumerate(batch.alive):
         st = batch.statics[i]
         try:
-            cm = coarse_map(prep[i]["wcs"], st.reference.wcs, (ny, nx), step=config.align.map_step)
-            cat = meas.catalogs[j]
+            cm = coarse_map(prep[i]["wcs"], st.reference.wcs, shape, step=config.align.map_step)
+            cat = catalogs[j]
             astro = astrometric_stars(cat, radius=config.align.isolation_fwhm * prep[i]["guess"])
             r = align_reference(st.reference, cm, sci_catalog=cat, sci_astro=astro, tile_centres=grid.visible_centres(),
                                 science_path=batch.frames[i].path, config=config.align)
@@ -489,66 +492,59 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
             batch.qa(r.qa, [i])
         except NightsiftError as e:
             batch.fail(i, e)
-    batch.time("align", clock.lap())
-    arrays = dict(image=image, variance=variance, mask=mask, N=meas.image, sky=meas.sky, sigma=meas.sky_sigma)
-    keep = [j for j, i in enumerate(alive) if i in aligned]
-    cats = [meas.catalogs[j] for j in keep]
-    if len(keep) < B:
-        arrays = _take(arrays, keep, xp)
-        batch.alive = alive = [alive[j] for j in keep]
-        B = len(alive)
-    if not alive:
-        return {}
-    R = xp.stack([aligned[i].image for i in alive])
-    V_R = xp.stack([aligned[i].variance for i in alive])
-    mask_R = xp.stack([aligned[i].mask for i in alive])
+    return aligned
 
-    # PSF: science stars per tile; the reference's PSF carried onto the same tiles
-    res = measure_psf(arrays["N"], arrays["mask"], cats, [arrays["sigma"][j] for j in range(B)], grid,
+
+def _psfs(batch: _Batch, prep: dict, arrays: dict, catalogs: list, aligned: dict, grid, xp,
+          config: Config) -> tuple[list[int], dict]:
+    """Science PSFs per tile, and each reference's PSF carried onto the same tiles. Returns the
+    batch positions that have both, and the per-CCD lists ``sci_psf``, ``ref_psf``, ``sci_cats``,
+    ``ref_cats`` (of those positions)."""
+    alive = batch.alive
+    res = measure_psf(arrays["N"], arrays["mask"], catalogs, [arrays["sigma"][j] for j in range(len(alive))], grid,
                       config=config.psf, fwhm_guess=[prep[i]["guess"] for i in alive],
                       paths=[batch.frames[i].path for i in alive], prefix="sci_")
     batch.qa(res.qa)
-    sci_psf, ref_psf, sci_cats, ref_cats, ok = [], [], [], [], []
+    lists = dict(sci_psf=[], ref_psf=[], sci_cats=[], ref_cats=[])
+    ok = []
     for j, (i, out) in enumerate(zip(alive, res.value)):
         if isinstance(out, AlgorithmFailure):
             batch.fail(i, out)
+            lists = {k: v + [None] for k, v in lists.items()}  # keeps positions; dropped by _narrow
             continue
         model, cat = out
         al = aligned[i]
         rp = carry_psf(batch.statics[i].reference.psf, al.tile_centres, al.tile_jacobian, grid,
                        lanczos_order=config.align.lanczos_order)
-        sci_psf.append(model)
-        sci_cats.append(cat)
-        ref_psf.append(rp)
-        ref_cats.append(al.catalog)
+        for k, v in (("sci_psf", model), ("sci_cats", cat), ("ref_psf", rp), ("ref_cats", al.catalog)):
+            lists[k].append(v)
         ok.append(j)
         batch.qa({"ref_psf_fwhm": xp.median(rp.fwhm), "ref_psf_fwhm_min": rp.fwhm.min(),
                   "ref_psf_fwhm_max": rp.fwhm.max(), "ref_psf_apcorr": xp.median(rp.apcorr)}, [i])
-    batch.time("psf", clock.lap())
-    if len(ok) < B:
-        arrays = _take(arrays, ok, xp)
-        R, V_R, mask_R = (_take({"a": a}, ok, xp)["a"] for a in (R, V_R, mask_R))
-        batch.alive = alive = [alive[j] for j in ok]
-        B = len(alive)
-    if not alive:
-        return {}
+    return ok, lists
 
-    # flux ratio: stars common to both images (one read for the batch), the zero points as prior
-    unusable = unusable_of(arrays["mask"] | mask_R)
+
+def _flux_ratios(batch: _Batch, prep: dict, arrays: dict, lists: dict, xp, config: Config) -> tuple[list[int], list]:
+    """F_r per CCD from the stars common to both images (one read for the batch), the zero points
+    as prior; a CCD whose PSF models are not finite fails here. Returns the batch positions that
+    have an F_r, and those F_r."""
+    unusable = unusable_of(arrays["mask"] | arrays["mask_R"])
     priors, fr_dev = [], []
-    for j, i in enumerate(alive):
+    for j, i in enumerate(batch.alive):
         try:
             prior = zero_point_flux_ratio(prep[i]["header"], batch.statics[i].reference.header)
         except NightsiftError as e:
             prior = e
         priors.append(prior)
-        fr_dev.extend(flux_ratio(arrays["N"][j], R[j], sci_psf[j], ref_psf[j], sci_cats[j], ref_cats[j], unusable[j],
-                                 prior=None if isinstance(prior, Exception) else prior))
+        sp, rp = lists["sci_psf"][j], lists["ref_psf"][j]
+        fr_dev.extend(flux_ratio(arrays["N"][j], arrays["R"][j], sp, rp, lists["sci_cats"][j], lists["ref_cats"][j],
+                                 unusable[j], prior=None if isinstance(prior, Exception) else prior,
+                                 config=config.subtract))
         # a PSF model must be finite everywhere (a NaN stamp would poison its tile's ZOGY quietly)
-        fr_dev.append(xp.isfinite(sci_psf[j].stamps).all() & xp.isfinite(ref_psf[j].stamps).all())
+        fr_dev.append(xp.isfinite(sp.stamps).all() & xp.isfinite(rp.stamps).all())
     fr_host = host_scalars(*fr_dev)
     F_r, ok = [], []
-    for j, i in enumerate(alive):
+    for j, i in enumerate(batch.alive):
         try:
             if isinstance(priors[j], Exception):
                 raise priors[j]
@@ -562,49 +558,90 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
             ok.append(j)
         except NightsiftError as e:
             batch.fail(i, e)
-    batch.time("flux_ratio", clock.lap())
-    if len(ok) < B:
-        arrays = _take(arrays, ok, xp)
-        R, V_R, mask_R = (_take({"a": a}, ok, xp)["a"] for a in (R, V_R, mask_R))
-        sci_psf, ref_psf = [sci_psf[j] for j in ok], [ref_psf[j] for j in ok]
-        sci_cats, ref_cats = [sci_cats[j] for j in ok], [ref_cats[j] for j in ok]
-        batch.alive = alive = [alive[j] for j in ok]
-        B = len(alive)
-    if not alive:
-        return {}
+    return ok, F_r
 
-    # ZOGY on every tile of every CCD at once
-    ast = [aligned[i].astrometric_rms or (config.subtract.default_astrometric_rms,) * 2 for i in alive]
-    res = subtract(arrays["N"], R, arrays["variance"], V_R, arrays["mask"], mask_R, sci_psf, ref_psf, sci_cats,
-                   ref_cats, F_r=F_r, astrometric_rms=ast, config=config.subtract)
-    sub = res.value
-    batch.qa(res.qa)
-    batch.time("subtract", clock.lap())
-    truth_err = {}  # simulated frames: the PSF-flux error at each injected transient
-    for j, i in enumerate(alive):
+
+def _truth_errors(batch: _Batch, flux_err, shape, xp) -> dict:
+    """Simulated frames: the PSF-flux error (device) at each injected transient, per CCD."""
+    ny, nx = shape
+    out = {}
+    for j, i in enumerate(batch.alive):
         t = batch.frames[i].truth
         if t is not None and len(t):
             xi = np.clip(np.rint(t["x"]).astype(np.int64), 0, nx - 1)
             yi = np.clip(np.rint(t["y"]).astype(np.int64), 0, ny - 1)
             idx = to_device(np.stack([yi, xi]), xp, label="truth")
-            truth_err[i] = sub.flux_err[j][idx[0], idx[1]]
+            out[i] = flux_err[j][idx[0], idx[1]]
+    return out
+
+
+def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
+    """The device half of the chain, stage after stage on the batch's CCD-visits still alive (a
+    CCD-visit that fails a stage leaves the batch there); returns the per-batch arrays and per-CCD
+    objects :func:`_finish` reads back."""
+    clock = _Clock(xp, config.run.sync_stage_times)
+    prep = _host_checks(batch, config)
+    if not batch.alive:
+        return {}
+    shape = prep[batch.alive[0]]["shape"]
+    arrays = _upload(batch, prep, xp, clock, config)
+
+    res = measure_images(arrays["image"], arrays["mask"], fwhm=[prep[i]["guess"] for i in batch.alive],
+                         config=config.psf, prefix="sci_")
+    meas = res.value
+    batch.qa(res.qa)
+    batch.time("measure", clock.lap())
+    arrays.update(N=meas.image, sky=meas.sky, sigma=meas.sky_sigma)
+
+    grid = _grid(shape, config)
+    aligned = _align(batch, prep, meas.catalogs, grid, shape, config)
+    batch.time("align", clock.lap())
+    arrays, lists = _narrow(batch, [j for j, i in enumerate(batch.alive) if i in aligned], xp, arrays,
+                            {"cats": meas.catalogs})
+    if not batch.alive:
+        return {}
+    for k, attr in (("R", "image"), ("V_R", "variance"), ("mask_R", "mask")):
+        arrays[k] = xp.stack([getattr(aligned[i], attr) for i in batch.alive])
+
+    ok, lists = _psfs(batch, prep, arrays, lists["cats"], aligned, grid, xp, config)
+    batch.time("psf", clock.lap())
+    arrays, lists = _narrow(batch, ok, xp, arrays, lists)
+    if not batch.alive:
+        return {}
+
+    ok, F_r = _flux_ratios(batch, prep, arrays, lists, xp, config)
+    batch.time("flux_ratio", clock.lap())
+    arrays, lists = _narrow(batch, ok, xp, arrays, lists)
+    if not batch.alive:
+        return {}
+
+    # ZOGY on every tile of every CCD at once
+    ast = [aligned[i].astrometric_rms or (config.subtract.default_astrometric_rms,) * 2 for i in batch.alive]
+    res = subtract(arrays["N"], arrays["R"], arrays["variance"], arrays["V_R"], arrays["mask"], arrays["mask_R"],
+                   lists["sci_psf"], lists["ref_psf"], lists["sci_cats"], lists["ref_cats"], F_r=F_r,
+                   astrometric_rms=ast, config=config.subtract)
+    sub = res.value
+    batch.qa(res.qa)
+    batch.time("subtract", clock.lap())
+    truth_err = _truth_errors(batch, sub.flux_err, shape, xp)
 
     # detect, then the cutouts of every candidate of the batch
-    radius = [config.detect.distnr_max_arcsec / pixel_scale_arcsec(prep[i]["wcs"]) for i in alive]
-    res = detect(sub, sky=arrays["sky"], ref_cats=ref_cats, distnr_radius=radius, config=config.detect,
+    radius = [config.detect.distnr_max_arcsec / pixel_scale_arcsec(prep[i]["wcs"]) for i in batch.alive]
+    res = detect(sub, sky=arrays["sky"], ref_cats=lists["ref_cats"], distnr_radius=radius, config=config.detect,
                  cutout_size=config.cutout.size)
     det = res.value
     batch.qa(res.qa)
     batch.time("detect", clock.lap())
     c = det.columns
-    res = cut_triplets(arrays["image"], arrays["sky"], R, sub.difference, c["image"], c["x"], c["y"], c["sign"],
-                       config=config.cutout)
+    res = cut_triplets(arrays["image"], arrays["sky"], arrays["R"], sub.difference, c["image"], c["x"], c["y"],
+                       c["sign"], config=config.cutout)
     batch.qa(res.qa)
     batch.time("cutouts", clock.lap())
-    out = dict(alive=list(alive), prep=prep, det=det, triplets=res.value, shape=(ny, nx), F_r=F_r, clock=clock,
+    out = dict(alive=list(batch.alive), prep=prep, det=det, triplets=res.value, shape=shape, F_r=F_r, clock=clock,
                truth_err=truth_err)
     if keep_products:
-        out["products"] = _products(batch, arrays, R, V_R, mask_R, sub, sci_psf, ref_psf, sci_cats, ref_cats, prep)
+        out["products"] = _products(batch, arrays, arrays["R"], arrays["V_R"], arrays["mask_R"], sub,
+                                    lists["sci_psf"], lists["ref_psf"], lists["sci_cats"], lists["ref_cats"], prep)
     return out
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .plotting import save_figure
+
 
 @dataclass(frozen=True)
 class Match:
@@ -105,10 +107,7 @@ def plot_completeness(mag, found, snr=None, *, path, title="Injection recovery",
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def gaussian_false_positives(P_D: np.ndarray, excluded: np.ndarray, *, threshold: float, min_area: int = 1,

@@ -139,7 +139,7 @@ def select_batch(rb, anomaly, *, threshold: float, size: int, weight: float = 0.
 
 
 def _evaluate(model, val, test, target_fnr: float) -> dict:
-    from ..classify.evaluate import summary, threshold_for_fnr
+    from ..classify.metrics import summary, threshold_for_fnr
     from ..classify.train import predict_keras
 
     thr = threshold_for_fnr(val.labels, predict_keras(model, val.inputs()), target_fnr)
@@ -153,6 +153,57 @@ def _nanmean(v) -> float:
     v = np.asarray(v, float)
     v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else float("nan")
+
+
+def _one_seed(seed: int, units, train_all, val, test, *, initial_fraction, batch_size: int, weight: float,
+              target_fnr: float, train_kw: dict) -> dict:
+    """One repetition of :func:`run_active_learning`: split the training units into the initial
+    set and the pool, train on the initial set, pick the queue's batch and a random batch of the
+    same size from the pool, retrain with each, and evaluate the three models on ``test``."""
+    from ..classify.metrics import threshold_for_fnr
+    from ..classify.train import predict_keras, train_model
+    from .anomaly import candidate_features, fit_anomaly
+    from .retrospective import embed_data
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4242]))
+    n_init = max(1, int(round(initial_fraction * len(units))))
+    init_units = rng.choice(units, n_init, replace=False)
+    in_init = np.isin(train_all.domain["unit"], init_units)
+    initial, pool = train_all.select(in_init), train_all.select(~in_init)
+    b = int(min(batch_size, len(pool)))
+    kw = dict(train_kw, seed=int(seed), verbose=0)
+    base, _ = train_model(initial, val, **kw)
+    thr = threshold_for_fnr(val.labels, predict_keras(base, val.inputs()), target_fnr)
+    rb_pool = predict_keras(base, pool.inputs()).astype(np.float64)
+    an = fit_anomaly(embed_data(base, initial), candidate_features(initial.features), seed=int(seed))
+    an_pool = an.score(embed_data(base, pool), candidate_features(pool.features))
+    thr_q = float(np.clip(thr, 1e-3, 1 - 1e-3))
+    queue = select_batch(rb_pool, an_pool, threshold=thr_q, size=b, weight=weight)
+    rand = rng.choice(len(pool), b, replace=False)
+    res = {"seed": int(seed), "n_initial": len(initial), "n_pool": len(pool), "batch_size": b,
+           "initial": _evaluate(base, val, test, target_fnr)}
+    for name, idx in (("queue", queue), ("random", rand)):
+        batch = pool.select(np.sort(idx))
+        model, _ = train_model(append_rows(initial, batch), val, **kw)
+        res[f"initial+{name}"] = _evaluate(model, val, test, target_fnr)
+        res[f"{name}_batch_real_fraction"] = float(batch.labels.mean())
+    return res
+
+
+def _gain(runs: list[dict]) -> dict:
+    """Per metric: mean and sd over the runs of (queue - random), and the means of (queue -
+    initial) and (random - initial)."""
+    gain = {}
+    for m in ("aucpr", "roc_auc", "fnr", "fpr"):
+        d_rand = np.array([r["initial+queue"][m] - r["initial+random"][m] for r in runs], float)
+        d_init = np.array([r["initial+queue"][m] - r["initial"][m] for r in runs], float)
+        d_ri = np.array([r["initial+random"][m] - r["initial"][m] for r in runs], float)
+        gain[m] = {"queue_minus_random_mean": _nanmean(d_rand),
+                   "queue_minus_random_sd": float(np.nanstd(d_rand, ddof=1))
+                   if np.isfinite(d_rand).sum() > 1 else float("nan"),
+                   "queue_minus_initial_mean": _nanmean(d_init),
+                   "random_minus_initial_mean": _nanmean(d_ri)}
+    return gain
 
 
 def run_active_learning(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-active", initial_fraction=0.3,
@@ -187,10 +238,6 @@ def run_active_learning(*, spec=None, data_dir="nightsift-data", out_dir="nights
         (queue - initial) per metric. Written to ``active_learning.json``.
     """
     from ..classify.dataset import DatasetSpec, build_dataset, load_dataset
-    from ..classify.train import predict_keras, train_model
-    from ..classify.evaluate import threshold_for_fnr
-    from .anomaly import candidate_features, fit_anomaly
-    from .retrospective import _embed_data
 
     t0 = time.perf_counter()
     if data is None:
@@ -200,47 +247,16 @@ def run_active_learning(*, spec=None, data_dir="nightsift-data", out_dir="nights
     units = np.unique(train_all.domain["unit"])
     if len(units) < 2:
         raise ValueError("active learning needs at least two training CCD-visits (initial set and pool)")
+    train_kw = dict(epochs=epochs, patience=patience, threads=threads, model_kwargs=model_kwargs)
     runs = []
     for seed in seeds:
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4242]))
-        n_init = max(1, int(round(initial_fraction * len(units))))
-        init_units = rng.choice(units, n_init, replace=False)
-        in_init = np.isin(train_all.domain["unit"], init_units)
-        initial, pool = train_all.select(in_init), train_all.select(~in_init)
-        b = int(min(batch_size, len(pool)))
-        kw = dict(epochs=epochs, patience=patience, seed=int(seed), threads=threads, verbose=0,
-                  model_kwargs=model_kwargs)
-        base, _ = train_model(initial, val, **kw)
-        thr = threshold_for_fnr(val.labels, predict_keras(base, val.inputs()), target_fnr)
-        rb_pool = predict_keras(base, pool.inputs()).astype(np.float64)
-        an = fit_anomaly(_embed_data(base, initial), candidate_features(initial.features), seed=int(seed))
-        an_pool = an.score(_embed_data(base, pool), candidate_features(pool.features))
-        thr_q = float(np.clip(thr, 1e-3, 1 - 1e-3))
-        queue = select_batch(rb_pool, an_pool, threshold=thr_q, size=b, weight=weight)
-        rand = rng.choice(len(pool), b, replace=False)
-        res = {"seed": int(seed), "n_initial": len(initial), "n_pool": len(pool), "batch_size": b,
-               "initial": _evaluate(base, val, test, target_fnr)}
-        for name, idx in (("queue", queue), ("random", rand)):
-            batch = pool.select(np.sort(idx))
-            model, _ = train_model(append_rows(initial, batch), val, **kw)
-            res[f"initial+{name}"] = _evaluate(model, val, test, target_fnr)
-            res[f"{name}_batch_real_fraction"] = float(batch.labels.mean())
+        res = _one_seed(seed, units, train_all, val, test, initial_fraction=initial_fraction, batch_size=batch_size,
+                        weight=weight, target_fnr=target_fnr, train_kw=train_kw)
         runs.append(res)
         log.info("active learning seed %d: %s", seed, res)
-    metrics = ("aucpr", "roc_auc", "fnr", "fpr")
-    gain = {}
-    for m in metrics:
-        d_rand = np.array([r["initial+queue"][m] - r["initial+random"][m] for r in runs], float)
-        d_init = np.array([r["initial+queue"][m] - r["initial"][m] for r in runs], float)
-        d_ri = np.array([r["initial+random"][m] - r["initial"][m] for r in runs], float)
-        gain[m] = {"queue_minus_random_mean": _nanmean(d_rand),
-                   "queue_minus_random_sd": float(np.nanstd(d_rand, ddof=1))
-                   if np.isfinite(d_rand).sum() > 1 else float("nan"),
-                   "queue_minus_initial_mean": _nanmean(d_init),
-                   "random_minus_initial_mean": _nanmean(d_ri)}
     rep = {"batch_size": batch_size, "initial_fraction": initial_fraction, "weight": weight, "seeds": list(seeds),
            "n_train_split": len(train_all), "n_val": len(val), "n_test": len(test), "target_fnr": target_fnr,
-           "runs": runs, "gain": gain, "wall_s": round(time.perf_counter() - t0, 1)}
+           "runs": runs, "gain": _gain(runs), "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "active_learning.json").write_text(json.dumps(rep, indent=1))

@@ -32,10 +32,10 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..io.atomic import file_sha256
+from ..io.atomic import atomic_write, file_sha256
 
 __all__ = ["FEATURES", "METHODS", "IsolationForest", "AnomalyModel", "candidate_features", "fit_anomaly",
-           "save_anomaly", "load_anomaly", "file_sha256", "average_path_length", "annotate_alerts"]
+           "save_anomaly", "load_anomaly", "average_path_length", "annotate_alerts"]
 
 #: candidate features the anomaly model uses besides the embedding, and how they are derived
 FEATURES = ("log_snr", "fwhm", "elong", "log_scorr", "nbad", "log_distnr", "isdiffpos")
@@ -332,6 +332,30 @@ def _robust(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(np.isfinite(med), med, 0.0), scale
 
 
+def _embedding_axes(embedding, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standardisation (mean, std; 1 where constant) and leading principal axes ``(e, k)`` of the
+    reference embedding, ``k = min(n_components, rank)``; empty arrays without an embedding."""
+    if embedding is None:
+        return np.zeros(0), np.zeros(0), np.zeros((0, 0))
+    e = np.asarray(embedding, dtype=np.float64)
+    if not np.isfinite(e).all():
+        raise ValueError("embedding must be finite")
+    emb_center = e.mean(axis=0)
+    sd = e.std(axis=0)
+    emb_scale = np.where(sd > 1e-12, sd, 1.0)
+    _, sv, vt = np.linalg.svd((e - emb_center) / emb_scale, full_matrices=False)
+    rank = int(np.sum(sv > sv[0] * 1e-6)) if sv.size and sv[0] > 0 else 0
+    return emb_center, emb_scale, vt[:int(min(n_components, rank))].T.copy()
+
+
+def _column_weight(nk: int, nf: int, balance: bool) -> np.ndarray:
+    """``AnomalyModel.column_weight`` of ``nk`` embedding components and ``nf`` features: with
+    ``balance`` and both blocks, half to each block; otherwise every column alike."""
+    if balance and nk and nf:
+        return np.r_[np.full(nk, 0.5 / nk), np.full(nf, 0.5 / nf)]
+    return np.full(nk + nf, 1.0 / max(nk + nf, 1))
+
+
 def fit_anomaly(embedding=None, features=None, *, method: str = "knn", n_components: int = 4,
                 n_trees: int = 200, subsample: int = 256, k: int = 10, max_reference: int = 20000, seed: int = 0,
                 balance: bool = True, meta: Mapping | None = None) -> AnomalyModel:
@@ -372,21 +396,7 @@ def fit_anomaly(embedding=None, features=None, *, method: str = "knn", n_compone
     n = len(embedding) if embedding is not None else len(features)
     if n < 10:
         raise ValueError(f"fit_anomaly: need at least 10 reference candidates, got {n}")
-    if embedding is not None:
-        e = np.asarray(embedding, dtype=np.float64)
-        if not np.isfinite(e).all():
-            raise ValueError("embedding must be finite")
-        emb_center = e.mean(axis=0)
-        sd = e.std(axis=0)
-        emb_scale = np.where(sd > 1e-12, sd, 1.0)
-        es = (e - emb_center) / emb_scale
-        _, sv, vt = np.linalg.svd(es, full_matrices=False)
-        rank = int(np.sum(sv > sv[0] * 1e-6)) if sv.size and sv[0] > 0 else 0
-        kk = int(min(n_components, rank))
-        components = vt[:kk].T.copy()
-    else:
-        emb_center = emb_scale = np.zeros(0)
-        components = np.zeros((0, 0))
+    emb_center, emb_scale, components = _embedding_axes(embedding, n_components)
     if features is not None:
         f = np.asarray(features, dtype=np.float64)
         if len(f) != n:
@@ -398,11 +408,7 @@ def fit_anomaly(embedding=None, features=None, *, method: str = "knn", n_compone
                          k=k)
     z = model.transform(embedding, features)
     space_scale = np.where(z.std(axis=0) > 1e-12, z.std(axis=0), 1.0)
-    nk, nf = components.shape[1], feat_center.size
-    if balance and nk and nf:
-        column_weight = np.r_[np.full(nk, 0.5 / nk), np.full(nf, 0.5 / nf)]
-    else:
-        column_weight = np.full(nk + nf, 1.0 / max(nk + nf, 1))
+    column_weight = _column_weight(components.shape[1], feat_center.size, balance)
     forest = reference = None
     rng = np.random.default_rng(seed)
     if method == "iforest":
@@ -432,12 +438,7 @@ def save_anomaly(model: AnomalyModel, path) -> Path:
         arrays.update(model.forest.arrays())
     if model.reference is not None:
         arrays["reference"] = model.reference
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def load_anomaly(path) -> AnomalyModel:

@@ -22,17 +22,6 @@ def _load_config(args):
     return load_config(args.config)
 
 
-def _settings(cfg):
-    from .drift import DriftSettings
-
-    d = getattr(cfg, "discover", None)
-    if d is None:
-        return DriftSettings()
-    return DriftSettings(psi_threshold=d.drift_psi_threshold, ks_alpha=d.drift_ks_alpha, z_threshold=d.drift_z_threshold,
-                         null_factor=d.drift_null_factor, min_candidates=d.drift_min_candidates,
-                         min_groups=d.drift_min_groups)
-
-
 def _reference(paths):
     from .drift import collect_night, load_samples, merge_samples
 
@@ -55,7 +44,7 @@ def cmd_drift(args) -> int:
     night = collect_night(night_dir)
     kept = save_samples(night_dir / "drift_samples.npz", night, meta={"night": str(night_dir)})
     reference = _reference(args.reference) if args.reference else None
-    report = compare(night, reference, settings=_settings(cfg))
+    report = compare(night, reference, settings=cfg.discover)
     out = Path(args.out) if args.out else night_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "drift.json").write_text(json.dumps(report.to_dict(), indent=1))
@@ -99,8 +88,7 @@ def cmd_label(args) -> int:
     from .app import make_server
 
     cfg = _load_config(args)
-    d = getattr(cfg, "discover", None)
-    weight = args.weight if args.weight is not None else (d.label_uncertainty_weight if d is not None else 0.5)
+    weight = args.weight if args.weight is not None else cfg.discover.label_uncertainty_weight
     srv = make_server(args.alerts, args.db, user=_user(args), threshold=_threshold(args, cfg), port=args.port,
                       weight=weight)
     q = srv.queue
@@ -184,7 +172,7 @@ def cmd_anomaly(args) -> int:
     from .anomaly import annotate_alerts
 
     cfg = _load_config(args)
-    model = args.model or (cfg.discover.anomaly_model if getattr(cfg, "discover", None) else "")
+    model = args.model or cfg.discover.anomaly_model
     if not model:
         from ..errors import ConfigError
 

@@ -28,13 +28,17 @@ Statistics (:func:`compare`):
   therefore adapts to the natural variability of each reference: the same PSI is computed for
   every *group* of the reference against the rest of it (the visits of a history; in focal-plane
   mode, the other CCDs), and a feature is flagged when its PSI is at least
-  ``max(psi_threshold, null_factor x the 90th percentile of those)`` (the largest one for up to
-  ten groups) **and** the KS (or missing-fraction)
-  p-value is below ``alpha / number of tests`` (Bonferroni). With fewer than two such groups only
-  ``psi_threshold`` (0.25, the conventional "major shift") and the KS test apply.
+  ``max(drift_psi_threshold, drift_null_factor x the 90th percentile of those)`` (the largest one
+  for up to ten groups) **and** the KS (or missing-fraction) p-value is below
+  ``drift_ks_alpha / number of tests`` (Bonferroni). With fewer than two such groups only
+  ``drift_psi_threshold`` (0.25, the conventional "major shift") and the KS test apply.
 * per-visit quantities: a robust z-score of the night's median against the reference values,
-  ``z = (median(night) - median(ref)) / s`` with ``s = max(1.4826 MAD(ref), rel_floor |median(ref)|)``
-  (and ``>= sqrt(median(ref))`` for counts, the Poisson scatter); flagged when ``|z| >= z_threshold``.
+  ``z = (median(night) - median(ref)) / s`` with ``s = max(1.4826 MAD(ref), drift_rel_floor |median(ref)|)``
+  (and ``>= sqrt(median(ref))`` for counts, the Poisson scatter); flagged when
+  ``|z| >= drift_z_threshold``.
+
+The thresholds are the ``drift_*`` fields of the ``[discover]`` config section
+(:class:`~nightsift.engine.config.DiscoverConfig`), passed to :func:`compare` as ``settings``.
 
 A CCD is flagged when any of its statistics is. :func:`plot_drift` draws the PSI map (CCDs x
 statistics) and, for each flagged CCD, its most shifted distribution against the reference.
@@ -50,10 +54,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from nightsift.kernels.background import mad_sigma
+
+from ..config import DiscoverConfig
 from ..errors import InputError
+from ..io.atomic import atomic_write
+from ..plotting import save_figure
 
 __all__ = [
-    "CANDIDATE_FEATURES", "VISIT_QUANTITIES", "DriftSettings", "CCDSample", "StatResult", "CCDDrift",
+    "CANDIDATE_FEATURES", "VISIT_QUANTITIES", "CCDSample", "StatResult", "CCDDrift",
     "DriftReport", "psi", "robust_z", "reference_for", "ks_2samp", "candidate_values", "samples_from_alerts", "collect_night",
     "save_samples", "load_samples", "merge_samples", "compare", "plot_drift",
 ]
@@ -64,61 +73,6 @@ CANDIDATE_FEATURES = ("rb", "fwhm_rel", "elong", "log_snr", "log_scorr", "nbad")
 VISIT_QUANTITIES = ("n_candidates", "noise_ratio", "scorr_std_raw")
 
 _FILE_RE = re.compile(r"visit(\d+)_ccd(\d+)\.avro$")
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """Thresholds of :func:`compare` (the ``[discover]`` config section carries the same names).
-
-    Attributes
-    ----------
-    psi_threshold : float
-        PSI at or above which a distribution has shifted (0.1 minor, 0.25 major by convention).
-    ks_alpha : float
-        Family-wise false-alarm rate of the KS tests (Bonferroni over every CCD x feature tested).
-    z_threshold : float
-        Robust z-score at or above which a per-visit quantity has shifted.
-    rel_floor : float
-        Smallest scale of a per-visit quantity, as a fraction of its reference median (a
-        reference that happens to be very tight must not make every small change a flag).
-    bins : int
-        Quantile bins of the reference for the PSI (plus one for missing values).
-    min_candidates : int
-        Fewest candidates (night and reference each) for a feature to be tested; reference
-        groups with fewer than half as many do not enter the null.
-    null_factor : float
-        A PSI must exceed this times the largest PSI of the reference's own groups (see the
-        module docstring).
-    min_groups : int
-        Fewest groups (visits of a history, CCDs of the focal plane) a reference needs for its
-        statistics to be tested: with one visit the natural visit-to-visit scatter is unknown,
-        and a healthy CCD would be flagged for it.
-    """
-
-    psi_threshold: float = 0.25
-    ks_alpha: float = 0.01
-    z_threshold: float = 5.0
-    rel_floor: float = 0.05
-    bins: int = 10
-    min_candidates: int = 20
-    null_factor: float = 1.5
-    min_groups: int = 2
-
-    def __post_init__(self):
-        from ..errors import ConfigError
-
-        if not self.psi_threshold > 0:
-            raise ConfigError(f"drift: psi_threshold must be > 0, got {self.psi_threshold}")
-        if not 0 < self.ks_alpha < 1:
-            raise ConfigError(f"drift: ks_alpha must be in (0, 1), got {self.ks_alpha}")
-        if not self.z_threshold > 0 or not self.rel_floor >= 0:
-            raise ConfigError("drift: z_threshold must be > 0 and rel_floor >= 0")
-        if self.bins < 2 or self.min_candidates < 2:
-            raise ConfigError("drift: bins and min_candidates must be >= 2")
-        if self.min_groups < 1:
-            raise ConfigError(f"drift: min_groups must be >= 1, got {self.min_groups}")
-        if not self.null_factor >= 1:
-            raise ConfigError(f"drift: null_factor must be >= 1, got {self.null_factor}")
 
 
 @dataclass
@@ -250,7 +204,7 @@ def robust_z(values, reference, *, rel_floor: float = 0.05, poisson: bool = Fals
     if v.size == 0 or r.size == 0:
         return float("nan"), float("nan"), float("nan")
     mv, mr = float(np.median(v)), float(np.median(r))
-    s = max(1.4826 * float(np.median(np.abs(r - mr))), rel_floor * abs(mr), 1e-12)
+    s = max(float(mad_sigma(r)), rel_floor * abs(mr), 1e-12)
     if poisson:
         s = max(s, math.sqrt(max(mr, 1.0)))
     return (mv - mr) / s, mv, mr
@@ -380,12 +334,7 @@ def save_samples(path, samples: Mapping[int, CCDSample], *, meta: Mapping | None
         arrays[f"ccd{int(ccd):03d}/g/group"] = np.asarray(s.group, np.int64)
         arrays[f"ccd{int(ccd):03d}/g/visit_ids"] = np.asarray(s.visit_ids, np.int64)
     arrays["meta"] = np.array(json.dumps(dict(meta or {})))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def load_samples(path) -> dict[int, CCDSample]:
@@ -473,11 +422,12 @@ class CCDDrift:
 
 @dataclass(frozen=True)
 class DriftReport:
-    """Outcome of :func:`compare`: one :class:`CCDDrift` per CCD, the reference mode and settings."""
+    """Outcome of :func:`compare`: one :class:`CCDDrift` per CCD, the reference mode and the
+    settings (the ``[discover]`` section whose ``drift_*`` thresholds were applied)."""
 
     ccds: tuple
     mode: str
-    settings: DriftSettings
+    settings: DiscoverConfig
     #: CCDs taken out of the focal-plane pool (see :func:`compare`)
     excluded: tuple = ()
 
@@ -486,9 +436,11 @@ class DriftReport:
         return [c.ccd for c in self.ccds if c.flagged]
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
+        from dataclasses import fields
 
-        return {"mode": self.mode, "settings": asdict(self.settings), "flagged": self.flagged,
+        settings = {f.name.removeprefix("drift_"): getattr(self.settings, f.name) for f in fields(self.settings)
+                    if f.name.startswith("drift_")}
+        return {"mode": self.mode, "settings": settings, "flagged": self.flagged,
                 "excluded_from_pool": list(self.excluded),
                 "ccds": [{"ccd": c.ccd, "flagged": c.flagged, "reasons": c.reasons,
                           "stats": [s.to_dict() for s in c.stats]} for c in self.ccds]}
@@ -513,7 +465,7 @@ def _pool(samples: list) -> CCDSample | None:
 
 
 def compare(night: Mapping[int, CCDSample], reference: Mapping[int, CCDSample] | None = None, *,
-            settings: DriftSettings | None = None) -> DriftReport:
+            settings: DiscoverConfig | None = None) -> DriftReport:
     """Flag the CCDs of ``night`` whose distributions shifted against their reference.
 
     Parameters
@@ -525,7 +477,8 @@ def compare(night: Mapping[int, CCDSample], reference: Mapping[int, CCDSample] |
         of the empirical null. ``None``: each CCD is compared with the other CCDs of the same
         night pooled (the focal plane), whose CCDs are the groups; a CCD missing from a history
         is compared with the focal plane too.
-    settings : DriftSettings, optional
+    settings : DiscoverConfig, optional
+        The ``[discover]`` config section: its ``drift_*`` thresholds (default ``DiscoverConfig()``).
 
     Returns
     -------
@@ -538,7 +491,7 @@ def compare(night: Mapping[int, CCDSample], reference: Mapping[int, CCDSample] |
     of the pool and the comparison is redone, until no CCD still in the pool is flagged (or two
     CCDs are left). Every CCD, taken out or not, is finally compared with the cleaned pool.
     """
-    st = settings or DriftSettings()
+    st = settings or DiscoverConfig()
     if not night:
         raise InputError("drift: the night holds no CCD to compare")
     history = reference or {}
@@ -549,7 +502,7 @@ def compare(night: Mapping[int, CCDSample], reference: Mapping[int, CCDSample] |
         in_pool = [r for r in results if r.flagged and r.ccd not in excluded and r.ccd not in history]
         if not in_pool or len(night) - len(excluded) <= 2:
             break
-        excluded.add(max(in_pool, key=_deviation).ccd)
+        excluded.add(max(in_pool, key=lambda c: _deviation(c, st.drift_z_threshold)).ccd)
     mode = "focal_plane" if reference is None else "history"
     return DriftReport(tuple(results), mode, st, tuple(sorted(excluded)))
 
@@ -564,47 +517,48 @@ def _groups(ccd: int, night, history, excluded) -> tuple[CCDSample | None, list]
     return _pool(others), [s.features for s in others]
 
 
-def _n_tests(night, history, excluded, st) -> int:
+def _n_tests(night, history, excluded, st: DiscoverConfig) -> int:
     n = 0
     for ccd, s in night.items():
         r, groups = _groups(ccd, night, history, excluded)
         for k in CANDIDATE_FEATURES:
-            if r is not None and k in s.features and k in r.features and len(groups) >= st.min_groups:
-                n += bool(np.isfinite(s.features[k]).sum() >= st.min_candidates
-                          and np.isfinite(r.features[k]).sum() >= st.min_candidates)
+            if r is not None and k in s.features and k in r.features and len(groups) >= st.drift_min_groups:
+                n += bool(np.isfinite(s.features[k]).sum() >= st.drift_min_candidates
+                          and np.isfinite(r.features[k]).sum() >= st.drift_min_candidates)
     return max(1, n)
 
 
-def _null_psi(groups: list, k: str, st: DriftSettings) -> float:
+def _null_psi(groups: list, k: str, st: DiscoverConfig) -> float:
     """90th percentile (the largest, for up to 10 groups) of the PSIs of each reference group
     against the rest of the reference (NaN: fewer than 2 groups)."""
-    vals = [g[k] for g in groups if k in g and np.isfinite(g[k]).sum() >= max(2, st.min_candidates // 2)]
+    vals = [g[k] for g in groups if k in g and np.isfinite(g[k]).sum() >= max(2, st.drift_min_candidates // 2)]
     if len(vals) < 2:
         return float("nan")
     out = []
     for j, v in enumerate(vals):
         rest = np.concatenate([w for i, w in enumerate(vals) if i != j])
-        out.append(psi(rest, v, bins=st.bins))
+        out.append(psi(rest, v, bins=st.drift_bins))
     return float(np.quantile(out, 0.9, method="higher"))
 
 
-def _compare_ccd(ccd: int, night, history, excluded, st: DriftSettings, n_tests: int) -> "CCDDrift":
+def _compare_ccd(ccd: int, night, history, excluded, st: DiscoverConfig, n_tests: int) -> "CCDDrift":
     s = night[ccd]
     r, groups = _groups(ccd, night, history, excluded)
     # two tests per feature (distribution and missing fraction): Bonferroni counts both
-    alpha = st.ks_alpha / (2 * n_tests)
+    alpha = st.drift_ks_alpha / (2 * n_tests)
     stats = []
     for k in CANDIDATE_FEATURES:
         if r is None or k not in s.features or k not in r.features:
             continue
         a, b = s.features[k], r.features[k]
-        if (np.isfinite(a).sum() < st.min_candidates or np.isfinite(b).sum() < st.min_candidates
-                or len(groups) < st.min_groups):
+        if (np.isfinite(a).sum() < st.drift_min_candidates or np.isfinite(b).sum() < st.drift_min_candidates
+                or len(groups) < st.drift_min_groups):
             stats.append(StatResult(k, "distribution", len(a), len(b), False, False))
             continue
-        p_ = psi(b, a, bins=st.bins)
+        p_ = psi(b, a, bins=st.drift_bins)
         null = _null_psi(groups, k, st)
-        crit = st.psi_threshold if not np.isfinite(null) else max(st.psi_threshold, st.null_factor * null)
+        crit = st.drift_psi_threshold if not np.isfinite(null) else max(st.drift_psi_threshold,
+                                                                        st.drift_null_factor * null)
         d, pv = ks_2samp(a, b)
         pv_missing = _two_proportion_p(int(np.isfinite(a).sum()), len(a), int(np.isfinite(b).sum()), len(b))
         p_min = min(pv, pv_missing)
@@ -616,22 +570,24 @@ def _compare_ccd(ccd: int, night, history, excluded, st: DriftSettings, n_tests:
         if v is None or rv is None or not np.isfinite(v).any() or not np.isfinite(rv).any():
             continue
         n_v, n_r = int(np.isfinite(v).sum()), int(np.isfinite(rv).sum())
-        if n_r < st.min_groups:
+        if n_r < st.drift_min_groups:
             stats.append(StatResult(k, "visit", n_v, n_r, False, False))
             continue
-        z, mv, mr = robust_z(v, rv, rel_floor=st.rel_floor, poisson=(k == "n_candidates"))
-        stats.append(StatResult(k, "visit", n_v, n_r, True, bool(abs(z) >= st.z_threshold), z=z, value=mv,
+        z, mv, mr = robust_z(v, rv, rel_floor=st.drift_rel_floor, poisson=(k == "n_candidates"))
+        stats.append(StatResult(k, "visit", n_v, n_r, True, bool(abs(z) >= st.drift_z_threshold), z=z, value=mv,
                                 ref_value=mr))
     return CCDDrift(ccd, any(x.flagged for x in stats), tuple(stats))
 
 
-def _deviation(c: "CCDDrift") -> float:
-    """How far a flagged CCD is from its reference, in units of its thresholds."""
-    d = 0.0
-    for s in c.stats:
-        if s.flagged:
-            d = max(d, s.psi / s.psi_crit if s.kind == "distribution" else abs(s.z) / 5.0)
-    return d
+def _stat_deviation(s: StatResult, z_threshold: float) -> float:
+    """How far one statistic is from its reference, in units of its threshold (``psi_crit`` of a
+    distribution, ``z_threshold`` of a per-visit quantity)."""
+    return s.psi / s.psi_crit if s.kind == "distribution" else abs(s.z) / z_threshold
+
+
+def _deviation(c: "CCDDrift", z_threshold: float) -> float:
+    """How far a flagged CCD is from its reference: its most deviant flagged statistic."""
+    return max((_stat_deviation(s, z_threshold) for s in c.stats if s.flagged), default=0.0)
 
 
 def reference_for(ccd: int, report: "DriftReport", night: Mapping[int, CCDSample],
@@ -693,7 +649,7 @@ def plot_drift(report: DriftReport, night: Mapping[int, CCDSample], reference: M
     for j, k in enumerate(visits):
         z = [abs(c.stat(k).z) if c.stat(k) is not None else np.nan for c in report.ccds]
         ax.plot(z, range(len(ccds)), "o", label=k)
-    ax.axvline(report.settings.z_threshold, color="tab:red", ls=":")
+    ax.axvline(report.settings.drift_z_threshold, color="tab:red", ls=":")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yticks(range(len(ccds)), [f"ccd {c}" for c in ccds])
     ax.invert_yaxis()
@@ -702,8 +658,7 @@ def plot_drift(report: DriftReport, night: Mapping[int, CCDSample], reference: M
         ax.legend(fontsize=7)
     for i, c in enumerate(flagged):
         ax = fig.add_subplot(gs[1, i])
-        s = max((x for x in c.stats if x.flagged),
-                key=lambda x: x.psi / x.psi_crit if x.kind == "distribution" else abs(x.z) / report.settings.z_threshold)
+        s = max((x for x in c.stats if x.flagged), key=lambda x: _stat_deviation(x, report.settings.drift_z_threshold))
         ref = reference_for(c.ccd, report, night, reference)
         if s.kind == "distribution":
             for arr, lab in ((ref.features[s.name], "reference"), (night[c.ccd].features[s.name], "this night")):
@@ -721,9 +676,4 @@ def plot_drift(report: DriftReport, night: Mapping[int, CCDSample], reference: M
             ax.set_ylabel(s.name)
             ax.set_title(f"ccd {c.ccd}: {s.name} z={s.z:+.1f}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

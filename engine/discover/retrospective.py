@@ -28,11 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import save_figure
+from ..io.atomic import file_sha256
 from .anomaly import candidate_features, fit_anomaly, save_anomaly
 
 log = logging.getLogger("nightsift.discover")
 
-__all__ = ["HOLDOUT_KINDS", "percentiles", "rank_report", "embed", "run_retrospective", "plot_retrospective"]
+__all__ = ["HOLDOUT_KINDS", "percentiles", "rank_report", "embed", "embed_data", "run_retrospective",
+           "plot_retrospective"]
 
 #: real-event kinds that can be held out (the simulator's transient kinds)
 HOLDOUT_KINDS = ("nuclear", "variable", "isolated")
@@ -112,9 +115,65 @@ def _inputs_in_chunks(data, chunk: int = 4096):
         yield data.inputs(slice(i, i + chunk))
 
 
-def _embed_data(model, data) -> np.ndarray:
+def embed_data(model, data) -> np.ndarray:
+    """:func:`embed` of every row of a dataset (``RBData``), in chunks of 4096."""
     parts = [embed(model, x) for x in _inputs_in_chunks(data)]
     return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def _hold_out(data, holdout: str):
+    """Split ``data`` for the retrospective search.
+
+    Returns
+    -------
+    (train, val, night, target, counts)
+        The training and validation rows less every real ``holdout`` event, the held-out night
+        (the test split), the mask of its real ``holdout`` events, and the report's counts.
+
+    Raises
+    ------
+    ValueError
+        The night has no real ``holdout`` event.
+    """
+    is_held = (data.truth["label"] == 1) & (data.truth["kind"] == holdout)
+    train = data.select((data.domain["split"] == "train") & ~is_held)
+    val = data.select((data.domain["split"] == "val") & ~is_held)
+    night = data.split("test")
+    target = (night.truth["label"] == 1) & (night.truth["kind"] == holdout)
+    if target.sum() == 0:
+        raise ValueError(f"the held-out night has no real '{holdout}' event: use more or larger units "
+                         f"(kinds there: {sorted(set(night.truth['kind']))})")
+    kinds = night.truth["kind"]
+    counts = {"n_train": len(train), "n_val": len(val),
+              "n_removed_from_training": int(((data.domain["split"] != "test") & is_held).sum()),
+              "n_night": len(night), "n_night_target": int(target.sum()),
+              "night_kinds": {str(k): int((kinds == k).sum()) for k in np.unique(kinds)}}
+    return train, val, night, target, counts
+
+
+def _anomaly_scores(emb_ref, feat_ref, emb_night, feat_night, **fit_kw):
+    """Fit :func:`.anomaly.fit_anomaly` on the reference three ways (embedding + features, the
+    embedding alone, the features alone) and score the night with each.
+
+    Returns
+    -------
+    (AnomalyModel, dict)
+        The embedding + features model, and the night's scores by name (``"anomaly"``,
+        ``"embedding"``, ``"features"``).
+    """
+    both = fit_anomaly(emb_ref, feat_ref, **fit_kw)
+    scores = {"anomaly": both.score(emb_night, feat_night),
+              "embedding": fit_anomaly(emb_ref, None, **fit_kw).score(emb_night, None),
+              "features": fit_anomaly(None, feat_ref, **fit_kw).score(None, feat_night)}
+    return both, scores
+
+
+def _save_embeddings(path, emb_ref, feat_ref, emb_night, feat_night, rb_night, target, night) -> None:
+    """``embeddings.npz``: reference and night embeddings (float16), features, the night's rb,
+    target mask and truth (``night_kind``, ``night_label``)."""
+    np.savez_compressed(path, emb_ref=emb_ref.astype(np.float16), feat_ref=feat_ref,
+                        emb_night=emb_night.astype(np.float16), feat_night=feat_night, rb_night=rb_night,
+                        target=target, night_kind=night.truth["kind"], night_label=night.truth["label"])
 
 
 def run_retrospective(*, holdout: str = "nuclear", spec=None, data_dir="nightsift-data", out_dir="nightsift-retro",
@@ -155,7 +214,7 @@ def run_retrospective(*, holdout: str = "nuclear", spec=None, data_dir="nightsif
         retrained model calls real (``"anomaly_among_called_real"``).
     """
     from ..classify.dataset import DatasetSpec, build_dataset, load_dataset
-    from ..classify.evaluate import threshold_for_fnr
+    from ..classify.metrics import threshold_for_fnr
     from ..classify.model import save_keras_model
     from ..classify.train import predict_keras, train_model
 
@@ -165,50 +224,26 @@ def run_retrospective(*, holdout: str = "nuclear", spec=None, data_dir="nightsif
     if data is None:
         spec = spec or DatasetSpec(n_units=60, profiles=("ztf", "decam"), test_fraction=0.3, seed=44)
         data = load_dataset(build_dataset(data_dir, spec, config=config, workers=workers, progress=progress))
-    is_held = (data.truth["label"] == 1) & (data.truth["kind"] == holdout)
-    train = data.select((data.domain["split"] == "train") & ~is_held)
-    val = data.select((data.domain["split"] == "val") & ~is_held)
-    night = data.split("test")
-    removed = int(((data.domain["split"] != "test") & is_held).sum())
-    target = (night.truth["label"] == 1) & (night.truth["kind"] == holdout)
-    if target.sum() == 0:
-        raise ValueError(f"the held-out night has no real '{holdout}' event: use more or larger units "
-                         f"(kinds there: {sorted(set(night.truth['kind']))})")
+    train, val, night, target, counts = _hold_out(data, holdout)
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed,
                               threads=threads, verbose=verbose, model_kwargs=model_kwargs)
     thr = threshold_for_fnr(val.labels, predict_keras(model, val.inputs()), 0.05)
-    emb_ref = _embed_data(model, train)
-    feat_ref = candidate_features(train.features)
-    emb_night = _embed_data(model, night)
-    feat_night = candidate_features(night.features)
+    emb_ref, feat_ref = embed_data(model, train), candidate_features(train.features)
+    emb_night, feat_night = embed_data(model, night), candidate_features(night.features)
     rb_night = predict_keras(model, night.inputs())
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rb_path = save_keras_model(model, out / "rb_holdout.keras")
-    from .anomaly import file_sha256
-
+    rb_path = save_keras_model(model, out / "rb_holdout.keras")  # the first output: creates ``out``
     meta = {"rb_model": str(rb_path), "rb_model_sha256": file_sha256(rb_path), "holdout": holdout}
-    kw = dict(method=method, n_trees=n_trees, n_components=n_components, seed=seed)
-    models = {"anomaly": fit_anomaly(emb_ref, feat_ref, meta=meta, **kw),
-              "embedding": fit_anomaly(emb_ref, None, meta=meta, **kw),
-              "features": fit_anomaly(None, feat_ref, meta=meta, **kw)}
-    scores = {"anomaly": models["anomaly"].score(emb_night, feat_night),
-              "embedding": models["embedding"].score(emb_night, None),
-              "features": models["features"].score(None, feat_night),
-              "one_minus_rb": 1.0 - rb_night.astype(np.float64)}
-    save_anomaly(models["anomaly"], out / "anomaly.npz")
+    anomaly, scores = _anomaly_scores(emb_ref, feat_ref, emb_night, feat_night, meta=meta, method=method,
+                                      n_trees=n_trees, n_components=n_components, seed=seed)
+    scores["one_minus_rb"] = 1.0 - rb_night.astype(np.float64)
+    save_anomaly(anomaly, out / "anomaly.npz")
     if keep_embeddings:  # for studying other outlier measures without retraining
-        np.savez_compressed(out / "embeddings.npz", emb_ref=emb_ref.astype(np.float16), feat_ref=feat_ref,
-                            emb_night=emb_night.astype(np.float16), feat_night=feat_night, rb_night=rb_night,
-                            target=target,
-                            night_kind=night.truth["kind"], night_label=night.truth["label"])
+        _save_embeddings(out / "embeddings.npz", emb_ref, feat_ref, emb_night, feat_night, rb_night, target, night)
     called = rb_night >= thr
     rep = {
-        "holdout": holdout, "method": method,
-        "n_train": len(train), "n_val": len(val), "n_removed_from_training": removed,
-        "n_night": len(night), "n_night_target": int(target.sum()),
-        "night_kinds": {str(k): int((night.truth["kind"] == k).sum()) for k in np.unique(night.truth["kind"])},
+        "holdout": holdout, "method": method, **counts,
         "random": {"median_percentile": 0.5, "recall_top_1pct": 0.01, "recall_top_5pct": 0.05, "auc": 0.5},
         "rank": {k: rank_report(v, target) for k, v in scores.items()},
         "threshold": float(thr),
@@ -251,9 +286,4 @@ def plot_retrospective(scores, target, path, *, title: str = "") -> Path:
     ax[1].set_ylabel("recall of the held-out class")
     ax[1].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -166,3 +166,47 @@ def test_packaging_can_run_apart_from_the_device_work(pairs, tmp_path):
         pa, pb = read_alerts(a.alerts_path), read_alerts(b.alerts_path)
         assert [x["candid"] for x in pa] == [x["candid"] for x in pb]
         assert [x["candidate"]["flux"] for x in pa] == [x["candidate"]["flux"] for x in pb]
+
+
+@pytest.mark.parametrize("stage", ["align", "psf", "flux_ratio"])
+def test_a_ccd_failing_mid_chain_leaves_the_batch_and_the_others_go_on(pairs, tmp_path, monkeypatch, stage):
+    """CCD 0 fails inside the device half (alignment, PSF, flux ratio): its record names the
+    stage's reason, and CCD 1 of the same batch gives the same candidates as alone (the batch's
+    arrays and per-CCD lists stay in step when a row leaves)."""
+    from nightsift.engine import pipeline
+    from nightsift.engine.errors import AlgorithmFailure
+
+    cfg = Config().replace(package={"output_dir": str(tmp_path)})
+    statics = [prepare_statics(sim.reference, master, config=cfg, ccd=c) for c, (sim, master) in enumerate(pairs)]
+    frames = [VisitFrame(9, c, raw=sim.science_raw) for c, (sim, _) in enumerate(pairs)]
+    alone = process_visit(frames[1:], statics[1:], config=cfg, write=False)[0]
+    first = {"seen": False}
+
+    def once(real, fail):
+        def wrapped(*a, **k):
+            if not first["seen"]:
+                first["seen"] = True
+                return fail(real, *a, **k)
+            return real(*a, **k)
+        return wrapped
+
+    def boom(*_a, **_k):
+        raise AlgorithmFailure(f"injected {stage} failure", stage=stage)
+
+    if stage == "align":
+        monkeypatch.setattr(pipeline, "coarse_map", once(pipeline.coarse_map, lambda real, *a, **k: boom()))
+    elif stage == "flux_ratio":
+        monkeypatch.setattr(pipeline, "zero_point_flux_ratio",
+                            once(pipeline.zero_point_flux_ratio, lambda real, *a, **k: boom()))
+    else:
+        real_psf = pipeline.measure_psf
+
+        def psf_fails_first(*a, **k):
+            res = real_psf(*a, **k)
+            res.value[0] = AlgorithmFailure("injected psf failure", stage="psf")
+            return res
+        monkeypatch.setattr(pipeline, "measure_psf", psf_fails_first)
+    res = process_visit(frames, statics, config=cfg, write=False)
+    assert res[0].status == "failed" and f"injected {stage} failure" in str(res[0].error)
+    assert res[1].status == "done"
+    _same_candidates(res[1].candidates, alone.candidates)

@@ -129,20 +129,69 @@ def test_run_training_adds_extra_rows(labeled, tiny_data, monkeypatch):
     assert (tr.domain["instrument"] == "expert").sum() == 3
 
 
+def _metrics_oracle(model, val, test, target_fnr):
+    """Test metrics of a Keras model written out from their definitions (brute force, no nightsift
+    code): threshold = the lowest validation real score that leaves at most ``floor(target_fnr *
+    n_real)`` real scores below it; AUCPR = mean over real examples of the precision among the
+    candidates scoring at least as high; ROC AUC = Mann-Whitney U / (n_real n_bogus)."""
+    from scipy.stats import mannwhitneyu
+
+    def scores(d):
+        return np.asarray(model.predict(d.inputs().astype(np.float32), batch_size=512, verbose=0),
+                          np.float64).reshape(-1)
+
+    yv, pv = val.labels.astype(bool), scores(val)
+    thr = np.sort(pv[yv])[int(np.floor(target_fnr * yv.sum() + 1e-9))]
+    y, p = test.labels.astype(bool), scores(test)
+    ap = np.mean([(y & (p >= p[i])).sum() / (p >= p[i]).sum() for i in np.flatnonzero(y)])
+    auc = mannwhitneyu(p[y], p[~y]).statistic / (y.sum() * (~y).sum())
+    return {"aucpr": ap, "roc_auc": auc, "fnr": np.mean(p[y] < thr), "fpr": np.mean(p[~y] >= thr),
+            "threshold": thr}
+
+
 @pytest.mark.slow
-def test_active_learning_loop_tiny(tmp_path, tiny_data):
+def test_active_learning_loop_tiny(tmp_path, tiny_data, monkeypatch):
+    """The loop's report against what it trained: the batches it added (their real fraction, drawn
+    from the pool, not the initial set) and each model's test metrics recomputed from scratch."""
     import json
 
+    import nightsift.engine.classify.train as train_mod
     from nightsift.engine.discover.active import run_active_learning
 
     _, _, data = tiny_data
+    trained = []  # (training rows, model) of every train_model call, in order
+
+    def recording_train_model(train, val, **kw):
+        model, hist = real_train_model(train, val, **kw)
+        trained.append((train, model))
+        return model, hist
+
+    real_train_model = train_mod.train_model
+    monkeypatch.setattr(train_mod, "train_model", recording_train_model)
     rep = run_active_learning(data=data, out_dir=tmp_path / "out", initial_fraction=0.5, batch_size=15, seeds=(0,),
                               epochs=1, model_kwargs={"filters": (4, 8), "dense": 16}, threads=2)
     r = rep["runs"][0]
     n_train = len(data.split("train"))
     assert r["n_initial"] + r["n_pool"] == n_train and r["batch_size"] == 15
-    for name in ("initial", "initial+queue", "initial+random"):
-        assert 0 <= r[name]["aucpr"] <= 1 and 0 <= r[name]["roc_auc"] <= 1
-    assert 0 <= r["queue_batch_real_fraction"] <= 1
-    assert set(rep["gain"]) == {"aucpr", "roc_auc", "fnr", "fpr"}
+    # three models: the initial set, then the initial set plus the queue's batch, plus the random batch
+    assert [len(t) for t, _ in trained] == [r["n_initial"], r["n_initial"] + 15, r["n_initial"] + 15]
+    initial = trained[0][0]
+    init_units = set(initial.domain["unit"].tolist())
+    assert len(init_units) == round(0.5 * len(np.unique(data.split("train").domain["unit"])))
+    for name, (rows, _) in zip(("queue", "random"), trained[1:]):
+        np.testing.assert_array_equal(rows.z[:len(initial)], initial.z)
+        batch = rows.select(np.arange(len(initial), len(rows)))
+        assert not init_units & set(batch.domain["unit"].tolist())  # drawn from the pool
+        assert r[f"{name}_batch_real_fraction"] == batch.labels.mean()
+    val, test = data.split("val"), data.split("test")
+    for name, (_, model) in zip(("initial", "initial+queue", "initial+random"), trained):
+        want = _metrics_oracle(model, val, test, rep["target_fnr"])
+        for k, v in want.items():
+            assert r[name][k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), (name, k)
+    for m in ("aucpr", "roc_auc", "fnr", "fpr"):
+        g = rep["gain"][m]
+        assert g["queue_minus_random_mean"] == pytest.approx(r["initial+queue"][m] - r["initial+random"][m])
+        assert g["queue_minus_initial_mean"] == pytest.approx(r["initial+queue"][m] - r["initial"][m])
+        assert g["random_minus_initial_mean"] == pytest.approx(r["initial+random"][m] - r["initial"][m])
+        assert np.isnan(g["queue_minus_random_sd"])  # one seed: no spread
     assert json.loads((tmp_path / "out" / "active_learning.json").read_text())["runs"][0]["seed"] == 0

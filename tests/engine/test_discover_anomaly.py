@@ -166,7 +166,8 @@ def test_annotate_alerts_with_embedding_checks_the_cnn(tmp_path, rng):
     pytest.importorskip("keras")
     from nightsift.engine.classify.model import build_model, embedding_model, save_keras_model
     from nightsift.engine.classify.preprocess import preprocess
-    from nightsift.engine.discover.anomaly import annotate_alerts, file_sha256
+    from nightsift.engine.discover.anomaly import annotate_alerts
+    from nightsift.engine.io.atomic import file_sha256
     from nightsift.engine.errors import InputError
     from nightsift.engine.io.avro import cutout_to_array, read_alerts
 

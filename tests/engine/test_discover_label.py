@@ -71,10 +71,11 @@ def _decode_png(data: bytes) -> np.ndarray:
 def test_encode_png_roundtrip():
     g = (np.arange(63 * 40) % 256).astype(np.uint8).reshape(40, 63)
     np.testing.assert_array_equal(_decode_png(encode_png(g)), g)
-    PIL = pytest.importorskip("PIL.Image")  # a second, independent reader where Pillow is installed
     import io
 
-    np.testing.assert_array_equal(np.asarray(PIL.open(io.BytesIO(encode_png(g)))), g)
+    from PIL import Image  # a second, independent reader (Pillow: installed with matplotlib, a dependency)
+
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(g)))), g)
 
 
 def test_label_store(tmp_path):

@@ -3,6 +3,7 @@ nuclear transients, and the whole loop (hold out, retrain, fit, rank) on a tiny 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,30 @@ from nightsift.engine.discover.anomaly import fit_anomaly, load_anomaly
 from nightsift.engine.discover.retrospective import percentiles, rank_report
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "retro_nuclear_tiny.npz"
+
+
+def _rank_oracle(scores, target) -> dict:
+    """:func:`rank_report` from its definitions, by brute force: a target's percentile is the
+    fraction of the other candidates scoring lower (ties half); the recall in the top ``ceil(p n)``
+    counts ties against the targets; AUC = Mann-Whitney U / (k (n - k))."""
+    from scipy.stats import mannwhitneyu
+
+    s, t = np.asarray(scores, np.float64), np.asarray(target, bool)
+    n, k = s.size, int(t.sum())
+    pct = [((s < s[i]).sum() + 0.5 * ((s == s[i]).sum() - 1)) / (n - 1) for i in np.flatnonzero(t)]
+    ranked = sorted(range(n), key=lambda i: (-s[i], t[i], i))
+    out = {"n": n, "n_target": k, "median_percentile": float(np.median(pct)), "mean_percentile": float(np.mean(pct)),
+           "auc": mannwhitneyu(s[t], s[~t]).statistic / (k * (n - k))}
+    for p, name in ((0.01, "1"), (0.05, "5")):
+        recall = sum(t[i] for i in ranked[:math.ceil(p * n)]) / k
+        out[f"recall_top_{name}pct"], out[f"lift_top_{name}pct"] = recall, recall / p
+    return out
+
+
+def test_rank_oracle_agrees_on_ties(rng):
+    s = rng.integers(0, 5, 300).astype(float)  # many ties
+    t = rng.random(300) < 0.1
+    assert rank_report(s, t) == pytest.approx(_rank_oracle(s, t), rel=1e-12)
 
 
 def test_percentiles_with_ties():
@@ -75,21 +100,34 @@ def test_retrospective_loop_on_tiny_data(tmp_path, capsys):
     if not held[data.domain["split"] == "test"].any():
         pytest.skip("the tiny held-out night drew no nuclear transient")
     rep = run_retrospective(holdout="nuclear", data=data, out_dir=tmp_path / "out", epochs=1,
-                            model_kwargs={"filters": (4, 8), "dense": 16}, threads=2)
+                            model_kwargs={"filters": (4, 8), "dense": 16}, threads=2, keep_embeddings=True)
     # the held-out kind is out of training entirely
     train_rows = data.domain["split"] == "train"
     assert rep["n_train"] == int((train_rows & ~held).sum())
     assert rep["n_removed_from_training"] == int((held & (data.domain["split"] != "test")).sum())
     assert rep["n_night_target"] == int((held & (data.domain["split"] == "test")).sum())
-    for k in ("anomaly", "embedding", "features", "one_minus_rb"):
-        r = rep["rank"][k]
-        assert 0 <= r["median_percentile"] <= 1 and 0 <= r["recall_top_5pct"] <= 1
-    saved = json.loads((tmp_path / "out" / "retrospective.json").read_text())
-    assert saved["rank"] == rep["rank"]
+    # the ranks, recomputed by brute force from what the run saved: its night's rb scores, the
+    # features, and the anomaly model with the CNN it was fitted on
+    night = data.split("test")
+    f = np.load(tmp_path / "out" / "embeddings.npz", allow_pickle=False)
+    target = f["target"]
+    np.testing.assert_array_equal(target, held[data.domain["split"] == "test"])
     m = load_anomaly(tmp_path / "out" / "anomaly.npz")
-    from nightsift.engine.discover.anomaly import file_sha256
+    from nightsift.engine.classify.model import load_keras_model
+    from nightsift.engine.io.atomic import file_sha256
+    from nightsift.engine.discover.retrospective import embed_data
 
     assert m.meta["rb_model_sha256"] == file_sha256(tmp_path / "out" / "rb_holdout.keras")
+    cnn = load_keras_model(tmp_path / "out" / "rb_holdout.keras")
+    rb = np.asarray(cnn.predict(night.inputs(), batch_size=512, verbose=0), np.float64).reshape(-1)
+    np.testing.assert_allclose(rb, f["rb_night"], rtol=0, atol=1e-6)
+    oracle = {"one_minus_rb": 1.0 - f["rb_night"].astype(np.float64),
+              "features": fit_anomaly(None, f["feat_ref"]).score(None, f["feat_night"]),
+              "anomaly": m.score(embed_data(cnn, night), f["feat_night"])}
+    for k, s in oracle.items():
+        assert rep["rank"][k] == pytest.approx(_rank_oracle(s, target), rel=1e-12), k
+    saved = json.loads((tmp_path / "out" / "retrospective.json").read_text())
+    assert saved["rank"] == rep["rank"]
     assert (tmp_path / "out" / "retrospective.png").stat().st_size > 5000
     # the command line on the cached dataset
     assert main(["retrospective", "--data", str(tmp_path / "data"), "--units", "6", "--size", "256", "--profiles",
