@@ -23,6 +23,7 @@ the others go on.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,8 @@ from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point
 
 __all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
            "package_results", "process_ccd", "process_pair", "align_exposures", "STAGES"]
+
+log = logging.getLogger(__name__)
 
 #: the stages whose wall times (``t_<stage>``, s) every CCD-visit's QA carries: the wall time of the
 #: stage for the whole batch the CCD-visit ran in (divide by ``batch_size`` for a per-CCD share)
@@ -267,6 +270,7 @@ class _Batch:
         self.errors: dict[int, NightsiftError] = {}
         self.qa_entries: list[tuple[list[int], dict]] = []
         self.times = {i: {} for i in range(len(self.frames))}
+        self.warnings: dict[int, list[str]] = {i: [] for i in range(len(self.frames))}
 
     def fail(self, i: int, exc: NightsiftError) -> None:
         self.errors[i] = exc
@@ -275,6 +279,12 @@ class _Batch:
     def qa(self, qa: dict, members: list[int] | None = None) -> None:
         """Record a stage's QA for ``members`` (default: the alive CCDs), values per member."""
         self.qa_entries.append((list(self.alive if members is None else members), qa))
+
+    def warn(self, i: int, message: str) -> None:
+        """Record a loud one-line warning for CCD-visit ``i`` (QA key ``"warnings"``, also logged)."""
+        self.warnings[i].append(message)
+        f = self.frames[i]
+        log.warning("visit %s ccd %s: %s", f.visit, f.ccd, message)
 
     def time(self, name: str, seconds: float, members=None) -> None:
         for i in (self.alive if members is None else members):
@@ -299,6 +309,7 @@ class _Batch:
                 out[i][k] = int(h) if v.dtype.kind in "iub" and np.isfinite(h) else float(h)
         for i in range(len(out)):
             out[i].update(self.times[i])
+            out[i]["warnings"] = list(self.warnings[i])
         return out
 
 
