@@ -583,7 +583,7 @@ def fit_moffat(psf, *, max_iter: int = 60, oversample: int = 3, ftol: float = 1e
 # --------------------------------------------------------------------------------------------
 # the hybrid PSF
 # --------------------------------------------------------------------------------------------
-def stack_variance(stamps, weights, sky_sigma, psf, *, members=None):
+def stack_variance(stamps, weights, sky_sigma, psf, *, members=None, poisson_scale: float = 1.0):
     """Per-pixel variance of each tile's weighted mean of flux-normalised star stamps
     (:func:`kernels.psf.stack_psf`), batched over tiles.
 
@@ -604,6 +604,8 @@ def stack_variance(stamps, weights, sky_sigma, psf, *, members=None):
         The unit-sum stacks.
     members : ndarray (T, K) int, optional
         Row of ``stamps`` of each tile's ``k``-th star (any valid row, or -1, for padding).
+    poisson_scale : float, keyword-only
+        Image units per e- (1: e- stamps): the star's photon noise is ``poisson_scale F_i psf``.
 
     Returns
     -------
@@ -640,6 +642,8 @@ def stack_variance(stamps, weights, sky_sigma, psf, *, members=None):
     sig = float(sky_sigma) if np.isscalar(sky_sigma) else to_device(sky_sigma, xp, dtype=xp.float64)
     sky = sig**2 * xp.sum(wn**2 / F**2, axis=1)
     src = xp.sum(wn**2 / F, axis=1)
+    if poisson_scale != 1.0:
+        src = src * float(poisson_scale)
     out = sky[:, None, None] + src[:, None, None] * xp.maximum(ps, 0.0)
     out = xp.where((wsum != 0)[:, None, None], out, math.nan)
     return out[0] if single else out

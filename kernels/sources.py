@@ -43,8 +43,8 @@ gathered for the whole batch in one fancy-indexing call (pixels outside the imag
   ``2 s^2 w^2 / (s^2 + w^2)`` (pulled toward the window ``w``);
 * ``flux``: sum of the whole pixels whose centre lies within ``r_ap`` of the centroid
   (``sep.sum_circle(..., subpix=1)``), ``r_ap = aperture_radius`` or ``max(2 fwhm, 3)`` px;
-  ``fluxerr = sqrt(n_pix sigma^2 + max(flux, 0))`` (e- images; ``n_pix`` usable aperture pixels
-  inside the image), ``snr = flux / fluxerr``;
+  ``fluxerr = sqrt(n_pix sigma^2 + max(flux, 0))`` (e- images; other units scale the source term
+  by ``poisson_scale``; ``n_pix`` usable aperture pixels inside the image), ``snr = flux / fluxerr``;
 * ``peak``: the brightest pixel of the 3x3 core around the peak pixel;
 * ``flag``: :data:`FLAG_MASKED` (1) if an unusable pixel lies in the aperture,
   :data:`FLAG_EDGE` (2) if the aperture crosses the image edge.
@@ -327,7 +327,7 @@ def _suppressed(xp, v, b, y, x, val, live, r_src, rmax: float):
 # the catalogue
 # --------------------------------------------------------------------------------------------
 def detect_sources(image, sigma, *, fwhm, threshold: float = 5.0, mask=None, aperture_radius=None,
-                   max_sources: int | None = None) -> Sources:
+                   max_sources: int | None = None, poisson_scale=None) -> Sources:
     """Detect and measure the sources of background-subtracted images (see the module notes).
 
     Parameters
@@ -352,6 +352,10 @@ def detect_sources(image, sigma, *, fwhm, threshold: float = 5.0, mask=None, ape
         Aperture radius (pixels); default ``max(2 fwhm, 3)``.
     max_sources : int, optional, keyword-only
         Keep at most this many sources per image, those with the highest detection S/N.
+    poisson_scale : float or array_like (B,), optional, keyword-only
+        Image units per e- of each image, for the source's own Poisson term of ``fluxerr``
+        (``poisson_scale * max(flux, 0)``): ``None`` (or 1) for images in e-; an image in flux
+        units passes what its variance map implies (0: its map holds no source noise).
 
     Returns
     -------
@@ -392,6 +396,8 @@ def detect_sources(image, sigma, *, fwhm, threshold: float = 5.0, mask=None, ape
         if sig.shape != (B,):
             raise ValueError(f"detect_sources: sigma must be a number or a ({B},) array, got shape "
                              f"{tuple(sigma.shape)}")
+    pois = None if poisson_scale is None else _per_image(_host_per_image(poisson_scale, B, "poisson_scale",
+                                                                          allow_zero=True), xp)
     if B == 0 or ny == 0 or nx == 0:
         return _empty(xp)
 
@@ -500,7 +506,10 @@ def detect_sources(image, sigma, *, fwhm, threshold: float = 5.0, mask=None, ape
     flux = xp.sum(xp.where(ap, st, 0.0), axis=(1, 2))
     npix = xp.sum(ap & inside & ~st_bad, axis=(1, 2)).astype(xp.float64)
     sig_src = _gather(sig, b)
-    fluxerr = xp.sqrt(npix * sig_src * sig_src + xp.maximum(flux, 0.0))
+    shot = xp.maximum(flux, 0.0)  # the source's photon noise: e-, or image units per e- times it
+    if pois is not None and not (isinstance(pois, float) and pois == 1.0):
+        shot = shot * _gather(pois, b)
+    fluxerr = xp.sqrt(npix * sig_src * sig_src + shot)
     snr = xp.where(fluxerr > 0, flux / xp.where(fluxerr > 0, fluxerr, 1.0), 0.0)
     flag = (xp.where(xp.any(ap & st_bad, axis=(1, 2)), FLAG_MASKED, 0)
             | xp.where(xp.any(ap & ~inside, axis=(1, 2)), FLAG_EDGE, 0)).astype(xp.int32)

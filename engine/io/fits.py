@@ -11,13 +11,23 @@ cannot be :class:`~nightsift.engine.records.MaskBits`, mismatched extension shap
 Units
 -----
 :class:`~nightsift.engine.records.RawFrame` data stay in ADU. :class:`~nightsift.engine.records.Exposure`
-images are in electrons: :func:`read_exposure` multiplies by ``GAIN`` unless the header says
-``BUNIT = 'electron'`` (which :func:`write_exposure` always writes).
+images are in electrons when they can be: :func:`read_exposure` multiplies an ADU image (or one
+without ``BUNIT``) by ``GAIN`` unless the header says ``BUNIT = 'electron'`` (which
+:func:`write_exposure` writes for them). An image in a count-rate or flux unit (``BUNIT``
+electron/s, counts/s, Jy, nJy, MJy/sr: :mod:`nightsift.engine.io.units`) read with a noise map
+(a ``VARIANCE``, ``ERR`` or ``WHT`` extension, or a separate file), or counts with a noise map but
+no ``GAIN``, stays in its own unit (``BUNIT`` kept, the variance in its square): no stage needs
+electrons, since S/N, ZOGY's source noise and the detection threshold all come from the variance
+map; magnitudes use a zero point in that unit (:func:`header_photometry`). ``GAIN`` is needed only
+where the noise must be estimated from the image (no noise map): then it is e- per image unit.
+The stages' source-Poisson terms (catalogue S/N, the PSF stack's variance) take the image units
+per e- from the header card ``NSPOISS`` (``1 / GAIN`` when the file gives one, else measured on
+the noise map: :func:`_poisson_scale`); an e- image has none and is unchanged.
 
 ``SATURATE`` is the level of the file's own pixel values at which the detector saturated (the
-SExtractor/SWarp convention): ADU in an ADU file (a raw frame: bias included; a calibrated ADU
-image: as its pipeline left it), so ``SATURATE * GAIN`` e- once :func:`read_exposure` has
-scaled the image; e- in a ``BUNIT = 'electron'`` file (the simulator's references and science
+SExtractor/SWarp convention; in a flux-unit file, that unit): ADU in an ADU file (a raw frame:
+bias included; a calibrated ADU image: as its pipeline left it), so ``SATURATE * GAIN`` e- once
+:func:`read_exposure` has scaled the image; e- in a ``BUNIT = 'electron'`` file (the simulator's references and science
 exposures write it so, with ``GAIN = 1``). :func:`read_exposure` flags ``MaskBits.SAT`` where the
 image reaches ``saturation_fraction * SATURATE`` (grown by ``saturation_grow`` px, as
 :func:`~nightsift.engine.stages.calibrate.calibrate_frames` does for raw frames), on top of any
@@ -27,7 +37,7 @@ header keeps the raw level as ``SATURADU`` and drops ``SATURATE``; its ``MASK`` 
 per pixel. Writing what :func:`read_exposure` returned and reading it again changes nothing.
 
 File layout written by :func:`write_exposure`: an empty primary HDU, then ``IMAGE`` (float32,
-e-, the full metadata header plus the WCS), ``VARIANCE`` (float32, e-^2, WCS), ``MASK``
+e- or the unit kept, the full metadata header plus the WCS), ``VARIANCE`` (float32, its square, WCS), ``MASK``
 (uint16 :class:`~nightsift.engine.records.MaskBits`, WCS, one ``MB_<NAME>`` card per bit).
 """
 from __future__ import annotations
@@ -35,6 +45,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +54,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from ..errors import InputError
-from ..records import Exposure, MaskBits, RawFrame
+from ..records import UNUSABLE, Exposure, MaskBits, RawFrame
+from .units import NOISE_EXTENSIONS, noise_kind_of, noise_to_variance, photometry_divisor, unit_kind, zero_point_of
 
 __all__ = [
     "read_raw",
@@ -58,6 +70,7 @@ __all__ = [
     "header_zero_point",
     "header_exptime",
     "header_photometry",
+    "input_qa",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,7 +89,8 @@ _WCS_KEY = re.compile(
     r"PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH|MJDREF|(A|B|AP|BP)_(ORDER|DMAX|\d+_\d+)|"
     r"WAT\d_\d+|LTM\d_\d|LTV\d)$"
 )
-_ELECTRON_UNITS = {"electron", "electrons", "e-", "e"}
+#: extensions that accompany an image (noise maps, masks): never taken for the image itself
+_COMPANION_HDUS = frozenset(NOISE_EXTENSIONS) | {"MASK", "DQ", "CON", "CTX", "EXP", "EXPMAP"}
 #: most header cards nightsift reads (a CCD header has hundreds; a header of millions is a broken or
 #: hostile file, and astropy would spend minutes and gigabytes parsing it)
 MAX_HEADER_CARDS = 50_000
@@ -108,6 +122,9 @@ def _choose_image(hdul: fits.HDUList, hdu, path: str) -> int:
         if h.name in ("IMAGE", "SCI") and _is_2d_image(h):
             return i
     for i, h in enumerate(hdul):
+        if _is_2d_image(h) and h.name not in _COMPANION_HDUS:
+            return i
+    for i, h in enumerate(hdul):  # a file of a noise map alone (read_exposure(noise=))
         if _is_2d_image(h):
             return i
     shapes = [(h.name, getattr(h, "shape", None)) for h in hdul]
@@ -150,9 +167,10 @@ def _check_primary_header_size(p: Path, spath: str) -> None:
                      path=spath)
 
 
-def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
+def _load(path, *, hdu=None, extensions: Sequence[str] = (), ext_headers: dict | None = None):
     """Open ``path`` and return ``(header, data, {extname: data})``, raising InputError on any
-    unreadable, truncated or image-less file."""
+    unreadable, truncated or image-less file. ``ext_headers``, when given, receives the header of
+    each extension read."""
     p = Path(path)
     spath = str(p)
     if not p.exists():
@@ -183,6 +201,8 @@ def _load(path, *, hdu=None, extensions: Sequence[str] = ()):
             for name in extensions:
                 if name in hdul and hdul[name].data is not None:
                     extra[name] = np.array(hdul[name].data)
+                    if ext_headers is not None:
+                        ext_headers[name] = hdul[name].header.copy()
         except InputError:
             raise
         except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as e:
@@ -411,17 +431,24 @@ def header_exptime(header, *, path: str | None = None) -> float | None:
 
 
 def header_photometry(header, *, path: str | None = None) -> tuple[float, float] | None:
-    """``(zero point, EXPTIME)`` of an e- image: what turns its fluxes into magnitudes,
-    ``m = zp - 2.5 log10(flux / EXPTIME)``.
+    """``(zero point, divisor)`` of an image: what turns its fluxes into magnitudes,
+    ``m = zp - 2.5 log10(flux / divisor)``.
 
-    ``None`` when either card is absent or EXPTIME is not positive: then no magnitude can be
-    made (the callers give NaN / null, never a default zero point). Broken values raise
-    :class:`InputError` (:func:`header_float`).
+    The divisor is ``EXPTIME`` for an image of counts (e-, ADU, no or an unknown ``BUNIT``: every
+    e- image, as always) and 1 for a count-rate or flux-density image (``BUNIT`` electron/s,
+    MJy/sr, nJy, ...: :func:`~nightsift.engine.io.units.photometry_divisor`), whose zero point
+    (``MAGZP``, or the one :func:`read_exposure` derived) is the magnitude of 1 unit summed.
+    ``None`` when the zero point is absent, or EXPTIME is needed and absent or not positive: then
+    no magnitude can be made (the callers give NaN / null, never a default zero point). Broken
+    values raise :class:`InputError` (:func:`header_float`).
     """
-    zp, exptime = header_zero_point(header, path=path), header_exptime(header, path=path)
-    if zp is None or exptime is None or exptime <= 0:
+    zp = header_zero_point(header, path=path)
+    if zp is None:
         return None
-    return zp, exptime
+    divisor = photometry_divisor(header, header_exptime(header, path=path))
+    if divisor is None:
+        return None
+    return zp, divisor
 
 
 def _positive_key(header: fits.Header, key: str, path: str, fix: str, *, allow_zero: bool = False) -> float:
@@ -469,42 +496,100 @@ def read_raw(path, *, hdu: int | str | None = None) -> RawFrame:
     return RawFrame(data=data, header=header, path=spath)
 
 
-def _electron_scale(header: fits.Header, path: str) -> float:
-    """Factor from file units to electrons: 1 if ``BUNIT`` is electrons, else ``GAIN``."""
-    bunit = str(header.get("BUNIT", "")).strip().lower()
-    if bunit in _ELECTRON_UNITS:
-        return 1.0
-    return _positive_key(
+@dataclass(frozen=True)
+class _Units:
+    """How :func:`read_exposure` takes an image's pixels (module docstring, "Units").
+
+    ``bunit``: BUNIT as written (``''`` when absent); ``kind``: :func:`~.units.unit_kind`;
+    ``scale``: file unit -> the exposure's unit (``GAIN`` for counts made e-, else 1);
+    ``electrons``: the exposure is in e-; ``gain``: e- per exposure unit, for the source noise
+    of an estimated variance (1 for e-; NaN when a noise map is given)."""
+
+    bunit: str
+    kind: str
+    scale: float
+    electrons: bool
+    gain: float
+
+    @property
+    def label(self) -> str:
+        """The unit of the file's pixels, for messages."""
+        return "e-" if self.kind == "electron" else ("ADU" if self.electrons else self.bunit or "ADU")
+
+
+def _no_noise_error(bunit: str, path: str) -> InputError:
+    return InputError(
+        f"the image is in {bunit or 'ADU (no BUNIT)'} with no GAIN and no noise map: add a VARIANCE, ERR or WHT "
+        "extension, pass a noise file (--sci-noise/--ref-noise, read_exposure(noise=)), or set GAIN (e- per "
+        "image unit); set BUNIT = 'electron' if the data already are in e-",
+        path=path,
+    )
+
+
+def _exposure_units(header: fits.Header, path: str, has_noise: bool) -> _Units:
+    """The :class:`_Units` of an image: e- stay e-; counts (ADU, no BUNIT) with ``GAIN`` become e-
+    (as nightsift always did, noise map or not); a rate or flux image with a noise map, or counts
+    with a noise map and no ``GAIN``, stay in their unit; without a noise map ``GAIN`` (e- per unit)
+    is needed to estimate the noise.
+
+    Raises
+    ------
+    InputError
+        No GAIN and no noise map; a GAIN that is not a positive number; an unknown BUNIT with a
+        noise map (nightsift cannot tell what its zero point or saturation level mean).
+    """
+    bunit = str(header.get("BUNIT", "")).strip()
+    kind = unit_kind(bunit)
+    if kind == "electron":
+        return _Units(bunit, kind, 1.0, True, 1.0)
+    has_gain = "GAIN" in header
+    if kind == "unknown" and has_noise:
+        raise InputError(f"BUNIT = {bunit!r} is not a unit nightsift knows; set BUNIT to one of electron, adu, "
+                         "electron/s, counts/s, Jy, nJy, MJy/sr (or convert the image)", path=path)
+    if not has_gain and not has_noise:
+        raise _no_noise_error(bunit, path)
+    if kind in ("rate", "flux") or not has_gain:
+        if has_noise:
+            return _Units(bunit, kind, 1.0, False, float("nan"))
+        gain = _positive_key(header, "GAIN", path, f"GAIN is e- per image unit ({bunit}), used to estimate the "
+                             "noise of an image without a noise map; correct it or give a noise map")
+        return _Units(bunit, kind, 1.0, False, gain)
+    gain = _positive_key(
         header,
         "GAIN",
         path,
         f"the image is in ADU (BUNIT = {bunit or 'not set'!r}) so GAIN (e-/ADU) is needed to convert "
         "it to electrons; add GAIN, or set BUNIT = 'electron' if the data already are in e-",
     )
+    return _Units(bunit, kind, gain, True, 1.0)
 
 
-def estimate_variance(image: np.ndarray, valid: np.ndarray | None = None, *, mesh: int = 64) -> np.ndarray:
+def estimate_variance(image: np.ndarray, valid: np.ndarray | None = None, *, mesh: int = 64,
+                      gain: float = 1.0) -> np.ndarray:
     """Per-pixel variance (e-^2) of a calibrated image (e-) that came without one.
 
-    ``variance = sigma_bkg(x, y)**2 + max(image - bkg(x, y), 0)``: the first term is the
+    ``variance = sigma_bkg(x, y)**2 + max(image - bkg(x, y), 0) / gain``: the first term is the
     *empirical* background variance (sep's sigma-clipped background RMS map in meshes of
     ``mesh`` px, which measures sky Poisson + read noise + whatever the reduction added, and
     stays right for sky-subtracted images whose sky photons are no longer in the pixel values);
     the second is the Poisson variance of the sources above the background, which in electrons
-    is the electron count itself (in ADU it would be ``(image - bkg) / GAIN``, hence "GAIN-
-    equivalent"). For a coadd the source term is exact only if the coadd is a sum in electrons.
+    is the electron count itself (``gain = 1``; an image in other units passes its e- per unit,
+    hence "GAIN-equivalent"). For a coadd the source term is exact only if the coadd is a sum in
+    electrons, or ``gain`` is its effective gain (e.g. ``GAIN * NCOMBINE`` for a mean of frames).
 
     Parameters
     ----------
-    image : ndarray (ny, nx) float, e-
+    image : ndarray (ny, nx) float, e- (or any unit with ``gain`` its e- per unit)
     valid : ndarray (ny, nx) bool, optional
         Pixels to use for the background (default: finite pixels).
     mesh : int
         Background mesh size (pixels); shrunk for small images.
+    gain : float, keyword-only
+        e- per unit of ``image`` (1: the image is in e-).
 
     Returns
     -------
-    ndarray (ny, nx) float32, e-^2
+    ndarray (ny, nx) float32, e-^2 (the image's unit squared)
     """
     import sep
 
@@ -516,14 +601,39 @@ def estimate_variance(image: np.ndarray, valid: np.ndarray | None = None, *, mes
     bkg = sep.Background(np.ascontiguousarray(filled), mask=~ok, bw=bw, bh=bh, fw=3, fh=3)
     back = bkg.back()
     rms = bkg.rms()
-    var = rms.astype(np.float64) ** 2 + np.clip(filled - back, 0.0, None)
+    source = np.clip(filled - back, 0.0, None)
+    var = rms.astype(np.float64) ** 2 + (source if gain == 1.0 else source / gain)
     return var.astype(np.float32)
 
 
-def _mask_bits(m: np.ndarray, path: str) -> np.ndarray:
-    """A MASK extension as uint16 :class:`MaskBits`; values that cannot be bit flags are refused
-    (a negative, fractional or > 16-bit value: a mask of another convention or a broken file)."""
+#: Rubin/LSST (afw) mask planes, named by the ``MP_<NAME> = bit`` cards of their MASK header, that
+#: mean a :class:`MaskBits` flag (DETECTED, INTRP, SUSPECT, ... carry no such meaning: left out)
+_AFW_PLANES = {"BAD": MaskBits.BAD, "SAT": MaskBits.SAT, "NO_DATA": MaskBits.NO_DATA, "CR": MaskBits.CR,
+               "EDGE": MaskBits.EDGE}
+
+
+def _afw_mask(m: np.ndarray, mheader) -> np.ndarray | None:
+    """A Rubin (afw) mask as :class:`MaskBits`, from its ``MP_*`` plane cards; ``None`` when the
+    header has none (a nightsift mask writes ``MB_*`` cards)."""
+    planes = {k[3:]: v for k, v in (mheader or {}).items() if k.startswith("MP_") and isinstance(v, int)}
+    if not planes or m.dtype.kind not in "ui":
+        return None
+    bits = m.astype(np.int64)
+    out = np.zeros(m.shape, np.uint16)
+    for name, bit in planes.items():
+        if name in _AFW_PLANES and 0 <= bit < 63:
+            out[((bits >> bit) & 1) == 1] |= np.uint16(_AFW_PLANES[name])
+    return out
+
+
+def _mask_bits(m: np.ndarray, path: str, mheader=None) -> np.ndarray:
+    """A MASK extension as uint16 :class:`MaskBits` (a Rubin mask translated by its ``MP_*`` plane
+    cards, :func:`_afw_mask`); values that cannot be bit flags are refused (a negative, fractional
+    or > 16-bit value: a mask of another convention or a broken file)."""
     where = f"{path}[MASK]"
+    afw = _afw_mask(m, mheader)
+    if afw is not None:
+        return afw
     fix = "MASK must hold nightsift MaskBits (non-negative integers < 65536: BAD=1, SAT=2, NO_DATA=4, ...)"
     if m.dtype.kind == "f":
         if not np.isfinite(m).all() or np.any(m != np.round(m)):
@@ -536,10 +646,11 @@ def _mask_bits(m: np.ndarray, path: str) -> np.ndarray:
     return m.astype(np.uint16)
 
 
-def _saturation_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, scale: float, path: str,
+def _saturation_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, units: _Units, path: str,
                      config) -> np.ndarray | None:
-    """``SAT`` pixels of a calibrated image (e-) from its header's ``SATURATE`` (see the module
-    docstring for its units), grown like the raw frames' saturation; ``None`` without SATURATE.
+    """``SAT`` pixels of a calibrated image from its header's ``SATURATE`` (in the file's pixel
+    units: see the module docstring), grown like the raw frames' saturation; ``None`` without
+    SATURATE.
 
     Raises
     ------
@@ -552,29 +663,30 @@ def _saturation_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header,
     if "SATURATE" not in header:
         return None
     level = _positive_key(header, "SATURATE", path, "SATURATE is the saturation level in the units of the "
-                          "image's pixels (e- when BUNIT = 'electron', else ADU); correct it or remove the card")
-    level_e = level * scale
+                          "image's pixels (e- when BUNIT = 'electron', else BUNIT's, ADU without one); correct it or "
+                          "remove the card")
+    level_e = level * units.scale
     sat = finite & (image >= config.saturation_fraction * level_e)
     frac = float(sat.mean())
     if frac > 0.5:
         raise InputError(
             f"{frac:.0%} of the pixels are at or above {config.saturation_fraction:g} x SATURATE "
-            f"({level:g} {'e-' if scale == 1.0 else 'ADU'}): an overexposed frame, or SATURATE in other units "
+            f"({level:g} {units.label}): an overexposed frame, or SATURATE in other units "
             "than the pixels; drop the frame or correct SATURATE",
             path=path,
         )
     return dilate(sat, iterations=config.saturation_grow, structure="square")
 
 
-def _exposure_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, mask_ext, scale: float, path: str,
-                   config) -> np.ndarray:
+def _exposure_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, mask_ext, units: _Units, path: str,
+                   config, mheader=None) -> np.ndarray:
     """The uint16 mask of a calibrated image: its ``MASK`` extension (``None``: none), plus ``SAT``
     from ``SATURATE`` (:func:`_saturation_mask`); a warning when neither can flag saturation."""
     mask = np.zeros(image.shape, dtype=np.uint16)
     if mask_ext is not None:
         check_same_shape(image, mask_ext, (path + "[IMAGE]", path + "[MASK]"))
-        mask |= _mask_bits(np.asarray(mask_ext), path)
-    sat = _saturation_mask(image, finite, header, scale, path, config)
+        mask |= _mask_bits(np.asarray(mask_ext), path, mheader)
+    sat = _saturation_mask(image, finite, header, units, path, config)
     if sat is not None:
         mask[sat] |= np.uint16(MaskBits.SAT)
     elif mask_ext is None:
@@ -583,95 +695,239 @@ def _exposure_mask(image: np.ndarray, finite: np.ndarray, header: fits.Header, m
     return mask
 
 
-def _exposure_variance(image: np.ndarray, finite: np.ndarray, mask: np.ndarray, var_ext, scale: float,
-                       path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(variance, unusable)`` float64 e-^2 and bool: the ``VARIANCE`` extension in e-^2
-    (``None``: estimated, :func:`estimate_variance`); non-finite or negative values are unusable.
+@dataclass(frozen=True)
+class _Noise:
+    """A noise map as found: ``data`` (file units), ``kind`` (variance/sigma/ivar), ``where`` (for
+    messages: ``file[EXT]``), ``label`` (for the ``NSNOISE`` card)."""
+
+    data: np.ndarray
+    kind: str
+    where: str
+    label: str
+
+
+def _noise_in_file(extra: dict, path: str, noise_kind: str | None) -> _Noise | None:
+    """The image file's own noise extension (the first of :data:`~.units.NOISE_EXTENSIONS`)."""
+    for name in NOISE_EXTENSIONS:
+        if name in extra:
+            kind = noise_kind_of(name, None, None, explicit=noise_kind, path=path)
+            return _Noise(np.asarray(extra[name]), kind, f"{path}[{name}]", f"{name} extension ({kind})")
+    return None
+
+
+def _noise_file(noise, image_bunit: str, noise_kind: str | None) -> _Noise:
+    """A separate noise file: its noise extension if it has one, else its image HDU; the kind from
+    ``noise_kind``, the extension's name, or its BUNIT against the image's (:func:`~.units.noise_kind_of`)."""
+    npath = str(noise)
+    heads: dict = {}
+    nheader, ndata, nextra = _load(noise, extensions=NOISE_EXTENSIONS, ext_headers=heads)
+    name = next((n for n in NOISE_EXTENSIONS if n in nextra), None)
+    if name is not None:
+        ndata, nheader = nextra[name], heads[name]
+    extname = name or nheader.get("EXTNAME")
+    kind = noise_kind_of(extname, nheader.get("BUNIT"), image_bunit, explicit=noise_kind, path=npath)
+    where = f"{npath}[{extname}]" if extname else npath
+    return _Noise(np.asarray(ndata), kind, where, f"file {Path(npath).name} ({kind})")
+
+
+def _exposure_variance(image: np.ndarray, finite: np.ndarray, mask: np.ndarray, noise: _Noise | None, units: _Units,
+                       path: str, image_where: str, est_gain: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(variance, unusable)`` float64 (the exposure's unit squared) and bool: the noise map as a
+    variance (:func:`~.units.noise_to_variance`, times ``scale**2`` for counts made e-), or
+    estimated (:func:`estimate_variance` with ``est_gain``) when there is none.
 
     Raises
     ------
     InputError
-        A VARIANCE extension of another shape, or with no usable value under a finite pixel.
+        A noise map of another shape (naming both), or with no usable value under a finite pixel.
     """
-    if var_ext is None:
-        variance = estimate_variance(image, finite & ((mask & int(MaskBits.NO_DATA)) == 0)).astype(np.float64)
+    if noise is None:
+        valid = finite & ((mask & int(MaskBits.NO_DATA)) == 0)
+        variance = estimate_variance(image, valid, gain=est_gain).astype(np.float64)
         return variance, ~np.isfinite(variance)
-    check_same_shape(image, var_ext, (path + "[IMAGE]", path + "[VARIANCE]"))
-    variance = np.asarray(var_ext, dtype=np.float64) * scale**2
-    bad_var = ~np.isfinite(variance) | (variance < 0)
+    check_same_shape(image, noise.data, (image_where, noise.where))
+    variance, bad_var = noise_to_variance(noise.data, noise.kind)
+    variance = variance * units.scale**2
     if np.all(bad_var | ~finite):
-        raise InputError(
-            "VARIANCE extension has no finite, non-negative value; rewrite it or drop the "
-            "extension to let nightsift estimate the variance",
-            path=path,
-        )
+        what = {"variance": "finite, non-negative value", "sigma": "finite error > 0",
+                "ivar": "finite inverse variance > 0"}[noise.kind]
+        raise InputError(f"noise map {noise.where} has no {what} under a finite pixel; rewrite it, or drop it and "
+                         "set GAIN to let nightsift estimate the variance", path=path)
     return variance, bad_var
 
 
-def read_exposure(path, *, hdu: int | str | None = None, config=None) -> Exposure:
-    """Read a calibrated image (e.g. a reference) with its variance and mask.
+def _coadd_gain(header: fits.Header, units: _Units, path: str, config) -> float:
+    """e- per exposure unit for an estimated variance: ``units.gain``, times ``NCOMBINE`` when
+    ``calibrate.coadd_gain = "ncombine"`` (a mean of NCOMBINE frames whose GAIN is one frame's)."""
+    if config.coadd_gain != "ncombine" or "NCOMBINE" not in header:
+        return units.gain
+    n = _positive_key(header, "NCOMBINE", path, "NCOMBINE is the number of frames in the coadd; correct it")
+    return units.gain * n
+
+
+def _measured_poisson(image: np.ndarray, variance: np.ndarray, valid: np.ndarray, *, mesh: int = 64,
+                      min_pixels: int = 25) -> float:
+    """Image units per e- implied by a noise map: the median of ``(V - V_bkg) / (I - I_bkg)`` over
+    the pixels of sources more than 20 background sigma above the background (the variance a unit
+    of source flux adds: its Poisson noise). 0 when fewer than ``min_pixels`` such pixels exist or
+    the map adds nothing on sources (a background-only inverse-variance map)."""
+    import sep
+
+    ok = valid & np.isfinite(image) & np.isfinite(variance)
+    if ok.sum() < 4 * min_pixels:
+        return 0.0
+    ny, nx = image.shape
+    bw, bh = min(mesh, max(nx // 2, 8)), min(mesh, max(ny // 2, 8))
+
+    def background(a):
+        filled = np.ascontiguousarray(np.where(ok, a, np.median(a[ok])), dtype=np.float64)
+        return sep.Background(filled, mask=~ok, bw=bw, bh=bh, fw=3, fh=3)
+
+    bi = background(image)
+    src = image - bi.back()
+    bright = ok & (src > 20.0 * bi.globalrms)
+    if bright.sum() < min_pixels:
+        return 0.0
+    dv = variance - background(variance).back()
+    return max(float(np.median(dv[bright] / src[bright])), 0.0)
+
+
+def _poisson_scale(image, variance, valid, header: fits.Header, units: _Units, noise: _Noise | None,
+                   est_gain: float, path: str) -> tuple[float, str] | None:
+    """``(image units per e-, where from)`` of an image kept in its own unit (``None`` for e-):
+    ``1 / GAIN`` of an estimated variance or of a file that gives GAIN (e- per unit), else what
+    its noise map implies (:func:`_measured_poisson`)."""
+    if units.electrons:
+        return None
+    if noise is None:
+        return 1.0 / est_gain, "GAIN"
+    if "GAIN" in header:
+        return 1.0 / _positive_key(header, "GAIN", path, "GAIN is e- per image unit; correct or remove it"), "GAIN"
+    return _measured_poisson(image, variance, valid), "noise map"
+
+
+def _noted_header(header: fits.Header, units: _Units, noise: _Noise | None, n_bad: int, wcs, path: str,
+                  poisson: tuple[float, str] | None = None) -> fits.Header:
+    """The exposure's header: ``BUNIT`` of its pixels, the original unit (``NSBUNIT``), the noise
+    source (``NSNOISE``) and the pixels its unusable values masked (``NSBADNOI``), and a zero point
+    derived in the image's unit (:func:`~.units.zero_point_of`) when it has none (``NSZPSRC``)."""
+    from ..records import ZERO_POINT_KEYS
+
+    header = header.copy()
+    if "NSBUNIT" not in header:
+        header["NSBUNIT"] = (units.bunit or "none", "pixel unit of the file as given (nightsift)")
+    if units.electrons:
+        header["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
+    elif not units.bunit:
+        header["BUNIT"] = ("adu", "no BUNIT in the file: counts, kept as they are (nightsift)")
+    if noise is not None:
+        header["NSNOISE"] = (noise.label, "noise map the variance came from (nightsift)")
+        header["NSBADNOI"] = (n_bad, "pixels masked NO_DATA: unusable noise value")
+    elif "NSNOISE" not in header:
+        header["NSNOISE"] = ("estimated", "variance estimated from the image (nightsift)")
+    if poisson is not None:
+        header["NSPOISS"] = (float(f"{poisson[0]:.6e}"), "image unit per e-: source Poisson terms (nightsift)")
+        header["NSPOISRC"] = (poisson[1], "NSPOISS from this")
+    if units.scale == 1.0 and not any(k in header for k in ZERO_POINT_KEYS):
+        zp = zero_point_of(header, wcs=wcs, path=path)
+        if zp is not None:
+            header["MAGZP"] = (round(zp[0], 6), "AB mag of 1 pixel unit summed (/EXPTIME for counts)")
+            header["NSZPSRC"] = (zp[1], "MAGZP derived by nightsift from this")
+    return header
+
+
+def read_exposure(path, *, hdu: int | str | None = None, config=None, noise=None,
+                  noise_kind: str | None = None) -> Exposure:
+    """Read a calibrated image (e.g. a reference) with its noise map and mask.
 
     Parameters
     ----------
     path : str or Path
-        FITS file: the image HDU (``IMAGE``/``SCI``, or ``hdu``, or the first 2-D image) and,
-        optionally, extensions named ``VARIANCE`` (e-^2, or ADU^2 if the image is in ADU) and
-        ``MASK`` (integer :class:`MaskBits`).
+        FITS file: the image HDU (``IMAGE``/``SCI``, or ``hdu``, or the first 2-D image that is
+        not a noise map or mask) and, optionally, a noise extension -- ``VARIANCE``/``VAR``
+        (variance), ``ERR``/``ERROR``/``SIGMA``/``RMS``/``NOISE`` (1-sigma error),
+        ``IVAR``/``IVM``/``WHT``/``WEIGHT``/``WGT`` (absolute inverse variance), preferred in
+        that order, in the image's unit (squared, inverse squared) -- and ``MASK`` (integer
+        :class:`MaskBits`, or a Rubin mask with ``MP_*`` plane cards), in any HDU order.
     hdu : int or str, keyword-only, optional
         Index or EXTNAME of the image HDU.
     config : CalibrateConfig, keyword-only, optional
         ``saturation_fraction`` and ``saturation_grow`` for the ``SAT`` pixels flagged from
-        ``SATURATE`` (default: :class:`~nightsift.engine.config.CalibrateConfig`'s).
+        ``SATURATE``, ``coadd_gain`` (default: :class:`~nightsift.engine.config.CalibrateConfig`'s).
+    noise : str or Path, keyword-only, optional
+        A separate noise file (its noise extension, else its image HDU), used instead of ``path``'s.
+    noise_kind : str, keyword-only, optional
+        ``"variance"``, ``"sigma"`` (``"err"``) or ``"ivar"`` (``"wht"``): when EXTNAME and BUNIT
+        do not say it.
 
     Returns
     -------
     Exposure
-        ``image`` (ny, nx) float32 e-, ``variance`` float32 e-^2, ``mask`` uint16, ``wcs``,
-        ``header`` (with ``BUNIT = 'electron'``), ``path``. Without a ``VARIANCE`` extension the
-        variance is estimated with :func:`estimate_variance`. Non-finite image pixels (and
-        non-finite or negative variances) are flagged ``NO_DATA`` and filled with the local
-        background (image) and the median variance, so FFT-based stages see no NaN. Pixels at
-        or above ``saturation_fraction * SATURATE`` are flagged ``SAT`` (module docstring: units).
+        ``image`` (ny, nx) float32, ``variance`` float32 (its unit squared), ``mask`` uint16,
+        ``wcs``, ``header``, ``path``; in e- (e- images, counts with ``GAIN``: as always) or the
+        file's own unit (module docstring, "Units"). The header notes the file's unit
+        (``NSBUNIT``), the noise source (``NSNOISE``), the pixels masked for unusable noise
+        (``NSBADNOI``), a zero point derived in its unit when it has none (``NSZPSRC``) and its
+        units per e- (``NSPOISS``, :func:`_poisson_scale`). No noise map: the variance is
+        estimated (:func:`estimate_variance`). Non-finite pixels and unusable noise values (not
+        finite, a negative variance, an error or inverse variance <= 0) are flagged ``NO_DATA``
+        and filled with the median image and variance (FFTs see no NaN); ``SAT`` as above.
 
     Raises
     ------
     InputError
-        As :func:`read_raw` (no GAIN needed when ``BUNIT = 'electron'``), plus extensions whose
-        shape differs from the image, a SATURATE that is not a positive number, and a frame
-        mostly at or above SATURATE.
+        As :func:`read_raw` but GAIN is needed only without a noise map (or BUNIT e-); plus a noise
+        map or mask of another shape (naming both), a noise map with no usable value or of a kind
+        that cannot be told, an unknown BUNIT with a noise map, a bad SATURATE or one most of the
+        frame reaches.
     """
     if config is None:
         from ..config import CalibrateConfig
 
         config = CalibrateConfig()
     spath = str(path)
-    header, data, extra = _load(path, hdu=hdu, extensions=("VARIANCE", "MASK"))
+    heads: dict = {}
+    header, data, extra = _load(path, hdu=hdu, extensions=NOISE_EXTENSIONS + ("MASK",), ext_headers=heads)
     data = np.asarray(data, dtype=np.float64)
     _check_pixels(data, spath)
     wcs = celestial_wcs(header, data.shape, path=spath)
-    scale = _electron_scale(header, spath)
-    image = data * scale
+    found = (_noise_file(noise, str(header.get("BUNIT", "")).strip(), noise_kind) if noise is not None
+             else _noise_in_file(extra, spath, noise_kind))
+    units = _exposure_units(header, spath, found is not None)
+    image = data * units.scale
     finite = np.isfinite(image)
 
-    mask = _exposure_mask(image, finite, header, extra.get("MASK"), scale, spath, config)
-    variance, bad_var = _exposure_variance(image, finite, mask, extra.get("VARIANCE"), scale, spath)
+    mask = _exposure_mask(image, finite, header, extra.get("MASK"), units, spath, config, heads.get("MASK"))
+    est_gain = _coadd_gain(header, units, spath, config)
+    variance, bad_var = _exposure_variance(image, finite, mask, found, units, spath,
+                                           f"{spath}[{header.get('EXTNAME', 'IMAGE')}]", est_gain)
+    poisson = _poisson_scale(image, variance, (mask & UNUSABLE) == 0, header, units, found, est_gain, spath)
     nodata = ~finite | bad_var
     if nodata.any():
         mask[nodata] |= np.uint16(MaskBits.NO_DATA)
         fill_img = np.median(image[finite])
         image = np.where(finite, image, fill_img)
         variance = np.where(bad_var, np.median(variance[~bad_var]), variance)
-
-    header = header.copy()
-    header["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
     return Exposure(
         image=image.astype(np.float32),
         variance=variance.astype(np.float32),
         mask=mask,
         wcs=wcs,
-        header=header,
+        header=_noted_header(header, units, found, int(bad_var.sum()), wcs, spath, poisson),
         path=spath,
     )
+
+
+def input_qa(header, prefix: str) -> dict:
+    """QA entries of an exposure's input as :func:`read_exposure` noted them in its header:
+    ``<prefix>unit`` (the file's BUNIT), ``<prefix>noise`` (where the variance came from),
+    ``<prefix>noise_masked`` (pixels masked for an unusable noise value); absent cards are left out."""
+    out = {}
+    for key, card in (("unit", "NSBUNIT"), ("noise", "NSNOISE"), ("noise_masked", "NSBADNOI"),
+                      ("zp_source", "NSZPSRC"), ("poisson_scale", "NSPOISS")):
+        if header is not None and card in header:
+            out[prefix + key] = header[card]
+    return out
 
 
 def _clean_header(header: fits.Header | None, *, strip_wcs: bool = False) -> fits.Header:
@@ -703,6 +959,15 @@ def replace_wcs(header: fits.Header | None, wcs: WCS) -> fits.Header:
     return head
 
 
+def _kept_unit(header) -> str | None:
+    """The ``BUNIT`` of an exposure :func:`read_exposure` kept in its file's unit (it wrote
+    ``NSBUNIT``, and BUNIT is not e-), ``None`` for an e- exposure."""
+    if header is None or "NSBUNIT" not in header or "BUNIT" not in header:
+        return None
+    unit = str(header["BUNIT"]).strip()
+    return None if unit_kind(unit) == "electron" else unit
+
+
 def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:
     """Write an :class:`Exposure` as a multi-extension FITS file (IMAGE, VARIANCE, MASK).
 
@@ -720,9 +985,14 @@ def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:
     """
     whdr = _wcs_header(exposure.wcs)
     head = replace_wcs(exposure.header, exposure.wcs)
-    head["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
     vhead = whdr.copy()
-    vhead["BUNIT"] = ("electron2", "variance of IMAGE (e-^2)")
+    unit = _kept_unit(exposure.header)
+    if unit is None:
+        head["BUNIT"] = ("electron", "image in e-, variance in e-^2 (nightsift)")
+        vhead["BUNIT"] = ("electron2", "variance of IMAGE (e-^2)")
+    else:
+        head["BUNIT"] = (unit, "image in the file's unit, variance in its square (nightsift)")
+        vhead["COMMENT"] = f"variance of IMAGE, ({unit})^2"
     mhead = whdr.copy()
     for bit in MaskBits:
         mhead[f"MB_{bit.name}"[:8]] = (int(bit), f"mask bit {bit.name}")
