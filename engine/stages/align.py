@@ -20,7 +20,10 @@ The reference catalogue (measured once, in the reference's own frame) is carried
 science grid through the same map (:func:`nightsift.kernels.geometry.invert_map`), and the
 residual registration is measured *before* resampling, from bright isolated stars of the
 science catalogue matched to it: ``n_astrometric_stars``, ``astrometric_offset_x/y`` (median
-ref - sci, px) and ``astrometric_rms_x/y`` (1.4826 MAD, px; NaN with fewer than 3 stars). With
+ref - sci, px) and ``astrometric_scatter_x/y`` (1.4826 MAD, px; NaN with fewer than 3 stars), the part of it the
+stars' own centroid noise explains (``astrometric_centroid_noise``, px) and, from these, ZOGY's
+astrometric noise ``astrometric_rms_x/y`` (:func:`registration_noise`; the subtraction reports the
+value it used under the same key). With
 ``config.refine_offset`` (the default) a significant offset -- a zero-point error between the
 two WCSs -- is removed from the map (``astrometric_correction_x/y``; the offsets reported are
 then those that remain), so the reference is resampled once. On the DECam cutouts of
@@ -202,12 +205,14 @@ def astrometric_stars(catalog: SourceCatalog, *, radius: float, min_snr: float =
     return bright & (crowd == 0)
 
 
-def _residuals(xs, ys, xr, yr, *, match_radius: float):
-    """Matched pairs (one-to-one) within ``match_radius``: ``(n, median dx, median dy, rms x, rms y)``
-    as device 0-d arrays (dx = ref - sci)."""
+def _residuals(xs, ys, xr, yr, *, match_radius: float, cvar_s=None, cvar_r=None):
+    """Matched pairs (one-to-one) within ``match_radius``: ``(n, median dx, median dy, rms x, rms y,
+    centroid noise)`` as device 0-d arrays (dx = ref - sci). The centroid noise (px, per axis) is
+    the median over the pairs of ``sqrt(cvar_s + cvar_r)``, the per-star centroid variances of the
+    two catalogues (NaN without them)."""
     xp = array_namespace(xs, xr)
     if xs.shape[0] == 0 or xr.shape[0] == 0:
-        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
+        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 5
     j, d = nearest(xs, ys, xr, yr, radius=match_radius)
     hit = j >= 0
     jj = xp.where(hit, j, 0)
@@ -220,7 +225,35 @@ def _residuals(xs, ys, xr, yr, *, match_radius: float):
     with warnings.catch_warnings():  # all-NaN slices give NaN (fewer than one star): expected
         warnings.simplefilter("ignore", RuntimeWarning)
         ox, oy = xp.nanmedian(dx), xp.nanmedian(dy)
-    return n, ox, oy, mad_sigma(dx), mad_sigma(dy)
+        if cvar_s is None or cvar_r is None:
+            cn = xp.full((), xp.nan)
+        else:
+            cn = xp.sqrt(xp.nanmedian(xp.where(single, cvar_s + cvar_r[jj], xp.nan)))
+    return n, ox, oy, mad_sigma(dx), mad_sigma(dy), cn
+
+
+def centroid_variance(catalog: SourceCatalog):
+    """Per-axis variance (px^2) of each source's centroid from its own noise: ``(sigma / snr)^2``
+    with ``sigma = sqrt(a b)`` the windowed 1-sigma size (the photon-limited centroid error of a
+    Gaussian source; a lower bound in the background-limited regime, where it is up to sqrt(2)
+    larger, so removing it from a measured scatter never removes too much)."""
+    xp = array_namespace(catalog.x)
+    sigma2 = xp.abs(catalog.a * catalog.b)
+    return sigma2 / xp.maximum(catalog.snr, 1e-6) ** 2
+
+
+def registration_noise(rms: float, centroid_noise: float, n: int, *, mode: str) -> float:
+    """ZOGY's astrometric noise (px, one axis) from the matched stars' residual scatter.
+
+    ``mode = "scatter"``: the scatter itself. ``mode = "registration"`` (ZOGY's sigma_x: the error
+    of the registration at a source, not the centroid noise of the stars that measured it): the
+    part of the scatter the stars' own centroid noise does not explain, ``rms^2 - centroid^2``
+    (distortion left by the WCSs, seen by every source), plus the error of the fitted offset,
+    ``rms^2 / n``. Without a centroid-noise estimate the scatter is returned.
+    """
+    if mode == "scatter" or not np.isfinite(centroid_noise) or n < 1:
+        return float(rms)
+    return float(np.sqrt(max(rms * rms - centroid_noise * centroid_noise, 0.0) + rms * rms / n))
 
 
 @dataclass(frozen=True)
@@ -302,7 +335,7 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
     cat = reference.catalog
     px, py = invert_map(x_ref, y_ref, cat.x, cat.y, jacobian=cmap.jacobian, offset=cmap.offset)
     stats = _registration(reference, px, py, sci_catalog, sci_astro, match_radius=config.match_radius)
-    ov, n, ox, oy, rx, ry = host_scalars(covered.mean(), *stats)
+    ov, n, ox, oy, rx, ry, cnoise = host_scalars(covered.mean(), *stats)
     if ov < config.min_overlap:
         raise SkipCCD(
             f"reference {reference.path or '(in memory)'} covers {ov:.1%} of science "
@@ -328,12 +361,14 @@ def align_reference(reference: ReferenceModel, cmap: CoarseMap, *, sci_catalog: 
 
     ast = None
     if n >= config.min_astrometric_stars and np.isfinite(rx) and np.isfinite(ry):
-        ast = (max(rx, config.astrometric_rms_floor), max(ry, config.astrometric_rms_floor))
+        ast = tuple(max(registration_noise(r, cnoise, n, mode=config.astrometric_noise), config.astrometric_rms_floor)
+                    for r in (rx, ry))
     qa = {"overlap_fraction": ov, "ref_nodata_fraction": nodata.mean(), "pixel_area_ratio": area_med,
           "map_interp_error": cmap.max_error,
           "astrometric_correction_x": correction[0], "astrometric_correction_y": correction[1],
           "n_astrometric_stars": n, "astrometric_offset_x": ox - correction[0],
-          "astrometric_offset_y": oy - correction[1], "astrometric_rms_x": rx, "astrometric_rms_y": ry}
+          "astrometric_offset_y": oy - correction[1], "astrometric_rms_x": ast[0] if ast else np.nan,
+          "astrometric_rms_y": ast[1] if ast else np.nan, "astrometric_scatter_x": rx, "astrometric_scatter_y": ry, "astrometric_centroid_noise": cnoise}
     return StageResult(AlignedReference(image=image, variance=variance, mask=mask, catalog=carried,
                                         tile_centres=centres, tile_jacobian=jac, astrometric_rms=ast), qa)
 
@@ -354,9 +389,11 @@ def _registration(reference: ReferenceModel, px, py, sci_catalog, sci_astro, *, 
     without a science catalogue."""
     xp = array_namespace(px, py)
     if sci_catalog is None or sci_astro is None or not len(sci_catalog) or not len(reference.catalog):
-        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 4
+        return (xp.zeros((), xp.int64),) + (xp.full((), xp.nan),) * 5
     ra = reference.astro & xp.isfinite(px) & xp.isfinite(py)
-    return _residuals(sci_catalog.x[sci_astro], sci_catalog.y[sci_astro], px[ra], py[ra], match_radius=match_radius)
+    sci = sci_catalog.take(sci_astro)
+    return _residuals(sci.x, sci.y, px[ra], py[ra], match_radius=match_radius,
+                      cvar_s=centroid_variance(sci), cvar_r=centroid_variance(reference.catalog.take(ra)))
 
 
 def _covered(x_ref, y_ref, ref_shape):

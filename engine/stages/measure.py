@@ -26,7 +26,7 @@ from nightsift.kernels.sources import detect_sources
 from ..config import PSFConfig
 from ..records import SourceCatalog, StageResult, unusable_of
 
-__all__ = ["Measurement", "measure_images", "catalog_from_sources", "fwhm_guess"]
+__all__ = ["Measurement", "measure_images", "catalog_from_sources", "fwhm_guess", "header_seeing", "SEEING_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,47 @@ class Measurement:
     image: object
     sky_sigma: object
     catalogs: list
+
+
+#: header cards of the seeing FWHM, in the order they are trusted, each with the unit assumed when
+#: its comment names none ("pix"/"px" or "arcsec"/'"' in a comment decide): DECam's FWHM (px),
+#: PSF_FWHM (arcsec), FWHM_AVE (px), ZTF/PTF's SEEING (arcsec), SEEING_P (px)
+SEEING_KEYS = (("FWHM", "px"), ("PSF_FWHM", "arcsec"), ("FWHM_AVE", "px"), ("SEEING", "arcsec"), ("SEEING_P", "px"))
+
+
+def _card_unit(header, key: str, default: str) -> str:
+    comment = str(header.comments[key]).lower() if hasattr(header, "comments") else ""
+    if "arcsec" in comment or "asec" in comment or '"' in comment:
+        return "arcsec"
+    if "pix" in comment or "px" in comment:
+        return "px"
+    return default
+
+
+def header_seeing(header, *, pixel_scale: float | None) -> tuple[float, str] | None:
+    """The seeing FWHM (px) the header states and the card it came from, or None.
+
+    The first of :data:`SEEING_KEYS` holding a positive finite number (0 or -1 mean "unknown" in
+    many pipelines); a value in arcsec needs ``pixel_scale`` (arcsec/px, from the WCS), else the
+    next card is tried.
+    """
+    if header is None:
+        return None
+    for key, default in SEEING_KEYS:
+        if key not in header:
+            continue
+        try:
+            v = float(header[key])
+        except (TypeError, ValueError):
+            continue
+        if not (np.isfinite(v) and v > 0):
+            continue
+        if _card_unit(header, key, default) == "arcsec":
+            if not (pixel_scale and np.isfinite(pixel_scale) and pixel_scale > 0):
+                continue
+            v /= float(pixel_scale)
+        return v, key
+    return None
 
 
 def fwhm_guess(header, default: float) -> float:
@@ -74,7 +115,7 @@ def catalog_from_sources(src, index=None) -> SourceCatalog:
                          size=xp.full(n, xp.nan), point=xp.zeros(n, bool), psf_star=xp.zeros(n, bool))
 
 
-def measure_images(images, masks, *, fwhm, config: PSFConfig, prefix: str = "") -> StageResult:
+def measure_images(images, masks, *, fwhm, config: PSFConfig, prefix: str = "", poisson_scale=None) -> StageResult:
     """Background, noise and sources of a batch of calibrated images.
 
     Parameters
@@ -88,6 +129,10 @@ def measure_images(images, masks, *, fwhm, config: PSFConfig, prefix: str = "") 
         ``background_box``, ``detect_threshold``.
     prefix : str
         Of the QA keys (``"sci_"``, ``"ref_"``).
+    poisson_scale : sequence of B floats, optional
+        Image units per e- of images not in e- (flux units kept by
+        :func:`~nightsift.engine.io.fits.read_exposure`, ``NSPOISS``), for the catalogue's source
+        Poisson noise; ``None``: e- images.
 
     Returns
     -------
@@ -102,7 +147,7 @@ def measure_images(images, masks, *, fwhm, config: PSFConfig, prefix: str = "") 
     sample = xp.where(bad, xp.nan, sub)[:, ::step, ::step].reshape(B, -1)
     sigma = robust_sigma(sample, axis=-1)
     src = detect_sources(sub, sigma, fwhm=np.asarray(fwhm, np.float64), threshold=config.detect_threshold,
-                         mask=bad)
+                         mask=bad, poisson_scale=poisson_scale)
     counts = to_host(xp.bincount(src.image, minlength=B), label="catalog_sizes") if len(src) else np.zeros(B, int)
     edges = np.concatenate([[0], np.cumsum(counts)])
     catalogs = [catalog_from_sources(src, slice(int(edges[b]), int(edges[b + 1]))) for b in range(B)]
