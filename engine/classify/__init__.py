@@ -26,7 +26,7 @@ neither TensorFlow nor LiteRT):
      the cross-domain experiment;
    * :mod:`.evaluate` -- ``nightsift evaluate`` (imports :mod:`.train` for the cross-domain
      experiment; nothing imports it back);
-   * :mod:`.crossdomain` -- nightsift's classifier against braai and ZTF's ``rb`` on real ZTF alerts.
+   * :mod:`.crossdomain` -- nightsift's classifier on real ZTF and Rubin alert packets, against their own scores (rb, drb, reliability) and braai.
 
 The shipped model lives in ``models/``: ``nightsift_rb.keras`` (float), ``nightsift_rb_int8.tflite``
 and ``nightsift_rb.json`` (normalisation, operating thresholds, metrics, training command).

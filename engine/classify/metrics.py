@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["average_precision", "roc_auc", "threshold_for_fnr", "operating_point", "summary", "report",
            "format_report", "pr_curve", "seeing_bins",
-           "labels_and_scores"]
+           "labels_and_scores", "bootstrap_ci", "reliability_curve", "binomial_ci"]
 
 
 def labels_and_scores(y, p) -> tuple[np.ndarray, np.ndarray]:
@@ -210,3 +210,60 @@ def format_report(r: dict, *, keys=("per_instrument", "per_seeing_bin", "per_kin
             lines.append(f"    {k:16s} n={v['n']:6d} real={v['n_real']:5d}  FNR {v['fnr']:.4f}  FPR {v['fpr']:.4f}  "
                          f"AUCPR {v['aucpr']:.4f}")
     return "\n".join(lines)
+
+
+def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, threshold: float, *, n_boot: int, seed: int) -> dict:
+    """95% percentile intervals of ROC AUC, AUCPR and agreement over ``n_boot`` resamples of the rows
+    (the metrics of this module; resamples where a class is absent are left out)."""
+    if n_boot <= 0 or len(labels) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    vals = np.full((n_boot, 3), np.nan)
+    for k in range(n_boot):
+        i = rng.integers(0, len(labels), len(labels))
+        y, s = labels[i], scores[i]
+        if y.all() or not y.any():
+            continue
+        vals[k] = roc_auc(y, s), average_precision(y, s), np.mean((s >= threshold) == y)
+    if not np.isfinite(vals).any():
+        return {}
+    lo, hi = np.nanpercentile(vals, [2.5, 97.5], axis=0)
+    return {f"{name}_ci95": [float(lo[j]), float(hi[j])] for j, name in enumerate(("roc_auc", "aucpr", "agreement"))}
+
+
+def reliability_curve(y, p, *, n_bins: int = 10) -> dict:
+    """Reliability diagram of scores ``p`` against decisions ``y``: the scores cut into ``n_bins``
+    equal bins of [0, 1] (a score of exactly 1 in the last bin), per bin the number of rows, their
+    mean score and the fraction with ``y`` true (NaN in an empty bin).
+
+    Returns
+    -------
+    dict: ``edges`` (n_bins + 1), ``count``, ``mean_score``, ``fraction_real`` (n_bins each) and
+    ``ece``, the expected calibration error ``sum_b count_b |fraction_b - mean_b| / n`` (NaN
+    without rows).
+    """
+    y, p = labels_and_scores(y, p)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    b = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(b, weights=p, minlength=n_bins) / count
+        frac = np.bincount(b, weights=y.astype(float), minlength=n_bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(frac[filled] - mean[filled])) / len(y)) if len(y) else float("nan")
+    return {"edges": edges.tolist(), "count": count.tolist(), "mean_score": mean.tolist(),
+            "fraction_real": frac.tolist(), "ece": ece}
+
+
+def binomial_ci(k: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) two-sided interval of a proportion ``k / n``; ``(nan, nan)`` for n = 0."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0
+    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return lo, hi

@@ -263,7 +263,7 @@ def _pad_ztf(stamp: np.ndarray, pos_x: float, pos_y: float, size: int) -> np.nda
     return np.pad(stamp, pads, mode="constant", constant_values=np.nan)
 
 
-def _ztf_triplet(alert: dict, path: str, size: int) -> np.ndarray:
+def ztf_triplet(alert: dict, path: str, size: int) -> np.ndarray:
     cand = alert.get("candidate") or {}
     chans = []
     for key in _CUTOUTS:
@@ -313,7 +313,7 @@ def read_ztf_packet(path: str | os.PathLike, *, size: int = ZTF_STAMP_SIZE) -> t
     alert = records[0]
     cand = dict(alert.get("candidate") or {})
     cand.setdefault("objectId", alert.get("objectId"))
-    return _ztf_triplet(alert, str(path), size), cand
+    return ztf_triplet(alert, str(path), size), cand
 
 
 def iter_ztf_packets(directory: str | os.PathLike, *, size: int = ZTF_STAMP_SIZE) -> Iterator[tuple[Path, np.ndarray, dict]]:
@@ -330,4 +330,4 @@ def iter_ztf_packets(directory: str | os.PathLike, *, size: int = ZTF_STAMP_SIZE
         for alert in records:
             cand = dict(alert.get("candidate") or {})
             cand.setdefault("objectId", alert.get("objectId"))
-            yield p, _ztf_triplet(alert, str(p), size), cand
+            yield p, ztf_triplet(alert, str(p), size), cand
