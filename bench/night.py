@@ -3,6 +3,8 @@
     python bench/night.py                                  # 189 CCDs/visit every 30-40 s, 3 visits, 512 px
     python bench/night.py --visits 4 --ccds 24 --alerts-per-visit 1270 --out bench/night-24ccd.json
     python bench/night.py --visits 10 --ccds 189 --size 4096 --backend auto   # on a GPU node
+    python bench/night.py --visits 2 --ccds 4 --size 1024 --cadence 0 0 --transients 40 --scorer none
+        # CPU capacity (every visit at once) and its ratio to the one-CCD chain in the same run
 
 What it does:
 
@@ -33,6 +35,13 @@ Reported (table on stdout + JSON):
   touched progressively up to ``--object-store-mb`` and then reused), with the slope after the
   first visit (when every CCD's reference has become resident);
 * projected alerts per night: ``min(capacity, arrival rate) x --night-hours``.
+
+* **batches** (issue #16): each subtraction actor runs the CCDs of a visit it owns as batches of
+  ``--batch`` (``run.batch_ccds``); capacity in CCD-visits/s from the actors' device time, the
+  throughput (CCD-visits / time to the last write; with ``--cadence 0 0`` every visit arrives at
+  once, so this is the measured capacity), and the ratio to the one-CCD chain timed in this
+  process before Ray starts (``single_ccd_rate``; per core: ``engine / (actors x single)``);
+* the statics memory plan printed by the engine; GPU rows ``unmeasured (no GPU)`` without one.
 
 Linux only (reads /proc). Timings include the simulator (it stands in for I/O).
 """
@@ -187,8 +196,37 @@ def _config(args, out_dir: Path, n_transients: int, n_ccds: int):
         package={"output_dir": str(out_dir)},
         classify={"backend": args.scorer},
         run={"backend": args.backend, "workers": args.workers, "queue_depth": args.queue_depth,
-             "inference_cpus": args.inference_cpus},
+             "inference_cpus": args.inference_cpus, "batch_ccds": args.batch, "batch_deadline_s": args.batch_deadline,
+             "device_budget_gib": args.device_budget_gib, "package_threads": args.package_threads},
     )
+
+
+def single_ccd_rate(args, cfg, n_timed: int = 2) -> dict:
+    """The one-CCD chain in this process, before Ray starts (the CPU baseline of issue #16): CCD 0's
+    statics prepared once (timed apart: what ``process_ccd`` adds per call), then its frame
+    simulated and run through ``process_visit`` with B = 1 (packaged, written) ``n_timed`` times
+    after one warm-up. Returns seconds per CCD-visit and the rates."""
+    from nightsift.engine.backend import get_backend
+    from nightsift.engine.orchestration.sources import SimulatedNight
+    from nightsift.engine.pipeline import VisitFrame, prepare_statics, process_visit
+
+    xp = get_backend(cfg.run.backend)
+    src = SimulatedNight(cfg.simulate, cfg.calibrate)
+    static = src.load_static(0, 0)
+    t0 = time.perf_counter()
+    st = prepare_statics(static.reference, static.master, config=cfg, xp=xp, ccd=0)
+    t_statics = time.perf_counter() - t0
+    times, cpu = [], []
+    for v in range(n_timed + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fr = src.load_frame(v, 0, static)
+        process_visit([VisitFrame(v, 0, raw=fr.raw, truth=fr.truth)], [st], config=cfg)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    t = float(np.mean(times[1:]))
+    return {"s_per_ccd_visit": t, "ccd_visits_per_s": 1.0 / t, "prepare_statics_s": t_statics,
+            "process_ccd_s": t + t_statics, "process_ccd_per_s": 1.0 / (t + t_statics), "timed": n_timed,
+            "cpu_s_per_ccd_visit": float(np.mean(cpu[1:]))}
 
 
 def probe_density(args, n_ccds: int, n_probe_transients: int = 40) -> tuple[float, float, float]:
@@ -240,7 +278,17 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="numpy", help="run.backend: numpy, cupy or auto")
     ap.add_argument("--workers", type=int, default=0, help="subtraction actors (0: one per GPU / free core)")
     ap.add_argument("--inference-cpus", type=float, default=1.0)
-    ap.add_argument("--queue-depth", type=int, default=2)
+    ap.add_argument("--queue-depth", type=int, default=2, help="batches in flight per subtraction actor")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="run.batch_ccds: CCD-visits of a visit per batch (0: 8 on GPU actors, 1 on numpy ones)")
+    ap.add_argument("--batch-deadline", type=float, default=0.2, help="run.batch_deadline_s")
+    ap.add_argument("--device-budget-gib", type=float, default=40.0, help="run.device_budget_gib (GPU actors)")
+    ap.add_argument("--package-threads", type=int, default=2, help="run.package_threads per subtraction actor")
+    ap.add_argument("--no-single", action="store_true", help="skip the single-CCD baseline")
+    ap.add_argument("--single-timed", type=int, default=2, help="timed runs of the single-CCD baseline")
+    ap.add_argument("--warm", action="store_true",
+                    help="run one untimed visit first, so that the timed night starts with every CCD's statics "
+                         "loaded (as a night does after its first visit)")
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray on this machine)")
     ap.add_argument("--object-store-mb", type=int, default=512)
     ap.add_argument("--night-hours", type=float, default=10.0, help="for the alerts/night projection")
@@ -253,7 +301,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from nightsift.engine.orchestration.ray_engine import RayNight, night_schedule
+    from nightsift.engine.orchestration.ray_engine import GPU_BATCH_CCDS, RayNight, night_schedule
 
     per_ccd_target = args.alerts_per_visit / args.ccds
     if args.transients is None:
@@ -273,9 +321,20 @@ def main(argv=None) -> int:
     else:
         cfg = cfg.replace(run={"address": args.address})
     schedule = night_schedule(args.visits, range(args.ccds), cadence_s=tuple(args.cadence), seed=args.seed)
+    single = None
+    if not args.no_single:
+        single = single_ccd_rate(args, cfg.replace(package={"output_dir": tempfile.mkdtemp(prefix="nightsift-one-")}),
+                                 n_timed=args.single_timed)
+        print(f"single CCD in one process: {single['s_per_ccd_visit']:.2f} s per CCD-visit (statics resident), "
+              f"+{single['prepare_statics_s']:.2f} s for process_ccd's statics")
+    load0 = os.getloadavg()
     sampler = Sampler(args.sample)
     t_start = time.monotonic()
     with RayNight(cfg, init_kwargs=init) as engine:
+        if args.warm:  # every CCD's statics loaded and measured (its first visit) before the timed night
+            t0 = time.monotonic()
+            engine.run([(0.0, args.visits, list(range(args.ccds)))], progress=False)
+            print(f"warm-up visit (statics of {args.ccds} CCDs loaded): {time.monotonic() - t0:.1f} s")
         t_ready = time.monotonic() - t_start
         sampler.start()
         report = engine.run(schedule, progress=sys.stderr.isatty())
@@ -283,16 +342,25 @@ def main(argv=None) -> int:
         infos_end = engine.actor_info()
     s = report.summary
     wall = s.wall_s
+    batch = args.batch or (GPU_BATCH_CCDS if report.gpus else 1)  # run.batch_ccds = 0: the engine's choice
     busy = [r.get("wall_s", 0.0) for r in s.per_ccd]
+    device = [r.get("device_s", 0.0) for r in s.per_ccd]
     n_act = report.n_subtraction_actors
-    capacity_ccd = len(busy) / (sum(busy) / n_act) if sum(busy) > 0 else float("nan")
+    # capacity: what the actors' devices could do with no idle wait (their device-locked time: with
+    # batches overlapping, a CCD-visit's wall time includes waiting for the device)
+    capacity_ccd = len(device) / (sum(device) / n_act) if sum(device) > 0 else float("nan")
+    t_last = max((e["t"] for e in report.events), default=wall)
+    throughput_ccd = s.n_tasks / t_last if t_last > 0 else float("nan")
     alerts_per_ccd = s.n_alerts / max(1, s.n_done)
     capacity = capacity_ccd * alerts_per_ccd
     cad = float(np.mean(args.cadence))
-    arrival = args.ccds * alerts_per_ccd / cad
+    arrival = args.ccds * alerts_per_ccd / cad if cad > 0 else float("inf")  # --cadence 0 0: all at once
     lat = np.array([v.latency_s for v in report.visits])
     smp = sampler.samples
     cpu_util = (smp[-1]["cpu_s"] - smp[0]["cpu_s"]) / ((smp[-1]["t"] - smp[0]["t"]) * os.cpu_count())
+    # CPU seconds per CCD-visit (driver + Ray + actors): comparable with the one-CCD chain's on a
+    # machine shared with other work, where wall-clock rates are not
+    cpu_per_ccd = (smp[-1]["cpu_s"] - smp[0]["cpu_s"]) / max(1, s.n_tasks)
     mach = (smp[-1]["machine_busy"] - smp[0]["machine_busy"]) / (smp[-1]["machine_total"] - smp[0]["machine_total"])
     pss = np.array([x["pss_mb"] for x in smp])
     anon = np.array([x["anon_mb"] for x in smp])
@@ -314,12 +382,23 @@ def main(argv=None) -> int:
         "setup": {"visits": args.visits, "ccds_per_visit": args.ccds, "ccd_size": args.size, "instrument": args.instrument,
                   "cadence_s": list(args.cadence), "alerts_per_visit_target": args.alerts_per_visit,
                   "bogus_per_ccd_probe": bogus, "candidates_per_transient_probe": per_tr, "probe_s_per_ccd": t_probe, "transients_per_ccd": n_tr,
-                  "subtraction_actors": n_act, "inference_actors": report.n_inference_actors,
+                  "subtraction_actors": n_act, "warm_up_visit": bool(args.warm), "inference_actors": report.n_inference_actors,
                   "scoring": report.scoring, "engine_start_s": t_ready},
         "ccd_visits": {"total": s.n_tasks, "done": s.n_done, "failed": s.n_failed, "skipped": s.n_skipped},
         "alerts": s.n_alerts, "alerts_per_visit": s.n_alerts / args.visits, "wall_s": wall,
         "sustained_alerts_per_s": s.n_alerts / wall,
         "capacity_alerts_per_s": capacity, "capacity_ccds_per_s": capacity_ccd,
+        "throughput_ccd_visits_per_s": throughput_ccd,
+        "single_ccd": single,
+        "ratio_to_single_ccd": (throughput_ccd / single["ccd_visits_per_s"]) if single else None,
+        "ratio_to_one_process_per_core": (throughput_ccd / (single["ccd_visits_per_s"] * n_act)) if single else None,
+        "cpu_s_per_ccd_visit": cpu_per_ccd,
+        "cpu_ratio_single_over_engine": (single["cpu_s_per_ccd_visit"] / cpu_per_ccd) if single else None,
+        "batches": report.n_batches, "batch_ccds": batch,
+        "plan": report.plan.describe() if report.plan else None,
+        "load_average_start": list(load0), "load_average_end": list(os.getloadavg()),
+        "gpu": ({"visit_latency_s": "unmeasured (no GPU)", "gpu_utilisation": "unmeasured (no GPU)",
+                 "device_memory": "unmeasured (no GPU)"} if not report.gpus else None),
         "arrival_alerts_per_s": arrival, "keeps_up": bool(capacity >= arrival),
         "actor_s_per_ccd_mean": float(np.mean(busy)),
         "visit_latency_s": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
@@ -339,6 +418,8 @@ def main(argv=None) -> int:
                    "samples": [{"t": round(float(t), 1), "pss_mb": round(float(p), 1), "anon_mb": round(float(a), 1),
                                 "shmem_mb": round(float(m), 1)} for t, p, a, m in zip(t_s, pss, anon, shmem)]},
         "resident_mb_per_actor": [round(i["resident_bytes"] / 2**20, 1) for i in infos_end],
+        "device_resident_mb_per_actor": [round(i["device_bytes"] / 2**20, 1) for i in infos_end] if report.gpus else None,
+        "actor_device_s": [i["device_s"] for i in infos_end],
         "projected_alerts_per_night": min(capacity, arrival) * args.night_hours * 3600,
         "night_hours": args.night_hours,
         "retries": report.n_retries, "actors_replaced": report.n_replaced,
@@ -348,13 +429,28 @@ def main(argv=None) -> int:
         ("actors", f"{n_act} subtraction, {report.n_inference_actors} inference (scoring: {report.scoring}), {report.gpus} GPUs"),
         ("alerts (per visit)", f"{s.n_alerts} ({result['alerts_per_visit']:.0f}; target {args.alerts_per_visit})"),
         ("sustained alerts/s", f"{result['sustained_alerts_per_s']:.1f}  over {wall:.1f} s"),
-        ("capacity alerts/s", f"{capacity:.1f}  ({capacity_ccd:.2f} CCD/s, {result['actor_s_per_ccd_mean']:.2f} actor-s per CCD)"),
+        ("capacity alerts/s", f"{capacity:.1f}  ({capacity_ccd:.2f} CCD-visits/s from the device half's time alone, "
+                              f"{result['actor_s_per_ccd_mean']:.2f} actor wall-s per CCD)"),
+        ("throughput CCD-visits/s", f"{throughput_ccd:.3f}  ({s.n_tasks} in {t_last:.1f} s, {report.n_batches} batches "
+                                    f"of <= {batch})"),
+        ("single CCD (one process)", "skipped" if not single else
+         f"{single['ccd_visits_per_s']:.3f} CCD-visits/s ({single['s_per_ccd_visit']:.2f} s, statics resident; "
+         f"process_ccd {single['process_ccd_s']:.2f} s) -> engine / single = {result['ratio_to_single_ccd']:.2f}, "
+         f"engine / ({n_act} x single) = {result['ratio_to_one_process_per_core']:.2f}"),
+        ("CPU-s per CCD-visit", f"engine {cpu_per_ccd:.2f} (driver + Ray + actors)" + (
+            "" if not single else f", one-CCD chain {single['cpu_s_per_ccd_visit']:.2f} -> single / engine = "
+                                  f"{result['cpu_ratio_single_over_engine']:.2f} (> 1: the engine does a CCD-visit "
+                                  f"in fewer CPU-s)")),
+        ("statics plan", result["plan"] or "n/a"),
+        ("load average start / end", f"{load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
         ("arrival alerts/s", f"{arrival:.1f}  (cadence {args.cadence[0]:.0f}-{args.cadence[1]:.0f} s) -> "
                              f"{'keeps up' if result['keeps_up'] else 'falls behind'}"),
         ("visit latency p50 / p99 / max", f"{result['visit_latency_s']['p50']:.1f} / {result['visit_latency_s']['p99']:.1f} / "
                                           f"{result['visit_latency_s']['max']:.1f} s  (per visit {result['visit_latency_s']['per_visit']})"),
         ("CPU utilisation", f"night processes {cpu_util:.0%} of {os.cpu_count()} cores; machine {mach:.0%}"),
-        ("GPU utilisation", "n/a (no GPU)" if not gpu_util else f"{np.mean(gpu_util):.0f}% mean"),
+        ("GPU utilisation", "unmeasured (no GPU)" if not gpu_util else f"{np.mean(gpu_util):.0f}% mean"),
+        ("GPU visit latency / device memory", "unmeasured (no GPU)" if not report.gpus else
+         f"see visit latency above; device statics {result['device_resident_mb_per_actor']} MB per actor"),
         ("memory PSS 1st / 2nd half / max", f"{result['memory']['pss_mb_first_half_mean']:.0f} / "
                                             f"{result['memory']['pss_mb_second_half_mean']:.0f} / {pss.max():.0f} MB"),
         ("memory after 1st visit", f"PSS {result['memory']['after_first_visit']['pss_mb_min'] or 0:.0f}-"

@@ -29,6 +29,7 @@ from multiprocessing.connection import wait as wait_ready
 from ..config import Config, from_dict, to_dict
 from ..io.avro import alert_path
 from .ledger import discard, write_outcome
+from .sources import night_tasks
 from .task import NightSummary, StaticsCache, failed_record, record_outcome, run_ccd_visits, summarize
 
 log = logging.getLogger("nightsift.night")
@@ -62,9 +63,14 @@ def _worker_cache(config: Config, config_dict: dict) -> StaticsCache:
 
 
 def _record(config: Config, rec: dict) -> None:
-    """Write ``rec`` to the ledger; a CCD-visit that is not done keeps no alert file of an earlier run."""
+    """Write ``rec`` to the ledger; a CCD-visit that is not done keeps no alert file (nor quicklook) of
+    an earlier run."""
     if rec["status"] != "done":
-        discard(alert_path(config.package.output_dir, rec["visit"], rec["ccd"]))
+        from ..report import quicklook_path
+
+        path = alert_path(config.package.output_dir, rec["visit"], rec["ccd"])
+        discard(path)
+        discard(quicklook_path(path))
     write_outcome(config.package.output_dir, rec)
 
 
@@ -245,8 +251,9 @@ def _run_pool(config: Config, tasks: list, *, workers: int, source, on_record) -
             w.stop()
 
 
-def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = True, source=None) -> NightSummary:
-    """Simulate and process ``n_visits x n_ccds`` CCD-visits with ``workers`` processes.
+def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = True, source=None,
+                        tasks=None) -> NightSummary:
+    """Simulate and process ``n_visits x n_ccds`` CCD-visits (or ``source``'s) with ``workers`` processes.
 
     Parameters
     ----------
@@ -259,6 +266,9 @@ def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = Tr
     source : CCDSource, optional
         Where statics and frames come from (default: :class:`SimulatedNight` of
         ``config.simulate``); picklable by reference, since spawned workers import it.
+    tasks : list of (visit, ccd), optional
+        The CCD-visits to run (a resumed night's remainder); default: the source's own list
+        (:func:`~nightsift.engine.orchestration.sources.night_tasks`).
 
     Returns
     -------
@@ -270,8 +280,8 @@ def run_simulated_night(config: Config, *, workers: int = 0, progress: bool = Tr
     from ..classify.runtime import check_model, pipeline_scorer
 
     check_model(config.classify)  # a missing, damaged or unrunnable model fails here, not per CCD
-    sim = config.simulate
-    tasks = [(v, c) for v in range(sim.n_visits) for c in range(sim.n_ccds)]
+    if tasks is None:
+        tasks = night_tasks(source, config)
     workers = workers or config.run.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
     t0 = time.perf_counter()

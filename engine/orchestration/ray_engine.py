@@ -4,16 +4,27 @@
 
     driver (this module)                 subtraction actors (1 GPU each, or CPU cores)
     --------------------                 ---------------------------------------------
-    visits arrive -> per-actor queues -> SubtractionWorker.process(visit, ccd)      ccd % n_actors
-      (bounded: queue_depth per actor)     reference + master calibration resident per CCD
-                                           run_ccd_visits -> process_visit (the chain)
-                                             scorer = InferenceClient: cutout batches ->
-                                               InferenceWorker.score (object store, bounded
-                                               in flight with ray.wait: a slow classifier
-                                               slows intake instead of growing memory)
-                                           -> (meta, Avro bytes)
+    visits arrive -> per-actor queues    SubtractionWorker.process_batch([(visit, ccd), ...])
+      ccd % n_actors (pinned; a           a batch = CCD-visits of one visit (<= batch_ccds), up
+      restarted actor reloads its          to queue_depth batches at once in threads:
+      CCDs' statics)                       load: frames + statics (StaticsCache: on the device
+    batches close on batch_ccds, on          within device_budget_gib, the rest in pinned host
+      the visit being complete on that       memory uploaded on a copy stream)  -- overlaps --
+      actor, or on batch_deadline_s        device: process_visit(package=False) under the
+      (stragglers never hold a visit)        actor's device lock, one batch at a time
+    <= queue_depth batches per actor       host: package_threads threads score (InferenceClient:
+                                             cutout batches -> InferenceWorker.score, bounded in
+                                             flight with ray.wait: a slow classifier slows
+                                             intake instead of growing memory), compress the
+                                             cutouts, build and stage the Avro
+                                           -> (meta, Avro bytes) per CCD-visit
     meta arrives -> AlertWriter.write(meta, bytes ref)  -- alert file + ledger record, atomic
     ack arrives  -> progress bar, per-visit latency, summary
+
+At start-up the engine refuses (ConfigError, with the numbers) what would hang or not fit: more
+GPU subtraction actors than GPUs, a cupy backend without a GPU, CCD statics that fit neither the
+devices' budget nor host memory (the memory plan, :mod:`~nightsift.engine.orchestration.plan`,
+printed).
 
 Fault tolerance is nightsift's, not :class:`ray.util.ActorPool`'s:
 
@@ -40,13 +51,16 @@ to the writer through the object store, so workers need no shared file system.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,8 +73,10 @@ from ..io.atomic import atomic_write
 from ..errors import ConfigError, NightsiftError, TransientFailure
 from ..io.avro import alert_path
 from .ledger import discard, record_path, write_outcome
-from .sources import CCDSource, SimulatedNight
-from .task import TRUTH_KEYS, NightSummary, StaticsCache, failed_record, run_ccd_visits, summarize
+from .sources import CCDSource, SimulatedNight, night_tasks, visit_schedule
+from .plan import MemoryPlan, plan_memory
+from .task import (TRUTH_KEYS, FrameUploader, NightSummary, StaticsCache, failed_record, load_ccd_visits,
+                   package_ccd_visits, run_device_half, summarize)
 
 log = logging.getLogger("nightsift.ray")
 
@@ -69,6 +85,10 @@ __all__ = [
     "AlertWriter", "TransientFailure", "default_scorer_factory", "run_ray_night", "ray_available",
     "night_schedule",
 ]
+
+
+#: CCD-visits per batch on a GPU actor when ``run.batch_ccds = 0`` (numpy actors: 1)
+GPU_BATCH_CCDS = 8
 
 
 def ray_available() -> bool:
@@ -206,12 +226,29 @@ class InferenceClient:
 # subtraction
 # ----------------------------------------------------------------------------------------------
 class SubtractionWorker:
-    """Body of a subtraction actor: runs the chain for the CCDs pinned to it.
+    """Body of a subtraction actor: runs batches of CCD-visits of the CCDs pinned to it.
 
-    The static part of each CCD it serves (master calibration, reference exposure) is loaded on
-    the first visit and kept resident (at most ``max_resident`` CCDs, least recently used
-    evicted). The chain's alert file is written to a private staging folder, read back as bytes
-    and returned, so that the writer persists it wherever it runs.
+    A batch (CCD-visits of one visit, :meth:`process_batch`) goes through three phases:
+
+    1. **load** -- its raw frames (the source; on a GPU uploaded here by :class:`FrameUploader`
+       through pinned buffers on a copy stream) and its CCDs' statics (:class:`StaticsCache`:
+       loaded and measured on first use; those kept on the host by the memory plan are uploaded
+       on the copy stream too);
+    2. **device** -- :func:`~nightsift.engine.pipeline.process_visit` (``package=False``) under the
+       actor's device lock: one batch on the device at a time;
+    3. **host** -- scoring (the inference pool, bounded in flight), cutout compression, Avro
+       packaging and staging of the alert files in ``package_threads`` threads.
+
+    The actor runs ``queue_depth`` calls concurrently (a threaded actor), so the next batch's
+    load (and upload) and the previous batch's host half overlap this batch's device half: on
+    cupy the raw frames and the host-kept statics are uploaded on a non-blocking copy stream from
+    pinned memory (a pool of staging buffers: a double buffer with two batches in flight); on
+    numpy there is no upload
+    to overlap (the host is the device, and the next batch's frames are read under the device
+    lock): what overlaps is the last batch's packaging, on the cores the chain leaves idle.
+
+    The alert files are written to a private staging folder, read back as bytes and returned, so
+    that the writer persists them wherever it runs.
 
     Parameters
     ----------
@@ -226,11 +263,14 @@ class SubtractionWorker:
         passed as constructor arguments would pin objects a restart depends on); ``None`` = no
         scores.
     max_resident : int
-        CCD statics kept resident; 0 = all it is given.
+        CCD statics kept; 0 = all it is given.
+    device_slots : int, optional
+        CCDs whose statics stay on the device (the memory plan); ``None`` = all.
     """
 
     def __init__(self, config: dict, source: CCDSource, *, slot: int = 0, inference: list | None = None,
-                 inference_in_flight: int = 4, score_versions: dict | None = None, max_resident: int = 0):
+                 inference_in_flight: int = 4, score_versions: dict | None = None, max_resident: int = 0,
+                 device_slots: int | None = None):
         self.config = from_dict(config)
         self.source = source
         self.slot = slot
@@ -243,13 +283,21 @@ class SubtractionWorker:
             self.scorer = InferenceClient([ray.get_actor(n) for n in inference], batch_size=self.config.classify.batch_size,
                                           max_in_flight=inference_in_flight, versions=score_versions)
         self.n_processed = 0
+        self.n_batches = 0
+        self.device_s = 0.0
+        self._device = threading.RLock()  # one batch on the device at a time (re-entered by the statics cache)
         self.gpu, xp = self._setup_gpu()
-        self.statics = StaticsCache(source, config=self._stage_config, xp=xp, max_resident=max_resident)
+        stream = xp.cuda.Stream(non_blocking=True) if self.gpu is not None else None
+        self.upload = FrameUploader(xp, stream) if self.gpu is not None else None  # raw frames ahead of the device
+        self.statics = StaticsCache(source, config=self._stage_config, xp=xp, max_resident=max_resident,
+                                    device_slots=device_slots, device_lock=self._device, copy_stream=stream)
 
     def _setup_gpu(self):
         """When Ray gave this actor a GPU (it sees it as device 0): bound CuPy's memory pool and
         size its cuFFT plan cache for this CCD size (:mod:`nightsift.engine.backend`); the
-        chain then runs there (its statics live there). Returns ``(device name or None, xp)``."""
+        chain then runs there (its statics live there). Returns ``(device name or None, xp)``.
+
+        Raises ConfigError when ``run.device_budget_gib`` exceeds the GPU's memory."""
         ids = []
         try:
             import ray
@@ -269,6 +317,10 @@ class SubtractionWorker:
             return None, np
         if xp is np:
             return None, np
+        total = xp.cuda.Device().mem_info[1]
+        if self.config.run.device_budget_gib * 2 ** 30 > 0.8 * total:
+            raise ConfigError(f"run.device_budget_gib = {self.config.run.device_budget_gib:g} but GPU {ids[0]} has "
+                              f"{total / 2 ** 30:.1f} GiB: the statics budget must leave >= 20 % for the batches")
         t = self.config.subtract.tile_size or max(self.config.simulate.ny, self.config.simulate.nx)
         side = t + 2 * self.config.subtract.tile_margin
         configure_memory_pool(xp, fraction=0.9)
@@ -276,25 +328,46 @@ class SubtractionWorker:
         return f"cuda:{ids[0]}", xp
 
     def info(self) -> dict:
-        """Health probe and state: pid, node, resident CCDs, resident bytes, GPU."""
+        """Health probe and state: pid, node, resident CCDs (those kept on the host too), bytes, GPU."""
         return {"slot": self.slot, "pid": os.getpid(), "node": socket.gethostname(), "gpu": self.gpu,
-                "resident_ccds": self.statics.ccds(), "n_processed": self.n_processed,
-                "resident_bytes": self.statics.nbytes}
+                "resident_ccds": self.statics.ccds(), "host_ccds": self.statics.host_ccds(),
+                "n_processed": self.n_processed, "n_batches": self.n_batches, "device_s": round(self.device_s, 3),
+                "resident_bytes": self.statics.nbytes, "device_bytes": self.statics.device_nbytes,
+                "n_uploaded": self.statics.n_uploaded}
 
-    def process(self, visit: int, ccd: int) -> tuple[dict, bytes | None]:
-        """Run one CCD-visit. Returns ``(meta, avro_bytes)``; ``avro_bytes`` is ``None`` unless
+    def process_batch(self, keys: list) -> tuple:
+        """Run CCD-visits of one visit as one batch. Returns ``(meta, avro_bytes)`` for each key in
+        order, flattened (``num_returns = 2 * len(keys)``); ``avro_bytes`` is ``None`` unless
         ``meta["status"] == "done"``. Raises only :class:`TransientFailure` (retry me)."""
-        meta = run_ccd_visits(self.source, [(visit, ccd)], config=self._stage_config, cache=self.statics,
-                              scorer=self.scorer)[0]
-        payload = None
-        if meta["status"] == "done":
-            with open(meta["alerts_path"], "rb") as fh:
-                payload = fh.read()
-            os.unlink(meta["alerts_path"])
-        meta.pop("alerts_path", None)
-        meta.update(slot=self.slot, pid=os.getpid())
-        self.n_processed += 1
-        return meta, payload
+        keys = [(int(v), int(c)) for v, c in keys]
+        # a GPU actor loads (and uploads) the next batch while the device runs this one; on numpy the
+        # host is the device: nothing to upload, and reading the frames competes for the same cores
+        with self._device if self.gpu is None else contextlib.nullcontext():
+            loaded = load_ccd_visits(self.source, keys, cache=self.statics, upload=self.upload)
+        with self._device:
+            t0 = time.perf_counter()
+            device = run_device_half(loaded, config=self._stage_config)
+            t_device = time.perf_counter() - t0
+            self.device_s += t_device
+        metas = self._package(loaded, device)
+        out = []
+        for meta in metas:
+            payload = None
+            if meta["status"] == "done":
+                with open(meta["alerts_path"], "rb") as fh:
+                    payload = fh.read()
+                os.unlink(meta["alerts_path"])
+            meta.pop("alerts_path", None)
+            meta.update(slot=self.slot, pid=os.getpid(), device_s=round(t_device / len(keys), 4))
+            out += [meta, payload]
+        self.n_processed += len(keys)
+        self.n_batches += 1
+        return tuple(out)
+
+    def _package(self, loaded, device) -> list[dict]:
+        """The batch's host half off the device lock (:func:`package_ccd_visits`)."""
+        return package_ccd_visits(loaded, device, config=self._stage_config, scorer=self.scorer,
+                                  threads=int(self.config.run.package_threads))
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_staging", ""), ignore_errors=True)
@@ -391,6 +464,8 @@ class NightReport:
     scoring: str = "none"
     gpus: int = 0
     events: list = field(default_factory=list)
+    n_batches: int = 0  #: batches sent to the subtraction actors (retries included)
+    plan: MemoryPlan | None = None  #: the statics memory plan of the engine
 
     @property
     def alerts_per_s(self) -> float:
@@ -421,6 +496,7 @@ class _Task:
     attempts: int = 0  # times submitted
     deaths: int = 0  # times its actor died while it was in flight
     alone: bool = False  # the only CCD-visit in flight on its actor (since its last submission)
+    t_queued: float = 0.0  # when it (last) joined its actor's queue
 
 
 @dataclass
@@ -448,7 +524,7 @@ class _Health:
 class _Slot:
     actor: Any
     queue: deque = field(default_factory=deque)
-    inflight: dict = field(default_factory=dict)  # meta ref -> (task, payload ref)
+    inflight: dict = field(default_factory=dict)  # meta ref -> (task, payload ref, batch number)
     health: _Health = field(default_factory=_Health)
     # CCD-visits in flight when the actor died; while any is left they run one at a time, so that
     # a death is charged to the CCD-visit that caused it, not to those queued behind it
@@ -485,8 +561,19 @@ class _NightRun:
         if len(set(keys)) != len(keys):
             raise ValueError("RayNight.run: the schedule lists a (visit, ccd) more than once")
         self.n_tasks = len(keys)
-        self.depth = max(1, int(engine.run_cfg.queue_depth))
-        self.max_writes = self.depth * engine.n_subtraction + 2  # pending writes that hold back new work
+        self.depth = max(1, int(engine.run_cfg.queue_depth))  # batches in flight per actor
+        self.batch = int(engine.run_cfg.batch_ccds) or (GPU_BATCH_CCDS if engine.gpus else 1)
+        self.deadline = float(engine.run_cfg.batch_deadline_s)
+        # CCDs of each (visit, actor slot) not arrived yet: a batch of a visit whose CCDs have all
+        # arrived on that actor closes at once
+        self.unarrived: dict[tuple[int, int], int] = {}
+        for _, v, ccds in self.schedule:
+            for c in ccds:
+                k = (int(v), engine.slot_of(c))
+                self.unarrived[k] = self.unarrived.get(k, 0) + 1
+        self.n_batches = 0
+        # pending writes that hold back new work
+        self.max_writes = self.depth * self.batch * engine.n_subtraction + 2
         self.retries = int(engine.run_cfg.task_retries)
         self.upcoming = deque(self.schedule)
         self.visits: dict[int, VisitStats] = {}
@@ -523,24 +610,56 @@ class _NightRun:
 
     # -- intake and submission ---------------------------------------------------------------
     def arrive(self) -> None:
-        """Queue the CCD-visits of the visits whose time has come, each on its CCD's actor."""
+        """Queue the CCD-visits of the visits whose time has come, each on its CCD's actor. A visit
+        may arrive in parts (its late CCDs in a later schedule entry): its latency counts from its
+        last CCD's arrival."""
         while self.upcoming and self.upcoming[0][0] <= self.now():
             _, v, ccds = self.upcoming.popleft()
-            self.visits[v] = VisitStats(visit=v, n_ccds=len(ccds), t_arrival=self.now())
+            vs = self.visits.get(v)
+            if vs is None:
+                vs = self.visits[v] = VisitStats(visit=v, n_ccds=0, t_arrival=self.now())
+            vs.n_ccds += len(ccds)
+            vs.t_arrival = self.now()
             for c in ccds:
-                self.engine.slots[self.engine.slot_of(c)].queue.append(_Task(v, c))
+                slot = self.engine.slot_of(c)
+                self.unarrived[(v, slot)] -= 1
+                self.engine.slots[slot].queue.append(_Task(v, c, t_queued=self.now()))
+
+    def next_batch(self, i: int, slot: _Slot) -> list[_Task]:
+        """The next batch of ``slot`` (number ``i``), taken off its queue: the CCD-visits of the visit
+        at the queue's head, up to ``batch_ccds``, once the batch is full, its visit has no CCD of
+        this actor still to arrive, or its head has waited ``batch_deadline_s``; else none yet.
+        One CCD-visit alone while the actor has suspects (a crash is pinned on its culprit)."""
+        head = slot.queue[0]
+        if slot.suspects:
+            return [slot.queue.popleft()]
+        same = [t for t in slot.queue if t.visit == head.visit][:self.batch]
+        if (len(same) < self.batch and self.unarrived.get((head.visit, i), 0) > 0
+                and self.now() - head.t_queued < self.deadline):
+            return []
+        for t in same:
+            slot.queue.remove(t)
+        return same
 
     def submit(self, slot: _Slot) -> None:
-        """Send ``slot``'s queued CCD-visits to its actor while it is ``ok``: at most ``queue_depth``
-        in flight (one at a time while it has suspects), and none while ``max_writes`` wait."""
+        """Send ``slot``'s queued CCD-visits to its actor as batches while it is ``ok``: at most
+        ``queue_depth`` batches in flight (one CCD-visit at a time while it has suspects), and none
+        while ``max_writes`` wait."""
+        i = self.engine.slots.index(slot)
         limit = 1 if slot.suspects else self.depth  # after a crash its CCD-visits run one at a time
-        while (slot.health.state == "ok" and slot.queue and len(slot.inflight) < limit
+        while (slot.health.state == "ok" and slot.queue and len({b for _, _, b in slot.inflight.values()}) < limit
                and len(self.writes) + len(self.write_queue) < self.max_writes):
-            task = slot.queue.popleft()
-            task.attempts += 1
-            task.alone = limit == 1
-            meta_ref, payload_ref = slot.actor.process.options(num_returns=2).remote(task.visit, task.ccd)
-            slot.inflight[meta_ref] = (task, payload_ref)
+            tasks = self.next_batch(i, slot)
+            if not tasks:
+                return
+            self.n_batches += 1
+            for task in tasks:
+                task.attempts += 1
+                task.alone = limit == 1
+            refs = slot.actor.process_batch.options(num_returns=2 * len(tasks)).remote(
+                [(t.visit, t.ccd) for t in tasks])
+            for k, task in enumerate(tasks):
+                slot.inflight[refs[2 * k]] = (task, refs[2 * k + 1], self.n_batches)
 
     def submit_write(self, meta: dict, payload_ref) -> None:
         """Send one CCD-visit to the writer, or queue it while the writer recovers."""
@@ -559,6 +678,8 @@ class _NightRun:
         timeout = 0.5
         if self.upcoming:
             timeout = min(timeout, max(0.0, self.upcoming[0][0] - self.now()))
+        if any(s.queue for s in self.engine.slots):  # a batch waiting for its visit's stragglers
+            timeout = min(timeout, max(0.01, self.deadline / 2))
         if not waitables:
             time.sleep(min(timeout, 0.05) if timeout else 0.01)
             return []
@@ -665,7 +786,7 @@ class _NightRun:
         import ray.exceptions as rx
 
         i, slot = next((i, s) for i, s in enumerate(self.engine.slots) if ref in s.inflight)
-        task, payload_ref = slot.inflight.pop(ref)
+        task, payload_ref, _ = slot.inflight.pop(ref)
         try:
             meta = ray.get(ref)
         except (rx.RayTaskError, TransientFailure) as e:
@@ -718,7 +839,7 @@ class _NightRun:
                            n_retries=eng.n_retries - n_retries0, n_restarts=eng.n_restarts - n_restarts0,
                            n_replaced=eng.n_replaced - n_replaced0, n_subtraction_actors=eng.n_subtraction,
                            n_inference_actors=len(eng.inference), scoring=eng.scoring, gpus=eng.gpus,
-                           events=self.events)
+                           events=self.events, n_batches=self.n_batches, plan=eng.plan)
 
 
 class RayNight:
@@ -730,8 +851,9 @@ class RayNight:
     config : Config
         ``[run]`` sizes the actors (``workers``, ``subtraction_cpus``, ``inference_actors``,
         ``inference_cpus``, ``inference_resource``, ``queue_depth``, ``inference_in_flight``, ``max_restarts``,
-        ``task_retries``, ``max_resident_ccds``, ``backend``) and says where Ray is (``address``,
-        ``object_store_mb``); ``[classify]`` the scorer; ``[package] output_dir`` the output.
+        ``task_retries``, ``max_resident_ccds``, ``backend``), batches them (``batch_ccds``,
+        ``batch_deadline_s``, ``package_threads``), plans their statics (``device_budget_gib``)
+        and says where Ray is (``address``, ``object_store_mb``); ``[classify]`` the scorer; ``[package] output_dir`` the output.
     source : CCDSource, optional
         Default: :class:`SimulatedNight` of ``config.simulate``.
     scorer_factory : callable, optional
@@ -745,14 +867,26 @@ class RayNight:
     writer_cls : type
         Body of the writer actor (default :class:`AlertWriter`; tests inject I/O faults with a
         subclass).
+    subtraction_cls : type
+        Body of the subtraction actors (default :class:`SubtractionWorker`; tests hold one inside
+        its packaging with a subclass).
+
+    Raises
+    ------
+    ConfigError
+        A GPU backend with more subtraction actors (``run.workers``) than the cluster has GPUs, or
+        ``run.backend = "cupy"`` on a cluster without one (refused with the numbers instead of
+        waiting forever for a GPU); CCD statics that fit neither the devices' budget nor the
+        cluster's host memory (the memory plan, :func:`~nightsift.engine.orchestration.plan.plan_memory`).
     """
 
     def __init__(self, config: Config, source: CCDSource | None = None, *, scorer_factory: Callable | None = None,
                  init_kwargs: dict | None = None, restart_timeout_s: float = 120.0,
-                 writer_cls: type | None = None):
+                 writer_cls: type | None = None, subtraction_cls: type | None = None):
         import ray
 
         self.writer_cls = writer_cls or AlertWriter
+        self.subtraction_cls = subtraction_cls or SubtractionWorker
         self.config = config
         if scorer_factory is None and config.classify.backend != "none":
             try:
@@ -786,6 +920,10 @@ class RayNight:
         self._token = os.urandom(4).hex()
         self.slots, self.writer, self.inference = [], None, []
         try:
+            self._check_placement()
+            self.plan = self._plan_memory(float(res.get("memory", 0.0)))
+            print(self.plan.describe(), file=sys.stderr, flush=True)
+            log.info("%s", self.plan.describe())
             self._make_inference(scorer_factory)
             self.n_subtraction = self._n_subtraction()
             self.slots = [_Slot(actor=self._new_subtraction(i)) for i in range(self.n_subtraction)]
@@ -832,6 +970,41 @@ class RayNight:
         self.scoring = infos[0]["backend"] or self.config.classify.backend
         self.score_versions = infos[0]["versions"]
 
+    def _check_placement(self) -> None:
+        """One GPU actor per GPU: refuse (ConfigError, with the numbers) what would wait forever."""
+        backend, workers = self.run_cfg.backend, int(self.run_cfg.workers)
+        if backend == "cupy" and not self.gpus:
+            raise ConfigError("run.backend = 'cupy' but the Ray cluster has no GPU (ray.cluster_resources() lists "
+                              "none): start the GPU nodes, or set run.backend = 'auto' or 'numpy'")
+        if self.gpus and workers > self.gpus:
+            raise ConfigError(f"run.workers = {workers} GPU subtraction actors but the Ray cluster has {self.gpus} "
+                              f"GPU(s): one subtraction actor per GPU; set run.workers <= {self.gpus} (0 = one per "
+                              f"GPU) or add GPU nodes")
+
+    def _plan_memory(self, host_memory_bytes: float) -> MemoryPlan:
+        """The statics plan (printed at start-up) from the CCDs of the night and the actors."""
+        ccds = sorted({c for _, c in self._night_keys()}) or [0]
+        shape = getattr(self.source, "ccd_shape", None) or (self.config.simulate.ny, self.config.simulate.nx)
+        n = self._n_subtraction_planned()
+        per_actor = max(sum(1 for c in ccds if c % n == k) for k in range(n))
+        return plan_memory(n_ccds=len(ccds), shape=tuple(shape), n_actors=n, device=bool(self.gpus),
+                           device_budget_gib=float(self.run_cfg.device_budget_gib),
+                           host_memory_bytes=host_memory_bytes, ccds_per_actor=per_actor)
+
+    def _night_keys(self) -> list[tuple[int, int]]:
+        """The ``(visit, ccd)`` of the source's night (:func:`~nightsift.engine.orchestration.sources.night_tasks`)."""
+        return night_tasks(self.source, self.config)
+
+    def _n_subtraction_planned(self) -> int:
+        """Subtraction actors the night will have (before the inference pool exists: its CPUs are
+        taken from the count as :meth:`_n_subtraction` will)."""
+        if self.run_cfg.workers or self.gpus:
+            return int(self.run_cfg.workers) or self.gpus
+        free = self.cluster_cpus
+        if not self.run_cfg.inference_resource and self.config.classify.backend != "none":
+            free -= int(self.run_cfg.inference_actors) * float(self.run_cfg.inference_cpus)
+        return max(1, int(free // (float(self.run_cfg.subtraction_cpus) or 1.0)))
+
     def _n_subtraction(self) -> int:
         if self.run_cfg.workers:
             return int(self.run_cfg.workers)
@@ -849,11 +1022,14 @@ class RayNight:
         kw = {"num_cpus": float(self.run_cfg.subtraction_cpus)}
         if self.gpus:
             kw["num_gpus"] = 1
-        cls = ray.remote(SubtractionWorker).options(**self._actor_opts(**kw))
+        # queue_depth batches run at once: the next one loads (uploads) while this one computes
+        kw["max_concurrency"] = max(1, int(self.run_cfg.queue_depth))
+        cls = ray.remote(self.subtraction_cls).options(**self._actor_opts(**kw))
         return cls.remote(self._cfg_dict, self.source, slot=slot, inference=self.inference_names or None,
                           inference_in_flight=int(self.run_cfg.inference_in_flight),
                           score_versions=self.score_versions,
-                          max_resident=int(self.run_cfg.max_resident_ccds))
+                          max_resident=int(self.run_cfg.max_resident_ccds),
+                          device_slots=self.plan.device_ccds_per_actor)
 
     def _new_writer(self):
         import ray
@@ -875,7 +1051,7 @@ class RayNight:
 
     def in_flight(self) -> list[tuple[int, int, int]]:
         """``(visit, ccd, slot)`` of the CCD-visits submitted to actors and not yet returned."""
-        return [(t.visit, t.ccd, i) for i, s in enumerate(self.slots) for t, _ in s.inflight.values()]
+        return [(t.visit, t.ccd, i) for i, s in enumerate(self.slots) for t, _, _ in s.inflight.values()]
 
     def actor_info(self) -> list[dict]:
         """``info()`` of every subtraction actor (waits for their current task)."""
@@ -926,8 +1102,7 @@ class RayNight:
         NightReport
         """
         if schedule is None:
-            s = self.config.simulate
-            schedule = night_schedule(s.n_visits, range(s.n_ccds))
+            schedule = visit_schedule(night_tasks(self.source, self.config))
         night = _NightRun(self, schedule, progress=progress, on_written=on_written)
         night.loop()
         return night.report()
@@ -957,7 +1132,9 @@ class RayNight:
         return new
 
 
-def run_ray_night(config: Config, *, progress: bool = True, init_kwargs: dict | None = None) -> NightReport:
-    """``nightsift run`` on Ray: the simulated night of ``config.simulate``, every visit at once."""
-    with RayNight(config, init_kwargs=init_kwargs) as engine:
-        return engine.run(progress=progress)
+def run_ray_night(config: Config, *, progress: bool = True, init_kwargs: dict | None = None, source=None,
+                  tasks=None) -> NightReport:
+    """``nightsift run`` on Ray: the simulated night of ``config.simulate`` (or ``source``'s CCD-visits,
+    or ``tasks`` of them: a resumed night's remainder), every visit at once."""
+    with RayNight(config, source, init_kwargs=init_kwargs) as engine:
+        return engine.run(visit_schedule(tasks) if tasks is not None else None, progress=progress)

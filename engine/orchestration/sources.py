@@ -4,13 +4,14 @@ A *source* hands a worker two things:
 
 * the **static part of a CCD** (:class:`CCDStatic`): its master calibration and reference exposure,
   loaded once and kept resident by the worker the CCD is pinned to, for every visit of the night;
-* one **frame** per visit (:class:`CCDFrame`): the raw science exposure, plus the injected truth
-  when the night is simulated.
+* one **frame** per visit (:class:`CCDFrame`): the raw (or calibrated) science exposure, plus the
+  injected truth when the night is simulated.
 
 A source is a small picklable object (it travels to Ray actors and worker processes); it must be
 deterministic per ``(visit, ccd)`` so that a retried CCD-visit yields the same alerts.
-:class:`SimulatedNight` is the built-in one (``nightsift run``, ``bench/night.py``); a telescope
-feed or a folder of FITS files implements the same two methods.
+:class:`SimulatedNight` is the built-in one (``nightsift run``, ``bench/night.py``);
+:class:`~nightsift.engine.orchestration.folder.FolderNight` (``nightsift run --input DIR``) serves a
+folder of FITS files, and also lists its CCD-visits (``tasks()``, see :func:`night_tasks`).
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..config import CalibrateConfig, SimulateConfig
+from ..config import CalibrateConfig, Config, SimulateConfig
 from ..records import Exposure, RawFrame
 from ..stages.calibrate import MasterCalibration
 
-__all__ = ["CCDStatic", "CCDFrame", "CCDSource", "SimulatedNight"]
+__all__ = ["CCDStatic", "CCDFrame", "CCDSource", "SimulatedNight", "night_tasks", "visit_schedule"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,9 @@ class CCDStatic:
     Attributes
     ----------
     ccd : int
-    master : MasterCalibration
-        Master bias/dark/flat and bad-pixel mask of the CCD.
+    master : MasterCalibration or None
+        Master bias/dark/flat and bad-pixel mask of the CCD; ``None`` when its science frames
+        arrive calibrated.
     reference : Exposure
         The reference exposure on its own pixel grid (e-), aligned to each visit by the chain.
     state : object
@@ -42,7 +44,7 @@ class CCDStatic:
     """
 
     ccd: int
-    master: MasterCalibration
+    master: MasterCalibration | None
     reference: Exposure
     state: Any = None
 
@@ -63,8 +65,10 @@ class CCDFrame:
     Attributes
     ----------
     visit, ccd : int
-    raw : RawFrame
+    raw : RawFrame or None
         Raw science frame (ADU) with its header.
+    science : Exposure, optional
+        Calibrated science exposure (e-), instead of ``raw`` (a folder of calibrated frames).
     truth : structured ndarray or None
         Injected transients (``TRANSIENT_DTYPE``: ``x``, ``y`` 0-based pixels, ``flux`` e-) when the
         night is simulated, else ``None``.
@@ -72,8 +76,9 @@ class CCDFrame:
 
     visit: int
     ccd: int
-    raw: RawFrame
+    raw: RawFrame | None
     truth: np.ndarray | None = field(default=None, repr=False)
+    science: Exposure | None = field(default=None, repr=False)
 
 
 class CCDSource(Protocol):
@@ -84,6 +89,24 @@ class CCDSource(Protocol):
 
     def load_frame(self, visit: int, ccd: int, static: CCDStatic) -> CCDFrame:
         """The raw science frame of ``(visit, ccd)``."""
+
+
+def night_tasks(source, config: Config) -> list[tuple[int, int]]:
+    """The ``(visit, ccd)`` CCD-visits of a night: ``source.tasks()`` when the source lists its own
+    (a folder of files), else every visit and CCD of ``config.simulate``."""
+    listed = getattr(source, "tasks", None)
+    if listed is not None:
+        return [(int(v), int(c)) for v, c in listed()]
+    return [(v, c) for v in range(config.simulate.n_visits) for c in range(config.simulate.n_ccds)]
+
+
+def visit_schedule(tasks) -> list[tuple[float, int, list[int]]]:
+    """``tasks`` ``(visit, ccd)`` as a schedule of visits all arriving at once (``[(0.0, visit,
+    [ccd, ...]), ...]``, the Ray engine's :func:`~nightsift.engine.orchestration.ray_engine.night_schedule` form)."""
+    by_visit: dict[int, list[int]] = {}
+    for v, c in tasks:
+        by_visit.setdefault(int(v), []).append(int(c))
+    return [(0.0, v, ccds) for v, ccds in sorted(by_visit.items())]
 
 
 class SimulatedNight:

@@ -14,23 +14,27 @@ engine, the real/bogus dataset builder); :func:`run_and_record` runs a call unde
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, TypeVar
 
 import numpy as np
 
 from ..config import Config
 from ..errors import NightsiftError, SkipCCD, TransientFailure
-from ..pipeline import CCDStatics, VisitFrame, prepare_statics, process_visit
+from ..pipeline import CCDStatics, VisitFrame, package_results, prepare_statics, process_visit
+from nightsift.kernels._xp import count_transfers, to_device, to_host
 
 log = logging.getLogger("nightsift.night")
 
-__all__ = ["NightSummary", "StaticsCache", "failed_record", "record_outcome", "run_and_record", "run_ccd_visits",
-           "summarize", "truth_counts", "TRUTH_KEYS"]
+__all__ = ["NightSummary", "StaticsCache", "FrameUploader", "LoadedBatch", "failed_record", "load_ccd_visits", "package_ccd_visits",
+           "record_outcome", "run_and_record", "run_ccd_visits", "run_device_half", "statics_to_device",
+           "statics_to_host", "summarize", "truth_counts", "TRUTH_KEYS"]
 
 T = TypeVar("T")
 
@@ -97,7 +101,8 @@ def truth_counts(candidates: np.ndarray, truth: np.ndarray, truth_snr: np.ndarra
 
 
 class StaticsCache:
-    """The statics of the CCDs a worker serves, resident on its device (least recently used evicted).
+    """The statics of the CCDs a worker serves (least recently used evicted), on its device or,
+    beyond ``device_slots`` CCDs, in (pinned, on a GPU) host memory uploaded with each batch.
 
     Parameters
     ----------
@@ -107,39 +112,127 @@ class StaticsCache:
         The worker's array module (numpy, or cupy on its GPU).
     max_resident : int
         CCDs kept; 0 = all.
+    device_slots : int, optional
+        CCDs whose statics stay on the device (the memory plan,
+        :func:`~nightsift.engine.orchestration.plan.plan_memory`); the others' large planes are
+        kept on the host and uploaded by :meth:`get` (on ``copy_stream``). ``None`` = all (numpy:
+        the host is the device).
+    device_lock : lock, optional
+        Held while a CCD's reference is measured (:func:`prepare_statics` runs on the device): a
+        worker whose batches overlap serialises its device work on it.
+    copy_stream : cupy Stream, optional
+        Stream of the uploads of host-kept statics, so that they overlap the batch running on the
+        compute stream (cupy; ``None`` elsewhere).
     """
 
-    def __init__(self, source, *, config: Config, xp=np, max_resident: int = 0):
+    def __init__(self, source, *, config: Config, xp=np, max_resident: int = 0, device_slots: int | None = None,
+                 device_lock=None, copy_stream=None):
         from ..backend import retain_host_memory
 
         retain_host_memory(config.run.retain_host_memory)  # a worker's process: see the config field
         self.source, self.config, self.xp = source, config, xp
         self.max_resident = int(max_resident)
+        self.device_slots = None if device_slots is None or xp is np else int(device_slots)
+        self._device_lock = device_lock or contextlib.nullcontext()
+        self._copy_stream = copy_stream
+        self._lock = threading.RLock()
         self._items: OrderedDict[int, tuple] = OrderedDict()
+        self._on_host: set[int] = set()
         self.n_loaded = 0
+        self.n_uploaded = 0
 
     def get(self, visit: int, ccd: int) -> tuple[CCDStatics, object]:
         """``(statics on the device, the source's static record)`` of ``ccd``, loading and
-        measuring its reference on first use."""
-        item = self._items.get(ccd)
-        if item is None:
-            static = self.source.load_static(visit, ccd)
+        measuring its reference on first use; statics kept on the host are uploaded here."""
+        with self._lock:
+            item = self._items.get(ccd)
+            if item is None:
+                item = self._load(visit, ccd)
+            else:
+                self._items.move_to_end(ccd)
+            statics, static = item
+            on_host = ccd in self._on_host
+        if on_host:
+            statics = statics_to_device(statics, self.xp, stream=self._copy_stream)
+            self.n_uploaded += 1
+        return statics, static
+
+    def _load(self, visit: int, ccd: int) -> tuple:
+        static = self.source.load_static(visit, ccd)
+        with self._device_lock:
             statics = prepare_statics(static.reference, static.master, config=self.config, xp=self.xp, ccd=ccd)
-            item = (statics, static)
-            self._items[ccd] = item
-            self.n_loaded += 1
-            if self.max_resident and len(self._items) > self.max_resident:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(ccd)
+        on_device = sum(c not in self._on_host for c in self._items)
+        if self.device_slots is not None and on_device >= self.device_slots:
+            statics = statics_to_host(statics)
+            self._on_host.add(ccd)
+        item = self._items[ccd] = (statics, static)
+        self.n_loaded += 1
+        if self.max_resident and len(self._items) > self.max_resident:
+            old, _ = self._items.popitem(last=False)
+            self._on_host.discard(old)
         return item
 
     def ccds(self) -> list[int]:
         return list(self._items)
 
+    def host_ccds(self) -> list[int]:
+        """The CCDs whose statics are kept on the host (uploaded with each batch)."""
+        return [c for c in self._items if c in self._on_host]
+
     @property
     def nbytes(self) -> int:
+        """Bytes of every kept CCD's statics (device and host)."""
         return int(sum(s.nbytes for s, _ in self._items.values()))
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes of the statics resident on the device."""
+        return int(sum(s.nbytes for c, (s, _) in self._items.items() if c not in self._on_host))
+
+
+#: the large planes of a CCD's statics: (attribute of CCDStatics, attribute of it)
+_PLANES = (("reference", "image"), ("reference", "variance"), ("reference", "mask"), ("master", "bias"),
+           ("master", "dark_rate"), ("master", "flat"), ("master", "bad_pixel_mask"))
+
+
+def _move_planes(statics: CCDStatics, move) -> CCDStatics:
+    """``statics`` with each large plane replaced by ``move(plane)`` (small arrays stay put)."""
+    parts = {}
+    for part in ("reference", "master"):
+        obj = getattr(statics, part)
+        if obj is not None:
+            parts[part] = replace(obj, **{a: move(getattr(obj, a)) for p, a in _PLANES if p == part})
+    return replace(statics, **parts)
+
+
+def _pinned_copy(host: np.ndarray) -> np.ndarray:
+    """``host`` in page-locked memory when cupy is here (its uploads then run asynchronously on a
+    copy stream), else ``host`` itself."""
+    try:
+        import cupyx
+    except ImportError:
+        return host
+    buf = cupyx.empty_pinned(host.shape, host.dtype)
+    np.copyto(buf, host)
+    return buf
+
+
+def statics_to_host(statics: CCDStatics) -> CCDStatics:
+    """A CCD's statics with its large planes in (pinned) host memory (its PSF and catalogue, small,
+    stay on the device)."""
+    return _move_planes(statics, lambda a: _pinned_copy(to_host(a, label="statics")))
+
+
+def statics_to_device(statics: CCDStatics, xp, *, stream=None) -> CCDStatics:
+    """The host-kept planes of ``statics`` uploaded to ``xp`` for one batch (on ``stream`` when given:
+    cupy copies from pinned memory run asynchronously there; the stream is synchronised before
+    this returns, so the batch may use them on any stream)."""
+    ctx = stream if stream is not None else contextlib.nullcontext()
+    with ctx:
+        out = _move_planes(statics, lambda a: to_device(a, xp, label="statics"))
+    if stream is not None:
+        stream.synchronize()
+    return out
 
 
 def record_outcome(e: BaseException) -> dict:
@@ -184,11 +277,142 @@ def _load(source, cache: StaticsCache, visit: int, ccd: int) -> tuple[VisitFrame
     """The frame of a CCD-visit and its CCD's statics (loaded and measured on first use)."""
     st, static = cache.get(visit, ccd)
     frame = source.load_frame(visit, ccd, static)
-    return VisitFrame(int(visit), int(ccd), raw=frame.raw, truth=frame.truth), st
+    return VisitFrame(int(visit), int(ccd), raw=frame.raw, science=frame.science, truth=frame.truth), st
+
+
+@dataclass
+class LoadedBatch:
+    """CCD-visits of one batch with their frames and statics loaded (:func:`load_ccd_visits`).
+
+    ``records`` holds one slot per key: ``None`` until the chain has run, or the record of a
+    CCD-visit that could not be loaded; ``where`` maps ``frames[j]`` to its key's position."""
+
+    keys: list
+    frames: list = field(default_factory=list)
+    statics: list = field(default_factory=list)
+    where: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    t0: float = 0.0
+    t_load: float = 0.0
+    xfer: dict = field(default_factory=dict)  #: crossings of the loading (``xfer_*``, whole batch)
+
+
+class FrameUploader:
+    """Raw frames to the device ahead of their batch, so that their upload overlaps the batch
+    before it (a GPU worker's loading thread): each frame is staged in a page-locked buffer taken
+    from a pool (one per frame being uploaded: with two batches in flight, a double buffer) and
+    copied on ``stream``, synchronised before the frame is handed on.
+
+    Parameters
+    ----------
+    xp : module
+        The worker's device array module (cupy; the strict stand-in in tests).
+    stream : cupy Stream, optional
+        The copy stream (``None``: the current stream).
+    """
+
+    def __init__(self, xp, stream=None):
+        self.xp, self.stream = xp, stream
+        self._free: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+
+    def _take(self, host: np.ndarray) -> np.ndarray:
+        key = (host.shape, host.dtype.str)
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = _pinned_copy(host)
+        if buf is not host:
+            np.copyto(buf, host)
+        return buf
+
+    def _give(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.setdefault((buf.shape, buf.dtype.str), []).append(buf)
+
+    def __call__(self, frame: VisitFrame) -> VisitFrame:
+        if frame.raw is None:
+            return frame
+        buf = self._take(np.asarray(frame.raw.data))
+        try:
+            with self.stream if self.stream is not None else contextlib.nullcontext():
+                data = to_device(buf, self.xp, label="raw")
+            if self.stream is not None:
+                self.stream.synchronize()
+        finally:
+            self._give(buf)
+        return replace(frame, raw=replace(frame.raw, data=data))
+
+
+def load_ccd_visits(source, keys, *, cache: StaticsCache, upload: FrameUploader | None = None) -> LoadedBatch:
+    """Load the frames of CCD-visits and their CCDs' statics (uploading those kept on the host, and
+    the raw frames when ``upload`` is given); a CCD-visit that cannot be loaded gets its record
+    (:func:`record_outcome`) here. The crossings made are added to the batch's QA ``xfer_*``."""
+    t0 = time.perf_counter()
+    loaded = LoadedBatch(keys=list(keys), records=[None] * len(keys), t0=t0)
+    with count_transfers() as ledger:
+        for i, (visit, ccd) in enumerate(loaded.keys):
+            _load_one(loaded, i, source, cache, upload, visit, ccd)
+    loaded.xfer = ledger.as_qa()
+    loaded.t_load = round((time.perf_counter() - t0) / max(len(loaded.frames), 1), 4)
+    return loaded
+
+
+def _load_one(loaded: LoadedBatch, i: int, source, cache: StaticsCache, upload, visit: int, ccd: int) -> None:
+    """Key ``i`` of ``loaded``: its frame (uploaded by ``upload``) and statics, or its failure record."""
+
+    def load():
+        frame, statics = _load(source, cache, visit, ccd)
+        return (upload(frame) if upload is not None else frame), statics
+
+    got, failure = run_and_record(load)
+    if failure is not None:
+        loaded.records[i] = {"visit": int(visit), "ccd": int(ccd), **failure}
+        return
+    loaded.frames.append(got[0])
+    loaded.statics.append(got[1])
+    loaded.where.append(i)
+
+
+def run_device_half(loaded: LoadedBatch, *, config: Config) -> tuple[list | None, dict | None]:
+    """The chain's device half on a loaded batch (:func:`process_visit` with ``package=False``):
+    ``(results, None)``, or ``(None, failure)`` when the chain raised (a bug: the whole batch
+    fails with it)."""
+    if not loaded.frames:
+        return [], None
+    return run_and_record(lambda: process_visit(loaded.frames, loaded.statics, config=config, package=False))
+
+
+def package_ccd_visits(loaded: LoadedBatch, device: tuple[list | None, dict | None], *, config: Config, scorer=None,
+                       threads: int = 0) -> list[dict]:
+    """The host half (score, package, write: :func:`package_results` in ``threads`` threads) and the
+    outcome records of a batch, one per key in order (see :func:`run_ccd_visits`)."""
+    results, failure = device
+    if failure is None and results:
+        results, failure = run_and_record(lambda: package_results(results, config=config, scorer=scorer,
+                                                                  threads=threads))
+    out = list(loaded.records)
+    for i, frame, res in zip(loaded.where, loaded.frames, results or [None] * len(loaded.frames)):
+        out[i] = (_result_record(res, frame.truth, loaded.t_load) if failure is None
+                  else {"visit": frame.visit, "ccd": frame.ccd, **failure, "qa": dict(failure["qa"])})
+    wall = time.perf_counter() - loaded.t0
+    n = max(len(loaded.keys), 1)
+    for rec in out:
+        qa = rec.setdefault("qa", {})
+        for k, v in loaded.xfer.items():  # the loader's uploads, shared out as process_visit does its own
+            if v:
+                qa[k] = qa.get(k, 0) + (v / n if "bytes" in k else v)
+        rec.setdefault("n_alerts", 0)
+        rec["wall_s"] = round(wall / max(len(loaded.keys), 1), 4)
+    return out
 
 
 def run_ccd_visits(source, keys, *, config: Config, cache: StaticsCache, scorer=None) -> list[dict]:
     """Run CCD-visits as one batch and return their outcome records (never raises for a CCD).
+
+    :func:`load_ccd_visits`, :func:`run_device_half`, :func:`package_ccd_visits` in a row; a
+    worker that overlaps batches (the Ray subtraction actor) calls them itself.
 
     Parameters
     ----------
@@ -209,28 +433,8 @@ def run_ccd_visits(source, keys, *, config: Config, cache: StaticsCache, scorer=
     the chain (an exception out of ``process_visit``) fails every CCD-visit of the batch with it.
     Only :class:`~nightsift.engine.errors.TransientFailure` is raised (the engine retries).
     """
-    t0 = time.perf_counter()
-    out: list[dict | None] = [None] * len(keys)
-    frames, statics, where = [], [], []
-    for i, (visit, ccd) in enumerate(keys):
-        loaded, failure = run_and_record(lambda: _load(source, cache, visit, ccd))
-        if failure is not None:
-            out[i] = {"visit": int(visit), "ccd": int(ccd), **failure}
-            continue
-        frames.append(loaded[0])
-        statics.append(loaded[1])
-        where.append(i)
-    t_load = round((time.perf_counter() - t0) / max(len(frames), 1), 4)
-    if frames:
-        results, failure = run_and_record(lambda: process_visit(frames, statics, config=config, scorer=scorer))
-        for i, frame, res in zip(where, frames, results or [None] * len(frames)):
-            out[i] = (_result_record(res, frame.truth, t_load) if failure is None
-                      else {"visit": frame.visit, "ccd": frame.ccd, **failure, "qa": dict(failure["qa"])})
-    wall = time.perf_counter() - t0
-    for rec in out:
-        rec.setdefault("n_alerts", 0)
-        rec["wall_s"] = round(wall / max(len(keys), 1), 4)
-    return out
+    loaded = load_ccd_visits(source, keys, cache=cache)
+    return package_ccd_visits(loaded, run_device_half(loaded, config=config), config=config, scorer=scorer)
 
 
 def _result_record(res, truth, t_load: float) -> dict:

@@ -9,7 +9,9 @@ again with faults (:class:`~tests.engine.conftest.FaultySource`):
 
 Every CCD-visit must end with a record; ``ALWAYS`` is failed as a dead worker's after its retries,
 the others are the clean night's, alert for alert. ``ALWAYS`` is run first on its worker/actor
-with a good CCD-visit beside it, so a death charged to the wrong CCD-visit would lose a good one.
+with a good CCD-visit beside it, so a death charged to the wrong CCD-visit would lose a good one;
+on Ray the two are one batch (``batch_ccds = 2``: CCDs 0 and 2 of visit 0 on actor 0), so its
+first death is its batch mate's too.
 The clean night runs the chain in this very process before the local engine starts its pool: a
 forked pool would abort there (GNU OpenMP), a spawned one must not.
 """
@@ -33,7 +35,7 @@ def _config(out, **run):
     return load_config(None, simulate={"ny": 512, "nx": 512, "n_visits": N_VISITS, "n_ccds": N_CCDS,
                                        "n_transients": 10},
                        package={"output_dir": str(out)}, classify={"backend": "none"},
-                       run={"workers": 2, "queue_depth": 2, **run})
+                       run={"workers": 2, "queue_depth": 2, "batch_ccds": 2, **run})  # Ray: CCDs 0 and 2 one batch
 
 
 def _faulty(cfg, marks):
@@ -101,6 +103,8 @@ def test_ray_night_with_bad_ccds_and_dead_actors(clean_night, ray_cluster, tmp_p
     assert source.kills(*ALWAYS) == 3  # run 1 + task_retries
     assert dead["status"] == "failed" and dead["attempts"] == 3
     assert dead["error"].startswith("worker died: subtraction actor 0 died 3 times")
-    # the good CCD-visit beside it on the same actor was never charged with its deaths
-    assert recs[(0, 2)]["status"] == "done"
+    # the good CCD-visit beside it on the same actor (its batch mate) was never charged with its deaths:
+    # it died once in their batch, then ran alone and was done
+    assert recs[(0, 2)]["status"] == "done" and recs[(0, 2)]["attempts"] == 2
+    assert rep.n_batches > N_VISITS * 2  # batches, then one CCD-visit at a time after the crashes
     assert (rep.summary.n_done, rep.summary.n_failed) == (len(GOOD), 2)

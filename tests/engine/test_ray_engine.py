@@ -8,8 +8,10 @@ against the packets' own cutouts: a batch returned to the wrong CCD or in the wr
 Kills land inside the work they interrupt: the worker being killed holds (sleeps) in the middle of
 it after leaving a marker file, and a thread kills it once the marker is there -- a subtraction
 actor inside a CCD-visit, the writer half-way through an alert file, an inference actor inside a
-batch. Each night must then equal the undisturbed one: same alerts and scores, one file per
-CCD-visit, no candid twice, every CCD-visit recorded.
+batch, a subtraction actor's packaging thread (the batch's device half done, its alerts not yet
+packaged). Each night must then equal the undisturbed one: same alerts and scores, one file per
+CCD-visit, no candid twice, every CCD-visit recorded. A night on one actor running each visit's
+CCDs as one batch equals the local engine's, CCD-visit by CCD-visit.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from nightsift.engine.config import load_config  # noqa: E402
 from nightsift.engine.io.avro import cutout_to_array  # noqa: E402
 from nightsift.engine.orchestration.ledger import read_ledger  # noqa: E402
 from nightsift.engine.orchestration.local import run_simulated_night  # noqa: E402
-from nightsift.engine.orchestration.ray_engine import RayNight, night_schedule  # noqa: E402
+from nightsift.engine.orchestration.ray_engine import RayNight, SubtractionWorker, night_schedule  # noqa: E402
 
 from .conftest import (FaultySource, Killer, alert_set, centre_score, disk_full_writer,  # noqa: E402
                        fake_scorer_factory, holding_scorer_factory, holding_writer, nan_frame_source,
@@ -96,6 +98,71 @@ def test_ray_night_equals_local_night(local_night, ray_night):
     assert all(i["n_processed"] == N_VISITS for i in info)
     assert [v.n_written for v in rep.visits] == [N_CCDS] * N_VISITS
     assert all(v.latency_s > 0 for v in rep.visits)
+
+
+def test_a_visit_runs_as_one_batch_and_equals_the_local_night(local_night, tmp_path):
+    """One subtraction actor, batch_ccds = 2: each visit's two CCDs are one process_visit batch;
+    the alerts are the local engine's (one CCD-visit per call), CCD-visit by CCD-visit."""
+    lout, lsum = local_night
+    with RayNight(_config(tmp_path, backend="none", workers=1, batch_ccds=2)) as engine:
+        rep = engine.run(progress=False)
+        info = engine.actor_info()
+    assert rep.n_batches == N_VISITS and info[0]["n_batches"] == N_VISITS and info[0]["n_processed"] == len(ALL)
+    recs = read_ledger(tmp_path)
+    assert {r["qa"]["batch_size"] for r in recs if r["status"] == "done"} == {2}
+    assert statuses(tmp_path) == statuses(lout)
+    assert alert_set(tmp_path) == alert_set(lout) and rep.summary.n_alerts == lsum.n_alerts
+    assert rep.plan is not None and rep.plan.n_actors == 1 and rep.plan.device_ccds_per_actor is None
+    assert info[0]["resident_ccds"] == [0, 1] and info[0]["device_s"] > 0
+
+
+def _holding_packager(marker_dir, hold: tuple, hold_s: float = 60.0):
+    """A :class:`SubtractionWorker` that holds inside the packaging of the batch holding CCD-visit
+    ``hold`` (after its device half, before its alerts are packaged), the first time only, after
+    writing its pid to ``marker_dir/held``."""
+    import os
+    import time
+    from pathlib import Path
+
+    class HoldingPackager(SubtractionWorker):
+        def _package(self, loaded, device):
+            held = Path(marker_dir, "held")
+            if tuple(hold) in [tuple(k) for k in loaded.keys] and not held.exists():
+                held.write_text(str(os.getpid()))
+                time.sleep(hold_s)
+                Path(marker_dir, "released").touch()
+            return super()._package(loaded, device)
+
+    return HoldingPackager
+
+
+def test_packaging_worker_killed_after_the_device_half(ray_night, tmp_path):
+    """A subtraction actor dies in its packaging thread (the batch's device work done, its alerts
+    not packaged yet; the next batch may be on the device): the batch runs again, nothing lost or doubled."""
+    rout, ref_rep, _ = ray_night
+    held = (1, 1)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    out = tmp_path / "out"
+    with RayNight(_config(out), scorer_factory=fake_scorer_factory,
+                  subtraction_cls=_holding_packager(marks, held)) as engine:
+        slot = engine.slot_of(held[1])
+        pid_before = engine.actor_info()[slot]["pid"]
+
+        def kill(marker: str):
+            assert marker == str(pid_before)
+            ray.kill(engine.slots[slot].actor, no_restart=False)
+
+        killer = Killer(marks / "held", kill)
+        killer.start()
+        rep = engine.run(progress=False)
+        killer.check()
+        pid_after = engine.actor_info()[slot]["pid"]
+    assert not (marks / "released").exists() and pid_after != pid_before
+    recs = {(r["visit"], r["ccd"]): r for r in read_ledger(out)}
+    assert recs[held]["attempts"] >= 2 and recs[held]["status"] == "done"
+    assert rep.n_retries >= 1 and rep.n_restarts >= 1
+    _same_night(out, rout, ref_rep, rep)
 
 
 def test_subtraction_actor_killed_inside_a_ccd_visit(ray_night, tmp_path):
