@@ -2,20 +2,22 @@
 
     nightsift run                       simulate a small night, process it, write alerts, summarise
     nightsift run --address auto        the same on the Ray cluster this node belongs to
+    nightsift run --input DIR           a night over a folder of FITS files (--preset decam|ztf|lsst)
     nightsift subtract SCI.fits REF.fits  run the chain on your own calibrated FITS pair
     nightsift simulate                  write simulated raw/calibration/reference FITS files
-    nightsift score-ztf DIR             score real ZTF alert packets with nightsift's classifier and
-                                        ZTF's braai; ROC AUC / AUCPR against braai and rb
+    nightsift score PACKETS...          score ZTF or Rubin alert packets with nightsift's classifier; ROC AUC /
+                                        AUCPR / agreement against the packets' own drb, rb or reliability
+                                        (and braai with --braai); `score-ztf` is an alias
     nightsift drift NIGHT_DIR           flag CCDs whose score/feature distributions shifted
     nightsift label ALERT_DIR           label alerts in a local web page (real / bogus / interesting)
     nightsift retrospective             hold a class of real events out, retrain, rank it by anomaly
     nightsift train                     simulate labelled triplets, train the real/bogus CNN, export int8
     nightsift evaluate                  AUCPR, FNR/FPR at the operating threshold, breakdowns, cross-domain
+    nightsift evaluate --real PACKETS...  the same on real ZTF/Rubin packets against their own scores, by population
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -48,32 +50,37 @@ def _night_engine(cfg) -> str:
 
 def cmd_run(args) -> int:
     from .io.atomic import check_output_dir
-    from .orchestration.local import run_simulated_night
 
     sim = {k: v for k, v in {"n_visits": args.visits, "n_ccds": args.ccds, "instrument": args.instrument,
                              "seed": args.seed, "ny": args.size, "nx": args.size}.items() if v is not None}
     run = {k: v for k, v in {"engine": args.engine, "address": args.address, "workers": args.workers}.items()
            if v is not None}
-    cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None, run=run)
+    inp = {k: v for k, v in {"dir": args.input, "preset": args.preset}.items() if v is not None}
+    cfg = _config(args, simulate=sim, package={"output_dir": args.out} if args.out else None, run=run,
+                  input=inp | ({"resume": False} if args.redo else {}))
     check_output_dir(cfg.package.output_dir)  # before any work: not after a whole night
     s = cfg.simulate
     engine = _night_engine(cfg)
-    print(f"nightsift: simulated night, {s.n_visits} visits x {s.n_ccds} CCDs of {s.ny}x{s.nx} px "
-          f"({s.instrument}), alerts -> {cfg.package.output_dir}/  [engine: {engine}"
+    _night_checks(cfg, engine)
+    on = (f"alerts -> {cfg.package.output_dir}/  [engine: {engine}"
           f"{', ' + (cfg.run.address or 'local Ray') if engine == 'ray' else ''}]")
-    report = None
-    if engine == "ray":
-        from .orchestration.ray_engine import run_ray_night
-
-        report = run_ray_night(cfg, progress=not args.quiet)
-        summary = report.summary
+    if cfg.input.dir:
+        source, tasks, done = _folder_night(cfg, on)
     else:
-        summary = run_simulated_night(cfg, workers=args.workers or 0, progress=not args.quiet)
-    print(f"CCD-visits: {summary.n_done} done, {summary.n_failed} failed, {summary.n_skipped} skipped "
-          f"of {summary.n_tasks} in {summary.wall_s:.1f} s")
-    print(f"alerts written: {summary.n_alerts}  (purity vs truth: {summary.purity:.1%} of alerts are injected transients)")
-    print(f"completeness: {summary.n_found}/{summary.n_truth} = {summary.completeness:.1%} of all injected transients; "
-          f"{summary.n_found_snr7}/{summary.n_truth_snr7} = {summary.completeness_snr7:.1%} at expected S/N >= 7")
+        source, tasks, done = None, None, []
+        print(f"nightsift: simulated night, {s.n_visits} visits x {s.n_ccds} CCDs of {s.ny}x{s.nx} px "
+              f"({s.instrument}), {on}")
+    summary, report = _run_night(cfg, engine, args, source, tasks, done)
+    print(f"CCD-visits: {summary.n_done} done{f' ({len(done)} in an earlier run)' if done else ''}, "
+          f"{summary.n_failed} failed, {summary.n_skipped} skipped of {summary.n_tasks} in {summary.wall_s:.1f} s")
+    if summary.n_truth:
+        print(f"alerts written: {summary.n_alerts}  (purity vs truth: {summary.purity:.1%} of alerts are injected "
+              f"transients)")
+        print(f"completeness: {summary.n_found}/{summary.n_truth} = {summary.completeness:.1%} of all injected "
+              f"transients; {summary.n_found_snr7}/{summary.n_truth_snr7} = {summary.completeness_snr7:.1%} at "
+              f"expected S/N >= 7")
+    else:
+        print(f"alerts written: {summary.n_alerts}  (no injected truth: completeness and purity not measured)")
     for r in summary.per_ccd:
         if r["status"] != "done":
             print(f"  visit {r['visit']} ccd {r['ccd']}: {r['status']}: {(r.get('error') or '').splitlines()[0]}")
@@ -90,12 +97,68 @@ def cmd_run(args) -> int:
               f"{report.n_inference_actors} inference actors (scoring: {report.scoring}); "
               f"{report.alerts_per_s:.1f} alerts/s; visit latency p50 {extra['visit_latency_p50_s']:.1f} s; "
               f"{report.n_retries} retries, {report.n_replaced} actors replaced")
+    from .classify.reports import write_json  # NaN (no injected truth) -> null, written atomically
+
     Path(cfg.package.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.package.output_dir) / "night_summary.json").write_text(json.dumps(
-        {k: getattr(summary, k) for k in ("n_tasks", "n_done", "n_failed", "n_skipped", "n_alerts", "n_truth",
-                                          "n_found", "n_truth_snr7", "n_found_snr7", "wall_s", "completeness",
-                                          "completeness_snr7", "purity")} | extra, indent=1))
+    write_json(Path(cfg.package.output_dir) / "night_summary.json",
+               {k: getattr(summary, k) for k in ("n_tasks", "n_done", "n_failed", "n_skipped", "n_alerts", "n_truth",
+                                                 "n_found", "n_truth_snr7", "n_found_snr7", "wall_s", "completeness",
+                                                 "completeness_snr7", "purity")} | extra)
     return 0 if summary.n_done else 1
+
+
+def _night_checks(cfg, engine: str) -> None:
+    """Refuse settings a night would otherwise ignore or lose (ConfigError, one line)."""
+    from .errors import ConfigError
+
+    for key in ("science_model", "reference_model"):
+        if getattr(cfg.psf, key):
+            raise ConfigError(f"psf.{key} = {getattr(cfg.psf, key)!r} gives one PSF file for one pair "
+                              "(nightsift subtract --sci-psf/--ref-psf); a night measures each CCD's PSFs: "
+                              f"remove psf.{key} from the config")
+    if cfg.package.quicklook and engine == "ray":
+        raise ConfigError("package.quicklook = true is not supported on the Ray engine (its writer carries "
+                          "alert files only): use --engine local, or set package.quicklook = false")
+
+
+def _folder_night(cfg, on: str):
+    """``(source, CCD-visits to run, ledger records of those done already)`` of ``[input] dir``, its
+    plan printed before any work."""
+    from .orchestration.folder import FolderNight, split_done
+
+    source = FolderNight.scan(cfg.input, cfg.calibrate)
+    print(f"nightsift: night from {source.plan.root}, {on}")
+    for line in source.plan.describe():
+        print(f"  {line}")
+    tasks = source.tasks()
+    if not cfg.input.resume:
+        return source, tasks, []
+    todo, done = split_done(tasks, cfg.package.output_dir)
+    if done:
+        print(f"  resume: {len(done)} CCD-visits done in an earlier run are kept; {len(todo)} to run")
+    return source, todo, done
+
+
+def _run_night(cfg, engine: str, args, source, tasks, done: list):
+    """``(NightSummary, Ray NightReport or None)`` of the night on ``engine``; ``done``: records of
+    CCD-visits a resumed night keeps."""
+    from .orchestration.local import run_simulated_night
+    from .orchestration.task import summarize
+
+    if tasks is not None and not tasks:  # everything done already
+        return summarize(done, wall_s=0.0), None
+    report = None
+    if engine == "ray":
+        from .orchestration.ray_engine import run_ray_night
+
+        report = run_ray_night(cfg, progress=not args.quiet, source=source, tasks=tasks)
+        summary = report.summary
+    else:
+        summary = run_simulated_night(cfg, workers=args.workers or 0, progress=not args.quiet, source=source,
+                                      tasks=tasks)
+    if done:
+        summary = summarize(done + list(summary.per_ccd), wall_s=summary.wall_s)
+    return summary, report
 
 
 def cmd_subtract(args) -> int:
@@ -106,14 +169,16 @@ def cmd_subtract(args) -> int:
     from .io.atomic import check_output_dir
     from .io.fits import read_exposure, write_image
     from .pipeline import process_pair
+    from .report import write_subtraction_report
 
-    cfg = _config(args, package={"output_dir": args.out})
+    psf = {k: v for k, v in (("science_model", args.sci_psf), ("reference_model", args.ref_psf)) if v}
+    cfg = _config(args, package={"output_dir": args.out}, psf=psf)
     # the order matters for the message a user sees: the output folder, then the inputs, then the
     # model (a bad model must not hide a bad input), then the chain
     out = check_output_dir(cfg.package.output_dir)
     retain_host_memory(cfg.run.retain_host_memory)
-    sci = read_exposure(args.science, config=cfg.calibrate)
-    ref = read_exposure(args.reference, config=cfg.calibrate)
+    sci = read_exposure(args.science, config=cfg.calibrate, noise=args.sci_noise, noise_kind=args.sci_noise_kind)
+    ref = read_exposure(args.reference, config=cfg.calibrate, noise=args.ref_noise, noise_kind=args.ref_noise_kind)
     scorer = pipeline_scorer(cfg.classify)
     res = process_pair(sci, ref, config=cfg, visit=args.visit, ccd=args.ccd, keep_products=True, scorer=scorer)
     p = res.products
@@ -127,6 +192,11 @@ def cmd_subtract(args) -> int:
         write_image(out / "scorr.fits", p.subtraction.S_corr, hdr)
         write_image(out / "reference_aligned.fits", p.reference.image, hdr)
         Table(res.candidates).write(out / "candidates.ecsv", overwrite=True)
+        report, qa_path, png = write_subtraction_report(
+            out, res, config=cfg, science=sci, reference=ref,
+            psf_files={"sci": getattr(args, "sci_psf", None), "ref": getattr(args, "ref_psf", None)},
+            products={k: f"{k}.fits" for k in ("difference", "D", "scorr", "reference_aligned")} | {
+                "candidates": "candidates.ecsv"})
     except OSError as e:  # e.g. the disk filled up while the chain ran
         raise NightsiftError(f"{e.filename or out}: cannot write the products ({e.strerror or e})") from None
     c = res.candidates
@@ -135,6 +205,9 @@ def cmd_subtract(args) -> int:
     for r in np.sort(c, order="snr")[::-1][: args.show]:
         print(f"  x={r['xpos']:7.1f} y={r['ypos']:7.1f}  S/N={r['snr']:6.1f}  {'+' if r['isdiffpos'] else '-'}  "
               f"mag={r['magpsf']:.2f}  fwhm={r['fwhm']:.2f}")
+    print(f"QA -> {qa_path}" + (f", quicklook -> {png}" if png else "") + f"; {len(report['warnings'])} warnings")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
     return 0
 
 
@@ -145,6 +218,8 @@ def cmd_simulate(args) -> int:
     from .simulate import simulate_visit_ccd
     from .stages.calibrate import calibrate, make_master
 
+    if args.instrument == "space":
+        return _simulate_space(args)
     sim = {k: v for k, v in {"instrument": args.instrument, "seed": args.seed, "ny": args.size,
                              "nx": args.size}.items() if v is not None}
     cfg = _config(args, simulate=sim)
@@ -158,6 +233,7 @@ def cmd_simulate(args) -> int:
             hl = fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(getattr(s.calibration, k), name=k.upper())
                                                       for k in ("bias", "dark", "flat")])
             hl[0].header["DARKTIME"] = s.calibration.dark_exptime
+            hl[0].header["CCDNUM"] = ccd  # a calibration bundle of one CCD (nightsift run --input)
             hl.writeto(f"{stem}_calib.fits", overwrite=True)
             write_exposure(f"{stem}_ref.fits", s.reference)
             # the science frame through this pipeline's own calibration, ready for `nightsift subtract`
@@ -171,24 +247,57 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_score_ztf(args) -> int:
-    from .classify.crossdomain import score_ztf
+def _simulate_space(args) -> int:
+    """``nightsift simulate --instrument space``: one space-like pair (MJy/sr with ERR maps, no GAIN,
+    undersampled PSF, galaxy-rich, a transient on a galaxy), its PSF files and truth
+    (:func:`nightsift.engine.simulate.simulate_space_pair`)."""
+    from .errors import ConfigError
+    from .simulate import simulate_space_pair
+
+    if args.visits != 1 or args.ccds != 1:
+        raise ConfigError("--instrument space writes one science/reference pair: drop --visits/--ccds")
+    size = args.size or 512
+    paths = simulate_space_pair(shape=(size, size), seed=args.seed or 0).write(args.out)
+    print(f"wrote {', '.join(p.name for p in paths.values())} in {args.out}/ (try: nightsift subtract "
+          f"{paths['sci']} {paths['ref']}, or with --sci-psf {paths['psf_sci']} --ref-psf {paths['psf_ref']})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .classify.crossdomain import score_packets
 
     over = {k: v for k, v in {"backend": args.backend, "model": args.model}.items() if v}
     cfg = _config(args, classify=over or None)
-    res = score_ztf(args.directory, config=cfg.classify, braai_model=args.braai, out_dir=args.out,
-                    num_threads=args.threads)
-    m = res.metrics
-    print(f"{res.n} ZTF alerts; nightsift: {res.scorer}")
-    print(f"called real: nightsift {m['nightsift_real_fraction']:.1%} (threshold {res.threshold:.3g}), "
-          f"braai {m['braai_real_fraction']:.1%}, rb {m['rb_real_fraction']:.1%}")
-    for key, label in (("vs_braai", "nightsift vs braai >= 0.5"), ("vs_rb", "nightsift vs rb >= 0.5"),
-                       ("braai_vs_rb", "braai vs rb >= 0.5 (scale)")):
-        r = m[key]
-        print(f"  {label:28s} ROC AUC {r['roc_auc']:.3f}  AUCPR {r['aucpr']:.3f}  "
-              f"agreement {r['agreement']:.1%} (TPR {r['tpr']:.1%}, FPR {r['fpr']:.1%}; {r['n_pos']} real / {r['n_neg']} bogus)")
-    print(f"written: {Path(args.out) / 'ztf_crossdomain.json'}, {Path(args.out) / 'ztf_most_wrong.png'}")
+    if args.braai_rubin and not args.braai:
+        from .errors import ConfigError
+
+        raise ConfigError("--braai-rubin needs --braai WEIGHTS (braai's d6_m7 files)")
+    res = score_packets(args.packets, config=cfg.classify, braai_model=args.braai, braai_rubin=args.braai_rubin,
+                        out_dir=args.out, num_threads=args.threads, n_boot=args.bootstrap, seed=args.seed)
+    for line in res.skipped:
+        print(f"skipped {line}")
+    for w in res.warnings:
+        print(f"warning: {w}")
+    print(f"{res.n} alerts scored from {res.n_files} packet files, {len(res.skipped)} skipped; nightsift: {res.scorer}")
+    for key, m in res.metrics.items():
+        print(f"{key}: {m['n']} alerts ({m['n_negative']} negative); called real: nightsift "
+              f"{m['nightsift_real_fraction']:.1%} (threshold {res.threshold:.3g}), own {m['own_real_fraction']:.1%}")
+        for name, label in (("vs_own", f"nightsift vs {key.split(':')[1]} >= 0.5"),
+                            ("vs_braai", "nightsift vs braai >= 0.5"), ("braai_vs_own", "braai vs own >= 0.5 (scale)")):
+            if name in m:
+                print(f"  {label:30s} {_figures(m[name])}")
+    print(f"written: {Path(args.out) / 'packet_scores.json'}, packet_scores.csv, packets_most_wrong.png")
     return 0
+
+
+def _figures(r: dict) -> str:
+    """ROC AUC, AUCPR and agreement of one comparison, with their 95% intervals where measured."""
+    def ci(k):
+        lo_hi = r.get(f"{k}_ci95")
+        return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
+    return (f"ROC AUC {r['roc_auc']:.3f}{ci('roc_auc')}  AUCPR {r['aucpr']:.3f}{ci('aucpr')}  agreement "
+            f"{r['agreement']:.1%}{ci('agreement')} (TPR {r['tpr']:.1%}, FPR {r['fpr']:.1%}; {r['n_pos']} real / "
+            f"{r['n_neg']} bogus)")
 
 
 def _dataset_spec(args):
@@ -218,6 +327,9 @@ def cmd_train(args) -> int:
 
         if not args.label_alerts:
             raise ConfigError("--with-labels needs --label-alerts: the alert file or folder the labels were given on")
+        from .classify.realeval import refuse_measurement_sets
+
+        refuse_measurement_sets(args.label_alerts)  # the real-data rule: measurement sets never train
         extra, counts = labeled_dataset(args.with_labels, args.label_alerts, interesting=args.interesting)
         command += f" --with-labels {args.with_labels} --label-alerts {args.label_alerts}"
         print(f"expert labels: {counts['n_used']} used of {counts['n_labels']} ({int(extra.labels.sum())} real); "
@@ -231,6 +343,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.real:
+        return _evaluate_real(args)
     from .classify.evaluate import run_evaluation
 
     cfg = _config(args, classify=_threshold_override(args))
@@ -239,6 +353,22 @@ def cmd_evaluate(args) -> int:
                    target_fnr=target, workers=args.workers, rebuild=args.rebuild, cross=args.cross_domain,
                    source=args.source, epochs=args.epochs, seed=args.seed, threads=args.threads,
                    progress=not args.quiet, config=cfg, threshold_confidence=cfg.classify.threshold_confidence)
+    return 0
+
+
+def _evaluate_real(args) -> int:
+    """``nightsift evaluate --real PACKETS...``: nightsift on real packets against their own scores and braai."""
+    from .classify.realeval import evaluate_real, format_real
+
+    cfg = _config(args, classify={"model": args.model} if args.model else None)
+    res = evaluate_real(args.real, config=cfg.classify, braai_model=args.braai, out_dir=args.out,
+                        n_boot=args.bootstrap, seed=args.seed, num_threads=args.threads)
+    for line in res["skipped"]:
+        print(f"skipped {line}")
+    for w in res["warnings"]:
+        print(f"warning: {w}")
+    print(format_real(res))
+    print(f"written: {Path(args.out) / 'real_evaluation.json'}, real_reliability.png, real_worst.png")
     return 0
 
 
@@ -274,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML configuration file (see engine/config.py for sections and defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command")
-    for add in (_add_run, _add_subtract, _add_simulate, _add_score_ztf, _add_train, _add_evaluate):
+    for add in (_add_run, _add_subtract, _add_simulate, _add_score, _add_train, _add_evaluate):
         add(sub)
 
     from .discover.cli import add_subcommands as add_discover_subcommands
@@ -284,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(sub) -> None:
-    from .config import NIGHT_ENGINES
+    from .config import INPUT_PRESETS, NIGHT_ENGINES
 
     r = sub.add_parser("run", help="simulate a night (the default) and process it")
     r.add_argument("--visits", type=int)
@@ -298,6 +428,12 @@ def _add_run(sub) -> None:
     r.add_argument("--address", help="Ray cluster to join ('auto' after `ray start`); default: start a local Ray")
     r.add_argument("--out", help="output directory for alerts and records")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--input", metavar="DIR", help="run the night over this folder of FITS files (science, "
+                   "bias/dark/flat, references) instead of a simulated one (config [input] dir)")
+    r.add_argument("--preset", choices=INPUT_PRESETS, help="header conventions of the --input files "
+                   "(config [input] preset; README: running a night over your files)")
+    r.add_argument("--redo", action="store_true", help="run every CCD-visit of --input again, not only those "
+                   "not done in an earlier run into the same --out")
     r.set_defaults(func=cmd_run)
 
 
@@ -309,6 +445,15 @@ def _add_subtract(sub) -> None:
     s.add_argument("--visit", type=int, default=0)
     s.add_argument("--ccd", type=int, default=0)
     s.add_argument("--show", type=int, default=10, help="print the N best candidates")
+    for who in ("sci", "ref"):
+        s.add_argument(f"--{who}-noise", metavar="FILE", help=f"noise map of the {who} image in a separate FITS file "
+                       "(variance, error or inverse variance in the image's unit; replaces its own noise extension)")
+        s.add_argument(f"--{who}-noise-kind", choices=("variance", "err", "wht"), help=f"what --{who}-noise holds, "
+                       "when its EXTNAME (VARIANCE/ERR/WHT) and BUNIT do not say it (wht: inverse variance)")
+        s.add_argument(f"--{who}-psf", metavar="FILE", help=f"PSF of the {who} image, used instead of measuring it: "
+                       "a FITS PSF image (oversampled: OVERSAMP in its header) or a PSFEx .psf model, on that "
+                       "image's pixel axes (default psf." + ("science_model" if who == "sci" else "reference_model")
+                       + ")")
     s.set_defaults(func=cmd_subtract)
 
 
@@ -318,20 +463,31 @@ def _add_simulate(sub) -> None:
     m.add_argument("--visits", type=int, default=1)
     m.add_argument("--ccds", type=int, default=1)
     m.add_argument("--size", type=int)
-    m.add_argument("--instrument")
+    m.add_argument("--instrument", help="instrument profile: decam, ztf, lsst; or space: one space-like pair "
+                   "(MJy/sr with ERR maps, undersampled PSF, galaxy-rich) with its PSF files")
     m.add_argument("--seed", type=int)
     m.set_defaults(func=cmd_simulate)
 
 
-def _add_score_ztf(sub) -> None:
-    z = sub.add_parser("score-ztf", help="score real ZTF alert packets: nightsift's classifier vs braai and rb")
-    z.add_argument("directory", help="folder of ZTF .avro alert packets")
-    z.add_argument("--backend", help="nightsift scorer: auto, tflite, keras, edgetpu (default: classify.backend)")
-    z.add_argument("--model", help="nightsift model file or metadata JSON (default: the shipped model)")
-    z.add_argument("--braai", help="folder of ZTF's braai d6_m7 files (default: shared/data/ztf/braai)")
-    z.add_argument("--out", default="nightsift-ztf", help="folder for the JSON and the PNG")
-    z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
-    z.set_defaults(func=cmd_score_ztf)
+def _add_score(sub) -> None:
+    for name, help_ in (("score", "score ZTF or Rubin alert packets with nightsift's classifier; compare with their "
+                                  "own scores (drb, rb, reliability) and with braai when its weights are given"),
+                        ("score-ztf", "alias of `score`")):
+        z = sub.add_parser(name, help=help_)
+        z.add_argument("packets", nargs="+", help="alert packet files or folders of .avro packets (ZTF or Rubin, "
+                                                  "recognised per packet)")
+        z.add_argument("--backend", help="nightsift scorer: auto, tflite, keras, edgetpu (default: classify.backend)")
+        z.add_argument("--model", help="nightsift model file or metadata JSON (default: the shipped model)")
+        z.add_argument("--braai", metavar="WEIGHTS", help="ZTF's braai d6_m7 files (folder or .h5): also score "
+                                                          "with braai and compare (default: no braai)")
+        z.add_argument("--braai-rubin", action="store_true", help="score Rubin packets with braai too (a ZTF "
+                                                                  "model: outside its domain)")
+        z.add_argument("--out", default="nightsift-score", help="folder for the JSON, the CSV and the PNG")
+        z.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
+        z.add_argument("--bootstrap", type=int, default=1000,
+                       help="bootstrap resamples of the 95%% intervals (0: none)")
+        z.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+        z.set_defaults(func=cmd_score)
 
 
 def _add_train(sub) -> None:
@@ -365,6 +521,11 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--cross-domain", action="store_true",
                    help="also train on one profile / one condition vs all, test on every profile")
     e.add_argument("--source", default="decam", help="profile of the single-domain models (default decam)")
+    e.add_argument("--real", nargs="+", metavar="PACKETS",
+                   help="evaluate on real ZTF/Rubin alert packets (files or folders) instead: ROC AUC/AUCPR against "
+                        "their own drb/rb/reliability (and braai) overall and by population, reliability diagram")
+    e.add_argument("--braai", metavar="WEIGHTS", help="with --real: ZTF's braai d6_m7 files, compared too")
+    e.add_argument("--bootstrap", type=int, default=1000, help="with --real: bootstrap resamples (0: no intervals)")
     e.set_defaults(func=cmd_evaluate)
 
 

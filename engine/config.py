@@ -38,10 +38,15 @@ ArrayBackend = Literal["numpy", "cupy", "auto"]
 NightEngine = Literal["auto", "ray", "local"]
 #: FFT precision of the subtraction (``subtract.fft_dtype``)
 FFTDtype = Literal["float32", "float64"]
+#: header conventions of a folder night (``input.preset``; engine/orchestration/folder.py PRESETS)
+InputPreset = Literal["generic", "decam", "ztf", "lsst"]
+#: how a folder night's science frames are read (``input.science_kind``)
+ScienceKind = Literal["auto", "raw", "calibrated"]
 
 CLASSIFY_BACKENDS: tuple[str, ...] = get_args(ClassifyBackend)
 ARRAY_BACKENDS: tuple[str, ...] = get_args(ArrayBackend)
 NIGHT_ENGINES: tuple[str, ...] = get_args(NightEngine)
+INPUT_PRESETS: tuple[str, ...] = get_args(InputPreset)
 
 
 def one_of(choices) -> str:
@@ -96,6 +101,10 @@ class CalibrateConfig(_Section):
     saturation_fraction: float = 0.98
     #: saturated regions are grown by this many pixels (bleed trails, blooming)
     saturation_grow: int = 1
+    #: the GAIN of a coadd read without a noise map, whose variance is estimated from the image:
+    #: "header" (GAIN is already the coadd's effective gain, as SWarp writes it) or "ncombine"
+    #: (GAIN is one frame's and the coadd a mean of NCOMBINE frames: effective gain GAIN*NCOMBINE)
+    coadd_gain: Literal["header", "ncombine"] = "header"
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,11 @@ class AlignConfig(_Section):
     min_astrometric_stars: int = 5
     #: floor (px) on that measured RMS: a handful of stars can agree by chance to ~0
     astrometric_rms_floor: float = 0.001
+    #: what sets ZOGY's astrometric noise (sigma_x, sigma_y) from the matched stars: "registration"
+    #: (their scatter less their own centroid noise, in quadrature, plus the error of the fitted
+    #: offset: the misregistration a source suffers) or "scatter" (the raw scatter, which counts
+    #: the stars' centroid noise as misregistration and under-reports transients on bright hosts)
+    astrometric_noise: Literal["registration", "scatter"] = "registration"
     #: a star measures the registration only if no other source lies within this many FWHM
     isolation_fwhm: float = 3.0
 
@@ -178,12 +192,48 @@ class PSFConfig(_Section):
     #: prefers). A choice: the stellar-locus tolerance widens as 2/S/N (``locus_tolerance``: 15 %
     #: at S/N 20, 45 % at S/N 5), so much fainter sources would pass as points whatever their size
     point_min_snr: float = 20.0
+    #: S/N from which every unflagged source (isolated or not) enters the lower envelope of sizes
+    #: that finds the stellar locus in a galaxy-rich field (``stages.psf._stellar_loci``), and the
+    #: S/N of PSF stars in the crowded retry. At S/N 20 a star's adaptive size scatters by ~5 %,
+    #: far less than the gap to galaxies; the bright isolated candidates of a galaxy-rich
+    #: undersampled field held 1 star among 74 (its locus 2.7x the PSF)
+    locus_min_snr: float = 20.0
+    #: a bright-candidate locus more than this times the lower envelope of all sources' sizes sat
+    #: on resolved sources (galaxies): the envelope is taken instead. Stars measure within ~5 % of
+    #: each other (2.44-2.56 px at FWHM 2.1); 1.3 leaves compact galaxies and noise out of it
+    locus_resolved_ratio: float = 1.3
+    #: isolation radius (in locus FWHMs) of the crowded retry, when fewer than min_stars isolated
+    #: bright stars sit on the locus or most bright candidates are resolved: neighbours further
+    #: out only touch the stack's wings, where its clipping removes them (a star among many faint
+    #: galaxies rarely has 15 px to itself); 0 = no retry
+    crowded_isolation_fwhm: float = 3.0
+    #: a PSF FWHM (median over tiles) differing from the header's seeing (SEEING, FWHM, ... see
+    #: ``stages.measure.header_seeing``) by more than this fraction is flagged in the QA warnings:
+    #: header seeing is measured otherwise (a Gaussian, a median over the focal plane), ~10-20 %
+    #: apart from a Moffat fit; a locus on galaxies is 1.5-3x off
+    seeing_tolerance: float = 0.35
+    #: science and reference PSF FWHMs (science pixels) differing by more than this factor are
+    #: flagged: ground seeing spans ~0.6-2", and references are stacked from good nights; a
+    #: larger factor is more often a PSF measured on galaxies than the sky
+    max_fwhm_ratio: float = 2.5
+    #: PSF file of the science image used instead of measuring its PSF (`nightsift subtract
+    #: --sci-psf`): a FITS PSF image, oversampled ones with their OVERSAMP keyword, or a PSFEx .psf
+    #: model (nightsift.engine.io.psf_files); "" = measure. Read by process_pair (one pair): a
+    #: night's CCD-visits each need their own, given per frame
+    science_model: str = ""
+    #: PSF file of the reference image (`--ref-psf`), on the reference's own pixels; "" = measure
+    reference_model: str = ""
 
     def _check_ranges(self):
         _check(self.stamp_size % 2 == 1 and self.stamp_size >= 11, "psf.stamp_size", "must be odd and >= 11")
         _check(self.min_stars >= 1, "psf.min_stars", "must be >= 1")
         _check(self.max_stars >= self.min_stars, "psf.max_stars", "must be >= psf.min_stars")
         _check(self.point_min_snr > 0, "psf.point_min_snr", "must be > 0")
+        _check(self.locus_min_snr > 0, "psf.locus_min_snr", "must be > 0")
+        _check(self.locus_resolved_ratio > 1, "psf.locus_resolved_ratio", "must be > 1")
+        _check(self.crowded_isolation_fwhm >= 0, "psf.crowded_isolation_fwhm", "must be >= 0")
+        _check(self.seeing_tolerance > 0, "psf.seeing_tolerance", "must be > 0")
+        _check(self.max_fwhm_ratio > 1, "psf.max_fwhm_ratio", "must be > 1")
 
 
 @dataclass(frozen=True)
@@ -210,6 +260,10 @@ class SubtractConfig(_Section):
     #: flat and aperture terms (a few %), so 30 % only turns away stars that changed (variables,
     #: a transient on a nucleus) or a wrong match
     flux_ratio_prior_window: float = 0.3
+    #: a star-fitted F_r farther than this (relative) from the zero points' is flagged in the QA
+    #: warnings and replaced by it: the zero points miss a CCD's flat and aperture terms (a few %),
+    #: the stars' value on a PSF measured on galaxies came out 20 % off and lost the transient
+    flux_ratio_tolerance: float = 0.1
     #: astrometric noise (RMS, pixels) used in S_corr when alignment does not measure it
     default_astrometric_rms: float = 0.02
     #: masked pixels (bad, saturated, no data) are grown by this many pixels; S_corr is zeroed there
@@ -239,6 +293,7 @@ class SubtractConfig(_Section):
                "need 0 <= min < 1 < max")
         _check(self.flux_ratio_min_snr > 0, "subtract.flux_ratio_min_snr", "must be > 0")
         _check(self.flux_ratio_prior_window > 0, "subtract.flux_ratio_prior_window", "must be > 0")
+        _check(self.flux_ratio_tolerance > 0, "subtract.flux_ratio_tolerance", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -289,6 +344,11 @@ class PackageConfig(_Section):
     output_dir: str = "nightsift-out"
     #: instrument/survey prefix of candidate ids
     survey: str = "nightsift"
+    #: also write a quicklook PNG (science, aligned reference, difference, S_corr binned for display,
+    #: candidates circled) beside each CCD-visit's alert file; off for a night by default (~1 s and
+    #: ~1 MB per CCD-visit). `nightsift subtract` always writes one (quicklook.png), and a night's
+    #: per-CCD-visit QA is in its ledger records (records/*.json), read by nightsift.engine.report
+    quicklook: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,9 +440,31 @@ class RunConfig(_Section):
     #: (glibc malloc thresholds; backend.retain_host_memory): a CCD-visit's fresh image-sized arrays
     #: otherwise page-fault in again each time (4096^2: 24 -> 13-16 s per visit on 2 cores)
     retain_host_memory: bool = True
+    #: Ray engine: CCD-visits of one visit a subtraction actor runs as one batch
+    #: (:func:`~nightsift.engine.pipeline.process_visit` with B of them): a GPU is fed whole
+    #: focal-plane slices instead of one CCD per call; 0 = 8 on GPU actors and 1 on numpy ones
+    #: (on a CPU a batch saves no launches and costs memory traffic: 2.11 vs 1.69 CPU-s per
+    #: 1024^2 CCD-visit with B = 2 vs 1, bench/RESULTS.md "night: batches")
+    batch_ccds: int = 0
+    #: Ray engine: a batch smaller than ``batch_ccds`` is sent once its first CCD-visit has waited
+    #: this long (s) for the rest of its visit's CCDs on that actor: a visit is never held back
+    #: for stragglers (a batch closes on size, on its visit being complete, or on this deadline)
+    batch_deadline_s: float = 0.2
+    #: Ray engine, GPU actors: device memory (GiB) each actor gives to resident CCD statics
+    #: (reference planes, PSF, master calibration; ~24 bytes/px); the CCDs beyond it keep their
+    #: statics in pinned host memory and upload them with each batch. The rest of the GPU is the
+    #: batches' working memory (ZOGY on B CCDs). Unused on numpy (statics are host memory there)
+    device_budget_gib: float = 40.0
+    #: Ray engine: threads per subtraction actor that score, package (cutout compression, Avro)
+    #: and stage the alerts of a batch off the device path, while the device runs the next batch
+    package_threads: int = 2
 
     def _check_ranges(self):
         _check(self.workers >= 0, "run.workers", "must be >= 0")
+        _check(self.batch_ccds >= 0, "run.batch_ccds", "must be >= 0 (0: 8 on GPU actors, 1 on numpy ones)")
+        _check(self.package_threads >= 1, "run.package_threads", "must be >= 1")
+        _check(self.batch_deadline_s >= 0 and self.device_budget_gib >= 0, "run.batch_deadline_s/device_budget_gib",
+               "must be >= 0")
         _check(self.subtraction_cpus >= 0 and self.inference_cpus >= 0, "run.subtraction_cpus/inference_cpus",
                "must be >= 0")
         _check(self.inference_actors >= 1, "run.inference_actors", "must be >= 1")
@@ -391,6 +473,40 @@ class RunConfig(_Section):
         _check(self.max_restarts >= -1, "run.max_restarts", "must be >= -1 (-1: unlimited)")
         _check(self.task_retries >= 0 and self.max_resident_ccds >= 0 and self.object_store_mb >= 0,
                "run.task_retries/max_resident_ccds/object_store_mb", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class InputConfig(_Section):
+    """A night from a folder of FITS files (``nightsift run --input DIR``; see
+    :mod:`nightsift.engine.orchestration.folder` and the README's presets table)."""
+
+    #: folder of the night's FITS files (science, bias/dark/flat, references), searched
+    #: recursively; "" = a simulated night ([simulate])
+    dir: str = ""
+    #: header conventions of the files: "decam" (OBSTYPE, EXPNUM, CCDNUM), "ztf" (IMGTYPE, EXPID,
+    #: RCID or CCDID+QID), "lsst" (IMGTYPE, VISIT, DETECTOR) or "generic" (the common keywords)
+    preset: InputPreset = "generic"
+    #: keyword map: header keyword of the frame type (object/bias/dark/flat/reference), tried
+    #: before the preset's; "" = the preset's only
+    type_key: str = ""
+    #: keyword map: header keyword of the visit (exposure) number; "" = the preset's (then visits
+    #: numbered by DATE-OBS + FILTER order, noted in the plan)
+    visit_key: str = ""
+    #: keyword map: header keyword of the CCD number; "" = the preset's (then a MEF's HDU order)
+    ccd_key: str = ""
+    #: file names scanned (glob, any depth): .fits, .fits.fz, .fits.gz by default
+    pattern: str = "*.fits*"
+    #: files under a subfolder of this name are references ("" = none by folder)
+    reference_dir: str = "reference"
+    #: file names (glob, case-insensitive) that are references wherever they are ("" = none by name)
+    reference_pattern: str = "*_ref.fits*"
+    #: science frames: "auto" (calibrated when BUNIT is not ADU/DN/counts, a noise-map extension
+    #: is there or the preset's processed mark is, else raw ADU calibrated with the CCD's masters),
+    #: "raw" or "calibrated" (read as `nightsift subtract` reads its inputs)
+    science_kind: ScienceKind = "auto"
+    #: a rerun of a folder night skips the CCD-visits its ledger records as done (alert file
+    #: present); false runs every CCD-visit again (records and alert files are replaced)
+    resume: bool = True
 
 
 @dataclass(frozen=True)
@@ -448,6 +564,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
 
     def __post_init__(self):

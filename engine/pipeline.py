@@ -38,17 +38,20 @@ from nightsift.kernels.tiles import make_grid
 from .config import Config
 from .errors import AlgorithmFailure, InputError, NightsiftError, SkipCCD
 from .io.avro import alert_path, write_alerts
-from .io.fits import celestial_wcs, check_same_shape, replace_wcs
+from .io.fits import celestial_wcs, check_same_shape, input_qa, replace_wcs
+from .io.units import poisson_scale_of
+from .io.psf_files import read_psf
 from .records import (Exposure, ImagePSF, MaskBits, RawFrame, ReferenceModel, SourceCatalog,
                       StageResult, Subtraction, unusable_of)
 from .stages.align import AlignedReference, align_reference, astrometric_stars, coarse_map
 from .stages.calibrate import (MasterCalibration, calibrate_frames, calibrated_header, frame_params, master_on)
 from .stages.cutouts import cut_triplets
 from .stages.detect import DETECTION_COLUMNS, candidate_tables, detect, pixel_scale_arcsec
-from .stages.measure import fwhm_guess, measure_images
+from .stages.measure import fwhm_guess, header_seeing, measure_images
 from .stages.package import _julian_date, build_alerts
-from .stages.psf import carry_psf, measure_psf
-from .stages.subtract import decide_flux_ratio, flux_ratio, subtract, zero_point_flux_ratio
+from .stages.psf import carry_psf, measure_psf, psf_warnings
+from .stages.psf_given import given_psf
+from .stages.subtract import decide_flux_ratio, flux_ratio, flux_ratio_warning, subtract, zero_point_flux_ratio
 
 __all__ = ["CCDStatics", "VisitFrame", "CCDResult", "CCDProducts", "prepare_statics", "process_visit",
            "package_results", "process_ccd", "process_pair", "align_exposures", "STAGES"]
@@ -76,11 +79,18 @@ class CCDStatics:
     master : MasterCalibration or None
         Master calibration (float32 planes, uint16 mask) for raw frames; None for a CCD whose
         science frames arrive calibrated.
+    ref_psf_source : str
+        ``"measured"``, or ``"file:<name>"`` for a reference PSF given from a file (QA
+        ``psf_source_ref``).
+    ref_psf_warnings : tuple of str
+        What reading that file had to warn about (each CCD-visit's QA ``warnings`` repeats it).
     """
 
     ccd: int
     reference: ReferenceModel
     master: MasterCalibration | None = None
+    ref_psf_source: str = "measured"
+    ref_psf_warnings: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -110,6 +120,9 @@ class VisitFrame:
     truth : structured ndarray, optional
         Injected transients (``x``, ``y`` 0-based px, ``flux`` e-) of a simulated frame: the
         chain reports their expected S/N (:attr:`CCDResult.truth_snr`).
+    psf : str, optional
+        PSF file of this frame (:func:`nightsift.engine.io.psf_files.read_psf`), used instead of
+        measuring its PSF (QA ``psf_source_sci``); None = measure.
     """
 
     visit: int
@@ -117,6 +130,7 @@ class VisitFrame:
     raw: RawFrame | None = None
     science: Exposure | None = None
     truth: np.ndarray | None = field(default=None, repr=False)
+    psf: str | None = None
 
     @property
     def path(self) -> str | None:
@@ -165,6 +179,9 @@ class CCDResult:
         The science header the packets are made from.
     shape : (ny, nx)
         The CCD's shape.
+    quicklook : ndarray (4, h, w) float32 or None
+        Science less its background, aligned reference, difference and S_corr binned for display
+        (:func:`nightsift.engine.report.display_bin`), when ``package.quicklook`` asks for them.
     """
 
     visit: int
@@ -181,6 +198,7 @@ class CCDResult:
     truth_snr: np.ndarray | None = None
     header: object = field(default=None, repr=False)
     shape: tuple = ()
+    quicklook: np.ndarray | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +209,8 @@ def _grid(shape, config: Config):
 
 
 def prepare_statics(reference: Exposure, master: MasterCalibration | None = None, *, config: Config, xp=np,
-                    ccd: int = 0, subtract_sky: bool = True, with_psf: bool = True) -> CCDStatics:
+                    ccd: int = 0, subtract_sky: bool = True, with_psf: bool = True,
+                    psf_file: str | None = None) -> CCDStatics:
     """Measure a CCD's reference once, in its own frame, and put its statics on ``xp``'s device.
 
     Parameters
@@ -208,6 +227,9 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
         Keep the reference background-subtracted (the chain's references always are).
     with_psf : bool
         Measure the reference's PSF (the chain needs it; alignment alone does not).
+    psf_file : str, optional
+        The reference's PSF from this file (:func:`nightsift.engine.io.psf_files.read_psf`, on
+        the reference's pixels) instead of measuring it (``with_psf`` only).
 
     Returns
     -------
@@ -218,7 +240,7 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
     AlgorithmFailure
         The reference has too few PSF stars (naming the file).
     InputError
-        Its planes differ in shape.
+        Its planes differ in shape; its PSF file is not a usable PSF (naming that file).
     """
     for name in ("variance", "mask"):
         check_same_shape(np.shape(reference.image), np.shape(getattr(reference, name)),
@@ -227,16 +249,11 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
     variance = to_device(reference.variance, xp, dtype=np.float32, label="statics")
     mask = to_device(reference.mask, xp, dtype=np.uint16, label="statics")
     guess = fwhm_guess(reference.header, config.psf.default_fwhm)
-    meas = measure_images(image, mask[None], fwhm=[guess], config=config.psf, prefix="ref_").value
-    model, catalog = None, meas.catalogs[0]
+    meas = measure_images(image, mask[None], fwhm=[guess], config=config.psf, prefix="ref_",
+                          poisson_scale=_poisson([reference.header])).value
+    model, catalog, source, notes = None, meas.catalogs[0], "measured", []
     if with_psf:
-        grid = _grid(reference.shape, config)
-        res = measure_psf(meas.image, mask[None], meas.catalogs, [meas.sky_sigma[0]], grid, config=config.psf,
-                          fwhm_guess=[guess], paths=[reference.path], prefix="ref_")
-        out = res.value[0]
-        if isinstance(out, AlgorithmFailure):
-            raise out
-        model, catalog = out
+        model, catalog, source, notes = _reference_psf(meas, mask, reference, guess, config, psf_file)
     locus = model.locus if model is not None and np.isfinite(model.locus) else guess
     astro = astrometric_stars(catalog, radius=config.align.isolation_fwhm * locus)
     if model is not None:  # point sources only: a galaxy core's centroid moves with a transient on it
@@ -254,7 +271,33 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
     ref = ReferenceModel(image=img, variance=var, mask=mask, wcs=reference.wcs, header=reference.header,
                          path=reference.path, sky_sigma=sigma, catalog=catalog, astro=astro, psf=model,
                          sky_subtracted=subtract_sky)
-    return CCDStatics(ccd=ccd, reference=ref, master=None if master is None else master_on(master, xp))
+    return CCDStatics(ccd=ccd, reference=ref, master=None if master is None else master_on(master, xp),
+                      ref_psf_source=source, ref_psf_warnings=tuple(notes))
+
+
+def _poisson(headers) -> list[float] | None:
+    """Image units per e- of each image (``NSPOISS``: flux units kept by read_exposure), or ``None``
+    when every image is in e- (the stages' source-Poisson terms then stay as they always were)."""
+    scales = [poisson_scale_of(h) for h in headers]
+    return None if all(v == 1.0 for v in scales) else scales
+
+
+def _reference_psf(meas, mask, reference: Exposure, guess: float, config: Config, psf_file: str | None):
+    """The reference's PSF model, its catalogue (point sources flagged), where the PSF came from
+    (measured, or given in ``psf_file``: ``"file:<name>"``) and the file's warnings."""
+    grid = _grid(reference.shape, config)
+    if psf_file:
+        notes: list[str] = []
+        given = read_psf(psf_file, grid, pixel_scale=pixel_scale_arcsec(reference.wcs), warn=notes.append)
+        res = given_psf(meas.image, mask[None], meas.catalogs, [given], config=config.psf, prefix="ref_")
+        return (*res.value[0], f"file:{Path(psf_file).name}", notes)
+    res = measure_psf(meas.image, mask[None], meas.catalogs, [meas.sky_sigma[0]], grid, config=config.psf,
+                      fwhm_guess=[guess], paths=[reference.path], prefix="ref_",
+                      poisson_scale=_poisson([reference.header]))
+    out = res.value[0]
+    if isinstance(out, AlgorithmFailure):
+        raise out
+    return (*out, "measured", [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,13 +460,13 @@ def _host_checks(batch: _Batch, config: Config):
             src = f.raw if f.raw is not None else f.science
             _same_file(f.path, st.reference.path)
             header = src.header
-            shape = tuple(np.shape(src.data if f.raw is not None else src.image))
+            plane = src.data if f.raw is not None else src.image  # host, or uploaded ahead by an engine
+            shape = tuple(plane.shape if hasattr(plane, "shape") else np.shape(plane))
             if f.raw is not None:
                 if st.master is None:
                     raise InputError("raw frame but no master calibration for its CCD", path=f.path)
                 params = frame_params(f.raw, st.master)
-                data = f.raw.data
-                if np.asarray(data).dtype.kind == "f" and not np.isfinite(data).any():  # host memory: cheap
+                if _no_finite_pixel(f.raw.data):
                     raise InputError("raw frame has no finite pixel; drop it", path=f.path)
                 wcs = celestial_wcs(header, shape, path=f.path)
                 header = calibrated_header(header, params.read_noise)
@@ -431,8 +474,12 @@ def _host_checks(batch: _Batch, config: Config):
                 params = None
                 wcs = f.science.wcs
             _julian_date(header)  # a packet needs its time: fail now, not after the chain ran
+            batch.qa(input_qa(header, "sci_") | input_qa(st.reference.header, "ref_"), [i])
             prepared[i] = dict(params=params, wcs=wcs, header=header, shape=shape,
                                guess=fwhm_guess(header, config.psf.default_fwhm))
+            if f.psf:  # a given PSF: read (and refused) before anything is uploaded
+                prepared[i]["psf"] = read_psf(f.psf, _grid(shape, config), pixel_scale=pixel_scale_arcsec(wcs),
+                                              warn=lambda m, i=i: batch.warn(i, f"sci {m}"))
         except NightsiftError as e:
             batch.fail(i, e)
     batch.alive = [i for i in batch.alive if i in prepared]
@@ -441,6 +488,16 @@ def _host_checks(batch: _Batch, config: Config):
         raise ValueError(f"process_visit: one batch must share one image shape, got {sorted(shapes)}; "
                          "group CCD-visits by shape")
     return prepared
+
+
+def _no_finite_pixel(data) -> bool:
+    """A float raw frame without one finite pixel: checked in host memory (cheap), or on the device
+    for a frame an engine uploaded ahead of its batch (one scalar read)."""
+    if np.dtype(data.dtype).kind != "f":
+        return False
+    if _is_device(data):
+        return not host_scalars(array_namespace(data).isfinite(data).any())[0]
+    return not np.isfinite(data).any()
 
 
 def _narrow(batch: _Batch, ok: list[int], xp, arrays: dict, lists: dict) -> tuple[dict, dict]:
@@ -506,19 +563,49 @@ def _align(batch: _Batch, prep: dict, catalogs: list, grid, shape, config: Confi
     return aligned
 
 
+def _science_psfs(batch: _Batch, prep: dict, arrays: dict, catalogs: list, grid, xp, config: Config) -> list:
+    """Each alive CCD-visit's science PSF (``(PSFModel, SourceCatalog)`` or an AlgorithmFailure, in
+    batch order): measured, or given from its frame's PSF file (read by :func:`_host_checks`);
+    records the PSF QA and ``psf_source_sci`` / ``psf_source_ref``."""
+    alive = batch.alive
+    given = [j for j, i in enumerate(alive) if "psf" in prep[i]]
+    measured = [j for j in range(len(alive)) if j not in given]
+    outs: list = [None] * len(alive)
+    for js, run in ((measured, "measure"), (given, "given")):
+        if not js:
+            continue
+        sel = to_device(np.asarray(js, np.int64), xp, label="batch_index") if len(js) < len(alive) else slice(None)
+        N, mask, cats = arrays["N"][sel], arrays["mask"][sel], [catalogs[j] for j in js]
+        members = [alive[j] for j in js]
+        if run == "measure":
+            res = measure_psf(N, mask, cats, [arrays["sigma"][j] for j in js], grid, config=config.psf,
+                              fwhm_guess=[prep[i]["guess"] for i in members],
+                              paths=[batch.frames[i].path for i in members], prefix="sci_",
+                              poisson_scale=_poisson([prep[i]["header"] for i in members]))
+        else:
+            res = given_psf(N, mask, cats, [prep[i]["psf"] for i in members], config=config.psf, prefix="sci_")
+        batch.qa(res.qa, members)
+        for j, out in zip(js, res.value):
+            outs[j] = out
+    batch.qa({"psf_source_sci": [f"file:{Path(batch.frames[i].psf).name}" if "psf" in prep[i] else "measured"
+                                 for i in alive],
+              "psf_source_ref": [batch.statics[i].ref_psf_source for i in alive]})
+    for i in alive:
+        for w in batch.statics[i].ref_psf_warnings:
+            batch.warn(i, f"ref {w}")
+    return outs
+
+
 def _psfs(batch: _Batch, prep: dict, arrays: dict, catalogs: list, aligned: dict, grid, xp,
           config: Config) -> tuple[list[int], dict]:
     """Science PSFs per tile, and each reference's PSF carried onto the same tiles. Returns the
     batch positions that have both, and the per-CCD lists ``sci_psf``, ``ref_psf``, ``sci_cats``,
     ``ref_cats`` (of those positions)."""
     alive = batch.alive
-    res = measure_psf(arrays["N"], arrays["mask"], catalogs, [arrays["sigma"][j] for j in range(len(alive))], grid,
-                      config=config.psf, fwhm_guess=[prep[i]["guess"] for i in alive],
-                      paths=[batch.frames[i].path for i in alive], prefix="sci_")
-    batch.qa(res.qa)
+    outs = _science_psfs(batch, prep, arrays, catalogs, grid, xp, config)
     lists = dict(sci_psf=[], ref_psf=[], sci_cats=[], ref_cats=[])
     ok = []
-    for j, (i, out) in enumerate(zip(alive, res.value)):
+    for j, (i, out) in enumerate(zip(alive, outs)):
         if isinstance(out, AlgorithmFailure):
             batch.fail(i, out)
             lists = {k: v + [None] for k, v in lists.items()}  # keeps positions; dropped by _narrow
@@ -530,8 +617,10 @@ def _psfs(batch: _Batch, prep: dict, arrays: dict, catalogs: list, aligned: dict
         for k, v in (("sci_psf", model), ("sci_cats", cat), ("ref_psf", rp), ("ref_cats", al.catalog)):
             lists[k].append(v)
         ok.append(j)
+        ref = batch.statics[i].reference
         batch.qa({"ref_psf_fwhm": xp.median(rp.fwhm), "ref_psf_fwhm_min": rp.fwhm.min(),
-                  "ref_psf_fwhm_max": rp.fwhm.max(), "ref_psf_apcorr": xp.median(rp.apcorr)}, [i])
+                  "ref_psf_fwhm_max": rp.fwhm.max(), "ref_psf_apcorr": xp.median(rp.apcorr),
+                  "ref_psf_n_stars": ref.catalog.psf_star.sum(), "ref_psf_locus_fwhm": ref.psf.locus}, [i])
     return ok, lists
 
 
@@ -553,23 +642,41 @@ def _flux_ratios(batch: _Batch, prep: dict, arrays: dict, lists: dict, xp, confi
                                  config=config.subtract))
         # a PSF model must be finite everywhere (a NaN stamp would poison its tile's ZOGY quietly)
         fr_dev.append(xp.isfinite(sp.stamps).all() & xp.isfinite(rp.stamps).all())
+        # the PSF widths the plausibility checks read (science, reference carried, reference own)
+        fr_dev.extend((xp.median(sp.fwhm), xp.median(rp.fwhm), xp.median(batch.statics[i].reference.psf.fwhm)))
     fr_host = host_scalars(*fr_dev)
     F_r, ok = [], []
     for j, i in enumerate(batch.alive):
         try:
             if isinstance(priors[j], Exception):
                 raise priors[j]
-            if not fr_host[4 * j + 3]:
+            if not fr_host[7 * j + 3]:
                 raise AlgorithmFailure(f"{batch.frames[i].path or 'science'}: a PSF model has non-finite values "
                                        "(a tile without a usable star); check the PSF-star selection", stage="psf")
-            f, qa = decide_flux_ratio(fr_host[4 * j], int(fr_host[4 * j + 1]), fr_host[4 * j + 2], priors[j],
+            f, qa = decide_flux_ratio(fr_host[7 * j], int(fr_host[7 * j + 1]), fr_host[7 * j + 2], priors[j],
                                       config=config.subtract, path=batch.frames[i].path)
+            _plausibility(batch, i, prep[i], fr_host[7 * j + 4:7 * j + 7], fr_host[7 * j:7 * j + 2], priors[j], config)
             batch.qa({k: [v] for k, v in qa.items()}, [i])
             F_r.append(f)
             ok.append(j)
         except NightsiftError as e:
             batch.fail(i, e)
     return ok, F_r
+
+
+def _plausibility(batch: _Batch, i: int, prep: dict, fwhms, stars, prior, config: Config) -> None:
+    """Loud QA warnings (:meth:`_Batch.warn`) for CCD-visit ``i``: PSF widths (science, reference
+    carried, reference own; px) against each header's seeing and each other
+    (:func:`~nightsift.engine.stages.psf.psf_warnings`), and the stars' F_r ``(value, n)``
+    against the zero points' ``prior`` (:func:`~nightsift.engine.stages.subtract.flux_ratio_warning`)."""
+    ref = batch.statics[i].reference
+    sci_seen = header_seeing(prep["header"], pixel_scale=pixel_scale_arcsec(prep["wcs"]))
+    ref_seen = header_seeing(ref.header, pixel_scale=pixel_scale_arcsec(ref.wcs))
+    msgs = psf_warnings(*fwhms, sci_seen, ref_seen, config=config.psf)
+    msgs.append(flux_ratio_warning(stars[0], int(stars[1]), prior, config=config.subtract))
+    for m in msgs:
+        if m:
+            batch.warn(i, m)
 
 
 def _truth_errors(batch: _Batch, flux_err, shape, xp) -> dict:
@@ -598,7 +705,8 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
     arrays = _upload(batch, prep, xp, clock, config)
 
     res = measure_images(arrays["image"], arrays["mask"], fwhm=[prep[i]["guess"] for i in batch.alive],
-                         config=config.psf, prefix="sci_")
+                         config=config.psf, prefix="sci_",
+                         poisson_scale=_poisson([prep[i]["header"] for i in batch.alive]))
     meas = res.value
     batch.qa(res.qa)
     batch.time("measure", clock.lap())
@@ -650,10 +758,23 @@ def _run(batch: _Batch, xp, *, config: Config, keep_products: bool) -> dict:
     batch.time("cutouts", clock.lap())
     out = dict(alive=list(batch.alive), prep=prep, det=det, triplets=res.value, shape=shape, F_r=F_r, clock=clock,
                truth_err=truth_err)
+    if config.package.quicklook:  # small binned planes for a night's quicklook PNGs
+        out["quicklook"] = _quicklook_planes(arrays, sub, xp)
     if keep_products:
         out["products"] = _products(batch, arrays, arrays["R"], arrays["V_R"], arrays["mask_R"], sub,
                                     lists["sci_psf"], lists["ref_psf"], lists["sci_cats"], lists["ref_cats"], prep)
     return out
+
+
+def _quicklook_planes(arrays: dict, sub, xp):
+    """``(B, 4, h, w)`` float32 device planes for the quicklooks: science less its background,
+    aligned reference, difference, S_corr, each binned for display
+    (:func:`nightsift.engine.report.display_bin`)."""
+    from .report import display_bin
+
+    return xp.stack([xp.stack([display_bin(p) for p in (arrays["image"][j] - arrays["sky"][j], arrays["R"][j],
+                                                        sub.difference[j], sub.S_corr[j])])
+                     for j in range(arrays["image"].shape[0])])
 
 
 def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
@@ -678,6 +799,7 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
             flat = to_host(xp.concatenate([te[i].astype(xp.float64) for i in keys]), label="truth")
             edges = np.cumsum([0] + [int(te[i].shape[0]) for i in keys])
             te = {i: flat[edges[k]:edges[k + 1]] for k, i in enumerate(keys)}
+        quick = to_host(run["quicklook"], label="quicklook") if "quicklook" in run else None
         batch.time("download", clock.lap(), alive)
         tables = candidate_tables(host, batch=len(alive), wcs=[prep[i]["wcs"] for i in alive],
                                   headers=[prep[i]["header"] for i in alive],
@@ -693,7 +815,8 @@ def _finish(batch: _Batch, run: dict, xp, *, config: Config) -> list[CCDResult]:
                     snr = np.where(te[i] > 0, np.abs(f.truth["flux"]) / te[i], 0.0)
             results[i] = CCDResult(visit=f.visit, ccd=f.ccd, status="done", candidates=tables[j],
                                    triplets=trip[img == j], header=prep[i]["header"], shape=run["shape"],
-                                   products=run.get("products", {}).get(i), truth_snr=snr)
+                                   products=run.get("products", {}).get(i), truth_snr=snr,
+                                   quicklook=None if quick is None else quick[j])
     qas = batch.resolve_qa()
     for i in results:  # the QA read above says whether the subtraction can be trusted
         err = _degenerate(qas[i], batch.frames[i], batch.statics[i], config)
@@ -792,6 +915,10 @@ def package_results(results: Sequence[CCDResult], *, config: Config, scorer=None
             return replace(r, status="failed", error=e, qa=dict(r.qa, **e.qa))
         t2 = time.perf_counter()
         path = write_alerts(alert_path(config.package.output_dir, r.visit, r.ccd), pkg.value) if write else None
+        if path is not None and r.quicklook is not None:  # package.quicklook: a PNG beside the alert file
+            from .report import save_result_quicklook
+
+            save_result_quicklook(path, replace(r, qa=dict(r.qa, **pkg.qa)))
         spent[m] = (t2 - t1, time.perf_counter() - t2)
         return replace(r, scores=scores, n_alerts=len(pkg.value), alerts_path=path, qa=dict(r.qa, **pkg.qa))
 
@@ -872,7 +999,8 @@ def align_exposures(science: Exposure, reference: Exposure, *, config) -> StageR
     guess = fwhm_guess(science.header, cfg.psf.default_fwhm)
     img = to_device(science.image, xp, dtype=np.float32)[None]
     msk = to_device(science.mask, xp, dtype=np.uint16)[None]
-    cat = measure_images(img, msk, fwhm=[guess], config=cfg.psf).value.catalogs[0]
+    cat = measure_images(img, msk, fwhm=[guess], config=cfg.psf,
+                         poisson_scale=_poisson([science.header])).value.catalogs[0]
     astro = astrometric_stars(cat, radius=cfg.align.isolation_fwhm * guess)
     cm = coarse_map(science.wcs, reference.wcs, science.shape, step=cfg.align.map_step)
     res = align_reference(st.reference, cm, sci_catalog=cat, sci_astro=astro, science_path=science.path,
@@ -909,7 +1037,8 @@ def process_ccd(raw: RawFrame, master: MasterCalibration, reference: Exposure, *
 
 
 def process_pair(science: Exposure, reference: Exposure, *, config: Config, visit: int = 0, ccd: int = 0,
-                 write: bool = True, keep_products: bool = False, scorer=None, xp=None) -> CCDResult:
+                 write: bool = True, keep_products: bool = False, scorer=None, xp=None, sci_psf: str | None = None,
+                 ref_psf: str | None = None) -> CCDResult:
     """Calibrated science exposure + reference -> candidates and alert packets (one CCD).
 
     Parameters
@@ -929,15 +1058,22 @@ def process_pair(science: Exposure, reference: Exposure, *, config: Config, visi
         See :func:`process_visit`.
     xp : module, optional
         Where to run (default: ``config.run.backend``).
+    sci_psf, ref_psf : str, optional
+        PSF files of the science image and of the reference (on its own pixels) used instead of
+        measuring them (:func:`nightsift.engine.io.psf_files.read_psf`); default
+        ``psf.science_model`` / ``psf.reference_model`` ("" = measure).
     """
     xp = _backend(config) if xp is None else xp
+    sci_psf = config.psf.science_model if sci_psf is None else sci_psf
+    ref_psf = config.psf.reference_model if ref_psf is None else ref_psf
     _same_file(science.path, reference.path)
     if np.shape(science.image) == np.shape(reference.image) and np.array_equal(science.image, reference.image):
         raise InputError(f"science {science.path or '(in memory)'} and reference {reference.path or '(in memory)'} "
                          "hold the same pixels: there is nothing to subtract")
-    statics = prepare_statics(reference, None, config=config, xp=xp, ccd=ccd)
-    return _single(process_visit([VisitFrame(visit, ccd, science=science)], [statics], config=config, scorer=scorer,
-                                 write=write, keep_products=keep_products)[0])
+    statics = prepare_statics(reference, None, config=config, xp=xp, ccd=ccd, psf_file=ref_psf or None)
+    frame = VisitFrame(visit, ccd, science=science, psf=sci_psf or None)
+    return _single(process_visit([frame], [statics], config=config, scorer=scorer, write=write,
+                                 keep_products=keep_products)[0])
 
 
 def _backend(config: Config):
