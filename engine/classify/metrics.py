@@ -246,7 +246,7 @@ def reliability_curve(y, p, *, n_bins: int = 10) -> dict:
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    b = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, n_bins - 1)
+    b = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
     count = np.bincount(b, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.bincount(b, weights=p, minlength=n_bins) / count

@@ -439,6 +439,33 @@ def _files(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in out if p.is_file())
 
 
+#: name endings of a FITS PSF beside its image (``image_psf.fits`` / ``image.psf.fits``); PSFEx's
+#: ``image.psf`` does not match the FITS pattern, so only these need keeping out of the images
+PSF_SUFFIXES = ("_psf.fits", ".psf.fits", "_psf.fits.gz", ".psf.fits.gz")
+
+
+def _is_psf_file(path: Path) -> bool:
+    return path.name.lower().endswith(PSF_SUFFIXES)
+
+
+def psf_sidecar(frame: FolderFrame) -> str | None:
+    """The PSF file beside a single-image file: ``<stem>.psf`` (PSFEx), ``<stem>_psf.fits`` or
+    ``<stem>.psf.fits`` (a FITS PSF image, its sampling in its header), else ``None``. A CCD of a
+    multi-extension file has none (one PSF per file cannot tell its CCDs apart)."""
+    if frame.hdu is not None:
+        return None
+    p = Path(frame.path)
+    stem = p.name
+    for ext in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fz"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    for name in (f"{stem}.psf", f"{stem}_psf.fits", f"{stem}.psf.fits", f"{stem}_psf.fits.gz", f"{stem}.psf.fits.gz"):
+        if (p.parent / name).is_file():
+            return str(p.parent / name)
+    return None
+
+
 def scan_folder(cfg: InputConfig) -> FolderPlan:
     """Read the headers of every FITS file under ``cfg.dir`` and plan the night.
 
@@ -462,14 +489,26 @@ def scan_folder(cfg: InputConfig) -> FolderPlan:
         raise InputError("is not a folder; pass the folder of the night's FITS files to --input", path=str(root))
     scan = _Scan(cfg=cfg, preset=PRESETS[cfg.preset], plan=FolderPlan(root=str(root), preset=cfg.preset))
     for path in _files(root, cfg.pattern):
+        if _is_psf_file(path):
+            continue  # a PSF beside its image (psf_sidecar), not an image of the night
         _scan_file(scan, path, root)
     _visits(scan)
+    _note_psfs(scan.plan)
     _skips(scan.plan)
     if not scan.plan.science:
         found = "; ".join(scan.plan.ignored[:3]) or f"no file matches {cfg.pattern!r}"
         raise InputError(f"holds no science frame ({found}); check [input] preset / type_key "
                          f"(preset {cfg.preset} reads the frame type from {'/'.join(scan.type_keys)})", path=str(root))
     return scan.plan
+
+
+def _note_psfs(plan: FolderPlan) -> None:
+    """Say in the plan how many frames bring their own PSF file (the rest have theirs measured)."""
+    frames = list(plan.science.values()) + list(plan.references.values())
+    n = sum(psf_sidecar(f) is not None for f in frames)
+    if n:
+        plan.notes.append(f"{n} of {len(frames)} science/reference frames bring a PSF file "
+                          "(<stem>.psf, <stem>_psf.fits): used instead of measuring their PSF")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,7 +602,7 @@ class FolderNight:
         if raw and (cal.get("bundle") or (cal.get("bias") and cal.get("flat"))):
             header, _ = _pixels(raw[0])  # GAIN of the CCD, from its first raw science frame
             master = make_master(calibration_frames(cal), header=header, config=self.calibrate)
-        return CCDStatic(ccd=ccd, master=master, reference=reference)
+        return CCDStatic(ccd=ccd, master=master, reference=reference, psf_file=psf_sidecar(ref))
 
     def load_frame(self, visit: int, ccd: int, static: CCDStatic) -> CCDFrame:
         from ..io.fits import read_exposure, read_raw
@@ -573,10 +612,11 @@ class FolderNight:
         f = self.plan.science.get((visit, ccd))
         if f is None:
             raise SkipCCD(f"no science frame of visit {visit} ccd {ccd} in {self.plan.root}")
+        psf = psf_sidecar(f)
         if f.calibrated:
-            return CCDFrame(visit=visit, ccd=ccd, raw=None, science=read_exposure(f.path, hdu=f.hdu,
-                                                                                    config=self.calibrate))
-        return CCDFrame(visit=visit, ccd=ccd, raw=read_raw(f.path, hdu=f.hdu))
+            return CCDFrame(visit=visit, ccd=ccd, raw=None, psf=psf,
+                            science=read_exposure(f.path, hdu=f.hdu, config=self.calibrate))
+        return CCDFrame(visit=visit, ccd=ccd, raw=read_raw(f.path, hdu=f.hdu), psf=psf)
 
 
 def split_done(tasks, output_dir) -> tuple[list[tuple[int, int]], list[dict]]:

@@ -41,12 +41,16 @@ class CCDStatic:
         The reference exposure on its own pixel grid (e-), aligned to each visit by the chain.
     state : object
         Source-private data reused between visits (the simulator's static sky); may be ``None``.
+    psf_file : str, optional
+        The reference's PSF file (:func:`nightsift.engine.io.psf_files.read_psf`), used instead of
+        measuring it.
     """
 
     ccd: int
     master: MasterCalibration | None
     reference: Exposure
     state: Any = None
+    psf_file: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -72,6 +76,8 @@ class CCDFrame:
     truth : structured ndarray or None
         Injected transients (``TRANSIENT_DTYPE``: ``x``, ``y`` 0-based pixels, ``flux`` e-) when the
         night is simulated, else ``None``.
+    psf : str, optional
+        The science frame's PSF file, used instead of measuring it.
     """
 
     visit: int
@@ -79,6 +85,7 @@ class CCDFrame:
     raw: RawFrame | None
     truth: np.ndarray | None = field(default=None, repr=False)
     science: Exposure | None = field(default=None, repr=False)
+    psf: str | None = None
 
 
 class CCDSource(Protocol):

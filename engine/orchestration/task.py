@@ -160,7 +160,8 @@ class StaticsCache:
     def _load(self, visit: int, ccd: int) -> tuple:
         static = self.source.load_static(visit, ccd)
         with self._device_lock:
-            statics = prepare_statics(static.reference, static.master, config=self.config, xp=self.xp, ccd=ccd)
+            statics = prepare_statics(static.reference, static.master, config=self.config, xp=self.xp, ccd=ccd,
+                                      psf_file=getattr(static, "psf_file", None))
         on_device = sum(c not in self._on_host for c in self._items)
         if self.device_slots is not None and on_device >= self.device_slots:
             statics = statics_to_host(statics)
@@ -277,7 +278,8 @@ def _load(source, cache: StaticsCache, visit: int, ccd: int) -> tuple[VisitFrame
     """The frame of a CCD-visit and its CCD's statics (loaded and measured on first use)."""
     st, static = cache.get(visit, ccd)
     frame = source.load_frame(visit, ccd, static)
-    return VisitFrame(int(visit), int(ccd), raw=frame.raw, science=frame.science, truth=frame.truth), st
+    return VisitFrame(int(visit), int(ccd), raw=frame.raw, science=frame.science, truth=frame.truth,
+                      psf=getattr(frame, "psf", None)), st
 
 
 @dataclass

@@ -298,3 +298,33 @@ def test_visit_numbers_beyond_alert_ids_are_skipped(tmp_path):
     assert plan.tasks() == [(7, 0), (2024112300123, 0)] and MAX_VISIT < 2024112300123
     assert all(f.calibrated for f in plan.science.values())  # calexp*: the lsst preset's processed frames
     assert list(plan.skip) == [(2024112300123, 0)] and "(Rubin: SEQNUM)" in plan.skip[(2024112300123, 0)]
+
+
+def test_psf_files_beside_the_images_are_used(tmp_path):
+    """A space-like calibrated pair (MJy/sr, ERR) whose science and reference bring their PSFs as
+    ``<stem>_psf.fits``: the night uses them (QA says so), and its alerts are those of
+    ``process_pair`` given the same files; the PSF files are not taken for images."""
+    from nightsift.engine.orchestration.ledger import read_ledger
+    from nightsift.engine.simulate import simulate_space_pair
+
+    paths = simulate_space_pair(seed=1).write(tmp_path / "sim")
+    night = tmp_path / "night"
+    (night / "reference").mkdir(parents=True)
+    shutil.copy(paths["sci"], night / "sci_v1.fits")
+    shutil.copy(paths["psf_sci"], night / "sci_v1_psf.fits")
+    shutil.copy(paths["ref"], night / "reference" / "deep.fits")
+    shutil.copy(paths["psf_ref"], night / "reference" / "deep_psf.fits")
+    cfg = load_config(None, package={"output_dir": str(tmp_path / "out")}, classify={"backend": "none"},
+                      input={"dir": str(night)}, run={"engine": "local"})
+    source = FolderNight.scan(cfg.input, cfg.calibrate)
+    assert source.tasks() == [(0, 0)]  # the PSF files are not science frames
+    assert any("2 of 2 science/reference frames bring a PSF file" in n for n in source.plan.notes)
+    summary = run_simulated_night(cfg, workers=1, progress=False, source=source)
+    assert summary.n_done == 1
+    rec, = read_ledger(tmp_path / "out")
+    assert (rec["qa"]["psf_source_sci"], rec["qa"]["psf_source_ref"]) == ("file:sci_v1_psf.fits", "file:deep_psf.fits")
+    direct = cfg.replace(package={"output_dir": str(tmp_path / "direct")})
+    process_pair(read_exposure(night / "sci_v1.fits"), read_exposure(night / "reference" / "deep.fits"),
+                 config=direct, sci_psf=str(night / "sci_v1_psf.fits"), ref_psf=str(night / "reference" / "deep_psf.fits"))
+    got = alerts_by_ccd_visit(tmp_path / "out")
+    assert got == alerts_by_ccd_visit(tmp_path / "direct") and len(got[(0, 0)]) >= 3
