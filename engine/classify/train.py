@@ -28,6 +28,7 @@ import numpy as np
 from .metrics import format_report, report, summary, threshold_for_fnr
 from .preprocess import NORMALIZATION, compress
 from .reports import plot_report, write_json
+from .realeval import TRAINING_CANDIDS_KEY
 
 log = logging.getLogger("nightsift.classify")
 
@@ -318,6 +319,9 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     meta["training"] = _training_record(command, data, hist, extra_train=extra_train, seed=seed, batch_size=batch_size,
                                         learning_rate=learning_rate, patience=patience,
                                         total_wall_s=round(time.perf_counter() - t_all, 1))
+    # every real packet that touched training is listed; nightsift evaluate --real drops them
+    meta[TRAINING_CANDIDS_KEY] = sorted(int(c) for c in (extra_train.meta.get("candids", ()) if extra_train is not None
+                                                          else ()))
     meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
     write_json(out / f"{name}.json", meta)
     write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,

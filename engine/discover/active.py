@@ -124,7 +124,9 @@ def labeled_dataset(db, alerts, *, interesting: str = "skip"):
     dom["ccd"] = [c.get("ccd") or 0 for c in cands]
     dom["seeing"] = dom["fwhm_px"] = dom["sky"] = dom["maglim"] = np.nan
     dom["split"] = "train"
-    meta = {"source": "expert labels", "db": str(db), "alerts": str(alerts), "normalization": NORMALIZATION, **counts}
+    meta = {"source": "expert labels", "db": str(db), "alerts": str(alerts), "normalization": NORMALIZATION, **counts,
+            # real packets that touch training: the model metadata lists them, the real-data kit drops them
+            "candids": [int(c["candid"]) for c in cands]}
     return RBData(z.astype(np.float16), loc, scale, _packet_features(cands), truth, dom, meta), counts
 
 

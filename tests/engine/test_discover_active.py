@@ -106,27 +106,32 @@ def tiny_data(tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_training_adds_extra_rows(labeled, tiny_data, monkeypatch):
-    """run_training(extra_train=...) trains on the training split plus the extra rows."""
-    import nightsift.engine.classify.train as train_mod
+    """run_training(extra_train=...) trains on the training split plus the extra rows, and the model
+    metadata lists the candids of those real packets (the real-data kit drops them from its figures)."""
+    import json
 
-    tmp, _, db = labeled
+    import nightsift.engine.classify.train as train_mod
+    from nightsift.engine.classify.realeval import TRAINING_CANDIDS_KEY
+
+    tmp, alerts, db = labeled
     spec, data_dir, data = tiny_data
     extra, _ = labeled_dataset(db, tmp / "alerts")
     got = {}
+    real_train_model = train_mod.train_model
 
-    class Stop(Exception):
-        pass
-
-    def fake_train_model(train, val, **kw):
+    def one_epoch(train, val, **kw):
         got["train"] = train
-        raise Stop
+        return real_train_model(train, val, **(kw | {"epochs": 1}))
 
-    monkeypatch.setattr(train_mod, "train_model", fake_train_model)
-    with pytest.raises(Stop):
-        train_mod.run_training(spec=spec, data_dir=data_dir, out_dir=tmp / "m", extra_train=extra, progress=False)
+    monkeypatch.setattr(train_mod, "train_model", one_epoch)
+    train_mod.run_training(spec=spec, data_dir=data_dir, out_dir=tmp / "m", extra_train=extra, progress=False,
+                           name="with_labels")
     tr = got["train"]
     assert len(tr) == len(data.split("train")) + 3
     assert (tr.domain["instrument"] == "expert").sum() == 3
+    meta = json.loads((tmp / "m" / "with_labels.json").read_text())
+    assert meta[TRAINING_CANDIDS_KEY] == sorted(extra.meta["candids"])
+    assert len(meta[TRAINING_CANDIDS_KEY]) == 3 and set(meta[TRAINING_CANDIDS_KEY]) <= {int(a["candid"]) for a in alerts}
 
 
 def _metrics_oracle(model, val, test, target_fnr):
