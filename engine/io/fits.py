@@ -71,6 +71,7 @@ __all__ = [
     "header_exptime",
     "header_photometry",
     "input_qa",
+    "pixel_unit",
 ]
 
 log = logging.getLogger(__name__)
@@ -966,6 +967,12 @@ def _kept_unit(header) -> str | None:
         return None
     unit = str(header["BUNIT"]).strip()
     return None if unit_kind(unit) == "electron" else unit
+
+
+def pixel_unit(header) -> str:
+    """The unit of an exposure's pixels as :func:`read_exposure` left them: ``"e-"``, or the file's
+    own flux unit when it was kept (a flux-unit image with a noise map)."""
+    return _kept_unit(header) or "e-"
 
 
 def write_exposure(path, exposure: Exposure, *, overwrite: bool = True) -> None:

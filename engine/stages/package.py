@@ -28,7 +28,7 @@ from nightsift.kernels._xp import to_host
 
 from ..errors import InputError
 from ..io.avro import SCHEMA_VERSION, make_cutout_record
-from ..io.fits import header_exptime, header_zero_point
+from ..io.fits import header_exptime, header_zero_point, pixel_unit
 from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
 
 __all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
@@ -141,6 +141,7 @@ def build_alerts(candidates: np.ndarray, *, triplets: np.ndarray, shape: tuple[i
         return StageResult([], qa)
 
     image = _image_fields(header, jd=jd, visit=visit, ccd=ccd, diffmaglim=diffmaglim)
+    unit = pixel_unit(header)  # the cutouts' BUNIT: e-, or the image's own flux unit
     candid = _candids(cand, visit, ccd)
     version = _version()
 
@@ -159,7 +160,7 @@ def build_alerts(candidates: np.ndarray, *, triplets: np.ndarray, shape: tuple[i
             vfield = SCORE_FIELDS[name]
             if vfield is not None and name in versions:
                 record[vfield] = str(versions[name])
-        alerts.append(_packet(cand[k], record, triplets[k], survey=survey))
+        alerts.append(_packet(cand[k], record, triplets[k], survey=survey, unit=unit))
     return StageResult(alerts, qa)
 
 
@@ -258,7 +259,7 @@ def _candidate_record(c, cid: int, image: Mapping[str, Any], *, mindtoedge: floa
     }
 
 
-def _packet(c, record: dict[str, Any], stamps: np.ndarray, *, survey: str) -> dict[str, Any]:
+def _packet(c, record: dict[str, Any], stamps: np.ndarray, *, survey: str, unit: str = "e-") -> dict[str, Any]:
     """The alert of table row ``c``: ids, its ``candidate`` record and the three cutouts of
     ``stamps`` (s, s, 3), whose headers give the stamp's 0-based corner on the CCD."""
     cid, pid = record["candid"], record["pid"]
@@ -276,8 +277,8 @@ def _packet(c, record: dict[str, Any], stamps: np.ndarray, *, survey: str) -> di
         "candidate": record,
         "prv_candidates": None,
         "cutoutScience": make_cutout_record(stamps[..., 0], file_name=f"{stem}_targ_sci.fits.gz",
-                                            header={**stamp_header, "BUNIT": "e-"}),
+                                            header={**stamp_header, "BUNIT": unit}),
         "cutoutTemplate": make_cutout_record(stamps[..., 1], file_name=f"{stem}_ref.fits.gz", header=stamp_header),
         "cutoutDifference": make_cutout_record(stamps[..., 2], file_name=f"{stem}_targ_{diffname}.fits.gz",
-                                               header={**stamp_header, "BUNIT": "e-"}),
+                                               header={**stamp_header, "BUNIT": unit}),
     }

@@ -340,3 +340,29 @@ def test_coadd_gain_times_ncombine_only_for_an_estimated_variance(tmp_path, rng)
     src_four = four.variance[48, 48] - np.median(four.variance)
     assert src_one == pytest.approx(50.0 / 10.0, rel=0.1)
     assert src_four == pytest.approx(src_one / 4, rel=0.05)
+
+
+def test_cutouts_say_the_unit_of_their_pixels(pair, tmp_path):
+    """A flux-unit science image keeps its unit in the packets' cutouts (BUNIT), an e- one says e-."""
+    import glob
+    import gzip
+    import io
+
+    import fastavro
+    from astropy.io import fits as afits
+
+    d = pair["dir"]
+    cfg = Config().replace(package={"output_dir": str(tmp_path / "flux")})
+    process_pair(read_exposure(d / "sci_drz.fits"), read_exposure(d / "ref_wht.fits"), config=cfg)
+    cfg_e = Config().replace(package={"output_dir": str(tmp_path / "e")})
+    process_pair(read_exposure(d / "sci_e.fits"), read_exposure(d / "ref_e.fits"), config=cfg_e)
+
+    def units(out):
+        (path,) = glob.glob(str(out / "*.avro"))
+        with open(path, "rb") as fh:
+            alert = next(iter(fastavro.reader(fh)))
+        return [afits.getheader(io.BytesIO(gzip.decompress(alert[k]["stampData"])))["BUNIT"]
+                for k in ("cutoutScience", "cutoutDifference")]
+
+    assert units(tmp_path / "flux") == ["MJy/sr", "MJy/sr"]
+    assert units(tmp_path / "e") == ["e-", "e-"]
