@@ -1,36 +1,28 @@
-"""The outside test: nightsift's simulation-trained classifier on real ZTF alerts, against ZTF.
+"""The outside test: nightsift's simulation-trained classifier on real survey alerts.
 
-:func:`score_ztf` reads a folder of real ZTF alert packets, scores every candidate
-
-* with nightsift's scorer (any backend of :mod:`.runtime`; its own normalisation, on the triplets
-  of :func:`nightsift.engine.io.avro.iter_ztf_packets`), and
-* with ZTF's braai d6_m7 (ZTF's exact preprocessing, :mod:`.braai`),
-
-and compares nightsift's score with two reference decisions, as there is no human label:
-braai's (``braai >= 0.5``) and ZTF's random forest's (``rb >= 0.5``). It reports ROC AUC and
-AUCPR (average precision) for each, the agreement at nightsift's operating threshold, and draws the
-triplets nightsift gets most wrong against braai (a PNG).
+:func:`score_packets` (``nightsift score``; ``nightsift score-ztf`` is its alias) reads packets of
+ZTF or Rubin, recognised per packet (:func:`nightsift.engine.io.packets.read_packets`; broken ones
+skipped with one line each), scores them with nightsift's classifier and compares with each
+packet's own score -- ZTF's ``drb`` where present, else ``rb``; Rubin's ``reliability`` -- per
+survey and score: ROC AUC, AUCPR and the agreement at nightsift's threshold (and at 0.5), each with
+a bootstrap 95% interval; braai (ZTF's d6_m7, ZTF's exact preprocessing, :mod:`.braai`) only when
+its weights are given (a ZTF model: Rubin packets get a braai score only on request, with a
+warning). It draws the triplets nightsift gets most wrong (a PNG).
 
 Sign of the difference cutout: ZTF stores, for a negative candidate (``isdiffpos = 'f'``), the
 reference-minus-science cutout (file ``..._refmsci.fits.gz``; its centre is positive in all 179 such
 packets of the shared sample). nightsift's packets and classifier follow the same convention
-(:func:`nightsift.engine.records.difference_sign`), so ZTF's triplets are scored as stored.
+(:func:`nightsift.engine.records.difference_sign`); Rubin's differences of negative sources are
+flipped to it by the reader.
 
-:func:`score_packets` is the general form (``nightsift score``; ``nightsift score-ztf`` is its alias):
-packets of ZTF or Rubin, recognised per packet (:func:`nightsift.engine.io.packets.read_packets`;
-broken ones skipped with one line each), scored with nightsift's classifier and compared with each
-packet's own score -- ZTF's ``drb`` where present, else ``rb``; Rubin's ``reliability`` -- per
-survey and score: ROC AUC, AUCPR and the agreement at nightsift's threshold (and at 0.5), each with
-a bootstrap 95% interval; braai only when its weights are given (a ZTF model: Rubin packets get a
-braai score only on request, with a warning). There is no human label in either survey's packets:
-these are agreements with another model, not accuracies. Real-data rule: the packets are for
-measuring only; nothing here trains on them.
+There is no human label in either survey's packets: these are agreements with another model, not
+accuracies. Real-data rule: the packets are for measuring only; nothing here trains on them
+(:mod:`.realeval`).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -43,42 +35,10 @@ from ..errors import InputError
 from ..plotting import save_figure
 from .metrics import average_precision, bootstrap_ci, roc_auc
 
-__all__ = ["roc_auc", "average_precision", "ZTFComparison", "score_ztf", "PacketComparison", "score_packets",
+__all__ = ["roc_auc", "average_precision", "PacketComparison", "score_packets",
            "plot_most_wrong"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ZTFComparison:
-    """Outcome of :func:`score_ztf`.
-
-    Attributes
-    ----------
-    n : int
-        Alerts scored.
-    scorer : str
-        nightsift's scorer (``repr``).
-    threshold : float
-        nightsift's operating threshold.
-    metrics : dict
-        ``{"vs_braai": {...}, "vs_rb": {...}}``, each with ``roc_auc``, ``aucpr``, ``n_pos``,
-        ``n_neg``, and at nightsift's threshold ``agreement``, ``tpr``, ``fpr``; plus
-        ``braai_vs_rb`` (braai's own score against ``rb >= 0.5``, for scale) and ``as_stored``
-        (nightsift on ZTF's cutouts without the sign conversion).
-    objectId, candid, nightsift, braai, rb : list
-        Per alert, in file-name order.
-    """
-
-    n: int
-    scorer: str
-    threshold: float
-    metrics: dict
-    objectId: list = field(default_factory=list)
-    candid: list = field(default_factory=list)
-    nightsift: list = field(default_factory=list)
-    braai: list = field(default_factory=list)
-    rb: list = field(default_factory=list)
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
@@ -97,82 +57,6 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
         "tpr": float(pred[labels].mean()) if npos else float("nan"),
         "fpr": float(pred[~labels].mean()) if nneg else float("nan"),
     }
-
-
-def score_ztf(directory: str | os.PathLike, *, config: ClassifyConfig, braai_model: str | os.PathLike | None = None,
-              out_dir: str | os.PathLike | None = None, n_worst: int = 8, num_threads: int | None = None) -> ZTFComparison:
-    """Score a folder of real ZTF packets with nightsift's classifier and with braai; compare.
-
-    The ZTF-only comparison with braai (needs its weights), kept for its figures and its Python
-    callers; ``nightsift score-ztf`` runs :func:`score_packets`, which needs braai only when asked.
-
-    Parameters
-    ----------
-    directory : str or PathLike
-        Folder of ZTF ``*.avro`` alert packets (one or more alerts each).
-    config : ClassifyConfig
-        nightsift's scorer (``backend`` must not be ``"none"``; ``"braai"`` compares braai
-        with itself, a check of the plumbing).
-    braai_model : str or PathLike, optional
-        Folder of ZTF's braai files (default: :func:`.braai.default_braai_dir`).
-    out_dir : str or PathLike, optional
-        Where to write ``ztf_crossdomain.json`` (metrics + per-alert scores) and
-        ``ztf_most_wrong.png``; nothing is written when ``None``.
-    n_worst : int
-        Triplets of each kind (braai-real nightsift scores lowest, braai-bogus it scores highest)
-        drawn in the PNG.
-    num_threads : int, optional
-        LiteRT CPU threads.
-
-    Returns
-    -------
-    ZTFComparison
-
-    Raises
-    ------
-    InputError
-        No packets in ``directory``, a missing model, an unreadable packet.
-    """
-    from .braai import load_braai
-    from .runtime import load_scorer
-
-    directory = Path(directory)
-    scorer = load_scorer(config, num_threads=num_threads)
-    if scorer is None:
-        raise InputError("classify.backend is 'none': nothing to compare", stage="classify")
-    trips, cands, btrips = _read_alerts(directory)
-    isdiffpos = [c.get("isdiffpos") for c in cands]
-    ns = scorer.score(trips)
-    braai = load_braai(braai_model)
-    bs = np.concatenate([np.asarray(braai.predict_on_batch(np.stack(btrips[i:i + 256])), np.float32)[:, 0]
-                         for i in range(0, len(btrips), 256)])
-    rb = np.array([np.nan if c.get("rb") is None else c["rb"] for c in cands], np.float64)
-    thr = scorer.threshold
-    braai_real = bs >= 0.5
-    ok = np.isfinite(rb)
-    rb_real = rb[ok] >= 0.5
-    metrics = {
-        "vs_braai": _metrics(braai_real, ns, thr),
-        "vs_rb": _metrics(rb_real, ns[ok], thr),
-        "braai_vs_rb": _metrics(rb_real, bs[ok], 0.5),
-        "nightsift_real_fraction": float(np.mean(ns >= thr)),
-        "braai_real_fraction": float(np.mean(braai_real)),
-        "rb_real_fraction": float(np.mean(rb_real)) if ok.any() else float("nan"),
-        "spearman_vs_braai": _spearman(ns, bs),
-        "n_negative": int(sum(str(v).lower() not in ("t", "1", "true") for v in isdiffpos)),
-    }
-    res = ZTFComparison(n=len(ns), scorer=repr(scorer), threshold=float(thr), metrics=metrics,
-                        objectId=[c.get("objectId") for c in cands], candid=[c.get("candid") for c in cands],
-                        nightsift=[float(v) for v in ns], braai=[float(v) for v in bs],
-                        rb=[None if not np.isfinite(v) else float(v) for v in rb])
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ztf_crossdomain.json").write_text(json.dumps(asdict(res), indent=1) + "\n")
-        plot_most_wrong(trips, ns, bs, rb,
-                        [f"{c.get('objectId')} ({'+' if str(c.get('isdiffpos')).lower() in ('t', '1', 'true') else '-'})"
-                         for c in cands], out / "ztf_most_wrong.png", n_worst=n_worst)
-    return res
 
 
 @dataclass(frozen=True)
@@ -357,31 +241,6 @@ def _write_packet_outputs(out: Path, res: PacketComparison, ps, ns: np.ndarray, 
              for r in ps.records]
     plot_most_wrong(ps.triplets, ns, own, other, names, out / "packets_most_wrong.png", n_worst=n_worst,
                     reference_name="own", other_name="braai")
-
-
-def _read_alerts(directory: Path) -> tuple[np.ndarray, list, list]:
-    """Every alert of the ``*.avro`` packets in ``directory``, in file-name order: nightsift's
-    triplets ``(n, 63, 63, 3)``, the candidate records and braai's triplets (ZTF's preprocessing).
-
-    Raises
-    ------
-    InputError
-        No packets, or not one braai triplet per alert.
-    """
-    from ..io.avro import iter_ztf_packets
-    from .braai import read_braai_triplets
-
-    trips, cands, btrips = [], [], []
-    for _path, trip, cand in iter_ztf_packets(directory):
-        trips.append(trip)
-        cands.append(cand)
-    if not trips:
-        raise InputError("no ZTF .avro packets here", path=str(directory))
-    for path in sorted(directory.glob("*.avro")):
-        btrips.extend(t for t, _ in read_braai_triplets(path))
-    if len(btrips) != len(trips):
-        raise InputError(f"read {len(trips)} alerts but {len(btrips)} braai triplets", path=str(directory))
-    return np.stack(trips), cands, btrips
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -46,22 +46,26 @@ def test_metrics_against_brute_force(rng):
 
 
 @pytest.mark.data
-def test_score_ztf_braai_against_itself(tmp_path):
-    """nightsift's scorer set to braai: AUC 1 against braai's own decisions; JSON and PNG written."""
+def test_score_packets_braai_against_itself(tmp_path):
+    """nightsift's scorer set to braai: AUC 1 against braai's own decisions, and braai against rb the
+    same as nightsift-as-braai against rb; JSON, CSV and PNG written."""
     pytest.importorskip("keras")
-    from nightsift.engine.classify.crossdomain import score_ztf
+    from nightsift.engine.classify.crossdomain import score_packets
     from nightsift.engine.config import ClassifyConfig
 
     d = shared_data("ztf")
-    res = score_ztf(d / "alerts", config=ClassifyConfig(backend="braai", model=str(d / "braai")),
-                    braai_model=d / "braai", out_dir=tmp_path, n_worst=2)
+    res = score_packets(d / "alerts", config=ClassifyConfig(backend="braai", model=str(d / "braai")),
+                        braai_model=d / "braai", out_dir=tmp_path, n_worst=2, n_boot=0)
     assert res.n == 499
-    m = res.metrics
-    assert m["n_negative"] == 185
+    m = res.metrics["ztf:rb"]
+    assert m["n"] == 499 and m["n_negative"] == 185
     assert m["vs_braai"]["roc_auc"] == 1.0 and m["vs_braai"]["aucpr"] == 1.0
     assert m["vs_braai"]["agreement"] > 0.99  # ZTF's padding vs nightsift's reader: scores differ < 1e-6
-    assert 0.5 < m["vs_rb"]["roc_auc"] < 1.0 and m["vs_rb"]["roc_auc"] == pytest.approx(m["braai_vs_rb"]["roc_auc"], abs=1e-3)
-    saved = json.loads((tmp_path / "ztf_crossdomain.json").read_text())
-    assert len(saved["nightsift"]) == 499 and saved["objectId"][0].startswith("ZTF")
-    png = (tmp_path / "ztf_most_wrong.png").read_bytes()
+    assert 0.5 < m["vs_own"]["roc_auc"] < 1.0
+    assert m["vs_own"]["roc_auc"] == pytest.approx(m["braai_vs_own"]["roc_auc"], abs=1e-3)
+    saved = json.loads((tmp_path / "packet_scores.json").read_text())
+    assert saved["n"] == 499 and saved["metrics"]["ztf:rb"]["n"] == 499
+    rows = (tmp_path / "packet_scores.csv").read_text().splitlines()
+    assert len(rows) == 500 and rows[1].split(",")[3].startswith("ZTF")
+    png = (tmp_path / "packets_most_wrong.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
