@@ -439,31 +439,64 @@ def _files(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in out if p.is_file())
 
 
-#: name endings of a FITS PSF beside its image (``image_psf.fits`` / ``image.psf.fits``); PSFEx's
-#: ``image.psf`` does not match the FITS pattern, so only these need keeping out of the images
-PSF_SUFFIXES = ("_psf.fits", ".psf.fits", "_psf.fits.gz", ".psf.fits.gz")
+#: what a file beside an image may hold, by the word that ends its name: its PSF (``image_psf.fits``,
+#: ``image.psf.fits``; PSFEx's ``image.psf`` is not FITS-named) or its noise map
+#: (``image_wht.fits``, ``image.weight.fits`` as SWarp writes it, ``image_err.fits``, ...; the word
+#: names the kind, :data:`nightsift.engine.io.units.NOISE_KINDS`)
+SIDECAR_WORDS = ("psf", "var", "variance", "err", "error", "rms", "sigma", "wht", "weight", "wgt", "ivm", "ivar")
+_FITS_ENDINGS = (".fits.gz", ".fits.fz", ".fits", ".fit", ".fz")
 
 
-def _is_psf_file(path: Path) -> bool:
-    return path.name.lower().endswith(PSF_SUFFIXES)
+def _stem_and_word(name: str) -> tuple[str, str | None]:
+    """``("image", "wht")`` of ``image_wht.fits`` / ``image.wht.fits``; ``(stem, None)`` otherwise."""
+    low = name.lower()
+    for ext in _FITS_ENDINGS:
+        if low.endswith(ext):
+            name, low = name[: -len(ext)], low[: -len(ext)]
+            break
+    for sep in ("_", "."):
+        head, _, word = low.rpartition(sep)
+        if head and word in SIDECAR_WORDS:
+            return name[: len(head)], word
+    return name, None
+
+
+def _is_sidecar(path: Path, others: set[str]) -> bool:
+    """A PSF or noise file whose image (same stem) is in the folder too: not an image of the night."""
+    stem, word = _stem_and_word(path.name)
+    return word is not None and any(f"{stem}{ext}" in others for ext in _FITS_ENDINGS)
+
+
+def _sidecar(frame: FolderFrame, words) -> tuple[str, str] | None:
+    """``(path, word)`` of the first file beside a single-image file named ``<stem>_<word>`` or
+    ``<stem>.<word>`` (FITS, or PSFEx's bare ``.psf``), ``word`` in ``words``; a CCD of a
+    multi-extension file has none (one file per image cannot tell its CCDs apart)."""
+    if frame.hdu is not None:
+        return None
+    p = Path(frame.path)
+    stem, _ = _stem_and_word(p.name)
+    for word in words:
+        names = [f"{stem}{sep}{word}{ext}" for sep in ("_", ".") for ext in _FITS_ENDINGS]
+        names += [f"{stem}.psf"] if word == "psf" else []
+        for name in names:
+            if (p.parent / name).is_file():
+                return str(p.parent / name), word
+    return None
 
 
 def psf_sidecar(frame: FolderFrame) -> str | None:
     """The PSF file beside a single-image file: ``<stem>.psf`` (PSFEx), ``<stem>_psf.fits`` or
-    ``<stem>.psf.fits`` (a FITS PSF image, its sampling in its header), else ``None``. A CCD of a
-    multi-extension file has none (one PSF per file cannot tell its CCDs apart)."""
-    if frame.hdu is not None:
-        return None
-    p = Path(frame.path)
-    stem = p.name
-    for ext in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fz"):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    for name in (f"{stem}.psf", f"{stem}_psf.fits", f"{stem}.psf.fits", f"{stem}_psf.fits.gz", f"{stem}.psf.fits.gz"):
-        if (p.parent / name).is_file():
-            return str(p.parent / name)
-    return None
+    ``<stem>.psf.fits`` (a FITS PSF image, its sampling in its header), else ``None``."""
+    found = _sidecar(frame, ("psf",))
+    return found[0] if found else None
+
+
+def noise_sidecar(frame: FolderFrame) -> tuple[str | None, str | None]:
+    """``(path, kind word)`` of the noise map beside a single-image file (``<stem>_wht.fits``,
+    ``<stem>.weight.fits``, ``<stem>_err.fits``, ``<stem>_var.fits``, ...), else ``(None, None)``:
+    read with :func:`~nightsift.engine.io.fits.read_exposure` ``(noise=, noise_kind=)``."""
+    found = _sidecar(frame, SIDECAR_WORDS[1:])
+    return found if found else (None, None)
 
 
 def scan_folder(cfg: InputConfig) -> FolderPlan:
@@ -488,9 +521,13 @@ def scan_folder(cfg: InputConfig) -> FolderPlan:
     if not root.is_dir():
         raise InputError("is not a folder; pass the folder of the night's FITS files to --input", path=str(root))
     scan = _Scan(cfg=cfg, preset=PRESETS[cfg.preset], plan=FolderPlan(root=str(root), preset=cfg.preset))
-    for path in _files(root, cfg.pattern):
-        if _is_psf_file(path):
-            continue  # a PSF beside its image (psf_sidecar), not an image of the night
+    files = _files(root, cfg.pattern)
+    by_folder: dict[Path, set[str]] = {}
+    for path in files:
+        by_folder.setdefault(path.parent, set()).add(path.name)
+    for path in files:
+        if _is_sidecar(path, by_folder[path.parent]):
+            continue  # a PSF or noise map beside its image (psf_sidecar / noise_sidecar)
         _scan_file(scan, path, root)
     _visits(scan)
     _note_psfs(scan.plan)
@@ -509,6 +546,10 @@ def _note_psfs(plan: FolderPlan) -> None:
     if n:
         plan.notes.append(f"{n} of {len(frames)} science/reference frames bring a PSF file "
                           "(<stem>.psf, <stem>_psf.fits): used instead of measuring their PSF")
+    n = sum(noise_sidecar(f)[0] is not None for f in frames)
+    if n:
+        plan.notes.append(f"{n} of {len(frames)} science/reference frames bring a noise map file "
+                          "(<stem>_wht.fits, <stem>.weight.fits, <stem>_err.fits, <stem>_var.fits, ...)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,7 +636,8 @@ class FolderNight:
         ref = self.plan.references.get(ccd)
         if ref is None:
             raise SkipCCD(self.plan.skip.get((visit, ccd)) or f"no reference for CCD {ccd} in {self.plan.root}")
-        reference = read_exposure(ref.path, hdu=ref.hdu, config=self.calibrate)
+        noise, kind = noise_sidecar(ref)
+        reference = read_exposure(ref.path, hdu=ref.hdu, config=self.calibrate, noise=noise, noise_kind=kind)
         raw = [f for (_, c), f in sorted(self.plan.science.items()) if c == ccd and not f.calibrated]
         cal = self.plan.calibration.get(ccd, {})
         master = None
@@ -614,8 +656,10 @@ class FolderNight:
             raise SkipCCD(f"no science frame of visit {visit} ccd {ccd} in {self.plan.root}")
         psf = psf_sidecar(f)
         if f.calibrated:
+            noise, kind = noise_sidecar(f)
             return CCDFrame(visit=visit, ccd=ccd, raw=None, psf=psf,
-                            science=read_exposure(f.path, hdu=f.hdu, config=self.calibrate))
+                            science=read_exposure(f.path, hdu=f.hdu, config=self.calibrate, noise=noise,
+                                                  noise_kind=kind))
         return CCDFrame(visit=visit, ccd=ccd, raw=read_raw(f.path, hdu=f.hdu), psf=psf)
 
 

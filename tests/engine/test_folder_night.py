@@ -328,3 +328,36 @@ def test_psf_files_beside_the_images_are_used(tmp_path):
                  config=direct, sci_psf=str(night / "sci_v1_psf.fits"), ref_psf=str(night / "reference" / "deep_psf.fits"))
     got = alerts_by_ccd_visit(tmp_path / "out")
     assert got == alerts_by_ccd_visit(tmp_path / "direct") and len(got[(0, 0)]) >= 3
+
+
+def test_noise_maps_beside_the_images_are_used(tmp_path):
+    """Flux-unit images without a noise extension, each with its noise map in a file beside it
+    (``<stem>_wht.fits``; SWarp's ``<stem>.weight.fits``): the night reads them (no GAIN needed),
+    does not take them for images, and equals ``process_pair`` on the same files and maps."""
+    from astropy.io import fits as afits
+
+    from nightsift.engine.simulate import simulate_space_pair
+
+    paths = simulate_space_pair(seed=2).write(tmp_path / "sim")
+    night = tmp_path / "night"
+    (night / "reference").mkdir(parents=True)
+    targets = {"sci": (night / "sci_v1.fits", night / "sci_v1_wht.fits"),
+               "ref": (night / "reference" / "deep.fits", night / "reference" / "deep.weight.fits")}
+    for key, (image, weight) in targets.items():
+        with afits.open(paths[key]) as hl:
+            afits.HDUList([afits.PrimaryHDU(hl["SCI"].data, hl[0].header + hl["SCI"].header)]).writeto(image)
+            afits.PrimaryHDU((1.0 / hl["ERR"].data.astype(np.float64) ** 2).astype(np.float32)).writeto(weight)
+    cfg = load_config(None, package={"output_dir": str(tmp_path / "out")}, classify={"backend": "none"},
+                      input={"dir": str(night)}, run={"engine": "local"})
+    source = FolderNight.scan(cfg.input, cfg.calibrate)
+    assert source.tasks() == [(0, 0)] and not source.plan.ignored  # the maps are not science frames
+    assert any("2 of 2 science/reference frames bring a noise map file" in n for n in source.plan.notes)
+    summary = run_simulated_night(cfg, workers=1, progress=False, source=source)
+    assert summary.n_done == 1
+    direct = cfg.replace(package={"output_dir": str(tmp_path / "direct")})
+    sci = read_exposure(targets["sci"][0], noise=targets["sci"][1], noise_kind="wht")
+    ref = read_exposure(targets["ref"][0], noise=targets["ref"][1], noise_kind="weight")
+    assert sci.header["NSBUNIT"] == "MJy/sr" and "GAIN" not in sci.header
+    res = process_pair(sci, ref, config=direct)
+    got = alerts_by_ccd_visit(tmp_path / "out")
+    assert got == alerts_by_ccd_visit(tmp_path / "direct") and len(got[(0, 0)]) == res.n_alerts >= 3
