@@ -84,6 +84,10 @@ class CCDStatics:
         ``psf_source_ref``).
     ref_psf_warnings : tuple of str
         What reading that file had to warn about (each CCD-visit's QA ``warnings`` repeats it).
+    ref_psf_qa : dict
+        The reference's PSF-stage QA in its own frame (``ref_psf_*`` host numbers: candidates,
+        stamp, locus floored, crowded retry, ...), repeated in each CCD-visit's QA; the values the
+        carried model gives on the science tiles (FWHM, stars) replace those of the same name.
     """
 
     ccd: int
@@ -91,6 +95,7 @@ class CCDStatics:
     master: MasterCalibration | None = None
     ref_psf_source: str = "measured"
     ref_psf_warnings: tuple[str, ...] = ()
+    ref_psf_qa: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -251,9 +256,9 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
     guess = fwhm_guess(reference.header, config.psf.default_fwhm)
     meas = measure_images(image, mask[None], fwhm=[guess], config=config.psf, prefix="ref_",
                           poisson_scale=_poisson([reference.header])).value
-    model, catalog, source, notes = None, meas.catalogs[0], "measured", []
+    model, catalog, source, notes, psf_qa = None, meas.catalogs[0], "measured", [], {}
     if with_psf:
-        model, catalog, source, notes = _reference_psf(meas, mask, reference, guess, config, psf_file)
+        model, catalog, source, notes, psf_qa = _reference_psf(meas, mask, reference, guess, config, psf_file)
     locus = model.locus if model is not None and np.isfinite(model.locus) else guess
     astro = astrometric_stars(catalog, radius=config.align.isolation_fwhm * locus)
     if model is not None:  # point sources only: a galaxy core's centroid moves with a transient on it
@@ -272,7 +277,7 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
                          path=reference.path, sky_sigma=sigma, catalog=catalog, astro=astro, psf=model,
                          sky_subtracted=subtract_sky)
     return CCDStatics(ccd=ccd, reference=ref, master=None if master is None else master_on(master, xp),
-                      ref_psf_source=source, ref_psf_warnings=tuple(notes))
+                      ref_psf_source=source, ref_psf_warnings=tuple(notes), ref_psf_qa=_host_qa(psf_qa))
 
 
 def _poisson(headers) -> list[float] | None:
@@ -282,22 +287,31 @@ def _poisson(headers) -> list[float] | None:
     return None if all(v == 1.0 for v in scales) else scales
 
 
+def _host_qa(qa: dict) -> dict:
+    """A one-image stage QA (values or 1-lists, host or device) as host numbers (one read)."""
+    vals = {k: _pick(v, 0, 1) for k, v in qa.items()}
+    dev = [k for k, v in vals.items() if _is_device(v)]
+    if dev:
+        vals.update(zip(dev, host_scalars(*(vals[k] for k in dev))))
+    return {k: _plain(v) for k, v in vals.items()}
+
+
 def _reference_psf(meas, mask, reference: Exposure, guess: float, config: Config, psf_file: str | None):
     """The reference's PSF model, its catalogue (point sources flagged), where the PSF came from
-    (measured, or given in ``psf_file``: ``"file:<name>"``) and the file's warnings."""
+    (measured, or given in ``psf_file``: ``"file:<name>"``), the file's warnings and the stage's QA."""
     grid = _grid(reference.shape, config)
     if psf_file:
         notes: list[str] = []
         given = read_psf(psf_file, grid, pixel_scale=pixel_scale_arcsec(reference.wcs), warn=notes.append)
         res = given_psf(meas.image, mask[None], meas.catalogs, [given], config=config.psf, prefix="ref_")
-        return (*res.value[0], f"file:{Path(psf_file).name}", notes)
+        return (*res.value[0], f"file:{Path(psf_file).name}", notes, res.qa)
     res = measure_psf(meas.image, mask[None], meas.catalogs, [meas.sky_sigma[0]], grid, config=config.psf,
                       fwhm_guess=[guess], paths=[reference.path], prefix="ref_",
                       poisson_scale=_poisson([reference.header]))
     out = res.value[0]
     if isinstance(out, AlgorithmFailure):
         raise out
-    return (*out, "measured", [])
+    return (*out, "measured", [], res.qa)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,6 +605,7 @@ def _science_psfs(batch: _Batch, prep: dict, arrays: dict, catalogs: list, grid,
                                  for i in alive],
               "psf_source_ref": [batch.statics[i].ref_psf_source for i in alive]})
     for i in alive:
+        batch.qa({k: [v] for k, v in batch.statics[i].ref_psf_qa.items()}, [i])
         for w in batch.statics[i].ref_psf_warnings:
             batch.warn(i, f"ref {w}")
     return outs

@@ -72,6 +72,9 @@ def test_qa_json_holds_the_results_qa(run, pair):
     assert rep["astrometry"]["rms_px"] == pytest.approx(math.hypot(qa["astrometric_rms_x"], qa["astrometric_rms_y"]))
     assert rep["psf"]["science"]["fwhm_px"]["median"] == pytest.approx(qa["sci_psf_fwhm"], rel=1e-12)
     assert rep["psf"]["reference"]["fwhm_px"]["max"] == pytest.approx(qa["ref_psf_fwhm_max"], rel=1e-12)
+    # the reference's own PSF stage (measured once per CCD) is in every CCD-visit's QA too
+    assert qa["ref_psf_locus_floored"] in (0, 1, 2) and qa["ref_psf_crowded"] in (0, 1)
+    assert qa["ref_psf_n_candidates"] >= qa["ref_psf_n_stars"] > 0
     tiles = rep["psf"]["science"]["fwhm_px"]["tiles"]
     assert len(tiles) == len(res.products.sci_psf.model.fwhm) >= 1
     assert rep["psf"]["science"]["source"] == "measured" and rep["psf"]["science"]["n_stars"] >= 5
