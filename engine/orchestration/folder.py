@@ -47,7 +47,8 @@ class Preset:
     ``calibrated`` lists ``(keyword, values)`` marks of a processed (calibrated) science frame, and
     ``calibrated_names`` file-name globs of one, on top of the general marks (``BUNIT`` in
     electrons, a noise-map extension); ``reference_names``: file-name globs of references (beside
-    ``[input] reference_dir`` / ``reference_pattern``).
+    ``[input] reference_dir`` / ``reference_pattern``); ``ignored_names``: ``(glob, why)`` of the
+    survey's other products that are not CCD images of the night (listed in the plan with why).
     """
 
     type_keys: tuple[str, ...]
@@ -56,6 +57,18 @@ class Preset:
     calibrated: tuple[tuple[str, tuple[str, ...]], ...] = ()
     calibrated_names: tuple[str, ...] = ()
     reference_names: tuple[str, ...] = ()
+    ignored_names: tuple[tuple[str, str], ...] = ()
+
+
+#: ZTF's IRSA products beside ``*_sciimg.fits`` that are not CCD images of the night
+_ZTF_OTHERS = (
+    ("*mskimg.fits*", "ZTF bit-mask image: not read (masks come from SATURATE and the noise)"),
+    ("*scimrefdiffimg*", "ZTF's own difference image"),
+    ("*diffimgpsf*", "the PSF of ZTF's difference image"),
+    ("*daopsfcent*", "ZTF's PSF at the image centre: not used (to use it, copy it to <stem>_psf.fits "
+                     "with OVERSAMP = 1)"),
+    ("*psfcat*", "a catalogue"), ("*sexcat*", "a catalogue"),
+)
 
 
 #: header conventions per ``[input] preset`` (the README's table); ``CCDID+QID`` is ZTF's readout
@@ -64,7 +77,8 @@ PRESETS: dict[str, Preset] = {
     "decam": Preset(("OBSTYPE",), ("EXPNUM",), ("CCDNUM",),
                     calibrated=(("PROCTYPE", ("instcal", "resampled", "stacked")),)),
     "ztf": Preset(("IMGTYPE",), ("EXPID",), ("RCID", "CCDID+QID", "CCDID"),
-                  calibrated_names=("*sciimg.fits*",), reference_names=("*refimg.fits*",)),
+                  calibrated_names=("*sciimg.fits*",), reference_names=("*refimg.fits*",),
+                  ignored_names=_ZTF_OTHERS),
     "lsst": Preset(("IMGTYPE", "OBSTYPE"), ("VISIT", "EXPID", "EXPOSURE"), ("DETECTOR",),
                    calibrated_names=("calexp*", "*calexp*.fits*"),
                    reference_names=("*template*.fits*", "*coadd*.fits*")),
@@ -528,6 +542,10 @@ def scan_folder(cfg: InputConfig) -> FolderPlan:
     for path in files:
         if _is_sidecar(path, by_folder[path.parent]):
             continue  # a PSF or noise map beside its image (psf_sidecar / noise_sidecar)
+        why = next((why for glob, why in scan.preset.ignored_names if _matches(path.name, (glob,))), None)
+        if why:
+            scan.plan.ignored.append(f"{path}: {why}")
+            continue
         _scan_file(scan, path, root)
     _visits(scan)
     _note_psfs(scan.plan)

@@ -108,6 +108,10 @@ def _write_ztf(root, sims, cfg):
     shutil.copy(root / f"ztf_{EXPID0}_c01_q1_sciimg.fits", lost)
     fits.setval(lost, "QID", value=NOREF[1] + 1, ext=1)
     (root / "README.fits").write_text("not FITS at all\n")  # listed as ignored, with why
+    # IRSA's other products beside a sciimg (same headers): not CCD images of the night
+    first = root / f"ztf_{EXPID0}_c01_q1_sciimg.fits"
+    for suffix in ("mskimg.fits", "scimrefdiffimg.fits"):
+        shutil.copy(first, root / f"ztf_{EXPID0}_c01_q1_{suffix}")
     bad = root / f"ztf_{BAD[0]}_c01_q{BAD[1] + 1}_sciimg.fits"
     with open(bad, "r+b") as fh:  # cut inside the IMAGE data: its headers read, its pixels do not
         fh.truncate(int(os.path.getsize(bad) * 0.3))
@@ -155,6 +159,12 @@ def test_plans(folders):
     assert ztf.tasks() == sorted([(EXPID0 + v, c + 1) for v in range(N_VISITS) for c in range(N_CCDS)]
                                  + [(NOREF[0], NOREF[1] + 1)])
     assert sorted(ztf.references) == [1, 2] and all(f.calibrated for f in ztf.science.values())
+    # the ztf preset knows IRSA's other products beside a sciimg and says why it leaves them
+    irsa = scan_folder(load_config(None, input={"dir": str(root / "ztf"), "preset": "ztf"}).input)
+    others = [w for w in irsa.ignored if "mskimg" in w or "scimrefdiffimg" in w]
+    assert len(others) == 2 and any("ZTF bit-mask image" in w for w in others) and \
+        any("ZTF's own difference image" in w for w in others)
+    assert all(f.path.endswith("_sciimg.fits") for f in irsa.science.values())
     damaged, = [n for n in ztf.notes if "damaged" in n]  # only HDUs 0 (empty) and 1 (IMAGE) begin in it
     assert damaged.startswith(f"{bad}: damaged after HDU 1 (truncated: {os.path.getsize(bad)} bytes where its "
                               "headers declare ") and damaged.endswith("); its CCD-visits will fail")
