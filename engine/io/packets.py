@@ -139,6 +139,11 @@ def read_packets(paths, *, size: int = 63, surveys: tuple[str, ...] = SURVEYS,
     keep_stamps : bool
         Keep ZTF's cutouts as stored (:attr:`PacketSet.braai_stamps`).
 
+    Notes
+    -----
+    An alert whose ``candid`` was read already (the same packet twice, as in two of ../shared's
+    alerts_drb files) is skipped with a line naming both files: every figure counts an alert once.
+
     Raises
     ------
     InputError
@@ -149,6 +154,7 @@ def read_packets(paths, *, size: int = 63, surveys: tuple[str, ...] = SURVEYS,
 
     files = packet_files(paths)
     trips, recs, stamps, skipped = [], [], [], []
+    seen: dict[tuple[str, int], str] = {}  # (survey, candid) -> where first read
     for f in files:
         try:
             alerts = read_alerts(f)
@@ -178,6 +184,11 @@ def read_packets(paths, *, size: int = 63, surveys: tuple[str, ...] = SURVEYS,
             except _DECODE_ERRORS as e:
                 skipped.append(f"{where}: {_short(e, f)}")
                 continue
+            key = (survey, rec.get("candid"))
+            if key[1] is not None and key in seen:  # one alert counted once in every figure
+                skipped.append(f"{where}: candid {key[1]} read already from {seen[key]} (duplicate packet)")
+                continue
+            seen[key] = where
             rec["file"] = f.name
             _own_score(rec)
             trips.append(trip)

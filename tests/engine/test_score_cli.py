@@ -37,21 +37,26 @@ def test_score_ztf_and_rubin_folders_without_braai(tmp_path, capsys, no_braai):
     out = tmp_path / "out"
     assert main(["score", str(rubin), str(ztf), "--out", str(out), "--bootstrap", "200"]) == 0
     text = capsys.readouterr().out
-    assert "239 alerts scored from 239 packet files, 0 skipped" in text and "nightsift vs reliability >= 0.5" in text
+    # alerts_drb holds two packets twice (139 files, 137 candids): each alert counts once
+    assert "237 alerts scored from 239 packet files, 2 skipped" in text and "nightsift vs reliability >= 0.5" in text
     res = json.loads((out / "packet_scores.json").read_text())
-    assert list(res["metrics"]) == ["rubin:reliability", "ztf:drb"] and res["skipped"] == []
+    assert list(res["metrics"]) == ["rubin:reliability", "ztf:drb"]
+    assert len(res["skipped"]) == 2 and all("(duplicate packet)" in line for line in res["skipped"])
     r, z = res["metrics"]["rubin:reliability"], res["metrics"]["ztf:drb"]
     assert (r["n"], r["vs_own"]["n_pos"], r["n_negative"]) == (100, 67, 56)
-    assert z["n"] == 139 and "vs_braai" not in z and "braai_vs_own" not in z
+    assert z["n"] == 137 and "vs_braai" not in z and "braai_vs_own" not in z
     for m in (r["vs_own"], z["vs_own"]):
         for k in ("roc_auc", "aucpr", "agreement"):
             lo, hi = m[f"{k}_ci95"]
             assert 0.0 <= lo <= m[k] <= hi <= 1.0
     rows = list(csv.DictReader((out / "packet_scores.csv").read_text().splitlines()))
-    assert len(rows) == 239 and {x["survey"] for x in rows} == {"rubin", "ztf"} and all(x["braai"] == "" for x in rows)
+    assert len(rows) == 237 and {x["survey"] for x in rows} == {"rubin", "ztf"} and all(x["braai"] == "" for x in rows)
     assert (out / "packets_most_wrong.png").read_bytes()[:4] == b"\x89PNG"
     # the ZTF scores are the shipped scorer's on the ZTF reader's triplets, in the same order
-    trips = np.stack([t for _, t, _ in iter_ztf_packets(ztf)])
+    first = {}  # a candid's first packet, in file order (the reader's rule for duplicates)
+    for _, t, cand in iter_ztf_packets(ztf):
+        first.setdefault(cand["candid"], t)
+    trips = np.stack(list(first.values()))
     want = load_scorer(ClassifyConfig()).score(trips)
     got = np.array([float(x["nightsift"]) for x in rows if x["survey"] == "ztf"])
     np.testing.assert_allclose(got, want, atol=1e-6)
