@@ -266,7 +266,7 @@ def prepare_statics(reference: Exposure, master: MasterCalibration | None = None
     # reference planes ready for resampling: flagged-bad / no-data / non-finite pixels get a
     # neutral value (0 on a background-subtracted image; the median variance) so they cannot ring
     img = image[0] - meas.sky[0] if subtract_sky else image[0]
-    junk = ((mask & (MaskBits.BAD | MaskBits.NO_DATA)) != 0) | ~xp.isfinite(img) | ~xp.isfinite(variance)
+    junk = ((mask & int(MaskBits.BAD | MaskBits.NO_DATA)) != 0) | ~xp.isfinite(img) | ~xp.isfinite(variance)
     sub = (slice(None, None, 4), slice(None, None, 4))
     typical_img = xp.nanmedian(xp.where(junk[sub], xp.nan, img[sub]))
     typical_var = xp.nanmedian(xp.where(junk[sub], xp.nan, variance[sub]))

@@ -15,7 +15,8 @@ Refused (``TypeError``, "strict device: ...")
     ``a[np_index]``, ``a[...] = np_array`` ("mixed host and device arrays"). ``repr`` shows shape and
     dtype, never values.
 Allowed
-    Python numbers and numpy scalars (``np.float32(2)``) as operands: constants, as on cupy; numpy
+    Python numbers and numpy scalars (``np.float32(2)``) as operands: constants, as on cupy (but not
+    enum members such as ``MaskBits.BAD``, which cupy refuses: use ``int(...)``); numpy
     dtypes anywhere; metadata (``shape``, ``dtype``, ``len(a)``, ``xp.finfo``, ``xp.result_type``).
     Iterating an array of 2 or more dimensions yields device sub-arrays, as cupy does (unpacking
     ``yy, xx = xp.mgrid[...]`` moves nothing); a 1-D array would yield per-element values, i.e. a
@@ -33,6 +34,7 @@ warnings (cupy has none): every delegated call runs under ``numpy.errstate(all="
 """
 from __future__ import annotations
 
+import enum
 import threading
 import types
 from dataclasses import dataclass, fields
@@ -85,6 +87,8 @@ def _unwrap(obj, where):
         return obj._a
     if isinstance(obj, np.ndarray):
         _mixed(where)
+    if isinstance(obj, enum.Enum):
+        _enum(obj, where)
     if isinstance(obj, (list, tuple)):
         items = [_unwrap(o, where) for o in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
@@ -238,11 +242,19 @@ class StrictArray:
         return StrictArray(self._a.copy())
 
 
+def _enum(obj, where):
+    """cupy refuses enum members (``IntFlag`` and the like) as operands: NotImplemented, TypeError."""
+    raise TypeError(f"strict device: enum operand {obj!r} in {where}; cupy refuses it as an operand, "
+                    "use int(...) (e.g. records.UNUSABLE)")
+
+
 def _operand(other, op):
     if isinstance(other, StrictArray):
         return other._a
     if isinstance(other, np.ndarray):
         _mixed(f"operator {op}")
+    if isinstance(other, enum.Enum):
+        _enum(other, f"operator {op}")
     if isinstance(other, _SCALARS):
         return other
     return NotImplemented  # lists and other objects: Python raises "unsupported operand"

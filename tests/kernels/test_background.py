@@ -237,7 +237,8 @@ def test_numpy_and_xp_agree(xp, rng):
     for a, b in zip(ref, dev):
         np.testing.assert_allclose(_host(b), a, rtol=1e-5, atol=1e-3)
     r = robust_sigma(xp.asarray(img[0]))
-    assert float(_host(r)) == pytest.approx(float(robust_sigma(img[0])), rel=1e-9)
+    # float32 values: the device's sorts and reductions run in another order (H200: 5e-9 apart)
+    assert float(_host(r)) == pytest.approx(float(robust_sigma(img[0])), rel=1e-7)
 
 
 # --------------------------------------------------------------------------------------------

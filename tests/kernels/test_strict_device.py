@@ -85,6 +85,18 @@ def test_implicit_conversions_and_mixing_raise(sa, sx, what):
     assert sx.stats.as_dict() == dict.fromkeys(sx.stats.as_dict(), 0)  # nothing crossed on the way
 
 
+def test_enum_members_are_refused_as_operands_as_cupy_does(sx):
+    # cupy 14 on an H200: ``mask & MaskBits.BAD`` -> TypeError (NotImplemented from __array_ufunc__)
+    from nightsift.engine.records import MaskBits
+
+    m = sx.asarray(np.array([0, 1, 5], np.uint16))
+    for op in (lambda: m & MaskBits.BAD, lambda: m | (MaskBits.BAD | MaskBits.SAT),
+               lambda: sx.bitwise_and(m, MaskBits.NO_DATA)):
+        with pytest.raises(TypeError, match="strict device: enum operand"):
+            op()
+    assert (m & int(MaskBits.NO_DATA)).get().tolist() == [0, 0, 4]
+
+
 def test_no_array_interfaces_and_values_never_printed(sa):
     for name in ("__array_interface__", "__array_struct__", "__dlpack__", "flat"):
         assert not hasattr(sa, name)
