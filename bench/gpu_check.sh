@@ -19,6 +19,10 @@
 #   (c) bench: `python bench/gpu.py --batches 1 8 --size 4096 --out bench/gpu.json` with what is
 #       left of the 8 minutes (it writes its JSON after every row, so a cut-short run keeps rows)
 #   (d) summary; exit 1 if any step failed.
+# Seen on the lent H200 (2026-12-04): its numpy 2.5.2 breaks numba-cuda 0.30.4 at import (np.row_stack),
+# so carry numpy 2.4.x in .whl/ too; there the GPU tests need more than 95 s (give GPU_CHECK_BUDGET_S
+# >= 600 when the device time allows) and bench/gpu.py --batches 1 8 about 5 minutes. The command used
+# is in bench/RESULTS.md ("gpu").
 # Environment: PYTHON (default .venv/bin/python when present, else python3), GPU_CHECK_BUDGET_S
 # (default 480), BENCH_MIN_S (seconds kept for the bench, default 300). When $OUT names a writable
 # folder (the device runner's), the JSON and the logs are copied there.
