@@ -334,12 +334,33 @@ def cmd_train(args) -> int:
         command += f" --with-labels {args.with_labels} --label-alerts {args.label_alerts}"
         print(f"expert labels: {counts['n_used']} used of {counts['n_labels']} ({int(extra.labels.sum())} real); "
               f"{counts['n_interesting_skipped']} 'interesting' left out, {counts['n_missing_alert']} without an alert")
+    if args.teacher_packets:  # real ZTF triplets labelled by braai (issue #13's domain adaptation)
+        extra = _teacher_rows(args, extra)
+        command += (f" --teacher-packets {args.teacher_packets} --braai {args.braai or 'default'} "
+                    f"--teacher-margin {args.teacher_margin:g} --teacher-repeat {args.teacher_repeat}")
     run_training(spec=spec, data_dir=args.data, out_dir=args.out, report_dir=args.report, target_fnr=target,
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
                  verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra,
                  kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf)
     return 0
+
+
+def _teacher_rows(args, extra):
+    """The teacher rows of ``--teacher-packets`` (:func:`.classify.teacher.teacher_dataset`), after
+    the expert rows ``extra`` when there are both."""
+    from .classify.realeval import TEACHER_SETS, refuse_measurement_sets
+    from .classify.teacher import teacher_dataset
+
+    refuse_measurement_sets(args.teacher_packets, allowed=TEACHER_SETS)  # the real-data rule
+    rows, counts = teacher_dataset(args.teacher_packets, args.braai, margin=args.teacher_margin,
+                                   repeat=args.teacher_repeat)
+    print(f"teacher labels (braai): {counts['n_used']} of {counts['n_packets']} ZTF packets "
+          f"({counts['n_real']} real, {counts['n_bogus']} bogus), {counts['n_uncertain_left_out']} uncertain left out; "
+          f"each row x{counts['repeat']}")
+    if extra is None:
+        return rows
+    return extra.append(rows, {**extra.meta, "candids": sorted({*extra.meta.get("candids", ()), *rows.meta["candids"]})})
 
 
 def cmd_evaluate(args) -> int:
@@ -509,6 +530,14 @@ def _add_train(sub) -> None:
     t.add_argument("--label-alerts", metavar="PATH", help="alert file or folder the labels were given on")
     t.add_argument("--interesting", default="skip", choices=("skip", "real", "bogus"),
                    help="what an 'interesting' label means for training (default: left out)")
+    t.add_argument("--teacher-packets", metavar="PATH",
+                   help="real ZTF packets (file or folder) labelled by braai and added to the training split; "
+                        "their candids are listed in the model metadata (nightsift evaluate --real drops them)")
+    t.add_argument("--braai", metavar="WEIGHTS", help="with --teacher-packets: braai's d6_m7 files (default: "
+                                                      "$NIGHTSIFT_BRAAI_DIR, else shared/data/ztf/braai beside the checkout)")
+    t.add_argument("--teacher-margin", type=float, default=0.2,
+                   help="keep braai scores <= m (bogus) or >= 1 - m (real); the rest are left out (default 0.2)")
+    t.add_argument("--teacher-repeat", type=int, default=1, help="copies of each teacher row (default 1)")
     t.set_defaults(func=cmd_train)
 
 

@@ -46,6 +46,7 @@ from .preprocess import NORMALIZATION, compress, standardize
 log = logging.getLogger("nightsift.classify")
 
 __all__ = ["DOMAIN_DTYPE", "TRUTH_DTYPE", "FEATURES", "BOGUS_CAUSES", "DatasetSpec", "UnitSpec", "RBData",
+           "packet_features", "packet_rows",
            "plan_units", "simulate_unit", "build_dataset", "load_dataset", "summarize", "format_summary"]
 
 #: per-candidate domain tags
@@ -440,6 +441,75 @@ class RBData:
         if name not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {name!r}")
         return self.select(self.domain["split"] == name)
+
+    def append(self, other: "RBData", meta: dict | None = None) -> "RBData":
+        """These rows, then ``other``'s; ``meta`` (default this one's)."""
+        return RBData(*(np.concatenate([getattr(self, k), getattr(other, k)]) for k in
+                        ("z", "loc", "scale", "features", "truth", "domain")), self.meta if meta is None else meta)
+
+
+def packet_features(cands: list[dict]) -> np.ndarray:
+    """The :data:`FEATURES` of alert packets' candidate records (ZTF's names; 1-based positions made
+    0-based; ZTF's ``-999`` for a missing nearest source; NaN, or 0 for ``nbad``, where absent)."""
+    f = np.zeros(len(cands), _features_dtype())
+    for i, c in enumerate(cands):
+        for k in FEATURES:
+            v = c.get(k)
+            if k in ("xpos", "ypos"):
+                v = np.nan if v is None else float(v) - 1.0  # packets are 1-based (ZTF), tables 0-based
+            elif k == "isdiffpos":
+                v = v in ("t", "1", True, 1)
+            elif k in ("distnr", "magnr"):
+                v = -999.0 if v is None else v
+            elif k == "edge":
+                v = bool(v)
+            elif v is None:
+                v = 0 if k == "nbad" else np.nan
+            f[k][i] = v
+    return f
+
+
+def packet_rows(triplets: np.ndarray, labels, cands: list[dict], *, kinds: tuple[str, str], instrument: str,
+                meta: dict, filters=None) -> RBData:
+    """Training rows of real alert packets with given labels (expert or teacher).
+
+    Parameters
+    ----------
+    triplets : ndarray (n, 63, 63, 3)
+        As the scorer sees them (science, reference, difference).
+    labels : array_like (n,)
+        1 real, 0 bogus.
+    cands : list of dict (n,)
+        The packets' candidate records (:func:`packet_features`; ``ccd`` or ZTF's ``rcid``).
+    kinds : (str, str)
+        ``truth.kind`` of the real and the bogus rows.
+    instrument : str
+        ``domain.instrument`` of every row.
+    meta : dict
+        The rows' meta; it lists the candids of the packets (the real-data rule).
+    filters : sequence of str, optional
+        ``domain.filter`` per row.
+
+    Returns
+    -------
+    RBData: standardised as :func:`.preprocess.standardize` does, ``domain.split`` ``"train"``,
+    ``unit`` -1, the simulation-only truth and domain fields NaN.
+    """
+    labels = np.asarray(labels, np.uint8)
+    z, loc, scale = standardize(np.asarray(triplets, np.float32))
+    truth = np.zeros(len(labels), TRUTH_DTYPE)
+    truth["label"] = labels
+    truth["kind"] = np.where(labels == 1, kinds[0], kinds[1])
+    truth["mag"] = truth["snr"] = np.nan
+    dom = np.zeros(len(labels), DOMAIN_DTYPE)
+    dom["unit"] = -1
+    dom["instrument"] = instrument
+    dom["ccd"] = [int(c.get("ccd") or c.get("rcid") or 0) for c in cands]
+    if filters is not None:
+        dom["filter"] = filters
+    dom["seeing"] = dom["fwhm_px"] = dom["sky"] = dom["maglim"] = np.nan
+    dom["split"] = "train"
+    return RBData(z.astype(np.float16), loc, scale, packet_features(cands), truth, dom, meta)
 
 
 def _concat(parts: list[dict], size: int) -> dict:

@@ -29,14 +29,15 @@ Populations (exactly what is used):
 * ``exposure`` -- ZTF: night ``nid`` and exposure time ``jd`` (every quadrant of one exposure shares
   them); Rubin: ``visit``.
 
-**The real-data rule.** The real packets in ``../shared/data`` (:data:`MEASUREMENT_SETS`:
-``ztf/alerts``, ``ztf/alerts_drb``, ``rubin/alerts``) are measurement sets: none of them touches
-training. Training on any real packet (e.g. unlabeled triplets for domain adaptation, expert labels
-of real alerts) must list the packets' candids in the model metadata under
-:data:`TRAINING_CANDIDS_KEY`; this kit drops every packet whose candid is listed there, with a loud
-count (and refuses when nothing is left), so no figure is ever reported on packets that touched
-training. :func:`refuse_measurement_sets` is the check the training path runs on the real packets
-it is given.
+**The real-data rule.** Of the real packets in ``../shared/data``, ``ztf/alerts_drb`` and
+``rubin/alerts`` (:data:`MEASUREMENT_SETS`) are measurement sets: neither touches training, ever.
+``ztf/alerts`` (:data:`TEACHER_SETS`) may touch training only as unlabelled triplets labelled by
+braai (``nightsift train --teacher-packets``, :mod:`.teacher`); it stays a measurement set for a
+model that did not use it. Training on any real packet (teacher rows, expert labels of real alerts)
+lists the packets' candids in the model metadata under :data:`TRAINING_CANDIDS_KEY`. This kit drops
+every packet whose candid is listed there, with a loud count, and refuses when nothing is left: no
+figure is ever reported on packets that touched training. :func:`refuse_measurement_sets` is the
+check the training path runs on the real packets it is given.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from ..errors import InputError
 from ..plotting import save_figure
 from .metrics import average_precision, binomial_ci, bootstrap_ci, reliability_curve, roc_auc
 
-__all__ = ["MEASUREMENT_SETS", "TRAINING_CANDIDS_KEY", "BRIGHT_MAGNR", "BRIGHT_DISTNR_ARCSEC", "RUBIN_TEMPLATE_SNR",
+__all__ = ["MEASUREMENT_SETS", "TEACHER_SETS", "TRAINING_CANDIDS_KEY", "BRIGHT_MAGNR", "BRIGHT_DISTNR_ARCSEC", "RUBIN_TEMPLATE_SNR",
            "CENTRE_RADIUS_PX", "FNR_TARGET", "refuse_measurement_sets", "training_candids", "drop_trained",
            "populations", "population_metrics", "real_figures", "evaluate_real", "format_real", "plot_reliability"]
 
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: the real packet folders of ``../shared/data`` that are measurement sets only (never training)
 MEASUREMENT_SETS = ("ztf/alerts", "ztf/alerts_drb", "rubin/alerts")
+#: ... of which these may be a teacher's unlabelled training triplets (``train --teacher-packets``)
+TEACHER_SETS = ("ztf/alerts",)
 #: model-metadata key listing the candids of every real packet a training run used
 TRAINING_CANDIDS_KEY = "real_training_candids"
 #: ZTF "near a bright catalogued source": nearest reference-catalogue source brighter than this (mag)
@@ -77,19 +80,26 @@ _PRINT_MIN_N = 10
 
 # ----------------------------------------------------------------------------- the rule
 
-def refuse_measurement_sets(paths) -> None:
+def refuse_measurement_sets(paths, *, allowed: tuple[str, ...] = ()) -> None:
     """Refuse training on a real measurement set (:data:`MEASUREMENT_SETS`).
+
+    Parameters
+    ----------
+    paths : path or iterable of paths
+    allowed : tuple of str
+        Sets this training path may use (the teacher path: :data:`TEACHER_SETS`).
 
     Raises
     ------
     InputError
-        A path that is, or lies inside, a folder ``.../data/<set>`` of :data:`MEASUREMENT_SETS`.
+        A path that is, or lies inside, a folder ``.../data/<set>`` of :data:`MEASUREMENT_SETS`
+        not in ``allowed``.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for p in paths:
         parts = Path(p).resolve().parts
-        for s in MEASUREMENT_SETS:
+        for s in (m for m in MEASUREMENT_SETS if m not in allowed):
             want = ("data", *s.split("/"))
             if any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1)):
                 raise InputError(f"real packets of the measurement set '{s}' must not touch training (the "

@@ -350,15 +350,14 @@ def _save_models(model, train, out: Path, name: str, *, seed: int) -> tuple[Path
 
 def _training_splits(data_dir, spec, *, config, workers: int, progress: bool, rebuild: bool, extra_train):
     """The dataset (built or reused) and its train (plus ``extra_train``), val and test splits."""
-    from .dataset import RBData, build_dataset, format_summary, load_dataset
+    from .dataset import build_dataset, format_summary, load_dataset
 
     path = build_dataset(data_dir, spec, config=config, workers=workers, progress=progress, rebuild=rebuild)
     data = load_dataset(path)
     print(f"dataset {path}:\n{format_summary(data.meta['summary'])}")
     train, val, test = data.split("train"), data.split("val"), data.split("test")
     if extra_train is not None and len(extra_train):
-        train = RBData(*(np.concatenate([getattr(train, k), getattr(extra_train, k)]) for k in
-                         ("z", "loc", "scale", "features", "truth", "domain")), train.meta)
+        train = train.append(extra_train)
         print(f"training split + {len(extra_train)} extra rows ({int(extra_train.labels.sum())} real)")
     return data, train, val, test
 

@@ -25,36 +25,7 @@ from ..errors import InputError
 
 log = logging.getLogger("nightsift.discover")
 
-__all__ = ["labeled_dataset", "append_rows", "select_batch", "run_active_learning"]
-
-
-def append_rows(a, b):
-    """Two RBData one after the other (``a``'s meta kept)."""
-    from ..classify.dataset import RBData
-
-    return RBData(*(np.concatenate([getattr(a, k), getattr(b, k)]) for k in
-                    ("z", "loc", "scale", "features", "truth", "domain")), a.meta)
-
-
-def _packet_features(cands: list[dict]) -> np.ndarray:
-    from ..classify.dataset import FEATURES, _features_dtype
-
-    f = np.zeros(len(cands), _features_dtype())
-    for i, c in enumerate(cands):
-        for k in FEATURES:
-            v = c.get(k)
-            if k in ("xpos", "ypos"):
-                v = np.nan if v is None else float(v) - 1.0  # packets are 1-based (ZTF), tables 0-based
-            elif k == "isdiffpos":
-                v = v in ("t", "1", True, 1)
-            elif k in ("distnr", "magnr"):
-                v = -999.0 if v is None else v
-            elif k == "edge":
-                v = bool(v)
-            elif v is None:
-                v = 0 if k == "nbad" else np.nan
-            f[k][i] = v
-    return f
+__all__ = ["labeled_dataset", "select_batch", "run_active_learning"]
 
 
 def labeled_dataset(db, alerts, *, interesting: str = "skip"):
@@ -82,8 +53,8 @@ def labeled_dataset(db, alerts, *, interesting: str = "skip"):
     InputError
         No usable label (the message says why).
     """
-    from ..classify.dataset import DOMAIN_DTYPE, TRUTH_DTYPE, RBData
-    from ..classify.preprocess import NORMALIZATION, standardize
+    from ..classify.dataset import packet_rows
+    from ..classify.preprocess import NORMALIZATION
     from ..io.avro import cutout_to_array
     from .app import CUTOUT_KINDS, load_alerts
     from .labels import LabelStore
@@ -112,22 +83,12 @@ def labeled_dataset(db, alerts, *, interesting: str = "skip"):
                      for a, src in rows]).astype(np.float32)
     if trip.shape[1:] != (63, 63, 3):
         raise InputError(f"expert-labelled cutouts are {trip.shape[1:3]}, the model takes 63x63")
-    z, loc, scale = standardize(trip)
     cands = [a["candidate"] for a, _ in rows]
-    truth = np.zeros(len(rows), TRUTH_DTYPE)
-    truth["label"] = labels
-    truth["kind"] = np.where(np.array(labels) == 1, "expert_real", "expert_bogus")
-    truth["mag"] = truth["snr"] = np.nan
-    dom = np.zeros(len(rows), DOMAIN_DTYPE)
-    dom["unit"] = -1
-    dom["instrument"] = "expert"
-    dom["ccd"] = [c.get("ccd") or 0 for c in cands]
-    dom["seeing"] = dom["fwhm_px"] = dom["sky"] = dom["maglim"] = np.nan
-    dom["split"] = "train"
     meta = {"source": "expert labels", "db": str(db), "alerts": str(alerts), "normalization": NORMALIZATION, **counts,
             # real packets that touch training: the model metadata lists them, the real-data kit drops them
             "candids": [int(c["candid"]) for c in cands]}
-    return RBData(z.astype(np.float16), loc, scale, _packet_features(cands), truth, dom, meta), counts
+    return packet_rows(trip, labels, cands, kinds=("expert_real", "expert_bogus"), instrument="expert",
+                       meta=meta), counts
 
 
 def select_batch(rb, anomaly, *, threshold: float, size: int, weight: float = 0.5) -> np.ndarray:
@@ -186,7 +147,7 @@ def _one_seed(seed: int, units, train_all, val, test, *, initial_fraction, batch
            "initial": _evaluate(base, val, test, target_fnr)}
     for name, idx in (("queue", queue), ("random", rand)):
         batch = pool.select(np.sort(idx))
-        model, _ = train_model(append_rows(initial, batch), val, **kw)
+        model, _ = train_model(initial.append(batch), val, **kw)
         res[f"initial+{name}"] = _evaluate(model, val, test, target_fnr)
         res[f"{name}_batch_real_fraction"] = float(batch.labels.mean())
     return res

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nightsift.engine.discover.active import append_rows, labeled_dataset, select_batch
+from nightsift.engine.discover.active import labeled_dataset, select_batch
 from nightsift.engine.discover.app import priority
 from nightsift.engine.discover.labels import LabelStore
 
@@ -44,7 +44,7 @@ def test_labeled_dataset_rows(labeled):
     assert data.inputs().shape == (3, 63, 63, 3)
     data2, counts2 = labeled_dataset(db, tmp / "alerts", interesting="real")
     assert counts2["n_used"] == 4 and data2.labels.tolist() == [1.0, 1.0, 1.0, 0.0]
-    both = append_rows(data, data2)
+    both = data.append(data2)
     assert len(both) == 7 and both.meta == data.meta
 
 
