@@ -304,7 +304,8 @@ def _dataset_spec(args):
     from .classify.dataset import DatasetSpec
 
     kw = {"n_units": args.units, "size": args.size, "seed": args.data_seed,
-          "profiles": tuple(args.profiles.split(",")) if args.profiles else None}
+          "profiles": tuple(args.profiles.split(",")) if args.profiles else None,
+          "star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion}
     return DatasetSpec(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -320,6 +321,8 @@ def cmd_train(args) -> int:
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
                f"--target-fnr {target:g} --threshold-confidence {conf:g} --kind-balance {args.kind_balance:g} "
                f"--ema {args.ema:g} --out {args.out}")
+    if spec.star_psf_scatter or spec.proper_motion:
+        command += f" --star-psf-scatter {spec.star_psf_scatter:g} --proper-motion {spec.proper_motion:g}"
     extra = None
     if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
         from .discover.active import labeled_dataset
@@ -408,6 +411,11 @@ def _add_dataset_args(a) -> None:
     a.add_argument("--profiles", help="instrument profiles, comma-separated (default decam,ztf,lsst)")
     a.add_argument("--data-seed", type=int, help="seed of the simulated dataset (default 6)")
     a.add_argument("--workers", type=int, default=1, help="processes simulating CCDs (the data do not depend on it)")
+    a.add_argument("--star-psf-scatter", type=float,
+                   help="per-star rms of ln(PSF FWHM) in the science epoch: colour-dependent PSFs, ring residuals "
+                        "on bright stars (default 0: off)")
+    a.add_argument("--proper-motion", type=float,
+                   help="per-star rms position change (px) between reference and science: dipoles (default 0)")
     a.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it is cached")
     a.add_argument("--target-fnr", type=float, help="FNR the threshold is chosen for (default classify.target_fnr)")
     a.add_argument("--threshold-confidence", type=float,

@@ -116,6 +116,9 @@ class DatasetSpec:
         Transients keep this many pixels from the CCD edge (small: real transients near edges too).
     val_fraction, test_fraction : float
         Shares of units (per profile) held out for validation and test.
+    star_psf_scatter, proper_motion : float
+        Bogus as the sky makes it: per-star PSF width scatter (colour) and proper motion of the
+        science epoch (:class:`nightsift.engine.simulate.SimulationOptions`); 0: off.
     """
 
     n_units: int = 300
@@ -130,6 +133,8 @@ class DatasetSpec:
     edge: int = 4
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    star_psf_scatter: float = 0.0
+    proper_motion: float = 0.0
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -151,6 +156,9 @@ class DatasetSpec:
     def key(self) -> str:
         """Hash naming the cache file (spec + normalisation version)."""
         d = dataclasses.asdict(self)
+        for k in ("star_psf_scatter", "proper_motion"):  # off: the key of the datasets built before them
+            if d[k] == 0:
+                del d[k]
         d["normalization"] = NORMALIZATION
         d["version"] = DATASET_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -173,6 +181,8 @@ class UnitSpec:
     size: int
     edge: int
     split: str
+    star_psf_scatter: float = 0.0
+    proper_motion: float = 0.0
 
 
 def plan_units(spec: DatasetSpec) -> list[UnitSpec]:
@@ -215,7 +225,8 @@ def plan_units(spec: DatasetSpec) -> list[UnitSpec]:
                 filter=str(rng.choice(prof.filters)), seeing=round(seeing, 4), sky=round(sky, 3),
                 n_transients=int(rng.integers(spec.transients[0], spec.transients[1] + 1)),
                 n_saturated=int(rng.integers(0, spec.saturated + 1)), size=size, edge=int(spec.edge),
-                split=str(split[k]))
+                split=str(split[k]), star_psf_scatter=float(spec.star_psf_scatter),
+                proper_motion=float(spec.proper_motion))
     return [units[u] for u in range(spec.n_units)]
 
 
@@ -335,7 +346,8 @@ def _run_chain(unit: UnitSpec, cfg):
 
     sim = simulate_ccd_pair(unit.instrument, shape=(unit.size, unit.size), seed=unit.seed, visit=unit.visit,
                             ccd=unit.ccd, n_transients=unit.n_transients, artifacts=True, seeing=unit.seeing,
-                            sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge)
+                            sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge,
+                            star_psf_scatter=unit.star_psf_scatter, proper_motion=unit.proper_motion)
     master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg.calibrate)
     res = process_ccd(sim.science_raw, master, sim.reference, config=cfg, visit=unit.visit, ccd=unit.ccd,
                       write=False)

@@ -63,6 +63,13 @@ class SimulationOptions:
         Frames in each calibration stack (>= 1).
     edge : int
         Transients keep this many pixels from the CCD edges (clipped to [0, (min(shape) - 1) // 4]).
+    star_psf_scatter : float
+        Per-star rms of ln(FWHM) in the science epoch (>= 0; 0: every star has the epoch's PSF).
+        Stars of different colours have PSFs of slightly different widths, while the chain measures
+        one PSF per tile, so bright stars leave ring residuals in the difference, as on the sky.
+    proper_motion : float
+        Per-star rms position change (pixels, per axis) between the reference and the science epoch
+        (>= 0). Bright stars leave dipoles in the difference.
     """
 
     shape: tuple[int, int] | None = None
@@ -86,6 +93,8 @@ class SimulationOptions:
     filter: str | None = None
     n_calib: int = 3
     edge: int = 16
+    star_psf_scatter: float = 0.0
+    proper_motion: float = 0.0
 
     def __post_init__(self):
         if self.shape is not None:
@@ -97,6 +106,9 @@ class SimulationOptions:
             raise ConfigError(f"simulate: n_calib must be >= 1, got {self.n_calib}")
         if self.n_transients < 0:
             raise ConfigError(f"simulate: n_transients must be >= 0, got {self.n_transients}")
+        if not (self.star_psf_scatter >= 0 and self.proper_motion >= 0):
+            raise ConfigError(f"simulate: star_psf_scatter and proper_motion must be >= 0, got "
+                              f"{self.star_psf_scatter} and {self.proper_motion}")
         fr = self.transient_fractions
         if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
             raise ConfigError("simulate: transient_fractions must be three shares >= 0 (isolated, nuclear, variable)")

@@ -229,7 +229,7 @@ def simulate_ccd_pair(profile: str | InstrumentProfile = "decam", options: Simul
         raise ConfigError(f"simulate: the static scene passed (static=) is of another CCD or other options "
                           f"(key {st.key[1:]}) than CCD {o.ccd} of seed {o.seed}; build it with "
                           "simulate_static(profile, options) from the same profile and options")
-    r_geom, r_psf, r_sky, r_tr, r_cr, r_noise, r_zp, _ = (
+    r_geom, r_psf, r_sky, r_tr, r_cr, r_noise, r_zp, r_star = (
         np.random.default_rng(s)
         for s in np.random.SeedSequence([int(o.seed), int(o.ccd), int(o.visit), 2]).spawn(8))
     ep = _draw_epoch(p, o, st, r_geom, r_psf, r_sky, r_zp)
@@ -242,7 +242,7 @@ def simulate_ccd_pair(profile: str | InstrumentProfile = "decam", options: Simul
         var = tr["star"][tr["kind"] == "variable"]
         star_flux_sci[var] += tr["flux"][tr["kind"] == "variable"]
 
-    raw, saturated, crs = _observe(p, o, st, ep, pl, star_flux_sci, tr, r_cr, r_noise)
+    raw, saturated, crs = _observe(p, o, st, ep, pl, star_flux_sci, tr, r_cr, r_noise, _star_changes(o, pl, r_star))
     _flag_masked(tr, st.detector, saturated, crs)
     stars = _star_truth(st, pl, star_flux_sci, saturated, tr, o.shape)
     galaxies = _galaxy_truth(st, pl, o.shape)
@@ -457,13 +457,28 @@ def _fill_transient_truth(tr: np.ndarray, st: StaticScene, ep: _Epoch, pl: _SkyI
 # ----------------------------------------------------------------------------------------------
 # the science frame and its truth tables
 # ----------------------------------------------------------------------------------------------
+def _star_changes(o: SimulationOptions, pl: _SkyInEpoch, rng) -> tuple:
+    """Per-star ``(dx, dy, width)`` of the science epoch against the reference: proper motion
+    (pixels) and PSF width factor (:attr:`SimulationOptions.star_psf_scatter`, ``proper_motion``);
+    zeros and ``None`` when both are off (the draws come from their own stream: nothing else moves)."""
+    n = len(pl.sx)
+    if o.proper_motion == 0 and o.star_psf_scatter == 0:
+        return np.zeros(n), np.zeros(n), None
+    dx, dy = rng.normal(0.0, o.proper_motion, (2, n)) if o.proper_motion > 0 else (np.zeros(n), np.zeros(n))
+    width = np.exp(np.clip(rng.normal(0.0, o.star_psf_scatter, n), -3 * o.star_psf_scatter,
+                           3 * o.star_psf_scatter)) if o.star_psf_scatter > 0 else None
+    return dx, dy, width
+
+
 def _observe(p: InstrumentProfile, o: SimulationOptions, st: StaticScene, ep: _Epoch, pl: _SkyInEpoch,
-             star_flux_sci, tr: np.ndarray, r_cr, r_noise):
+             star_flux_sci, tr: np.ndarray, r_cr, r_noise, star_changes=None):
     """Render the science scene (calibrated e-, before the flat) and read it out through the
-    detector: ``(raw ADU float32, saturated bool (ny, nx), cosmic rays)``."""
+    detector: ``(raw ADU float32, saturated bool (ny, nx), cosmic rays)``. ``star_changes``:
+    :func:`_star_changes`."""
     t = p.exptime
     model = ep.sky.image()
-    ep.psf.render(model, pl.sx, pl.sy, star_flux_sci)
+    dx, dy, width = star_changes if star_changes is not None else (0.0, 0.0, None)
+    ep.psf.render(model, pl.sx + dx, pl.sy + dy, star_flux_sci, width)
     G = st.sky.galaxies
     render_galaxies(model, ep.psf, pl.gx, pl.gy, pl.gal_flux, pl.g11, pl.g12, pl.g22, G["n"], G["bn"])
     pts = tr["kind"] != "variable"

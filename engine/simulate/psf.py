@@ -168,7 +168,7 @@ class PSFField:
         h = 2.0 * self.hwhm_alpha  # one FWHM in units of alpha
         return n_core, (2.0 * h) ** 2, (4.0 * h) ** 2
 
-    def render(self, image, x, y, flux):
+    def render(self, image, x, y, flux, width=None):
         """Add point sources to ``image`` (ny, nx) float64 **in place**.
 
         Parameters
@@ -178,6 +178,8 @@ class PSFField:
             0-based pixel positions in this epoch's grid.
         flux : ndarray (n,) float64, e-
             Flux of each source *inside its stamp* (see :meth:`render_half_size`).
+        width : ndarray (n,) float64, optional
+            Each source's PSF drawn this many times wider (e.g. a colour-dependent PSF); default 1.
         """
         x = np.ascontiguousarray(x, dtype=np.float64).ravel()
         y = np.ascontiguousarray(y, dtype=np.float64).ravel()
@@ -185,7 +187,11 @@ class PSFField:
         if x.size == 0:
             return image
         c11, c12, c22 = self.quadratic_form(x, y)
-        n_core, q_core, q_mid = self._sampling(self.fwhm(x, y))
+        fwhm = self.fwhm(x, y)
+        if width is not None:
+            w2 = np.broadcast_to(np.asarray(width, np.float64), x.shape) ** 2
+            c11, c12, c22, fwhm = c11 / w2, c12 / w2, c22 / w2, fwhm * np.sqrt(w2)
+        n_core, q_core, q_mid = self._sampling(fwhm)
         half = self.render_half_size(x, y, flux)
         _render.render_moffat_points(image, x, y, flux, c11, c12, c22, float(self.beta),
                                      n_core, q_core, q_mid, half)

@@ -398,3 +398,49 @@ def test_visit_options_follow_the_config():
     p, o = visit_options(cfg, visit=3, ccd=4)
     assert p.name == "lsst" and o.shape == (p.ny, 80)
     assert (o.seed, o.visit, o.ccd, o.n_ccds, o.n_transients) == (8, 3, 4, 5, 2)
+
+
+# -- bogus as the sky makes it (issue #13) ------------------------------------------------------
+def test_render_width_scales_the_psf_and_keeps_the_flux():
+    psf = PSFField((300, 300), fwhm0=16.0, beta=3.0)
+    half = []
+    for w in (None, 1.0, 1.2):
+        img = np.zeros((300, 300))
+        psf.render(img, np.array([150.0]), np.array([150.0]), np.array([1e4]), None if w is None else np.array([w]))
+        assert img.sum() == pytest.approx(1e4, rel=2e-4)  # the stamp holds all but the far wings
+        half.append(np.count_nonzero(img >= 0.5 * img.max()))
+    assert half[0] == half[1]
+    assert math.sqrt(half[2] / half[0]) == pytest.approx(1.2, rel=0.03)  # FWHM 1.2x
+
+
+def test_star_psf_scatter_and_proper_motion_change_only_the_stars(sim):
+    base = simulate_ccd_pair("decam", shape=SHAPE, seed=11, visit=1, ccd=2, n_saturated=2, n_transients=30,
+                             star_psf_scatter=0.0, proper_motion=0.0)
+    np.testing.assert_array_equal(base.science_raw.data, sim.science_raw.data)  # off: as before, bit for bit
+    alt = simulate_ccd_pair("decam", shape=SHAPE, seed=11, visit=1, ccd=2, n_saturated=2, n_transients=30,
+                            star_psf_scatter=0.04, proper_motion=0.05)
+    np.testing.assert_array_equal(alt.transients, sim.transients)  # the other draws did not move
+    np.testing.assert_array_equal(alt.reference.image, sim.reference.image)
+    assert not np.array_equal(alt.science_raw.data, sim.science_raw.data)
+    # the per-star draws: zeros when off; otherwise rms as asked, widths clipped at 3 sigma
+    from nightsift.engine.simulate.options import SimulationOptions
+    from nightsift.engine.simulate.pair import _star_changes
+
+    pl = type("Placed", (), {"sx": np.zeros(20000)})()
+    dx, dy, w = _star_changes(SimulationOptions(), pl, np.random.default_rng(0))
+    assert not dx.any() and not dy.any() and w is None
+    dx, dy, w = _star_changes(SimulationOptions(star_psf_scatter=0.04, proper_motion=0.05), pl,
+                              np.random.default_rng(0))
+    assert np.std(dx) == pytest.approx(0.05, rel=0.03) and np.std(dy) == pytest.approx(0.05, rel=0.03)
+    assert np.std(np.log(w)) == pytest.approx(0.04, rel=0.05) and np.abs(np.log(w)).max() <= 0.12 + 1e-12
+    for bad in ({"star_psf_scatter": -0.01}, {"proper_motion": -1.0}):
+        with pytest.raises(ConfigError, match="star_psf_scatter and proper_motion"):
+            simulate_ccd_pair("decam", shape=(64, 64), **bad)
+
+
+def test_dataset_key_unchanged_when_the_star_changes_are_off():
+    from nightsift.engine.classify.dataset import DatasetSpec
+
+    # the key of the shipped model's dataset (its metadata records it)
+    assert DatasetSpec(n_units=1800, seed=6).key() == "e94e050548"
+    assert DatasetSpec(n_units=1800, seed=6, star_psf_scatter=0.04).key() != "e94e050548"
