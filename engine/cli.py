@@ -321,6 +321,8 @@ def cmd_train(args) -> int:
                f"--batch-size {args.batch_size} --patience {args.patience} --lr {args.lr:g} --seed {args.seed} "
                f"--target-fnr {target:g} --threshold-confidence {conf:g} --kind-balance {args.kind_balance:g} "
                f"--ema {args.ema:g} --out {args.out}")
+    if args.init_model:
+        command += f" --init-model {args.init_model}"
     if spec.star_psf_scatter or spec.proper_motion:
         command += f" --star-psf-scatter {spec.star_psf_scatter:g} --proper-motion {spec.proper_motion:g}"
     extra = None
@@ -345,7 +347,7 @@ def cmd_train(args) -> int:
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
                  verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra,
-                 kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf)
+                 kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf, init_model=args.init_model)
     return 0
 
 
@@ -538,6 +540,8 @@ def _add_train(sub) -> None:
     t.add_argument("--label-alerts", metavar="PATH", help="alert file or folder the labels were given on")
     t.add_argument("--interesting", default="skip", choices=("skip", "real", "bogus"),
                    help="what an 'interesting' label means for training (default: left out)")
+    t.add_argument("--init-model", metavar="KERAS", help="start from this .keras model's weights (fine-tuning; "
+                                                         "e.g. engine/classify/models/nightsift_rb.keras with --lr 3e-4)")
     t.add_argument("--teacher-packets", metavar="PATH",
                    help="real ZTF packets (file or folder) labelled by braai and added to the training split; "
                         "their candids are listed in the model metadata (nightsift evaluate --real drops them)")

@@ -135,8 +135,8 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
 
 def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
                 augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None,
-                kind_balance: float = 0.0, ema: float = 0.0, target_fnr: float = 0.01):
-    """Fit a fresh CNN.
+                kind_balance: float = 0.0, ema: float = 0.0, target_fnr: float = 0.01, init_model=None):
+    """Fit a fresh CNN, or go on from ``init_model``'s weights.
 
     Parameters
     ----------
@@ -170,6 +170,9 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         If > 0, the momentum of an exponential moving average of the weights (Polyak averaging,
         e.g. 0.998: an average over the last ~500 steps). Validation, early stopping and the
         returned model then use the averaged weights: a cheap ensemble over the training path.
+    init_model : path, optional
+        A ``.keras`` model of the same architecture whose weights the fit starts from (fine-tuning,
+        e.g. the shipped model on new rows; usually with a smaller ``learning_rate``).
 
     Returns
     -------
@@ -192,6 +195,10 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     cw = class_weights(y)
     w = sample_weights(y, train.truth["kind"], kind_balance=kind_balance)
     model = build_model(seed=seed, **(model_kwargs or {}))
+    if init_model is not None:
+        from .model import load_keras_model
+
+        model.set_weights(load_keras_model(init_model).get_weights())
     _compile(model, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr)
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
     t0 = time.perf_counter()
@@ -258,7 +265,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                  patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
                  workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
                  progress: bool = True, config=None, extra_train=None, kind_balance: float = 0.0,
-                 ema: float = 0.0, threshold_confidence: float = 0.0) -> dict:
+                 ema: float = 0.0, threshold_confidence: float = 0.0, init_model=None) -> dict:
     """Build data, train, evaluate, export: what ``nightsift train`` does.
 
     Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
@@ -288,6 +295,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         Within-class re-weighting of the truth kinds (:func:`sample_weights`).
     ema : float
         Weight averaging momentum (:func:`train_model`; 0 off).
+    init_model : path, optional
+        Start from this ``.keras`` model's weights (:func:`train_model`).
 
     Returns
     -------
@@ -306,7 +315,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                                               progress=progress, rebuild=rebuild, extra_train=extra_train)
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
-                              kind_balance=kind_balance, ema=ema, target_fnr=target_fnr)
+                              kind_balance=kind_balance, ema=ema, target_fnr=target_fnr, init_model=init_model)
     rule = {"target_fnr": target_fnr, "confidence": threshold_confidence, "plot_dir": rep_dir}
     thr, rep_f = _threshold_and_report("float", lambda x: predict_keras(model, x), val, test, **rule)
     keras_path, tfl_path = _save_models(model, train, out, name, seed=seed)

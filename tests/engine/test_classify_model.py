@@ -174,3 +174,20 @@ def test_weight_averaging_keeps_the_validated_weights():
     assert got["loss"] == pytest.approx(hist["val_loss"][hist["best_epoch"] - 1], rel=1e-5)
     with pytest.raises(ValueError, match="ema"):
         train_model(tr, va, epochs=1, verbose=0, model_kwargs=TINY, ema=1.0)
+
+
+def test_init_model_starts_from_its_weights(tmp_path):
+    """``init_model``: the fit starts from that model's weights. With a zero learning rate nothing
+    moves, so the result is that model exactly (a fresh start with another seed is not)."""
+    configure_tensorflow(2)
+    rng = np.random.default_rng(3)
+    tr = as_data(*separable_triplets(rng, 64), "train")
+    va = as_data(*separable_triplets(rng, 32), "val")
+    init = build_model(seed=99, **TINY)
+    path = save_keras_model(init, tmp_path / "init.keras")
+    kw = dict(epochs=1, batch_size=32, patience=1, seed=5, verbose=0, model_kwargs=TINY, learning_rate=0.0)
+    warm, _ = train_model(tr, va, init_model=path, **kw)
+    cold, _ = train_model(tr, va, **kw)
+    for a, b, c in zip(warm.get_weights(), init.get_weights(), cold.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(b, c) for b, c in zip(init.get_weights(), cold.get_weights()))
