@@ -7,15 +7,26 @@ For each model (``shipped``, or a model metadata JSON written by ``nightsift tra
 
 * **simulated test CCDs**: the int8 model on the test split of the simulated dataset
   (``--data/--units/--data-seed``, built if missing), threshold chosen on its validation split for
-  FNR <= 1% (confidence 0.9): AUCPR, FNR, FPR; the float model's AUCPR beside it (int8 - float);
+  FNR <= 1% (confidence 0.9): AUCPR, FNR, FPR; the float model's AUCPR beside it (int8 - float).
+  Twice: as simulated so far (``sim``), and with the star changes of ``--star-psf-scatter`` and
+  ``--proper-motion`` (``sim+stars``: colour-dependent PSFs and proper motions leave residuals on
+  bright stars, the bogus class real packets are full of);
 * **real packets** (``nightsift evaluate --real``, int8, the model's own operating threshold):
   ROC AUC [bootstrap 95%] against the packets' own score (``ztf/alerts_drb``: drb;
   ``rubin/alerts``: reliability; ``ztf/alerts``: braai >= 0.5, scored here), on the bright-star
   population too, and the share of own-real alerts called bogus.
 
+With two or more models, each model is also compared with the first on the same packets: ROC AUC
+difference with a **paired** bootstrap 95% interval (the rows drawn once for both), overall and on
+the bright-star population, leaving out every packet that touched the training of any model compared.
+The sets are small (``ztf/alerts_drb``: 10 drb-bogus of 137; its bright-star population 1 of 18), so
+the paired interval is what says whether a change helped.
+
 The real-data rule holds by construction: a packet whose candid is listed in the model's metadata
 (``real_training_candids``: e.g. the teacher rows of ``train --teacher-packets``) is dropped by the kit,
-and a set all of whose packets are listed is reported as ``trained on``, never measured.
+and a set all of whose packets are listed is reported as ``trained on``, never measured. The count
+``(n)`` says what is left: a teacher-trained model leaves only the ``ztf/alerts`` packets braai was
+unsure of (score within the margin), a selected subset.
 Needs the real data in ``../shared/data`` and the ``ml`` extra (TensorFlow, LiteRT).
 """
 from __future__ import annotations
@@ -30,6 +41,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 #: (label, folder under ../shared/data, group key of the kit)
@@ -41,15 +54,16 @@ def _model_json(name: str) -> str | None:
     return None if name == "shipped" else str(Path(name).resolve())
 
 
-def simulated(model: str | None, args) -> dict:
+def simulated(model: str | None, args, stars: bool) -> dict:
     from nightsift.engine.classify.dataset import DatasetSpec
     from nightsift.engine.classify.evaluate import run_evaluation
 
-    spec = DatasetSpec(n_units=args.units, seed=args.data_seed)
+    extra = {"star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion} if stars else {}
+    spec = DatasetSpec(n_units=args.units, seed=args.data_seed, **extra)
     res = run_evaluation(model=model, spec=spec, data_dir=args.data, out_dir=args.tmp / "sim", workers=args.workers,
                          progress=False, threshold_confidence=0.9, target_fnr=0.01)
     m = res["models"]
-    out = {k: {"aucpr": m[k]["aucpr"], "fnr": m[k]["fnr"], "fpr": m[k]["fpr"], "threshold": m[k]["threshold"]}
+    out = {k: {f: m[k]["overall"][f] for f in ("aucpr", "roc_auc", "fnr", "fpr", "threshold")}
            for k in m}
     if "int8" in out and "float" in out:
         out["aucpr_int8_minus_float"] = out["int8"]["aucpr"] - out["float"]["aucpr"]
@@ -83,18 +97,74 @@ def real(model: str | None, folder: str, key: str, args) -> dict:
             "overall": fig(g["overall"]), "bright": fig(bright) if bright else None}
 
 
+def paired(models: list[str | None], labels: list[str], folder: str, key: str, args) -> dict:
+    """Each model's ROC AUC minus the first model's on the same packets, with paired bootstrap
+    intervals, overall and on the bright-star population. Packets that touched the training of
+    any of the models compared are left out of every comparison (the rule, applied to the union)."""
+    from nightsift.engine.classify.crossdomain import _braai_scores
+    from nightsift.engine.classify.metrics import paired_auc_difference
+    from nightsift.engine.classify.realeval import drop_trained, populations, training_candids
+    from nightsift.engine.classify.runtime import load_scorer, resolve_model
+    from nightsift.engine.config import ClassifyConfig
+    from nightsift.engine.io.packets import read_packets
+
+    cfgs = [ClassifyConfig(**({"model": m} if m else {})) for m in models]
+    trained = set().union(*(training_candids(resolve_model(c).metadata) for c in cfgs))
+    ps = read_packets(SHARED / folder, keep_stamps=key == "ztf:rb")
+    keep = drop_trained(ps.records, trained)
+    if key == "ztf:rb":
+        ref = np.asarray(_braai_scores(ps, str(SHARED / "ztf" / "braai"), False, []), np.float64)[keep]
+    else:
+        ref = np.array([r["own_score"] for r in ps.records], np.float64)[keep]
+    recs, trips = [ps.records[i] for i in keep], ps.triplets[keep]
+    y = ref >= 0.5
+    bright = np.array(populations(recs, trips)["bright_star"]) == "bright"
+    scores = [np.asarray(load_scorer(c).score(trips), np.float64) for c in cfgs]
+    out = {"n": int(len(keep)), "left_out_trained": int(len(ps.records) - len(keep)), "vs_" + labels[0]: {}}
+    for lab, s in zip(labels[1:], scores[1:]):
+        out["vs_" + labels[0]][lab] = {
+            "overall": paired_auc_difference(y, scores[0], s, n_boot=args.bootstrap),
+            "bright": paired_auc_difference(y[bright], scores[0][bright], s[bright], n_boot=args.bootstrap)}
+    return out
+
+
+def paired_table(comp: dict, base: str) -> str:
+    out = [f"| model - {base} | " + " | ".join(f"{lab}: dAUC [95%] (n) | bright dAUC [95%]" for lab in comp) + " |",
+           "|---" * (1 + 2 * len(comp)) + "|"]
+    names = list(next(iter(comp.values()))["vs_" + base])
+    for name in names:
+        cells = [name]
+        for lab, c in comp.items():
+            for part in ("overall", "bright"):
+                d = c["vs_" + base][name][part]
+                ci = d["delta_ci95"] or [None, None]
+                n = f" ({c['n']})" if part == "overall" else ""
+                cells.append("-" if d["delta"] is None else f"{d['delta']:+.3f} [{_f(ci[0], 2)}, {_f(ci[1], 2)}]{n}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _f(v, nd=3):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
 def table(rows: dict) -> str:
-    lines = ["| model | sim int8 AUCPR | sim FNR | sim FPR | int8 - float | "
-             + " | ".join(f"{lab} AUC [95%] | {lab} bright AUC | {lab} real called bogus" for lab, _, _ in REAL_SETS)
-             + " |", "|---" * (5 + 3 * len(REAL_SETS)) + "|"]
+    """Two markdown tables: the simulated test splits, then the real packets."""
+    sims = list(next(iter(rows.values()))["simulated"])
+    out = ["| model | " + " | ".join(f"{k}: int8 AUCPR | FNR | FPR | int8 - float" for k in sims) + " |",
+           "|---" * (1 + 4 * len(sims)) + "|"]
     for name, r in rows.items():
-        s = r["simulated"].get("int8", {})
-        cells = [name, _f(s.get("aucpr"), 4), _f(s.get("fnr"), 4), _f(s.get("fpr"), 4),
-                 _f(r["simulated"].get("aucpr_int8_minus_float"), 4)]
+        cells = [name]
+        for k in sims:
+            s = r["simulated"][k]
+            cells += [_f(s["int8"]["aucpr"], 4), _f(s["int8"]["fnr"], 4), _f(s["int8"]["fpr"], 4),
+                      _f(s.get("aucpr_int8_minus_float"), 4)]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| model | " + " | ".join(f"{lab}: AUC [95%] | bright AUC | real called bogus"
+                                          for lab, _, _ in REAL_SETS) + " |",
+            "|---" * (1 + 3 * len(REAL_SETS)) + "|"]
+    for name, r in rows.items():
+        cells = [name]
         for lab, _, _ in REAL_SETS:
             x = r["real"][lab]
             if x.get("trained_on"):
@@ -102,10 +172,10 @@ def table(rows: dict) -> str:
                 continue
             o, b = x["overall"], x["bright"] or {}
             ci = o["roc_auc_ci95"] or [None, None]
-            cells += [f"{_f(o['roc_auc'])} [{_f(ci[0], 2)}, {_f(ci[1], 2)}]", _f(b.get("roc_auc")),
+            cells += [f"{_f(o['roc_auc'])} [{_f(ci[0], 2)}, {_f(ci[1], 2)}] ({o['n']})", _f(b.get("roc_auc")),
                       _f(o["real_called_bogus"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -115,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--units", type=int, default=400)
     ap.add_argument("--data-seed", type=int, default=7)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--star-psf-scatter", type=float, default=0.04,
+                    help="the second simulated test split: star PSF scatter (0 with --proper-motion 0: none)")
+    ap.add_argument("--proper-motion", type=float, default=0.01)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", default="bench/realgap.json")
     args = ap.parse_args(argv)
@@ -129,16 +202,28 @@ def main(argv=None) -> int:
         for name in args.models:
             model = _model_json(name)
             label = name if name == "shipped" else Path(name).parent.name
-            rows[label] = {"model": model or "shipped", "simulated": simulated(model, args),
+            sims = {"sim": simulated(model, args, False)}
+            if args.star_psf_scatter or args.proper_motion:
+                sims["sim+stars"] = simulated(model, args, True)
+            rows[label] = {"model": model or "shipped", "simulated": sims,
                            "real": {lab: real(model, folder, key, args) for lab, folder, key in REAL_SETS}}
-            print(table({label: rows[label]}).splitlines()[-1], flush=True)
+            print(f"{label}: done", flush=True)
+    labels = list(rows)
+    comp = {}
+    if len(labels) > 1:
+        models = [_model_json(m) for m in args.models]
+        comp = {lab: paired(models, labels, folder, key, args) for lab, folder, key in REAL_SETS}
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-           "dataset": {"data": args.data, "units": args.units, "seed": args.data_seed},
-           "rows": rows, "rule": "figures only on packets that touched no training of the model (the kit drops the rest)"}
+           "dataset": {"data": args.data, "units": args.units, "seed": args.data_seed,
+                       "sim+stars": {"star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion}},
+           "rows": rows, "paired": comp, "rule": "figures only on packets that touched no training of the model (the kit drops the rest)"}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print()
     print(table(rows))
+    if comp:
+        print()
+        print(paired_table(comp, labels[0]))
     print(f"\nwrote {args.out}")
     return 0
 

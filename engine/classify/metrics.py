@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["average_precision", "roc_auc", "threshold_for_fnr", "operating_point", "summary", "report",
            "format_report", "pr_curve", "seeing_bins",
-           "labels_and_scores", "bootstrap_ci", "reliability_curve", "binomial_ci"]
+           "labels_and_scores", "bootstrap_ci", "paired_auc_difference", "reliability_curve", "binomial_ci"]
 
 
 def labels_and_scores(y, p) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +229,41 @@ def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, threshold: float, *, n_
         return {}
     lo, hi = np.nanpercentile(vals, [2.5, 97.5], axis=0)
     return {f"{name}_ci95": [float(lo[j]), float(hi[j])] for j, name in enumerate(("roc_auc", "aucpr", "agreement"))}
+
+
+def paired_auc_difference(labels, scores_a, scores_b, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ROC AUC of ``scores_b`` minus that of ``scores_a`` on the same rows, with a paired bootstrap
+    95% interval: every resample draws the rows once for both models, so what the rows share
+    (a few hard alerts) cancels, and a difference smaller than either AUC's own interval can show.
+
+    Returns
+    -------
+    dict: ``delta``, ``delta_ci95`` ([lo, hi]; None without ``n_boot``), ``p_b_not_better`` (the
+    share of resamples with ``delta <= 0``), ``n_pos``, ``n_neg``; ``delta`` None when a class is
+    absent.
+    """
+    y = np.asarray(labels, bool)
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if not (len(y) == len(a) == len(b)):
+        raise ValueError(f"labels and scores differ in length: {len(y)}, {len(a)}, {len(b)}")
+    out: dict = {"n_pos": int(y.sum()), "n_neg": int((~y).sum()), "delta": None, "delta_ci95": None,
+                 "p_b_not_better": None}
+    if y.all() or not y.any():
+        return out
+    out["delta"] = roc_auc(y, b) - roc_auc(y, a)
+    if n_boot <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    d = np.full(n_boot, np.nan)
+    for k in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].all() or not y[i].any():
+            continue
+        d[k] = roc_auc(y[i], b[i]) - roc_auc(y[i], a[i])
+    lo, hi = np.nanpercentile(d, [2.5, 97.5])
+    out["delta_ci95"] = [float(lo), float(hi)]
+    out["p_b_not_better"] = float(np.mean(d[np.isfinite(d)] <= 0))
+    return out
 
 
 def reliability_curve(y, p, *, n_bins: int = 10) -> dict:

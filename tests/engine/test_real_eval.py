@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nightsift.engine.classify.metrics import binomial_ci, reliability_curve
+from nightsift.engine.classify.metrics import binomial_ci, paired_auc_difference, reliability_curve, roc_auc
 from nightsift.engine.classify.realeval import (
     MEASUREMENT_SETS, TRAINING_CANDIDS_KEY, drop_trained, population_metrics, populations, real_figures,
     refuse_measurement_sets, training_candids,
@@ -129,6 +129,25 @@ def test_reliability_curve_against_a_direct_computation():
     empty = reliability_curve([1, 0], [0.05, 0.07], n_bins=4)
     assert empty["count"] == [2, 0, 0, 0] and np.isnan(empty["mean_score"][1])
     assert empty["ece"] == pytest.approx(abs(0.5 - 0.06))
+
+
+def test_paired_auc_difference():
+    rng = np.random.default_rng(4)
+    y = rng.uniform(size=60) < 0.7
+    a = rng.uniform(size=60)
+    b = np.where(y, a + 0.3, a)  # b ranks every real higher than a does
+    d = paired_auc_difference(y, a, b, n_boot=400, seed=1)
+    assert d["delta"] == pytest.approx(roc_auc(y, b) - roc_auc(y, a)) and d["delta"] > 0.1
+    assert 0 < d["delta_ci95"][0] <= d["delta"] <= d["delta_ci95"][1] and d["p_b_not_better"] == 0.0
+    assert (d["n_pos"], d["n_neg"]) == (int(y.sum()), int((~y).sum()))
+    same = paired_auc_difference(y, a, a, n_boot=100)
+    assert same["delta"] == 0.0 and same["delta_ci95"] == [0.0, 0.0] and same["p_b_not_better"] == 1.0
+    flip = paired_auc_difference(y, b, a, n_boot=100)
+    assert flip["delta"] == pytest.approx(-d["delta"]) and flip["delta_ci95"][1] < 0
+    one = paired_auc_difference(np.ones(5, bool), a[:5], b[:5])
+    assert one["delta"] is None and one["delta_ci95"] is None
+    with pytest.raises(ValueError, match="length"):
+        paired_auc_difference(y, a[:3], b)
 
 
 def test_binomial_interval_exact():
