@@ -304,7 +304,10 @@ def test_cli_label_serves_until_stopped(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "error::ResourceWarning"}
     proc = subprocess.Popen([sys.executable, "-m", "nightsift.engine.cli", "label", str(tmp_path / "a.avro"),
                              "--db", str(db), "--user", "cli-user", "--threshold", "0.3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell starts it with SIGINT at its default; a library earlier in the
+                            # suite can leave SIGINT ignored in pytest, which a child would inherit
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for _ in range(5):
