@@ -72,6 +72,7 @@ def teacher_dataset(paths, braai_model=None, *, margin: float = 0.2, repeat: int
         ``margin`` or ``repeat`` out of range.
     """
     from ..io.packets import read_packets
+    from ..stages.package import filter_name
     from .crossdomain import _braai_scores
     from .dataset import packet_rows
     from .preprocess import NORMALIZATION
@@ -93,11 +94,11 @@ def teacher_dataset(paths, braai_model=None, *, margin: float = 0.2, repeat: int
         raise InputError(f"no braai score outside ({margin:g}, {1 - margin:g}) among {len(b)} ZTF packets: "
                          f"no teacher label to train on ({counts})", path=str(paths))
     log.info("teacher labels: %s", counts)
-    rows = np.repeat(keep, int(repeat))
+    recs = [ps.records[i] for i in keep]
     meta = {"source": "teacher labels (braai d6_m7)", "packets": [str(p) for p in np.atleast_1d(paths)],
             "normalization": NORMALIZATION, "warnings": warns, **counts,
             # real packets that touch training: the model metadata lists them, the real-data kit drops them
-            "candids": sorted({int(ps.records[i]["candid"]) for i in keep})}
-    filters = [{1: "g", 2: "r", 3: "i"}.get(ps.records[i].get("fid"), "") for i in rows]
-    return packet_rows(ps.triplets[rows], real[rows], [ps.records[i] for i in rows], kinds=TEACHER_KINDS,
-                       instrument="ztf-real", meta=meta, filters=filters), counts
+            "candids": sorted({int(r["candid"]) for r in recs})}
+    rows = packet_rows(ps.triplets[keep], real[keep], recs, kinds=TEACHER_KINDS, instrument="ztf-real", meta=meta,
+                       filters=[filter_name(r.get("fid")) for r in recs])
+    return rows.select(np.repeat(np.arange(len(keep)), int(repeat))), counts  # built once, then copied

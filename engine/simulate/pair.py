@@ -459,25 +459,27 @@ def _fill_transient_truth(tr: np.ndarray, st: StaticScene, ep: _Epoch, pl: _SkyI
 # ----------------------------------------------------------------------------------------------
 def _star_changes(o: SimulationOptions, pl: _SkyInEpoch, rng) -> tuple:
     """Per-star ``(dx, dy, width)`` of the science epoch against the reference: proper motion
-    (pixels) and PSF width factor (:attr:`SimulationOptions.star_psf_scatter`, ``proper_motion``);
-    zeros and ``None`` when both are off (the draws come from their own stream: nothing else moves)."""
+    (pixels; 0 when off) and PSF width factor (None when off); :attr:`SimulationOptions.
+    star_psf_scatter`, ``proper_motion``. The draws come from their own stream: nothing else moves."""
     n = len(pl.sx)
-    if o.proper_motion == 0 and o.star_psf_scatter == 0:
-        return np.zeros(n), np.zeros(n), None
-    dx, dy = rng.normal(0.0, o.proper_motion, (2, n)) if o.proper_motion > 0 else (np.zeros(n), np.zeros(n))
-    width = np.exp(np.clip(rng.normal(0.0, o.star_psf_scatter, n), -3 * o.star_psf_scatter,
-                           3 * o.star_psf_scatter)) if o.star_psf_scatter > 0 else None
+    dx = dy = 0.0
+    width = None
+    if o.proper_motion > 0:
+        dx, dy = rng.normal(0.0, o.proper_motion, (2, n))
+    if o.star_psf_scatter > 0:
+        lim = 3 * o.star_psf_scatter
+        width = np.exp(np.clip(rng.normal(0.0, o.star_psf_scatter, n), -lim, lim))
     return dx, dy, width
 
 
 def _observe(p: InstrumentProfile, o: SimulationOptions, st: StaticScene, ep: _Epoch, pl: _SkyInEpoch,
-             star_flux_sci, tr: np.ndarray, r_cr, r_noise, star_changes=None):
+             star_flux_sci, tr: np.ndarray, r_cr, r_noise, star_changes: tuple):
     """Render the science scene (calibrated e-, before the flat) and read it out through the
     detector: ``(raw ADU float32, saturated bool (ny, nx), cosmic rays)``. ``star_changes``:
     :func:`_star_changes`."""
     t = p.exptime
     model = ep.sky.image()
-    dx, dy, width = star_changes if star_changes is not None else (0.0, 0.0, None)
+    dx, dy, width = star_changes
     ep.psf.render(model, pl.sx + dx, pl.sy + dy, star_flux_sci, width)
     G = st.sky.galaxies
     render_galaxies(model, ep.psf, pl.gx, pl.gy, pl.gal_flux, pl.g11, pl.g12, pl.g22, G["n"], G["bn"])

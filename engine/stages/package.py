@@ -31,12 +31,16 @@ from ..io.avro import SCHEMA_VERSION, make_cutout_record
 from ..io.fits import header_exptime, header_zero_point, pixel_unit
 from ..records import CANDID_CCD, CANDID_INDEX, CANDIDATE_DTYPE, MAX_VISIT, StageResult, make_candid
 
-__all__ = ["build_alerts", "filter_id", "SCORE_FIELDS", "PUBLISHER"]
+__all__ = ["build_alerts", "filter_id", "filter_name", "ZTF_FILTER_IDS", "SCORE_FIELDS", "PUBLISHER"]
 
 #: value of the packets' ``publisher`` field
 PUBLISHER = "nightsift"
 #: candidate fields that ``scores`` may fill (name -> version field filled from ``score_versions``)
 SCORE_FIELDS = {"rb": "rbversion", "drb": "drbversion", "anomaly_score": None}
+#: ZTF's filter ids (``fid``) of its filter names
+ZTF_FILTER_IDS = {"g": 1, "r": 2, "i": 3}
+
+
 def filter_id(name: str | None) -> int:
     """ZTF filter id from a FILTER header value: g -> 1, r -> 2, i -> 3, anything else -> 0.
 
@@ -48,7 +52,12 @@ def filter_id(name: str | None) -> int:
     word = str(name).strip().split()[0].lower() if str(name).strip() else ""
     if word.startswith("ztf_"):
         word = word[4:]
-    return {"g": 1, "r": 2, "i": 3}.get(word, 0)
+    return ZTF_FILTER_IDS.get(word, 0)
+
+
+def filter_name(fid) -> str:
+    """The filter name of a ZTF ``fid`` (1 -> g, 2 -> r, 3 -> i; anything else -> "")."""
+    return next((k for k, v in ZTF_FILTER_IDS.items() if v == fid), "")
 
 
 def _julian_date(header) -> float:

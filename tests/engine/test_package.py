@@ -9,7 +9,7 @@ from nightsift.engine.io import avro
 from nightsift.engine.records import empty_candidates
 from nightsift.engine.records import make_candid
 from nightsift.engine.stages.cutouts import triplets_of
-from nightsift.engine.stages.package import build_alerts, filter_id
+from nightsift.engine.stages.package import build_alerts, filter_id, filter_name
 
 NY, NX = 200, 300
 
@@ -161,6 +161,8 @@ def test_filter_ids():
     assert filter_id("g DECam SDSS c0001 4720.0 1520.0") == 1
     assert filter_id("r") == 2 and filter_id("ZTF_i") == 3 and filter_id("i") == 3
     assert filter_id("VR DECam c0007") == 0 and filter_id("z") == 0 and filter_id(None) == 0 and filter_id("") == 0
+    assert [filter_name(filter_id(f)) for f in ("g", "r", "i")] == ["g", "r", "i"]
+    assert filter_name(0) == "" and filter_name(None) == "" and filter_name(7) == ""
 
 
 def test_date_obs_fallback_and_missing_time():
