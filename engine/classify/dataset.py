@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -577,7 +578,8 @@ def build_dataset(data_dir="nightsift-data", spec: DatasetSpec | None = None, *,
         Chain configuration (default ``Config()``; a different chain config is *not* part of the
         cache key: pass ``rebuild=True`` after changing it).
     workers : int
-        Processes simulating units in parallel (the result does not depend on it).
+        Processes simulating units in parallel (the result does not depend on it). They are spawned,
+        so a script that calls this with ``workers > 1`` needs the ``if __name__ == "__main__":`` guard.
     progress : bool
         Show a progress bar.
     rebuild : bool
@@ -605,7 +607,10 @@ def build_dataset(data_dir="nightsift-data", spec: DatasetSpec | None = None, *,
         it = map(_unit_task, tasks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # spawn, not fork: a parent that has already run a parallel Numba loop (``train --teacher-packets``
+        # standardises the real triplets first) holds GNU OpenMP threads, and a forked child then dies
+        # with "fork() called from a process already using GNU OpenMP" (the local engine spawns too)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         it = pool.map(_unit_task, tasks)
     try:
         for r in it:

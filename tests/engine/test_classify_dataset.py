@@ -146,3 +146,41 @@ def test_build_cache_load_and_summary(tmp_path, monkeypatch):
         load_dataset(tmp_path / "old.npz")
     with pytest.raises(FileNotFoundError):
         load_dataset(tmp_path / "missing.npz")
+
+
+
+_AFTER_NUMBA_PARALLEL = '''
+import tempfile
+import numpy as np
+
+
+def main():
+    from nightsift.engine.classify.dataset import DatasetSpec, build_dataset, load_dataset
+    from nightsift.engine.classify.preprocess import standardize
+
+    # what `train --teacher-packets` does before the dataset: standardise triplets, a Numba loop
+    # parallel over the batch, whose OpenMP threads now exist in this process
+    standardize(np.random.default_rng(1).normal(size=(64, 63, 63, 3)).astype(np.float32))
+    spec = DatasetSpec(n_units=2, profiles=("decam",), size=256, min_field_arcmin=0.0, seed=16, transients=(5, 5),
+                       val_fraction=0.0, test_fraction=0.5)
+    with tempfile.TemporaryDirectory() as d:
+        print("rows", len(load_dataset(build_dataset(d, spec, workers=2, progress=False))))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.slow
+def test_parallel_build_after_parallel_numba(tmp_path):
+    """A parallel dataset build in a process that has already run a parallel Numba loop (as `train
+    --teacher-packets` does when it standardises the real triplets) completes. Forked workers died there
+    with "fork() called from a process already using GNU OpenMP"; the pool now spawns them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "build_after_numba.py"
+    script.write_text(_AFTER_NUMBA_PARALLEL)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "rows " in r.stdout, r.stderr[-3000:]
