@@ -212,19 +212,27 @@ def format_report(r: dict, *, keys=("per_instrument", "per_seeing_bin", "per_kin
     return "\n".join(lines)
 
 
+def _resampled(labels: np.ndarray, n_boot: int, seed: int, stat, width: int) -> np.ndarray:
+    """``stat(i)`` (``width`` values) over ``n_boot`` bootstrap resamples ``i`` of the rows (indices
+    drawn with replacement) as an ``(n_boot, width)`` array; NaN where a resample holds one class only."""
+    rng = np.random.default_rng(seed)
+    vals = np.full((n_boot, width), np.nan)
+    for k in range(n_boot):
+        i = rng.integers(0, len(labels), len(labels))
+        if labels[i].all() or not labels[i].any():
+            continue
+        vals[k] = stat(i)
+    return vals
+
+
 def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, threshold: float, *, n_boot: int, seed: int) -> dict:
     """95% percentile intervals of ROC AUC, AUCPR and agreement over ``n_boot`` resamples of the rows
     (the metrics of this module; resamples where a class is absent are left out)."""
     if n_boot <= 0 or len(labels) < 2:
         return {}
-    rng = np.random.default_rng(seed)
-    vals = np.full((n_boot, 3), np.nan)
-    for k in range(n_boot):
-        i = rng.integers(0, len(labels), len(labels))
-        y, s = labels[i], scores[i]
-        if y.all() or not y.any():
-            continue
-        vals[k] = roc_auc(y, s), average_precision(y, s), np.mean((s >= threshold) == y)
+    vals = _resampled(labels, n_boot, seed, lambda i: (roc_auc(labels[i], scores[i]),
+                                                       average_precision(labels[i], scores[i]),
+                                                       np.mean((scores[i] >= threshold) == labels[i])), 3)
     if not np.isfinite(vals).any():
         return {}
     lo, hi = np.nanpercentile(vals, [2.5, 97.5], axis=0)
@@ -253,13 +261,9 @@ def paired_auc_difference(labels, scores_a, scores_b, *, n_boot: int = 1000, see
     out["delta"] = roc_auc(y, b) - roc_auc(y, a)
     if n_boot <= 0:
         return out
-    rng = np.random.default_rng(seed)
-    d = np.full(n_boot, np.nan)
-    for k in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].all() or not y[i].any():
-            continue
-        d[k] = roc_auc(y[i], b[i]) - roc_auc(y[i], a[i])
+    d = _resampled(y, n_boot, seed, lambda i: roc_auc(y[i], b[i]) - roc_auc(y[i], a[i]), 1)[:, 0]
+    if not np.isfinite(d).any():
+        return out
     lo, hi = np.nanpercentile(d, [2.5, 97.5])
     out["delta_ci95"] = [float(lo), float(hi)]
     out["p_b_not_better"] = float(np.mean(d[np.isfinite(d)] <= 0))

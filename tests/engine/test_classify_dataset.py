@@ -148,7 +148,6 @@ def test_build_cache_load_and_summary(tmp_path, monkeypatch):
         load_dataset(tmp_path / "missing.npz")
 
 
-
 _AFTER_NUMBA_PARALLEL = '''
 import tempfile
 import numpy as np

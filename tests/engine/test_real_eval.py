@@ -146,6 +146,9 @@ def test_paired_auc_difference():
     assert flip["delta"] == pytest.approx(-d["delta"]) and flip["delta_ci95"][1] < 0
     one = paired_auc_difference(np.ones(5, bool), a[:5], b[:5])
     assert one["delta"] is None and one["delta_ci95"] is None
+    # both classes, but the only resample (seed 0 draws rows [1, 1]) holds one: no interval, no NaN
+    tiny = paired_auc_difference(np.array([False, True]), np.array([0.2, 0.6]), np.array([0.1, 0.9]), n_boot=1, seed=0)
+    assert tiny["delta"] == 0.0 and tiny["delta_ci95"] is None and tiny["p_b_not_better"] is None
     with pytest.raises(ValueError, match="length"):
         paired_auc_difference(y, a[:3], b)
 
