@@ -305,7 +305,8 @@ def _dataset_spec(args):
 
     kw = {"n_units": args.units, "size": args.size, "seed": args.data_seed,
           "profiles": tuple(args.profiles.split(",")) if args.profiles else None,
-          "star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion}
+          "star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion,
+          "bright_variables": args.bright_variables}
     return DatasetSpec(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -325,6 +326,8 @@ def cmd_train(args) -> int:
         command += f" --init-model {args.init_model}"
     if spec.star_psf_scatter or spec.proper_motion:
         command += f" --star-psf-scatter {spec.star_psf_scatter:g} --proper-motion {spec.proper_motion:g}"
+    if spec.bright_variables:
+        command += f" --bright-variables {spec.bright_variables:g}"
     extra = None
     if args.with_labels:  # expert labels from `nightsift label` (issue #4's active-learning loop)
         from .discover.active import labeled_dataset
@@ -418,6 +421,9 @@ def _add_dataset_args(a) -> None:
                         "on bright stars (default 0: off)")
     a.add_argument("--proper-motion", type=float,
                    help="per-star rms position change (px) between reference and science: dipoles (default 0)")
+    a.add_argument("--bright-variables", type=float,
+                   help="share of the variable stars put on bright stars (saturation level to 4 mag above the "
+                        "limit, 3-70%% flux changes): the real class matching the residuals (default 0: off)")
     a.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it is cached")
     a.add_argument("--target-fnr", type=float, help="FNR the threshold is chosen for (default classify.target_fnr)")
     a.add_argument("--threshold-confidence", type=float,

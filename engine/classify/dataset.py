@@ -120,6 +120,9 @@ class DatasetSpec:
     star_psf_scatter, proper_motion : float
         Bogus as the sky makes it: per-star PSF width scatter (colour) and proper motion of the
         science epoch (:class:`nightsift.engine.simulate.SimulationOptions`); 0: off.
+    bright_variables : float
+        The real class that matches them: the share of variable stars put on bright stars
+        (:attr:`nightsift.engine.simulate.SimulationOptions.bright_variables`); 0: off.
     """
 
     n_units: int = 300
@@ -136,6 +139,7 @@ class DatasetSpec:
     test_fraction: float = 0.15
     star_psf_scatter: float = 0.0
     proper_motion: float = 0.0
+    bright_variables: float = 0.0
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -153,11 +157,14 @@ class DatasetSpec:
             raise ConfigError("dataset: val_fraction and test_fraction must be in [0, 1) with a sum < 1")
         if not (1 <= self.transients[0] <= self.transients[1]):
             raise ConfigError(f"dataset: transients must be (lo, hi) with 1 <= lo <= hi, got {self.transients}")
+        if not 0 <= self.bright_variables <= 1:
+            raise ConfigError(f"dataset: bright_variables must be a share in [0, 1], got {self.bright_variables}")
 
     def key(self) -> str:
         """Hash naming the cache file (spec + normalisation version)."""
         d = dataclasses.asdict(self)
-        for k in ("star_psf_scatter", "proper_motion"):  # off: the key of the datasets built before them
+        # off: the key of the datasets built before them
+        for k in ("star_psf_scatter", "proper_motion", "bright_variables"):
             if d[k] == 0:
                 del d[k]
         d["normalization"] = NORMALIZATION
@@ -184,6 +191,7 @@ class UnitSpec:
     split: str
     star_psf_scatter: float = 0.0
     proper_motion: float = 0.0
+    bright_variables: float = 0.0
 
 
 def plan_units(spec: DatasetSpec) -> list[UnitSpec]:
@@ -227,7 +235,7 @@ def plan_units(spec: DatasetSpec) -> list[UnitSpec]:
                 n_transients=int(rng.integers(spec.transients[0], spec.transients[1] + 1)),
                 n_saturated=int(rng.integers(0, spec.saturated + 1)), size=size, edge=int(spec.edge),
                 split=str(split[k]), star_psf_scatter=float(spec.star_psf_scatter),
-                proper_motion=float(spec.proper_motion))
+                proper_motion=float(spec.proper_motion), bright_variables=float(spec.bright_variables))
     return [units[u] for u in range(spec.n_units)]
 
 
@@ -348,7 +356,8 @@ def _run_chain(unit: UnitSpec, cfg):
     sim = simulate_ccd_pair(unit.instrument, shape=(unit.size, unit.size), seed=unit.seed, visit=unit.visit,
                             ccd=unit.ccd, n_transients=unit.n_transients, artifacts=True, seeing=unit.seeing,
                             sky=unit.sky, filter=unit.filter, n_saturated=unit.n_saturated, edge=unit.edge,
-                            star_psf_scatter=unit.star_psf_scatter, proper_motion=unit.proper_motion)
+                            star_psf_scatter=unit.star_psf_scatter, proper_motion=unit.proper_motion,
+                            bright_variables=unit.bright_variables)
     master = make_master(sim.calibration, header=sim.science_raw.header, config=cfg.calibrate)
     res = process_ccd(sim.science_raw, master, sim.reference, config=cfg, visit=unit.visit, ccd=unit.ccd,
                       write=False)

@@ -70,6 +70,13 @@ class SimulationOptions:
     proper_motion : float
         Per-star rms position change (pixels, per axis) between the reference and the science epoch
         (>= 0). Bright stars leave dipoles in the difference.
+    bright_variables : float
+        Share (0-1) of the variable-star transients put on bright stars: from the saturation level
+        (not saturated in the reference) to 4 mag above the limit, uniform in magnitude, with a flux
+        change of 3-70 % of the star's (log-uniform). Drawn from the catalogue as they are otherwise,
+        variable stars are mostly faint (star counts rise to the limit), so a detection on a bright
+        star is nearly always a residual in the simulation; on the sky many are variable stars.
+        0: as before, bit for bit.
     """
 
     shape: tuple[int, int] | None = None
@@ -95,6 +102,7 @@ class SimulationOptions:
     edge: int = 16
     star_psf_scatter: float = 0.0
     proper_motion: float = 0.0
+    bright_variables: float = 0.0
 
     def __post_init__(self):
         if self.shape is not None:
@@ -109,6 +117,8 @@ class SimulationOptions:
         if not (self.star_psf_scatter >= 0 and self.proper_motion >= 0):
             raise ConfigError(f"simulate: star_psf_scatter and proper_motion must be >= 0, got "
                               f"{self.star_psf_scatter} and {self.proper_motion}")
+        if not 0 <= self.bright_variables <= 1:
+            raise ConfigError(f"simulate: bright_variables must be a share in [0, 1], got {self.bright_variables}")
         fr = self.transient_fractions
         if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
             raise ConfigError("simulate: transient_fractions must be three shares >= 0 (isolated, nuclear, variable)")

@@ -229,16 +229,16 @@ def simulate_ccd_pair(profile: str | InstrumentProfile = "decam", options: Simul
         raise ConfigError(f"simulate: the static scene passed (static=) is of another CCD or other options "
                           f"(key {st.key[1:]}) than CCD {o.ccd} of seed {o.seed}; build it with "
                           "simulate_static(profile, options) from the same profile and options")
-    r_geom, r_psf, r_sky, r_tr, r_cr, r_noise, r_zp, r_star = (
+    r_geom, r_psf, r_sky, r_tr, r_cr, r_noise, r_zp, r_star, r_var = (
         np.random.default_rng(s)
-        for s in np.random.SeedSequence([int(o.seed), int(o.ccd), int(o.visit), 2]).spawn(8))
+        for s in np.random.SeedSequence([int(o.seed), int(o.ccd), int(o.visit), 2]).spawn(9))
     ep = _draw_epoch(p, o, st, r_geom, r_psf, r_sky, r_zp)
     pl = _place_sky(st.sky, ep, p.exptime)
 
     tr = np.zeros(0, TRANSIENT_DTYPE)
     star_flux_sci = pl.star_flux.copy()
     if o.transients and o.n_transients > 0:
-        tr = _draw_transients(r_tr, p, o, st, ep, pl)
+        tr = _draw_transients(r_tr, p, o, st, ep, pl, r_var)
         var = tr["star"][tr["kind"] == "variable"]
         star_flux_sci[var] += tr["flux"][tr["kind"] == "variable"]
 
@@ -354,10 +354,11 @@ def _far_from(x, y, ox, oy, radius):
 # transients
 # ----------------------------------------------------------------------------------------------
 def _draw_transients(rng, p: InstrumentProfile, o: SimulationOptions, st: StaticScene, ep: _Epoch,
-                     pl: _SkyInEpoch) -> np.ndarray:
+                     pl: _SkyInEpoch, r_var) -> np.ndarray:
     """The ``o.n_transients`` transients of this epoch (TRANSIENT_DTYPE): isolated ones first,
     then nuclear ones (on galaxies), then variable stars; a kind short of hosts/stars falls back
-    to isolated."""
+    to isolated. ``r_var``: the stream of :attr:`SimulationOptions.bright_variables` (unused when
+    it is 0, so nothing else moves)."""
     n, t = o.n_transients, p.exptime
     fr = np.asarray(o.transient_fractions, float)
     _, n_nuc, n_var = rng.multinomial(n, fr / fr.sum())
@@ -384,6 +385,8 @@ def _draw_transients(rng, p: InstrumentProfile, o: SimulationOptions, st: Static
     tr["star"][b:] = vstars
     fade = rng.uniform(size=vstars.size) < 0.5
     tr["flux"][b:] = np.where(fade, -np.minimum(absflux[b:], 0.9 * pl.star_flux[vstars]), absflux[b:])
+    if o.bright_variables > 0 and vstars.size:
+        _brighten_variables(r_var, o.bright_variables, tr[b:], vstars, ep.maglim, st, pl, o.shape, o.edge)
     _fill_transient_truth(tr, st, ep, pl, t)
     return tr
 
@@ -399,6 +402,29 @@ def _pick_hosts_and_stars(rng, n_nuc: int, n_var: int, maglim: float, st: Static
                           & (smag < maglim - 1.0) & ~st.star_sat_ref)
     vstars = rng.choice(cand, size=min(n_var, cand.size), replace=False) if cand.size else np.zeros(0, int)
     return hosts, vstars
+
+
+def _brighten_variables(rng, share: float, tv: np.ndarray, vstars: np.ndarray, maglim: float,
+                        st: StaticScene, pl: _SkyInEpoch, shape, edge) -> None:
+    """Move a ``share`` of the variable stars ``tv`` (a view of the transient table; ``vstars`` their
+    stars, in place) onto bright stars: unsaturated in the reference, ``mag_sat`` to ``maglim - 4``,
+    uniform in magnitude, flux change +-3-70 % of the star's (log-uniform; the sign drawn before is
+    kept). Fewer when there are not enough bright stars."""
+    smag = st.sky.stars["mag"]
+    cand = np.flatnonzero(_inside(pl.sx, pl.sy, shape, edge) & (smag > st.mag_sat) & (smag < maglim - 4.0)
+                          & ~st.star_sat_ref)
+    cand = np.setdiff1d(cand, vstars)
+    n = min(int(rng.binomial(vstars.size, share)), cand.size)
+    if n == 0:
+        return
+    w = np.ones(cand.size)  # uniform in magnitude: weight each star by 1 / (stars per unit magnitude)
+    hist, edges = np.histogram(smag[cand], bins=np.arange(np.floor(smag[cand].min()), smag[cand].max() + 1.0, 0.5))
+    w /= hist[np.clip(np.searchsorted(edges, smag[cand], side="right") - 1, 0, hist.size - 1)]
+    pick = rng.choice(cand, size=n, replace=False, p=w / w.sum())
+    frac = 10.0 ** rng.uniform(np.log10(0.03), np.log10(0.7), n)
+    vstars[:n] = pick
+    tv["x"][:n], tv["y"][:n], tv["star"][:n] = pl.sx[pick], pl.sy[pick], pick
+    tv["flux"][:n] = np.sign(tv["flux"][:n]) * frac * pl.star_flux[pick]
 
 
 def _place_isolated(rng, n_iso: int, ep: _Epoch, st: StaticScene, pl: _SkyInEpoch, shape, edge):

@@ -37,6 +37,22 @@ def test_plan_is_deterministic_and_representative():
         DatasetSpec(val_fraction=0.6, test_fraction=0.5)
 
 
+def test_sky_options_reach_every_unit_from_the_command_line():
+    """``--star-psf-scatter``, ``--proper-motion`` and ``--bright-variables`` of ``nightsift train``
+    end up in the dataset spec, its key and every unit's simulation options."""
+    from nightsift.engine.cli import _dataset_spec, build_parser
+
+    args = build_parser().parse_args(["train", "--units", "6", "--star-psf-scatter", "0.04", "--proper-motion",
+                                      "0.01", "--bright-variables", "0.5"])
+    spec = _dataset_spec(args)
+    assert (spec.star_psf_scatter, spec.proper_motion, spec.bright_variables) == (0.04, 0.01, 0.5)
+    assert spec.key() != DatasetSpec(n_units=6, star_psf_scatter=0.04, proper_motion=0.01).key()
+    for u in plan_units(spec):
+        assert (u.star_psf_scatter, u.proper_motion, u.bright_variables) == (0.04, 0.01, 0.5)
+    plain = _dataset_spec(build_parser().parse_args(["train", "--units", "6"]))
+    assert plain == DatasetSpec(n_units=6)
+
+
 @pytest.fixture(scope="module")
 def unit_result():
     spec = DatasetSpec(n_units=1, profiles=("decam",), size=448, min_field_arcmin=0.0, seed=11, transients=(40, 40))

@@ -438,9 +438,53 @@ def test_star_psf_scatter_and_proper_motion_change_only_the_stars(sim):
             simulate_ccd_pair("decam", shape=(64, 64), **bad)
 
 
+def test_bright_variables_move_only_the_variable_stars_onto_bright_stars():
+    kw = dict(shape=(512, 512), seed=11, visit=1, ccd=2, n_transients=60)
+    base = simulate_ccd_pair("ztf", **kw)
+    alt = simulate_ccd_pair("ztf", **kw, bright_variables=1.0)
+    var = base.transients["kind"] == "variable"
+    assert var.sum() >= 8
+    np.testing.assert_array_equal(alt.transients["kind"], base.transients["kind"])
+    np.testing.assert_array_equal(alt.transients[~var], base.transients[~var])  # the other kinds did not move
+    np.testing.assert_array_equal(alt.reference.image, base.reference.image)
+    moved = alt.transients[var]["star"] != base.transients[var]["star"]
+    assert moved.sum() >= 4
+    tv = alt.transients[var][moved]
+    smag = alt.stars["mag"][tv["star"]]
+    # bright: saturation level to 4 mag above the limit, unsaturated in the reference
+    assert np.all(smag > alt.meta["mag_sat"]) and np.all(smag < alt.meta["maglim_sci"] - 4.0)
+    assert not alt.stars["saturated_ref"][tv["star"]].any()
+    assert np.median(smag) < np.median(alt.stars["mag"][base.transients[var]["star"]]) - 1.0
+    # the flux change: 3-70 % of the star's, the sign drawn before kept; the star carries it
+    ratio = tv["flux"] / (alt.stars["flux_sci"][tv["star"]] - tv["flux"])
+    assert np.all((np.abs(ratio) >= 0.03 - 1e-9) & (np.abs(ratio) <= 0.7 + 1e-9))
+    np.testing.assert_array_equal(np.sign(tv["flux"]), np.sign(base.transients[var][moved]["flux"]))
+    assert alt.stars["variable"][tv["star"]].all()
+    assert not np.array_equal(alt.science_raw.data, base.science_raw.data)
+    with pytest.raises(ConfigError, match="bright_variables must be a share"):
+        simulate_ccd_pair("ztf", shape=(64, 64), bright_variables=1.5)
+
+
+def test_bright_variables_are_a_share_of_the_variable_stars():
+    kw = dict(shape=(512, 512), seed=3, ccd=1, n_transients=60)
+    n_var = n_moved = 0
+    for visit in range(6):
+        base = simulate_ccd_pair("ztf", visit=visit, **kw)
+        alt = simulate_ccd_pair("ztf", visit=visit, **kw, bright_variables=0.3)
+        var = base.transients["kind"] == "variable"
+        n_var += int(var.sum())
+        n_moved += int((alt.transients[var]["star"] != base.transients[var]["star"]).sum())
+    assert n_var >= 40
+    assert 0.1 < n_moved / n_var < 0.5  # binomial(0.3), fewer only where bright stars run out
+
+
 def test_dataset_key_unchanged_when_the_star_changes_are_off():
     from nightsift.engine.classify.dataset import DatasetSpec
 
     # the key of the shipped model's dataset (its metadata records it)
     assert DatasetSpec(n_units=1800, seed=6).key() == "e94e050548"
     assert DatasetSpec(n_units=1800, seed=6, star_psf_scatter=0.04).key() != "e94e050548"
+    assert DatasetSpec(n_units=1800, seed=6, bright_variables=0.0).key() == "e94e050548"
+    assert DatasetSpec(n_units=1800, seed=6, bright_variables=0.5).key() != "e94e050548"
+    with pytest.raises(ConfigError, match="bright_variables"):
+        DatasetSpec(bright_variables=-0.1)
