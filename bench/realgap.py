@@ -10,7 +10,8 @@ For each model (``shipped``, or a model metadata JSON written by ``nightsift tra
   FNR <= 1% (confidence 0.9): AUCPR, FNR, FPR; the float model's AUCPR beside it (int8 - float).
   Twice: as simulated so far (``sim``), and with the star changes of ``--star-psf-scatter`` and
   ``--proper-motion`` (``sim+stars``: colour-dependent PSFs and proper motions leave residuals on
-  bright stars, the bogus class real packets are full of);
+  bright stars, the bogus class real packets are full of; with ``--bright-variables`` also the
+  matching real class, variable bright stars);
 * **real packets** (``nightsift evaluate --real``, int8, the model's own operating threshold):
   ROC AUC [bootstrap 95%] against the packets' own score (``ztf/alerts_drb``: drb;
   ``rubin/alerts``: reliability; ``ztf/alerts``: braai >= 0.5, scored here), on the bright-star
@@ -58,7 +59,7 @@ def simulated(model: str | None, args, stars: bool) -> dict:
     from nightsift.engine.classify.dataset import DatasetSpec
     from nightsift.engine.classify.evaluate import run_evaluation
 
-    extra = {"star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion} if stars else {}
+    extra = _star_split(args) if stars else {}
     spec = DatasetSpec(n_units=args.units, seed=args.data_seed, **extra)
     res = run_evaluation(model=model, spec=spec, data_dir=args.data, out_dir=args.tmp / "sim", workers=args.workers,
                          progress=False, threshold_confidence=0.9, target_fnr=0.01)
@@ -68,6 +69,12 @@ def simulated(model: str | None, args, stars: bool) -> dict:
     if "int8" in out and "float" in out:
         out["aucpr_int8_minus_float"] = out["int8"]["aucpr"] - out["float"]["aucpr"]
     return out
+
+
+def _star_split(args) -> dict:
+    """The simulation options of the second simulated test split."""
+    return {"star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion,
+            "bright_variables": args.bright_variables}
 
 
 def real(model: str | None, folder: str, key: str, args) -> dict:
@@ -84,13 +91,14 @@ def real(model: str | None, folder: str, key: str, args) -> dict:
             return {"trained_on": True, "note": str(e)}
         raise
     g = res["groups"][key]
-    ref, called = ("vs_braai", "braai_real_called_bogus") if braai else ("vs_own", "own_real_called_bogus")
+    ref, who = ("vs_braai", "braai") if braai else ("vs_own", "own")
 
     def fig(m):
         v = m.get(ref) or {}
         return {"n": m["n"], "roc_auc": v.get("roc_auc"), "roc_auc_ci95": v.get("roc_auc_ci95"),
-                "aucpr": v.get("aucpr"), "real_called_bogus": (m.get(called) or {}).get("fraction"),
-                "real_called_bogus_ci95": (m.get(called) or {}).get("ci95")}
+                "aucpr": v.get("aucpr"), **{f"{side}{k}": (m.get(f"{who}_{side}") or {}).get(f)
+                                            for side in ("real_called_bogus", "bogus_called_real")
+                                            for k, f in (("", "fraction"), ("_ci95", "ci95"))}}
 
     bright = g["populations"]["bright_star"].get("bright")
     return {"against": "braai >= 0.5" if braai else f"{g['own_score']} >= 0.5", "dropped_trained": res["dropped_trained"],
@@ -160,20 +168,20 @@ def table(rows: dict) -> str:
             cells += [_f(s["int8"]["aucpr"], 4), _f(s["int8"]["fnr"], 4), _f(s["int8"]["fpr"], 4),
                       _f(s.get("aucpr_int8_minus_float"), 4)]
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "| model | " + " | ".join(f"{lab}: AUC [95%] | bright AUC | real called bogus"
+    out += ["", "| model | " + " | ".join(f"{lab}: AUC [95%] | bright AUC | real called bogus | bogus called real"
                                           for lab, _, _ in REAL_SETS) + " |",
-            "|---" * (1 + 3 * len(REAL_SETS)) + "|"]
+            "|---" * (1 + 4 * len(REAL_SETS)) + "|"]
     for name, r in rows.items():
         cells = [name]
         for lab, _, _ in REAL_SETS:
             x = r["real"][lab]
             if x.get("trained_on"):
-                cells += ["trained on", "-", "-"]
+                cells += ["trained on", "-", "-", "-"]
                 continue
             o, b = x["overall"], x["bright"] or {}
             ci = o["roc_auc_ci95"] or [None, None]
             cells += [f"{_f(o['roc_auc'])} [{_f(ci[0], 2)}, {_f(ci[1], 2)}] ({o['n']})", _f(b.get("roc_auc")),
-                      _f(o["real_called_bogus"])]
+                      _f(o["real_called_bogus"]), _f(o.get("bogus_called_real"))]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--star-psf-scatter", type=float, default=0.04,
                     help="the second simulated test split: star PSF scatter (0 with --proper-motion 0: none)")
     ap.add_argument("--proper-motion", type=float, default=0.01)
+    ap.add_argument("--bright-variables", type=float, default=0.0,
+                    help="the second simulated test split: share of variable stars on bright stars (default 0)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", default="bench/realgap.json")
     args = ap.parse_args(argv)
@@ -203,7 +213,7 @@ def main(argv=None) -> int:
             model = _model_json(name)
             label = name if name == "shipped" else Path(name).parent.name
             sims = {"sim": simulated(model, args, False)}
-            if args.star_psf_scatter or args.proper_motion:
+            if args.star_psf_scatter or args.proper_motion or args.bright_variables:
                 sims["sim+stars"] = simulated(model, args, True)
             rows[label] = {"model": model or "shipped", "simulated": sims,
                            "real": {lab: real(model, folder, key, args) for lab, folder, key in REAL_SETS}}
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
            "dataset": {"data": args.data, "units": args.units, "seed": args.data_seed,
-                       "sim+stars": {"star_psf_scatter": args.star_psf_scatter, "proper_motion": args.proper_motion}},
+                       "sim+stars": _star_split(args)},
            "rows": rows, "paired": comp, "rule": "figures only on packets that touched no training of the model (the kit drops the rest)"}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print()

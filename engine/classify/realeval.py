@@ -12,7 +12,8 @@ label: every figure is an agreement with another survey's model. Per ``survey:ow
   when a population holds one class only;
 * the fraction of own-score-real alerts nightsift calls bogus at its shipped operating threshold
   (the model metadata's; issue #13's target: at most 5% of drb-real alerts), with a Clopper-Pearson
-  95% interval;
+  95% interval, and beside it the other side of the same threshold, the fraction of own-score-bogus
+  alerts it calls real: a lower threshold meets the first target by raising the second;
 * a reliability diagram (nightsift's score binned against the fraction the own score calls real,
   :func:`.metrics.reliability_curve`) and a PNG of the worst-ranked triplets (own-real scored
   lowest, own-bogus scored highest).
@@ -226,24 +227,30 @@ def population_metrics(own: np.ndarray, ns: np.ndarray, thr: float, *, braai: np
     Returns
     -------
     dict: ``n``; ``vs_own`` (:func:`_versus` against ``own >= 0.5``); ``own_real_called_bogus``
-    (``n``, ``k``, ``fraction``, ``ci95``: own-real alerts with ``ns < thr``); ``called_real``
-    (nightsift's fraction ``ns >= thr``); with braai, ``vs_braai`` and ``braai_real_called_bogus``.
+    (``n``, ``k``, ``fraction``, ``ci95``: own-real alerts with ``ns < thr``) and its other side,
+    ``own_bogus_called_real`` (own-bogus alerts with ``ns >= thr``): a threshold can buy the first
+    with the second, so the two are reported together; ``called_real`` (nightsift's fraction
+    ``ns >= thr``); with braai, ``vs_braai``, ``braai_real_called_bogus`` and ``braai_bogus_called_real``.
     """
     ok = np.isfinite(own)
     real = own[ok] >= 0.5
     m = {"n": int(len(ns)), "vs_own": _versus(real, ns[ok], thr, n_boot=n_boot, seed=seed),
-         "own_real_called_bogus": _called_bogus(ns[ok][real], thr),
+         "own_real_called_bogus": _called(ns[ok][real], thr, real=True),
+         "own_bogus_called_real": _called(ns[ok][~real], thr, real=False),
          "called_real": float(np.mean(ns >= thr)) if len(ns) else None}
     if braai is not None and np.isfinite(braai).any():
         fb = np.isfinite(braai)
         breal = braai[fb] >= 0.5
         m["vs_braai"] = _versus(breal, ns[fb], thr, n_boot=n_boot, seed=seed)
-        m["braai_real_called_bogus"] = _called_bogus(ns[fb][breal], thr)
+        m["braai_real_called_bogus"] = _called(ns[fb][breal], thr, real=True)
+        m["braai_bogus_called_real"] = _called(ns[fb][~breal], thr, real=False)
     return m
 
 
-def _called_bogus(scores_of_real: np.ndarray, thr: float) -> dict:
-    n, k = len(scores_of_real), int(np.sum(scores_of_real < thr))
+def _called(scores: np.ndarray, thr: float, *, real: bool) -> dict:
+    """How many of ``scores`` (alerts of one reference class) land on the other side of ``thr``:
+    real ones below it, bogus ones at or above it; with a Clopper-Pearson interval."""
+    n, k = len(scores), int(np.sum(scores < thr) if real else np.sum(scores >= thr))
     lo, hi = binomial_ci(k, n)
     return {"n": n, "k": k, "fraction": k / n if n else None, "ci95": [lo, hi] if n else None}
 
@@ -438,11 +445,12 @@ def _frac(cb: dict) -> str:
 
 
 def _line(name: str, m: dict) -> str:
-    v, cb = m["vs_own"], m["own_real_called_bogus"]
+    v = m["vs_own"]
     s = (f"  {name:24s} {m['n']:5d} {v['n_pos']:4d}/{v['n_neg']:<4d} {_fig(v, 'roc_auc')} {_fig(v, 'aucpr')} "
-         f"{_frac(cb)}")
+         f"{_frac(m['own_real_called_bogus'])} {_frac(m['own_bogus_called_real'])}")
     if "vs_braai" in m:
-        s += f"   vs braai: AUC {_fig(m['vs_braai'], 'roc_auc')} real called bogus {_frac(m['braai_real_called_bogus'])}"
+        s += (f"   vs braai: AUC {_fig(m['vs_braai'], 'roc_auc')} real called bogus "
+              f"{_frac(m['braai_real_called_bogus'])} bogus called real {_frac(m['braai_bogus_called_real'])}")
     if v.get("null_reason"):
         s += f"  ({v['null_reason']})"
     return s
@@ -456,7 +464,7 @@ def format_real(res: dict) -> str:
     for key, g in res["groups"].items():
         lines.append(f"{key}: nightsift vs {g['own_score']} >= 0.5 (ECE {g['reliability']['ece']:.3f})")
         lines.append(f"  {'population':24s} {'n':>5s} real/bog {'ROC AUC [95%]':>19s} {'AUCPR [95%]':>19s} "
-                     f"{'real called bogus':>17s}")
+                     f"{'real called bogus':>17s} {'bogus called real':>17s}")
         lines.append(_line("overall", g["overall"]))
         for dim, pops in g["populations"].items():
             small = 0

@@ -73,6 +73,8 @@ def test_population_figures_exact_on_known_scores():
     assert o["vs_own"]["roc_auc"] == pytest.approx(11 / 18)  # by hand: 11 of the 18 pairs ordered right
     cb = o["own_real_called_bogus"]  # own-real with ns < 0.5: 0.3, 0.2, 0.4
     assert (cb["n"], cb["k"], cb["fraction"]) == (6, 3, 0.5) and cb["ci95"] == pytest.approx(list(binomial_ci(3, 6)))
+    cr = o["own_bogus_called_real"]  # own-bogus (0.2, 0.1, 0.3) with ns >= 0.5: 0.5 (at the threshold), 0.7
+    assert (cr["n"], cr["k"], cr["fraction"]) == (3, 2, 2 / 3) and cr["ci95"] == pytest.approx(list(binomial_ci(2, 3)))
     assert o["called_real"] == pytest.approx(5 / 9)  # 0.9, 0.6, 0.5, 0.8, 0.7
     for name, want in (("positive", [0, 1, 3, 6, 7]), ("negative", [2, 4, 5, 8])):
         m = g["populations"]["sign"][name]
@@ -89,6 +91,7 @@ def test_population_figures_exact_on_known_scores():
     assert m1["vs_own"]["roc_auc"] is None and m1["vs_own"]["aucpr"] is None
     assert "one class only (4 real, 0 bogus" in m1["vs_own"]["null_reason"]
     assert m1["own_real_called_bogus"]["k"] == 1
+    assert m1["own_bogus_called_real"] == {"n": 0, "k": 0, "fraction": None, "ci95": None}
 
 
 def test_bootstrap_interval_brackets_and_braai_figures():
@@ -105,6 +108,8 @@ def test_bootstrap_interval_brackets_and_braai_figures():
     assert b["n_pos"] + b["n_neg"] == 190
     assert b["roc_auc"] == pytest.approx(_pairs_auc(ns[fb][braai[fb] >= 0.5], ns[fb][braai[fb] < 0.5]))
     assert m["braai_real_called_bogus"]["k"] == int(np.sum(ns[fb][braai[fb] >= 0.5] < 0.5))
+    assert m["braai_bogus_called_real"]["k"] == int(np.sum(ns[fb][braai[fb] < 0.5] >= 0.5))
+    assert m["braai_bogus_called_real"]["n"] == int(np.sum(braai[fb] < 0.5))
 
 
 # ----------------------------------------------------------------------------- reliability curve
