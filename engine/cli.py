@@ -346,12 +346,29 @@ def cmd_train(args) -> int:
         extra = _teacher_rows(args, extra)
         command += (f" --teacher-packets {args.teacher_packets} --braai {args.braai or 'default'} "
                     f"--teacher-margin {args.teacher_margin:g} --teacher-repeat {args.teacher_repeat}")
+    adapt = None
+    if args.adapt_packets:  # unlabelled real triplets, domain-adversarial (issue #13's domain adaptation)
+        adapt = _adapt_rows(args)
+        command += f" --adapt-packets {args.adapt_packets} --adapt-weight {args.adapt_weight:g}"
     run_training(spec=spec, data_dir=args.data, out_dir=args.out, report_dir=args.report, target_fnr=target,
                  epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, learning_rate=args.lr,
                  seed=args.seed, threads=args.threads, workers=args.workers, rebuild=args.rebuild, command=command,
                  verbose=0 if args.quiet else 2, progress=not args.quiet, config=cfg, extra_train=extra,
-                 kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf, init_model=args.init_model)
+                 kind_balance=args.kind_balance, ema=args.ema, threshold_confidence=conf, init_model=args.init_model,
+                 adapt=adapt, adapt_weight=args.adapt_weight)
     return 0
+
+
+def _adapt_rows(args):
+    """The unlabelled real rows of ``--adapt-packets`` (:func:`.classify.adapt.adapt_rows`)."""
+    from .classify.adapt import adapt_rows
+    from .classify.realeval import TEACHER_SETS, refuse_measurement_sets
+
+    refuse_measurement_sets(args.adapt_packets, allowed=TEACHER_SETS)  # the real-data rule
+    rows = adapt_rows(args.adapt_packets)
+    print(f"domain adaptation: {len(rows)} unlabelled real triplets ({rows.meta['n_packets']} packets), "
+          f"gradient-reversal weight {args.adapt_weight:g}")
+    return rows
 
 
 def _teacher_rows(args, extra):
@@ -558,6 +575,12 @@ def _add_train(sub) -> None:
     t.add_argument("--teacher-repeat", type=int, default=1,
                    help="copies of each teacher row (default 1). bench/RESULTS.md measured teacher rows at about "
                         "10%% of the training rows: x4 with 400 CCD-visits, x16 with 1,800")
+    t.add_argument("--adapt-packets", metavar="PATH",
+                   help="unlabelled real packets (file or folder) for domain-adversarial training: a domain head "
+                        "behind a gradient-reversal layer on the embedding; labels are never read; their candids "
+                        "are listed in the model metadata (nightsift evaluate --real drops them)")
+    t.add_argument("--adapt-weight", type=float, default=0.3,
+                   help="with --adapt-packets: the gradient-reversal weight (default 0.3)")
     t.set_defaults(func=cmd_train)
 
 

@@ -101,8 +101,12 @@ def dihedral(x: np.ndarray, k: np.ndarray) -> np.ndarray:
     return out
 
 
-def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
-    """A keras PyDataset of (inputs, labels, weights) from standardised float16 triplets."""
+def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int, adapt_z=None):
+    """A keras PyDataset of (inputs, labels, weights) from standardised float16 triplets.
+
+    With ``adapt_z`` (unlabelled real rows, :mod:`.adapt`) each batch is followed by as many real
+    rows drawn with replacement, and the labels and weights are dicts for the outputs ``score``
+    (simulated rows only) and ``domain`` (0 simulated, 1 real; every row)."""
     import keras
 
     class Batches(keras.utils.PyDataset):
@@ -124,7 +128,16 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
             x = compress(z[idx])
             if augment:
                 x = dihedral(x, self.k[idx])
-            return x, y[idx], w[idx]
+            if adapt_z is None:
+                return x, y[idx], w[idx]
+            rng = np.random.default_rng([seed, self.epoch, i, 7])
+            j = np.sort(rng.integers(0, len(adapt_z), len(idx)))
+            xr = compress(adapt_z[j])
+            xr = dihedral(xr, rng.integers(0, 8, len(j))) if augment else xr
+            n, m = len(idx), len(j)
+            return (np.concatenate([x, xr]),
+                    {"score": np.r_[y[idx], np.zeros(m, y.dtype)], "domain": np.r_[np.zeros(n), np.ones(m)]},
+                    {"score": np.r_[w[idx], np.zeros(m)], "domain": np.ones(n + m)})
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -135,7 +148,8 @@ def _batches(z, y, w, *, batch_size: int, augment: bool, seed: int):
 
 def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience: int = 5, learning_rate: float = 1e-3,
                 augment: bool = True, seed: int = 0, threads: int | None = None, verbose: int = 1, model_kwargs=None,
-                kind_balance: float = 0.0, ema: float = 0.0, target_fnr: float = 0.01, init_model=None):
+                kind_balance: float = 0.0, ema: float = 0.0, target_fnr: float = 0.01, init_model=None,
+                adapt=None, adapt_weight: float = 0.3):
     """Fit a fresh CNN, or go on from ``init_model``'s weights.
 
     Parameters
@@ -173,6 +187,11 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     init_model : path, optional
         A ``.keras`` model of the same architecture whose weights the fit starts from (fine-tuning,
         e.g. the shipped model on new rows; usually with a smaller ``learning_rate``).
+    adapt : RBData, optional
+        Unlabelled real rows (:func:`.adapt.adapt_rows`): domain-adversarial training with a
+        gradient-reversal weight ``adapt_weight`` (:mod:`.adapt`). The returned model is the plain
+        single-output CNN either way.
+    adapt_weight : float
 
     Returns
     -------
@@ -199,12 +218,25 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         from .model import load_keras_model
 
         model.set_weights(load_keras_model(init_model).get_weights())
-    _compile(model, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr)
-    data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed)
+    fit_model, vy, ramp = model, val.labels, []
+    if adapt is not None:
+        from .adapt import domain_model, reversal_ramp
+
+        fit_model = domain_model(model, adapt_weight, seed=seed)
+        ramp = [reversal_ramp(fit_model, adapt_weight, epochs)]
+        vy = ({"score": val.labels, "domain": np.zeros(len(val))},
+              {"score": np.ones(len(val)), "domain": np.zeros(len(val))})  # validation judges the score only
+    _compile(fit_model, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr, adapt=adapt is not None)
+    data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed,
+                    adapt_z=None if adapt is None else adapt.z)
     t0 = time.perf_counter()
-    h = model.fit(data, validation_data=(val.inputs(), val.labels), epochs=epochs,
-                  callbacks=_callbacks(patience=patience, learning_rate=learning_rate, ema=ema), verbose=verbose)
-    hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    monitor = "val_score_tnr_at_target" if adapt is not None else "val_tnr_at_target"
+    h = fit_model.fit(data, validation_data=(val.inputs(), *vy) if adapt is not None else (val.inputs(), vy),
+                      epochs=epochs, verbose=verbose,
+                      callbacks=ramp + _callbacks(patience=patience, learning_rate=learning_rate, ema=ema, monitor=monitor))
+    # one naming for both: the score's metrics without the output prefix (the losses keep theirs)
+    hist = {k.replace("score_auc_pr", "auc_pr").replace("score_tnr_at_target", "tnr_at_target"):
+            [float(v) for v in vals] for k, vals in h.history.items()}
     hist["epochs_run"] = len(hist.get("loss", []))
     hist["best_epoch"] = (int(np.argmax(hist["val_tnr_at_target"])) + 1 if "val_tnr_at_target" in hist
                           else hist["epochs_run"])
@@ -212,32 +244,37 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
     hist["kind_balance"] = float(kind_balance)
     hist["ema"] = float(ema)
+    if adapt is not None:
+        hist["adapt"] = {"weight": float(adapt_weight), "n_rows": len(adapt)}
     return model, hist
 
 
-def _compile(model, *, learning_rate: float, ema: float, target_fnr: float) -> None:
+def _compile(model, *, learning_rate: float, ema: float, target_fnr: float, adapt: bool = False) -> None:
     """Adam (with Polyak averaging of the weights when ``ema`` > 0) on the binary cross-entropy,
-    with the validation metrics ``auc_pr`` and ``tnr_at_target`` (:func:`train_model`)."""
+    with the validation metrics ``auc_pr`` and ``tnr_at_target`` (:func:`train_model`); with
+    ``adapt``, the two outputs of :func:`.adapt.domain_model`, each with its cross-entropy."""
     import keras
 
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     opt = (keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema)) if ema > 0
            else keras.optimizers.Adam(learning_rate))
-    model.compile(optimizer=opt, loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(curve="PR", name="auc_pr"),
-                           keras.metrics.SpecificityAtSensitivity(1.0 - target_fnr, num_thresholds=1000,
-                                                                  name="tnr_at_target")])
+    metrics = [keras.metrics.AUC(curve="PR", name="auc_pr"),
+               keras.metrics.SpecificityAtSensitivity(1.0 - target_fnr, num_thresholds=1000, name="tnr_at_target")]
+    if adapt:  # weighted: the real rows (score weight 0) stay out of the training metrics
+        model.compile(optimizer=opt, loss={"score": "binary_crossentropy", "domain": "binary_crossentropy"},
+                      weighted_metrics={"score": metrics})
+    else:
+        model.compile(optimizer=opt, loss="binary_crossentropy", metrics=metrics)
 
 
-def _callbacks(*, patience: int, learning_rate: float, ema: float) -> list:
+def _callbacks(*, patience: int, learning_rate: float, ema: float, monitor: str = "val_tnr_at_target") -> list:
     """Early stopping on ``val_tnr_at_target`` (best weights restored) after a learning-rate drop on
     its plateau; with EMA, the averaged weights swapped in for validation (:func:`train_model`)."""
     import keras
 
-    stop = keras.callbacks.EarlyStopping(monitor="val_tnr_at_target", mode="max", patience=patience,
-                                         restore_best_weights=True)
-    slow = keras.callbacks.ReduceLROnPlateau(monitor="val_tnr_at_target", mode="max", factor=0.3,
+    stop = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True)
+    slow = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3,
                                              patience=max(1, patience // 2), min_lr=learning_rate * 0.01)
     # with EMA the averaged weights are swapped in before the epoch's end callbacks, so early stopping
     # scores and keeps them (the swap back happens at the next epoch's start)
@@ -265,7 +302,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                  patience: int = 5, learning_rate: float = 1e-3, seed: int = 0, threads: int | None = None,
                  workers: int = 1, rebuild: bool = False, command: str = "", verbose: int = 2,
                  progress: bool = True, config=None, extra_train=None, kind_balance: float = 0.0,
-                 ema: float = 0.0, threshold_confidence: float = 0.0, init_model=None) -> dict:
+                 ema: float = 0.0, threshold_confidence: float = 0.0, init_model=None, adapt=None,
+                 adapt_weight: float = 0.3) -> dict:
     """Build data, train, evaluate, export: what ``nightsift train`` does.
 
     Writes to ``out_dir``: ``<name>.keras`` (float), ``<name>_int8.tflite`` and ``<name>.json``
@@ -297,6 +335,9 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
         Weight averaging momentum (:func:`train_model`; 0 off).
     init_model : path, optional
         Start from this ``.keras`` model's weights (:func:`train_model`).
+    adapt : RBData, optional
+        Unlabelled real rows for domain-adversarial training (:mod:`.adapt`), weight ``adapt_weight``;
+        their candids are listed in the metadata like every real packet that touched training.
 
     Returns
     -------
@@ -315,7 +356,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                                               progress=progress, rebuild=rebuild, extra_train=extra_train)
     model, hist = train_model(train, val, epochs=epochs, batch_size=batch_size, patience=patience,
                               learning_rate=learning_rate, seed=seed, threads=threads, verbose=verbose,
-                              kind_balance=kind_balance, ema=ema, target_fnr=target_fnr, init_model=init_model)
+                              kind_balance=kind_balance, ema=ema, target_fnr=target_fnr, init_model=init_model,
+                              adapt=adapt, adapt_weight=adapt_weight)
     rule = {"target_fnr": target_fnr, "confidence": threshold_confidence, "plot_dir": rep_dir}
     thr, rep_f = _threshold_and_report("float", lambda x: predict_keras(model, x), val, test, **rule)
     keras_path, tfl_path = _save_models(model, train, out, name, seed=seed)
@@ -329,8 +371,8 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                                         learning_rate=learning_rate, patience=patience,
                                         total_wall_s=round(time.perf_counter() - t_all, 1))
     # every real packet that touched training is listed; nightsift evaluate --real drops them
-    meta[TRAINING_CANDIDS_KEY] = sorted(int(c) for c in (extra_train.meta.get("candids", ()) if extra_train is not None
-                                                          else ()))
+    meta[TRAINING_CANDIDS_KEY] = sorted({int(c) for rows in (extra_train, adapt) if rows is not None
+                                         for c in rows.meta.get("candids", ())})
     meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
     write_json(out / f"{name}.json", meta)
     write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
