@@ -156,9 +156,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     ----------
     train, val : RBData
         Training and validation rows (see :mod:`.dataset`); ``val`` drives early stopping.
-    epochs : int
-        Upper bound on epochs.
-    batch_size : int
+    epochs, batch_size : int
+        Upper bound on epochs; rows per batch.
     patience : int
         Epochs without a better validation ``tnr_at_target`` before stopping (best weights
         restored); the learning rate drops by 0.3 after ``patience // 2`` such epochs.
@@ -169,11 +168,8 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         Adam's step size.
     augment : bool
         Random dihedral augmentation of the training triplets.
-    seed : int
-    threads : int, optional
-        TensorFlow intra-op threads (default all cores).
-    verbose : int
-        Keras' verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+    seed, threads, verbose : int
+        Seed; TensorFlow intra-op threads (default all cores); Keras' verbosity (0, 1 bar, 2 lines).
     model_kwargs : dict, optional
         Passed to :func:`.model.build_model`.
     kind_balance : float
@@ -187,11 +183,9 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
     init_model : path, optional
         A ``.keras`` model of the same architecture whose weights the fit starts from (fine-tuning,
         e.g. the shipped model on new rows; usually with a smaller ``learning_rate``).
-    adapt : RBData, optional
-        Unlabelled real rows (:func:`.adapt.adapt_rows`): domain-adversarial training with a
-        gradient-reversal weight ``adapt_weight`` (:mod:`.adapt`). The returned model is the plain
-        single-output CNN either way.
-    adapt_weight : float
+    adapt, adapt_weight : RBData, float
+        Unlabelled real rows (:func:`.adapt.adapt_rows`): domain-adversarial training with this
+        gradient-reversal weight (:mod:`.adapt`). The model returned is the plain CNN either way.
 
     Returns
     -------
@@ -218,35 +212,42 @@ def train_model(train, val, *, epochs: int = 30, batch_size: int = 64, patience:
         from .model import load_keras_model
 
         model.set_weights(load_keras_model(init_model).get_weights())
-    fit_model, vy, ramp = model, val.labels, []
-    if adapt is not None:
-        from .adapt import domain_model, reversal_ramp
-
-        fit_model = domain_model(model, adapt_weight, seed=seed)
-        ramp = [reversal_ramp(fit_model, adapt_weight, epochs)]
-        vy = ({"score": val.labels, "domain": np.zeros(len(val))},
-              {"score": np.ones(len(val)), "domain": np.zeros(len(val))})  # validation judges the score only
-    _compile(fit_model, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr, adapt=adapt is not None)
+    graph, val_data, ramp, monitor = _fit_graph(model, val, adapt, adapt_weight, epochs=epochs, seed=seed)
+    _compile(graph, learning_rate=learning_rate, ema=ema, target_fnr=target_fnr, adapt=adapt is not None)
     data = _batches(train.z, y, w, batch_size=batch_size, augment=augment, seed=seed,
                     adapt_z=None if adapt is None else adapt.z)
     t0 = time.perf_counter()
-    monitor = "val_score_tnr_at_target" if adapt is not None else "val_tnr_at_target"
-    h = fit_model.fit(data, validation_data=(val.inputs(), *vy) if adapt is not None else (val.inputs(), vy),
-                      epochs=epochs, verbose=verbose,
-                      callbacks=ramp + _callbacks(patience=patience, learning_rate=learning_rate, ema=ema, monitor=monitor))
-    # one naming for both: the score's metrics without the output prefix (the losses keep theirs)
-    hist = {k.replace("score_auc_pr", "auc_pr").replace("score_tnr_at_target", "tnr_at_target"):
-            [float(v) for v in vals] for k, vals in h.history.items()}
-    hist["epochs_run"] = len(hist.get("loss", []))
-    hist["best_epoch"] = (int(np.argmax(hist["val_tnr_at_target"])) + 1 if "val_tnr_at_target" in hist
-                          else hist["epochs_run"])
-    hist["wall_s"] = round(time.perf_counter() - t0, 1)
-    hist["class_weight"] = {str(k): round(v, 4) for k, v in cw.items()}
-    hist["kind_balance"] = float(kind_balance)
-    hist["ema"] = float(ema)
+    h = graph.fit(data, validation_data=val_data, epochs=epochs, verbose=verbose,
+                  callbacks=ramp + _callbacks(patience=patience, learning_rate=learning_rate, ema=ema, monitor=monitor))
+    hist = _history(h.history)
+    hist.update(wall_s=round(time.perf_counter() - t0, 1), class_weight={str(k): round(v, 4) for k, v in cw.items()},
+                kind_balance=float(kind_balance), ema=float(ema))
     if adapt is not None:
         hist["adapt"] = {"weight": float(adapt_weight), "n_rows": len(adapt)}
     return model, hist
+
+
+def _fit_graph(model, val, adapt, weight: float, *, epochs: int, seed: int):
+    """What ``fit`` runs: ``(graph, validation_data, callbacks, monitor)``. The model itself, or with
+    ``adapt`` its domain-adversarial graph (:mod:`.adapt`), whose validation judges the score only."""
+    if adapt is None:
+        return model, (val.inputs(), val.labels), [], "val_tnr_at_target"
+    from .adapt import domain_model, reversal_ramp
+
+    graph, n = domain_model(model, weight, seed=seed), len(val)
+    val_data = (val.inputs(), {"score": val.labels, "domain": np.zeros(n)}, {"score": np.ones(n), "domain": np.zeros(n)})
+    return graph, val_data, [reversal_ramp(graph, weight, epochs)], "val_score_tnr_at_target"
+
+
+def _history(raw: dict) -> dict:
+    """Keras' history with one naming for both graphs (the score's metrics without the output prefix;
+    the losses keep theirs), ``epochs_run`` and ``best_epoch`` (the best validation operating point)."""
+    hist = {k.replace("score_auc_pr", "auc_pr").replace("score_tnr_at_target", "tnr_at_target"):
+            [float(v) for v in vals] for k, vals in raw.items()}
+    hist["epochs_run"] = len(hist.get("loss", []))
+    hist["best_epoch"] = (int(np.argmax(hist["val_tnr_at_target"])) + 1 if "val_tnr_at_target" in hist
+                          else hist["epochs_run"])
+    return hist
 
 
 def _compile(model, *, learning_rate: float, ema: float, target_fnr: float, adapt: bool = False) -> None:
@@ -329,15 +330,10 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     extra_train : RBData, optional
         Rows added to the training split, e.g. expert labels from the labeling page
         (:func:`nightsift.engine.discover.active.labeled_dataset`, ``nightsift train --with-labels``).
-    kind_balance : float
-        Within-class re-weighting of the truth kinds (:func:`sample_weights`).
-    ema : float
-        Weight averaging momentum (:func:`train_model`; 0 off).
-    init_model : path, optional
-        Start from this ``.keras`` model's weights (:func:`train_model`).
-    adapt : RBData, optional
-        Unlabelled real rows for domain-adversarial training (:mod:`.adapt`), weight ``adapt_weight``;
-        their candids are listed in the metadata like every real packet that touched training.
+    kind_balance, ema, init_model, adapt, adapt_weight
+        As :func:`train_model` (kind re-weighting, weight averaging, fine-tuning, domain-adversarial
+        training); the candids of ``adapt``'s packets are listed in the metadata like every real
+        packet that touched training.
 
     Returns
     -------
@@ -371,8 +367,7 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
                                         learning_rate=learning_rate, patience=patience,
                                         total_wall_s=round(time.perf_counter() - t_all, 1))
     # every real packet that touched training is listed; nightsift evaluate --real drops them
-    meta[TRAINING_CANDIDS_KEY] = sorted({int(c) for rows in (extra_train, adapt) if rows is not None
-                                         for c in rows.meta.get("candids", ())})
+    meta[TRAINING_CANDIDS_KEY] = _real_candids(extra_train, adapt)
     meta = record_model_hashes(meta, out)  # SHA-256 of each model file, checked before it loads
     write_json(out / f"{name}.json", meta)
     write_json(rep_dir / "evaluation.json", {"float": rep_f, "int8": rep_q, "history": hist,
@@ -382,6 +377,11 @@ def run_training(*, spec=None, data_dir="nightsift-data", out_dir="nightsift-mod
     if problems:
         print("Edge TPU: " + "; ".join(problems))
     return meta
+
+
+def _real_candids(*rows) -> list[int]:
+    """Every real packet that touched training (the rows' ``meta["candids"]``), sorted, once."""
+    return sorted({int(c) for r in rows if r is not None for c in r.meta.get("candids", ())})
 
 
 def _save_models(model, train, out: Path, name: str, *, seed: int) -> tuple[Path, Path]:
