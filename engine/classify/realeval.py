@@ -32,9 +32,10 @@ Populations (exactly what is used):
 
 **The real-data rule.** Of the real packets in ``../shared/data``, ``ztf/alerts_drb`` and
 ``rubin/alerts`` (:data:`MEASUREMENT_SETS`) are measurement sets: neither touches training, ever.
-``ztf/alerts`` (:data:`TEACHER_SETS`) may touch training only as unlabelled triplets labelled by
-braai (``nightsift train --teacher-packets``, :mod:`.teacher`); it stays a measurement set for a
-model that did not use it. Training on any real packet (teacher rows, expert labels of real alerts)
+``ztf/alerts`` (:data:`TEACHER_SETS`) may touch training only as triplets labelled by braai
+(``nightsift train --teacher-packets``, :mod:`.teacher`) or as unlabelled triplets for domain
+adaptation (``--adapt-packets``, :mod:`.adapt`); it stays a measurement set for a model that did
+not use it. Training on any real packet (teacher rows, expert labels of real alerts)
 lists the packets' candids in the model metadata under :data:`TRAINING_CANDIDS_KEY`. This kit drops
 every packet whose candid is listed there, with a loud count, and refuses when nothing is left: no
 figure is ever reported on packets that touched training. :func:`refuse_measurement_sets` is the
@@ -61,7 +62,8 @@ log = logging.getLogger(__name__)
 
 #: the real packet folders of ``../shared/data`` that are measurement sets only (never training)
 MEASUREMENT_SETS = ("ztf/alerts", "ztf/alerts_drb", "rubin/alerts")
-#: ... of which these may be a teacher's unlabelled training triplets (``train --teacher-packets``)
+#: ... of which these may touch training as braai-labelled or unlabelled triplets
+#: (``train --teacher-packets`` / ``--adapt-packets``)
 TEACHER_SETS = ("ztf/alerts",)
 #: model-metadata key listing the candids of every real packet a training run used
 TRAINING_CANDIDS_KEY = "real_training_candids"
@@ -88,7 +90,7 @@ def refuse_measurement_sets(paths, *, allowed: tuple[str, ...] = ()) -> None:
     ----------
     paths : path or iterable of paths
     allowed : tuple of str
-        Sets this training path may use (the teacher path: :data:`TEACHER_SETS`).
+        Sets this training path may use (the teacher and adaptation paths: :data:`TEACHER_SETS`).
 
     Raises
     ------
