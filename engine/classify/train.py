@@ -440,7 +440,7 @@ def _training_record(command: str, data, hist: dict, *, extra_train, seed: int, 
             "seed": seed, "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
             "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
             "class_weight": hist["class_weight"], "kind_balance": hist.get("kind_balance", 0.0),
-            "ema": hist.get("ema", 0.0), "train_wall_s": hist["wall_s"],
+            "ema": hist.get("ema", 0.0), "adapt": hist.get("adapt"), "train_wall_s": hist["wall_s"],
             "total_wall_s": total_wall_s, "versions": _versions()}
 
 

@@ -45,3 +45,27 @@ def test_bad_threshold_confidence_is_refused_before_any_work(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "data"), "--units", "3", "--threshold-confidence", "1.5"])
     assert rc != 0 and "classify.threshold_confidence" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # nothing simulated
+
+
+@pytest.mark.slow
+def test_train_with_domain_adaptation_lists_the_packets(tmp_path, capsys):
+    """``--adapt-packets``: unlabelled real triplets in a domain-adversarial fit; the exported model is
+    the plain CNN, every packet is listed in the metadata, and the real-data kit then refuses the set."""
+    from pathlib import Path
+
+    alerts = Path(__file__).resolve().parents[3] / "shared" / "data" / "ztf" / "alerts"
+    if not alerts.exists():
+        pytest.skip("../shared/data/ztf/alerts not present (the shared real data beside the clone)")
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(tmp_path / "data"), "--units", "3", "--profiles", "decam", "--size", "448",
+                 "--data-seed", "21", "--epochs", "1", "--threads", "2", "--quiet", "--out", str(out),
+                 "--batch-size", "32", "--adapt-packets", str(alerts), "--adapt-weight", "0.2"]) == 0
+    meta = json.loads((out / "nightsift_rb.json").read_text())
+    assert f"--adapt-packets {alerts} --adapt-weight 0.2" in meta["training"]["command"]
+    assert meta["training"]["adapt"] == {"weight": 0.2, "n_rows": 499}
+    assert len(meta["real_training_candids"]) == 499
+    assert meta["int8"]["edgetpu_problems"] == []
+    capsys.readouterr()
+    assert main(["evaluate", "--real", str(alerts), "--model", str(out / "nightsift_rb.json"),
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "touched training" in capsys.readouterr().err
