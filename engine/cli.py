@@ -363,7 +363,10 @@ def _adapt_rows(args):
     """The unlabelled real rows of ``--adapt-packets`` (:func:`.classify.adapt.adapt_rows`)."""
     from .classify.adapt import adapt_rows
     from .classify.realeval import TEACHER_SETS, refuse_measurement_sets
+    from .errors import ConfigError
 
+    if not args.adapt_weight > 0:
+        raise ConfigError(f"--adapt-weight must be > 0, got {args.adapt_weight}")
     refuse_measurement_sets(args.adapt_packets, allowed=TEACHER_SETS)  # the real-data rule
     rows = adapt_rows(args.adapt_packets)
     print(f"domain adaptation: {len(rows)} unlabelled real triplets ({rows.meta['n_packets']} packets), "

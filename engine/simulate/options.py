@@ -74,9 +74,8 @@ class SimulationOptions:
         Share (0-1) of the variable-star transients put on bright stars: from the saturation level
         (not saturated in the reference) to 4 mag above the limit, uniform in magnitude, with a flux
         change of 3-70 % of the star's (log-uniform). Drawn from the catalogue as they are otherwise,
-        variable stars are mostly faint (star counts rise to the limit), so a detection on a bright
-        star is nearly always a residual in the simulation; on the sky many are variable stars.
-        0: as before, bit for bit.
+        variable stars are mostly faint (star counts rise towards the limit): the real class that
+        matches the residuals of ``star_psf_scatter`` and ``proper_motion``. 0: as before, bit for bit.
     """
 
     shape: tuple[int, int] | None = None

@@ -117,6 +117,11 @@ def test_adapt_packets_obey_the_real_data_rule(tmp_path, capsys):
     assert rc == 2
     assert "measurement set 'ztf/alerts_drb' must not touch training" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # refused before any dataset was built
+    ok = tmp_path / "data" / "ztf" / "alerts"
+    ok.mkdir(parents=True)
+    assert main(["train", "--units", "3", "--data", str(tmp_path / "d"), "--adapt-packets", str(ok),
+                 "--adapt-weight", "0"]) == 2
+    assert "--adapt-weight must be > 0" in capsys.readouterr().err
 
 
 def test_adapt_rows_list_every_packet():
