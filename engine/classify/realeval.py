@@ -7,7 +7,8 @@ the reference label -- and, with braai's weights, with braai (``braai >= 0.5``).
 label: every figure is an agreement with another survey's model. Per ``survey:own score`` group:
 
 * overall and **by population** (:func:`populations`): near a bright catalogued source or not, by
-  sign of the difference, by exposure; each with ``n``, the counts of each class, ROC AUC and
+  sign of the difference, by exposure, and whether the science cutout dips below the sky at the
+  source (no astrophysical source does that: a reference that calls such alerts real is wrong); each with ``n``, the counts of each class, ROC AUC and
   AUCPR with bootstrap 95% intervals (:func:`.metrics.bootstrap_ci`), or ``null`` with the reason
   when a population holds one class only;
 * the fraction of own-score-real alerts nightsift calls bogus at its shipped operating threshold
@@ -75,6 +76,11 @@ BRIGHT_DISTNR_ARCSEC = 1.0
 RUBIN_TEMPLATE_SNR = 100.0
 #: radius (pixels) around the source where the template peak is looked for
 CENTRE_RADIUS_PX = 2.0
+#: science dip: the science cutout's mean over the (2 h + 1)^2 box at the source this many sigma
+#: (white-noise sigma of that mean, from the cutout's MAD) below its median
+SCIENCE_DIP_SIGMA = 5.0
+#: ... with this half-width h (pixels)
+SCIENCE_DIP_HALF = 2
 #: issue #13's target: at most this fraction of own-score-real alerts called bogus
 FNR_TARGET = 0.05
 #: exposures with fewer alerts are counted, not printed (all are in the JSON)
@@ -153,6 +159,27 @@ def _template_snr(template: np.ndarray) -> float:
     return (float(peak.max()) - med) / sig
 
 
+def science_dip_snr(science: np.ndarray) -> float:
+    """The science cutout's mean over the :data:`SCIENCE_DIP_HALF` box at the centre, minus its median,
+    in units of the white-noise sigma of that mean (1.4826 x MAD / box side); NaN without noise.
+    Correlated noise makes the sigma an underestimate, so the flag errs towards calling dips."""
+    from nightsift.kernels.background import median_mad_sigma
+
+    t = np.asarray(science, np.float64)
+    c, h = t.shape[0] // 2, SCIENCE_DIP_HALF
+    box = t[c - h:c + h + 1, c - h:c + h + 1]
+    med, sig = (float(v) for v in median_mad_sigma(t))
+    box = box[np.isfinite(box)]
+    if not box.size or not (np.isfinite(sig) and sig > 0):
+        return float("nan")
+    return (float(box.mean()) - med) / (sig / np.sqrt(box.size))
+
+
+def _dip(science: np.ndarray | None) -> str:
+    snr = science_dip_snr(science) if science is not None else float("nan")
+    return "unknown" if not np.isfinite(snr) else ("dip" if snr <= -SCIENCE_DIP_SIGMA else "no dip")
+
+
 def _bright(rec: dict, template: np.ndarray | None) -> str:
     if rec.get("survey") == "rubin":
         snr = _template_snr(template) if template is not None else float("nan")
@@ -184,11 +211,14 @@ def populations(records: list, triplets: np.ndarray | None = None) -> dict[str, 
 
     Returns
     -------
-    dict: ``{"bright_star": [...], "sign": [...], "exposure": [...]}``, one label per record.
+    dict: ``{"bright_star": [...], "sign": [...], "exposure": [...], "science_dip": [...]}``, one
+    label per record (``science_dip``: ``"dip"``, ``"no dip"`` or, without triplets or noise,
+    ``"unknown"``; :func:`science_dip_snr`).
     """
-    out: dict[str, list[str]] = {"bright_star": [], "sign": [], "exposure": []}
+    out: dict[str, list[str]] = {"bright_star": [], "sign": [], "exposure": [], "science_dip": []}
     for i, r in enumerate(records):
         out["bright_star"].append(_bright(r, None if triplets is None else triplets[i, :, :, 1]))
+        out["science_dip"].append(_dip(None if triplets is None else triplets[i, :, :, 0]))
         out["sign"].append("negative" if str(r.get("isdiffpos")).lower() in ("f", "0", "false", "-") else "positive")
         out["exposure"].append(_exposure(r))
     return out
@@ -389,7 +419,9 @@ def _populations_used() -> dict:
                             "rubin": f"template cutout peak within {CENTRE_RADIUS_PX:g} px of the source >= "
                                      f"{RUBIN_TEMPLATE_SNR:g} x its 1.4826 MAD above its median (proxy: Rubin "
                                      "packets carry no brightness of the nearest catalogued source)"},
-            "sign": "isdiffpos", "exposure": {"ztf": "nid + jd (one exposure)", "rubin": "visit"}}
+            "sign": "isdiffpos", "exposure": {"ztf": "nid + jd (one exposure)", "rubin": "visit"},
+            "science_dip": f"science cutout's mean over the central {2 * SCIENCE_DIP_HALF + 1}^2 px <= "
+                           f"-{SCIENCE_DIP_SIGMA:g} sigma of that mean (white noise from its MAD) below its median"}
 
 
 def _write(out: Path, res: dict, trips, records, ns, braai, *, n_worst: int) -> None:

@@ -58,6 +58,27 @@ def test_populations_exact_on_hand_built_records():
     assert recs[5]["template_snr"] == pytest.approx(150.0, rel=0.05) and recs[6]["template_snr"] < 100
 
 
+def test_science_dip_population_flags_a_hole_below_the_sky():
+    """A science cutout that dips below the sky at the source (no fading source does that) is
+    flagged; a source, plain sky, or a cutout without noise is not."""
+    from nightsift.engine.classify.realeval import SCIENCE_DIP_SIGMA, science_dip_snr
+
+    rng = np.random.default_rng(4)
+    sky = rng.normal(100.0, 2.0, (4, 63, 63))
+    yy, xx = np.mgrid[:63, :63] - 31
+    g = np.exp(-(xx ** 2 + yy ** 2) / (2 * 1.5 ** 2))
+    sky[0] -= 4.0 * g  # a hole: box mean ~ -1.4 per px, noise of the mean 0.4: ~ -3.5 sigma, not enough
+    sky[1] -= 10.0 * g  # ~ -9 sigma: a dip
+    sky[2] += 30.0 * g  # a source
+    trips = np.zeros((5, 63, 63, 3), np.float32)
+    trips[:4, :, :, 0] = sky
+    recs = [_ztf(i, 0.9) for i in range(5)]
+    p = populations(recs, trips)
+    assert p["science_dip"] == ["no dip", "dip", "no dip", "no dip", "unknown"]
+    assert science_dip_snr(sky[1]) < -SCIENCE_DIP_SIGMA < science_dip_snr(sky[0]) < 0 < science_dip_snr(sky[2])
+    assert populations(recs)["science_dip"] == ["unknown"] * 5  # no triplets: unknown
+
+
 def test_population_figures_exact_on_known_scores():
     """Two exposures, real and bogus own scores, known nightsift scores: every figure by hand."""
     own = [0.9, 0.8, 0.7, 0.2, 0.1, 0.95, 0.6, 0.3, 0.55]
