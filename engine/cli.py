@@ -411,7 +411,9 @@ def _evaluate_real(args) -> int:
 
     cfg = _config(args, classify={"model": args.model} if args.model else None)
     res = evaluate_real(args.real, config=cfg.classify, braai_model=args.braai, out_dir=args.out,
-                        n_boot=args.bootstrap, seed=args.seed, num_threads=args.threads)
+                        n_boot=args.bootstrap, seed=args.seed, num_threads=args.threads, labels=args.labels)
+    if "expert_labels" in res:
+        print(f"expert labels ({args.labels}): {res['expert_labels']}")
     for line in res["skipped"]:
         print(f"skipped {line}")
     for w in res["warnings"]:
@@ -600,6 +602,8 @@ def _add_evaluate(sub) -> None:
                    help="evaluate on real ZTF/Rubin alert packets (files or folders) instead: ROC AUC/AUCPR against "
                         "their own drb/rb/reliability (and braai) overall and by population, reliability diagram")
     e.add_argument("--braai", metavar="WEIGHTS", help="with --real: ZTF's braai d6_m7 files, compared too")
+    e.add_argument("--labels", metavar="DB", help="with --real: a `nightsift label` database; its expert labels "
+                                                  "(real/bogus) are the reference of the packets they name")
     e.add_argument("--bootstrap", type=int, default=1000, help="with --real: bootstrap resamples (0: no intervals)")
     e.set_defaults(func=cmd_evaluate)
 

@@ -309,7 +309,7 @@ def _group_result(idx: np.ndarray, records: list, pops: dict, ns, own, braai, th
 
 def evaluate_real(paths, *, config: ClassifyConfig, braai_model: str | os.PathLike | None = None,
                   out_dir: str | os.PathLike | None = None, n_boot: int = 1000, seed: int = 0,
-                  num_threads: int | None = None, n_worst: int = 8) -> dict:
+                  num_threads: int | None = None, n_worst: int = 8, labels: str | os.PathLike | None = None) -> dict:
     """``nightsift evaluate --real``: the figures of the module docstring on real packets.
 
     Parameters
@@ -324,11 +324,15 @@ def evaluate_real(paths, *, config: ClassifyConfig, braai_model: str | os.PathLi
         Where ``real_evaluation.json``, ``real_reliability.png`` and ``real_worst.png`` go.
     n_boot, seed : int
         Bootstrap resamples (0: no intervals) and their seed.
+    labels : path, optional
+        A ``nightsift label`` database: its expert labels become the reference of the packets they
+        name (:func:`apply_expert_labels`; group ``<survey>:expert``).
 
     Returns
     -------
     dict: ``model``, ``threshold``, ``n_files``, ``n``, ``skipped``, ``warnings``,
-    ``dropped_trained``, ``groups`` (per ``survey:own score``: :func:`_group_result`).
+    ``dropped_trained``, ``groups`` (per ``survey:own score``: :func:`_group_result`), and with
+    ``labels`` the counts ``expert_labels``.
 
     Raises
     ------
@@ -346,6 +350,7 @@ def evaluate_real(paths, *, config: ClassifyConfig, braai_model: str | os.PathLi
     keep = _apply_rule(ps, spec, warns)
     scorer = load_scorer(config, num_threads=num_threads)
     records, trips = [ps.records[i] for i in keep], ps.triplets[keep]
+    expert = apply_expert_labels(records, labels) if labels is not None else None
     ns = np.asarray(scorer.score(trips), np.float64)
     braai = _braai(ps, keep, braai_model, warns) if braai_model is not None else None
     thr = float(scorer.threshold)
@@ -356,9 +361,47 @@ def evaluate_real(paths, *, config: ClassifyConfig, braai_model: str | os.PathLi
            "real_data_rule": f"measurement sets {list(MEASUREMENT_SETS)}: never trained on; packets whose candid "
                              f"is listed in the model metadata's '{TRAINING_CANDIDS_KEY}' are dropped",
            "populations_used": _populations_used(), "groups": groups}
+    if expert is not None:
+        res["expert_labels"] = expert
     if out_dir is not None:
         _write(Path(out_dir), res, trips, records, ns, braai, n_worst=n_worst)
     return res
+
+
+def apply_expert_labels(records: list, db) -> dict:
+    """Expert labels as the reference: each record whose candid has a latest label ``real`` or
+    ``bogus`` in the ``nightsift label`` database ``db`` gets own score 1 or 0 under the name
+    ``expert`` (its survey's score is kept as ``survey_score``); ``interesting`` and unlabelled
+    records keep their survey's score. In place; returns the counts ``n_labels``, ``n_used``,
+    ``n_interesting_left``, ``n_not_in_packets``.
+
+    Raises
+    ------
+    InputError
+        ``db`` is missing or not a label database, or none of its labels names a packet here.
+    """
+    from ..discover.labels import LabelStore
+
+    if not Path(db).is_file():
+        raise InputError("no such label database", path=str(db))
+    latest = LabelStore(db).latest()
+    by_candid = {int(r["candid"]): r for r in records if r.get("candid") is not None}
+    used = interesting = 0
+    for candid, lab in latest.items():
+        r = by_candid.get(int(candid))
+        if r is None:
+            continue
+        if lab not in ("real", "bogus"):
+            interesting += 1
+            continue
+        r["survey_score"] = {"name": r.get("own_score_name"), "value": r.get("own_score")}
+        r["own_score_name"], r["own_score"] = "expert", 1.0 if lab == "real" else 0.0
+        used += 1
+    counts = {"n_labels": len(latest), "n_used": used, "n_interesting_left": interesting,
+              "n_not_in_packets": len(latest) - used - interesting}
+    if not used:
+        raise InputError(f"none of the expert labels names a packet evaluated here: {counts}", path=str(db))
+    return counts
 
 
 def real_figures(records: list, ns: np.ndarray, *, threshold: float, triplets: np.ndarray | None = None,

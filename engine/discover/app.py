@@ -204,7 +204,8 @@ def load_alerts(path) -> list[tuple[dict, str]]:
     Raises
     ------
     InputError
-        ``path`` missing, holding no ``.avro`` file, or an unreadable file.
+        ``path`` missing, holding no ``.avro`` file, an unreadable file, or a packet without a
+        ``candid`` (not the ZTF convention, e.g. Rubin's).
     """
     from ..io.avro import read_alerts
 
@@ -220,6 +221,9 @@ def load_alerts(path) -> list[tuple[dict, str]]:
     seen: dict[int, tuple[dict, str]] = {}
     for f in files:
         for a in read_alerts(f):
+            if a.get("candid") is None:  # e.g. a Rubin packet (diaSource): not the ZTF convention served here
+                raise InputError("not a ZTF-convention alert packet (no 'candid'; Rubin packets carry a "
+                                 "diaSource instead): the labeling page serves nightsift and ZTF alerts", path=str(f))
             seen[int(a["candid"])] = (a, str(f))
     return list(seen.values())
 

@@ -401,3 +401,20 @@ def test_label_database_is_created_private(tmp_path):
     store = LabelStore(tmp_path / "sub" / "labels.sqlite")
     store.add(5, "real", user="me")
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+
+
+def test_labeling_page_refuses_packets_without_a_candid_clearly(tmp_path):
+    """A Rubin packet (diaSource, no top-level candid) gets a clear error naming the file, not a KeyError."""
+    from nightsift.engine.discover.app import load_alerts
+    from nightsift.engine.errors import InputError
+
+    from ..conftest import shared_data
+
+    src = sorted(shared_data("rubin/alerts").glob("*.avro"))[0]
+    d = tmp_path / "rubin"
+    d.mkdir()
+    shutil.copy(src, d / src.name)
+    with pytest.raises(InputError, match="not a ZTF-convention alert packet") as e:
+        load_alerts(d)
+    assert src.name in str(e.value)
+    assert len(load_alerts(shared_data("ztf/alerts_drb"))) == 137  # ZTF packets are served (139 files, 2 repeats)

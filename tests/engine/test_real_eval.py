@@ -288,3 +288,48 @@ def test_listed_training_candid_is_dropped_and_all_listed_refused(tmp_path, caps
                  "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "touched training" in err and not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------- expert labels
+
+def test_expert_labels_become_the_reference_of_the_packets_they_name(tmp_path):
+    from nightsift.engine.classify.realeval import apply_expert_labels
+    from nightsift.engine.discover.labels import LabelStore
+
+    db = tmp_path / "labels.sqlite"
+    store = LabelStore(db)
+    for candid, lab in ((1, "bogus"), (1, "real"), (2, "bogus"), (3, "interesting"), (99, "real")):
+        store.add(candid, lab, user="expert")  # the latest label of each candidate counts
+    recs = [_ztf(i, 0.3) for i in range(1, 5)]
+    counts = apply_expert_labels(recs, db)
+    assert counts == {"n_labels": 4, "n_used": 2, "n_interesting_left": 1, "n_not_in_packets": 1}
+    assert [(r["own_score_name"], r["own_score"]) for r in recs] == [("expert", 1.0), ("expert", 0.0),
+                                                                      ("drb", 0.3), ("drb", 0.3)]
+    assert recs[0]["survey_score"] == {"name": "drb", "value": 0.3}
+    g = real_figures(recs, np.array([0.9, 0.2, 0.5, 0.5]), threshold=0.5, n_boot=0)
+    assert list(g) == ["ztf:expert", "ztf:drb"] and g["ztf:expert"]["overall"]["vs_own"]["roc_auc"] == 1.0
+    with pytest.raises(InputError, match="none of the expert labels"):
+        apply_expert_labels([_ztf(7, 0.5)], db)
+    with pytest.raises(InputError, match="no such label database"):
+        apply_expert_labels(recs, tmp_path / "missing.sqlite")
+
+
+def test_cli_real_with_expert_labels(tmp_path, capsys):
+    from nightsift.engine.cli import main
+    from nightsift.engine.discover.labels import LabelStore
+    from nightsift.engine.io.packets import read_packets
+
+    files = sorted(shared_data("ztf/alerts_drb").glob("*.avro"))[:6]
+    candids = [int(r["candid"]) for r in read_packets(files).records]
+    store = LabelStore(tmp_path / "labels.sqlite")
+    for c, lab in zip(candids, ("real", "bogus", "real", "bogus")):
+        store.add(c, lab, user="expert")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--real", *map(str, files), "--labels", str(tmp_path / "labels.sqlite"),
+                 "--out", str(out), "--bootstrap", "0"]) == 0
+    res = json.loads((out / "real_evaluation.json").read_text())
+    assert res["expert_labels"]["n_used"] == 4
+    e = res["groups"]["ztf:expert"]["overall"]
+    assert e["n"] == 4 and (e["vs_own"]["n_pos"], e["vs_own"]["n_neg"]) == (2, 2)
+    assert res["groups"]["ztf:drb"]["overall"]["n"] == len(candids) - 4
+    assert "expert labels (" in capsys.readouterr().out
