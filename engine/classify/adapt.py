@@ -13,7 +13,7 @@ braai's judgement too. This module adapts with no label at all:
 * Each training batch holds ``batch_size`` simulated rows and as many real rows (drawn with
   replacement, dihedrally augmented), so the domain loss sees both classes equally.
 * The reversal weight ramps up as in the paper, ``L * (2 / (1 + exp(-10 p)) - 1)`` with ``p`` the
-  fraction of the epochs done (:class:`ReversalRamp`): at full weight from the first step the
+  fraction of the epochs done (:func:`reversal_ramp`): at full weight from the first step the
   features run away from the untrained domain head (seen: domain loss 14, training AUCPR 0.5 in the
   first epoch).
 * Only the real/bogus path is kept: the exported model is the same single-output graph (int8, Edge

@@ -3,14 +3,15 @@
 nightsift's classifier is scored on real survey alert packets (ZTF or Rubin, recognised per packet
 by :func:`nightsift.engine.io.packets.read_packets`) and compared with each packet's own real/bogus
 score -- ZTF's ``drb`` (braai) where present, else ``rb``; Rubin's ``reliability``; ``>= 0.5`` is
-the reference label -- and, with braai's weights, with braai (``braai >= 0.5``). There is no human
-label: every figure is an agreement with another survey's model. Per ``survey:own score`` group:
+the reference label -- and, with braai's weights, with braai (``braai >= 0.5``). Without expert
+labels (``--labels``, :func:`apply_expert_labels`: group ``<survey>:expert``) every figure is an
+agreement with another survey's model. Per ``survey:own score`` group:
 
 * overall and **by population** (:func:`populations`): near a bright catalogued source or not, by
   sign of the difference, by exposure, and whether the science cutout dips below the sky at the
-  source (no astrophysical source does that: a reference that calls such alerts real is wrong); each with ``n``, the counts of each class, ROC AUC and
-  AUCPR with bootstrap 95% intervals (:func:`.metrics.bootstrap_ci`), or ``null`` with the reason
-  when a population holds one class only;
+  source; each with ``n``, the counts of each class, ROC AUC and AUCPR with bootstrap 95%
+  intervals (:func:`.metrics.bootstrap_ci`), or ``null`` with the reason when a population holds
+  one class only;
 * the fraction of own-score-real alerts nightsift calls bogus at its shipped operating threshold
   (the model metadata's; issue #13's target: at most 5% of drb-real alerts), with a Clopper-Pearson
   95% interval, and beside it the other side of the same threshold, the fraction of own-score-bogus
@@ -30,6 +31,10 @@ Populations (exactly what is used):
 * ``sign`` -- ``isdiffpos`` (positive: the science is brighter than the reference).
 * ``exposure`` -- ZTF: night ``nid`` and exposure time ``jd`` (every quadrant of one exposure shares
   them); Rubin: ``visit``.
+* ``science_dip`` -- the science cutout's mean over the central :data:`SCIENCE_DIP_HALF` box at
+  least :data:`SCIENCE_DIP_SIGMA` (5) sigma of that mean below the cutout's median
+  (:func:`science_dip_snr`). No astrophysical source makes the science darker than the sky, so a
+  reference score that calls such an alert real is wrong there.
 
 **The real-data rule.** Of the real packets in ``../shared/data``, ``ztf/alerts_drb`` and
 ``rubin/alerts`` (:data:`MEASUREMENT_SETS`) are measurement sets: neither touches training, ever.
@@ -56,8 +61,9 @@ from ..plotting import save_figure
 from .metrics import average_precision, binomial_ci, bootstrap_ci, reliability_curve, roc_auc
 
 __all__ = ["MEASUREMENT_SETS", "TEACHER_SETS", "TRAINING_CANDIDS_KEY", "BRIGHT_MAGNR", "BRIGHT_DISTNR_ARCSEC", "RUBIN_TEMPLATE_SNR",
-           "CENTRE_RADIUS_PX", "FNR_TARGET", "refuse_measurement_sets", "training_candids", "drop_trained",
-           "populations", "population_metrics", "real_figures", "evaluate_real", "format_real", "plot_reliability"]
+           "CENTRE_RADIUS_PX", "SCIENCE_DIP_SIGMA", "SCIENCE_DIP_HALF", "FNR_TARGET", "refuse_measurement_sets",
+           "training_candids", "drop_trained", "populations", "science_dip_snr", "population_metrics", "real_figures",
+           "apply_expert_labels", "evaluate_real", "format_real", "plot_reliability"]
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +378,9 @@ def apply_expert_labels(records: list, db) -> dict:
     """Expert labels as the reference: each record whose candid has a latest label ``real`` or
     ``bogus`` in the ``nightsift label`` database ``db`` gets own score 1 or 0 under the name
     ``expert`` (its survey's score is kept as ``survey_score``); ``interesting`` and unlabelled
-    records keep their survey's score. In place; returns the counts ``n_labels``, ``n_used``,
-    ``n_interesting_left``, ``n_not_in_packets``.
+    records keep their survey's score (:meth:`.LabelStore.real_bogus`). In place; returns the
+    counts ``n_labels``, ``n_used``, ``n_interesting_left`` and ``n_not_in_packets`` (real/bogus
+    labels of candidates not among the packets).
 
     Raises
     ------
@@ -384,21 +391,18 @@ def apply_expert_labels(records: list, db) -> dict:
 
     if not Path(db).is_file():
         raise InputError("no such label database", path=str(db))
-    latest = LabelStore(db).latest()
+    labels, interesting = LabelStore(db).real_bogus()
     by_candid = {int(r["candid"]): r for r in records if r.get("candid") is not None}
-    used = interesting = 0
-    for candid, lab in latest.items():
-        r = by_candid.get(int(candid))
+    used = 0
+    for candid, lab in labels.items():
+        r = by_candid.get(candid)
         if r is None:
             continue
-        if lab not in ("real", "bogus"):
-            interesting += 1
-            continue
         r["survey_score"] = {"name": r.get("own_score_name"), "value": r.get("own_score")}
-        r["own_score_name"], r["own_score"] = "expert", 1.0 if lab == "real" else 0.0
+        r["own_score_name"], r["own_score"] = "expert", float(lab)
         used += 1
-    counts = {"n_labels": len(latest), "n_used": used, "n_interesting_left": interesting,
-              "n_not_in_packets": len(latest) - used - interesting}
+    counts = {"n_labels": len(labels) + interesting, "n_used": used, "n_interesting_left": interesting,
+              "n_not_in_packets": len(labels) - used}
     if not used:
         raise InputError(f"none of the expert labels names a packet evaluated here: {counts}", path=str(db))
     return counts

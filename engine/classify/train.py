@@ -235,7 +235,8 @@ def _fit_graph(model, val, adapt, weight: float, *, epochs: int, seed: int):
     from .adapt import domain_model, reversal_ramp
 
     graph, n = domain_model(model, weight, seed=seed), len(val)
-    val_data = (val.inputs(), {"score": val.labels, "domain": np.zeros(n)}, {"score": np.ones(n), "domain": np.zeros(n)})
+    val_data = (val.inputs(), {"score": val.labels, "domain": np.zeros(n)},
+                {"score": np.ones(n), "domain": np.zeros(n)})
     return graph, val_data, [reversal_ramp(graph, weight, epochs)], "val_score_tnr_at_target"
 
 

@@ -59,23 +59,18 @@ def labeled_dataset(db, alerts, *, interesting: str = "skip"):
     from .app import CUTOUT_KINDS, load_alerts
     from .labels import LabelStore
 
-    if interesting not in ("skip", "real", "bogus"):
+    if interesting not in ("skip", "real", "bogus"):  # before the label database is opened (or created)
         raise ValueError(f"interesting must be skip, real or bogus, got {interesting!r}")
-    latest = LabelStore(db).latest()
+    latest, skipped = LabelStore(db).real_bogus(interesting=interesting)
     by_candid = {int(a["candid"]): (a, src) for a, src in load_alerts(alerts)}
-    rows, labels, missing, skipped = [], [], 0, 0
+    rows, labels, missing = [], [], 0
     for candid, lab in sorted(latest.items()):
-        if lab == "interesting":
-            if interesting == "skip":
-                skipped += 1
-                continue
-            lab = interesting
         if candid not in by_candid:
             missing += 1
             continue
         rows.append(by_candid[candid])
-        labels.append(1 if lab == "real" else 0)
-    counts = {"n_labels": len(latest), "n_used": len(rows), "n_interesting_skipped": skipped,
+        labels.append(lab)
+    counts = {"n_labels": len(latest) + skipped, "n_used": len(rows), "n_interesting_skipped": skipped,
               "n_missing_alert": missing}
     if not rows:
         raise InputError(f"no usable expert label in {db} for the alerts in {alerts}: {counts}")

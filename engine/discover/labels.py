@@ -105,6 +105,28 @@ class LabelStore:
             cur = con.execute("SELECT candid, label FROM labels WHERE id IN (SELECT MAX(id) FROM labels GROUP BY candid)")
             return {int(c): str(lab) for c, lab in cur.fetchall()}
 
+    def real_bogus(self, *, interesting: str = "skip") -> tuple[dict[int, int], int]:
+        """Each candidate's latest label as ``1`` (real) or ``0`` (bogus), for training or as a
+        reference; an ``interesting`` one is left out (``"skip"``) or read as ``"real"``/``"bogus"``.
+        Returns ``({candid: 0 or 1}, number of interesting labels left out)``.
+
+        Raises
+        ------
+        ValueError
+            ``interesting`` not one of skip, real, bogus.
+        """
+        if interesting not in ("skip", "real", "bogus"):
+            raise ValueError(f"interesting must be skip, real or bogus, got {interesting!r}")
+        out, skipped = {}, 0
+        for candid, lab in self.latest().items():
+            if lab == "interesting":
+                if interesting == "skip":
+                    skipped += 1
+                    continue
+                lab = interesting
+            out[candid] = 1 if lab == "real" else 0
+        return out, skipped
+
     def __len__(self) -> int:
         with closing(self._connect()) as con:
             return int(con.execute("SELECT COUNT(*) FROM labels").fetchone()[0])

@@ -34,6 +34,17 @@ def test_priority_uncertainty_and_anomaly():
         priority(rb, an, threshold=1.0)
 
 
+def test_label_store_real_bogus_reads_each_latest_label(tmp_path):
+    store = LabelStore(tmp_path / "l.sqlite")
+    for candid, lab in ((1, "bogus"), (1, "real"), (2, "bogus"), (3, "interesting"), (4, "real"), (4, "interesting")):
+        store.add(candid, lab, user="x")
+    assert store.real_bogus() == ({1: 1, 2: 0}, 2)  # the latest counts; interesting left out
+    assert store.real_bogus(interesting="bogus") == ({1: 1, 2: 0, 3: 0, 4: 0}, 0)
+    assert store.real_bogus(interesting="real") == ({1: 1, 2: 0, 3: 1, 4: 1}, 0)
+    with pytest.raises(ValueError, match="interesting must be skip, real or bogus"):
+        store.real_bogus(interesting="maybe")
+
+
 def test_stretch_ranges():
     rng = np.random.default_rng(1)
     img = rng.normal(100, 5, (63, 63))
